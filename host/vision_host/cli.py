@@ -1,0 +1,335 @@
+"""The ``vision-host`` command: ``run``, ``list`` and ``version``.
+
+Flags follow wasmVision's (``-p``, ``-c``, ``-f``, ``-s``, ``-o``, ``-d``, ``--logging``) so
+its users feel at home; ``-f run.toml`` accepts wasmVision's TOML layout (``[main]``,
+``[processing]``, ``config``) plus vision-host's own ``[sandbox]`` table. Command-line flags
+override the file. Errors print one sentence saying what to do and exit with status 2
+(usage) or 1 (runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("vision_host")
+
+REPO_WASM_DIR = Path(__file__).resolve().parents[2] / "wasm"
+DEFAULT_OLLAMA_URL = "http://localhost:11434"
+LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+
+
+class UsageError(Exception):
+    """Bad flags, config or file: the message says what to fix."""
+
+
+# -- processors --------------------------------------------------------------------------
+def processor_dirs(extra: str | None = None) -> list[Path]:
+    """Directories searched for ``NAME.wasm``, in order: the project's ``wasm/``, then
+    ``$VISION_HOST_PROCESSORS_DIR``, then ``--processors-dir``."""
+    dirs = [REPO_WASM_DIR]
+    if env := os.environ.get("VISION_HOST_PROCESSORS_DIR"):
+        dirs.append(Path(env))
+    if extra:
+        dirs.append(Path(extra))
+    return dirs
+
+
+def known_processors(extra: str | None = None) -> dict[str, Path]:
+    """Processor names found in :func:`processor_dirs` (first directory wins)."""
+    found: dict[str, Path] = {}
+    for d in processor_dirs(extra):
+        if d.is_dir():
+            for f in sorted(d.glob("*.wasm")):
+                found.setdefault(f.stem, f)
+    return found
+
+
+def resolve_processor(spec: str, extra_dir: str | None = None) -> Path:
+    """Path of processor ``spec``: a ``.wasm`` path, or a name looked up in :func:`processor_dirs`.
+
+    Raises:
+        UsageError: no such file or name (the message lists the known names).
+    """
+    if spec.endswith(".wasm") or os.sep in spec or "/" in spec:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UsageError(f"processor file {spec} does not exist")
+        return path
+    known = known_processors(extra_dir)
+    if spec in known:
+        return known[spec]
+    names = ", ".join(known) or "none"
+    raise UsageError(f"unknown processor {spec!r}: known processors are {names} "
+                     f"(or give a path to a .wasm file; more are found in $VISION_HOST_PROCESSORS_DIR)")
+
+
+# -- configuration ---------------------------------------------------------------------------
+def parse_config_pairs(pairs: list[str], where: str = "-c") -> dict[str, str]:
+    """``["key=value", …]`` → dict. Raises UsageError for an item without ``=`` or key."""
+    config = {}
+    for item in pairs:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{where} {item!r} is not key=value: write it like -c ollama-model=llava")
+        config[key.strip()] = value.strip()
+    return config
+
+
+_FILE_KEYS = {
+    "main": {"source", "output", "destination", "logging", "stats", "max-frames", "pace", "capture", "cuda-enable"},
+    "processing": {"pipeline", "directory", "configuration", "download"},
+    "sandbox": {"allow", "processor-timeout-ms", "memory-limit-mb"},
+    "models": {"directory", "downloads"},
+    "server": {"mcp-enable", "mcp-port"},
+}
+
+
+def load_run_file(path: str) -> dict:
+    """Read a run file (TOML) into flat settings named like the flags.
+
+    Raises:
+        UsageError: unreadable file, TOML syntax error (with line), unknown table or key.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:   # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read run file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"run file {path} is not valid TOML: {exc}") from None
+    settings: dict = {"config": {}}
+    for table, value in doc.items():
+        if table == "config":
+            if isinstance(value, dict):
+                settings["config"].update({k: str(v) for k, v in value.items()})
+            elif isinstance(value, list):
+                settings["config"].update(parse_config_pairs(value, f"config in {path}:"))
+            else:
+                raise UsageError(f"config in {path} must be a table or a list of \"key=value\" strings")
+            continue
+        if table not in _FILE_KEYS or not isinstance(value, dict):
+            raise UsageError(f"unknown table [{table}] in {path}: known tables are "
+                             f"{', '.join('[' + t + ']' for t in _FILE_KEYS)} and config")
+        for key, item in value.items():
+            if key not in _FILE_KEYS[table]:
+                raise UsageError(f"unknown key {key!r} in [{table}] of {path}: known keys are "
+                                 f"{', '.join(sorted(_FILE_KEYS[table]))}")
+            if table == "processing" and key == "configuration":
+                settings["config"].update(parse_config_pairs(item, f"configuration in {path}:"))
+            elif table == "processing" and key == "pipeline":
+                settings["processor"] = list(item) if isinstance(item, list) else [item]
+            elif table == "processing" and key == "directory":
+                settings["processors_dir"] = str(item)
+            else:
+                settings[key.replace("-", "_")] = item
+    return settings
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vision-host", description=(
+        "Run WebAssembly frame processors over live video, e.g. "
+        "vision-host run -p ollama -c ollama-model=bakllava"))
+    parser.add_argument("--version", action="version", version=f"vision-host {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="capture frames, process them, send them to an output")
+    run.add_argument("-p", "--processor", action="append", metavar="NAME|PATH",
+                     help="processor to run, repeatable, chained in order (name from wasm/ or a .wasm path)")
+    run.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
+                     help="processor setting, repeatable (e.g. ollama-model=llava)")
+    run.add_argument("-f", "--file", metavar="RUN.toml", help="TOML file with the same settings")
+    run.add_argument("-s", "--source", help="0 (first camera, the default), a device path, a video file, "
+                                            "rtsp://… or http(s)://… stream")
+    run.add_argument("-o", "--output", choices=["mjpeg", "file", "display"], help="where frames go (default mjpeg)")
+    run.add_argument("-d", "--destination", help="mjpeg: [HOST]:PORT (default :8080 on 127.0.0.1); file: a path")
+    run.add_argument("--stats", metavar="FILE", help="write a JSON summary of the run to FILE")
+    run.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
+    run.add_argument("--no-pace", dest="pace", action="store_false", default=None,
+                     help="read files as fast as possible instead of at their frame rate")
+    run.add_argument("--logging", choices=list(LOG_LEVELS), help="log level (default warn)")
+    run.add_argument("--processors-dir", metavar="DIR", help="extra directory of NAME.wasm processors")
+    run.add_argument("--allow", action="append", default=[], metavar="HOST:PORT",
+                     help="let processors reach this destination too (besides the *-url config values)")
+    run.add_argument("--processor-timeout-ms", type=_positive_int, metavar="MS",
+                     help="deadline of one processor call (default 20)")
+    run.add_argument("--memory-limit-mb", type=_positive_int, metavar="MB",
+                     help="linear-memory cap per processor (default 256)")
+    run.add_argument("--no-cache", action="store_true", help="do not use the compiled-module cache")
+
+    lst = sub.add_parser("list", help="list the processors found, checking their imports")
+    lst.add_argument("--processors-dir", metavar="DIR")
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """Merge the run file (if any) under the command-line flags, and apply defaults."""
+    settings = load_run_file(args.file) if args.file else {"config": {}}
+    config = dict(settings.pop("config"))
+    config.update(parse_config_pairs(args.config))
+    for key in ("processor", "source", "output", "destination", "stats", "max_frames", "pace", "logging",
+                "processors_dir", "processor_timeout_ms", "memory_limit_mb"):
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    allow = list(settings.get("allow", [])) + list(args.allow)
+    settings["allow"] = allow
+    if "ollama-url" not in config:
+        config["ollama-url"] = ollama_host_url(os.environ.get("OLLAMA_HOST")) or DEFAULT_OLLAMA_URL
+    settings["config"] = config
+    settings.setdefault("source", "0")
+    settings.setdefault("output", "mjpeg")
+    settings.setdefault("logging", "warn")
+    settings.setdefault("pace", True)
+    if settings["output"] not in ("mjpeg", "file", "display"):
+        raise UsageError(f"unknown output {settings['output']!r}: use mjpeg, file or display")
+    if settings["logging"] not in LOG_LEVELS:
+        raise UsageError(f"unknown logging level {settings['logging']!r}: use error, warn, info or debug")
+    if not settings.get("processor"):
+        raise UsageError("no processor given: add -p NAME (e.g. -p ollama), repeatable")
+    if settings["output"] == "file" and not settings.get("destination"):
+        raise UsageError("-o file needs -d PATH.mp4 for the video file to write")
+    return settings
+
+
+def ollama_host_url(value: str | None) -> str | None:
+    """Ollama's ``OLLAMA_HOST`` (``host``, ``host:port`` or a URL) as a base URL."""
+    if not value:
+        return None
+    value = value.strip().rstrip("/")
+    if "://" not in value:
+        value = "http://" + value
+    scheme, _, rest = value.partition("://")
+    host = rest.split("/", 1)[0]
+    if host.startswith("0.0.0.0"):
+        host = "127.0.0.1" + host[len("0.0.0.0"):]
+    if ":" not in host.rsplit("]", 1)[-1]:
+        host += ":11434"
+    return f"{scheme}://{host}"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=LOG_LEVELS[level], format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(LOG_LEVELS[level])
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``vision-host run``: returns the exit status."""
+    from .outputs import OutputError, make_output
+    from .pipeline import Pipeline, format_summary, write_stats
+    from .runtime import NetworkPolicy, ProcessorLoadError, Runtime, SandboxLimits, default_cache_dir
+    from .sources import SourceError, open_source
+
+    settings = _settings(args)
+    _setup_logging(settings["logging"])
+    paths = [(spec, resolve_processor(spec, settings.get("processors_dir"))) for spec in settings["processor"]]
+    limits = SandboxLimits()
+    if settings.get("processor_timeout_ms"):
+        limits.call_timeout_ms = float(settings["processor_timeout_ms"])
+    if settings.get("memory_limit_mb"):
+        limits.memory_limit_bytes = int(settings["memory_limit_mb"]) * 1024 * 1024
+    config = settings["config"]
+    policy = NetworkPolicy.from_config(config, settings["allow"])
+    log.info("processors may reach: %s", ", ".join(sorted(policy.allowed)) or "nothing")
+    runtime = Runtime(config, policy, limits, None if args.no_cache else default_cache_dir())
+    source = output = None
+    processors = []
+    try:
+        try:
+            for spec, path in paths:
+                processors.append(runtime.load(path, Path(path).stem))
+            source = open_source(settings["source"], pace=bool(settings["pace"]))
+            output = make_output(settings["output"], settings.get("destination"))
+            output.open(source.width, source.height, source.fps)
+        except (ProcessorLoadError, SourceError, OutputError) as exc:
+            print(f"vision-host: {exc}", file=sys.stderr)
+            return 1
+        print(f"vision-host: {source.describe()} → {' → '.join(p.name for p in processors)} → {output.describe()}",
+              file=sys.stderr)
+        pipeline = Pipeline(source, processors, [output], runtime, status=sys.stderr)
+
+        def on_signal(signum, frame):
+            pipeline.stop()
+        previous = signal.signal(signal.SIGTERM, on_signal)
+        try:
+            stats = pipeline.run(settings.get("max_frames"))
+        except KeyboardInterrupt:
+            stats = pipeline.summary()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
+        for p in processors:
+            p.close()
+        if output is not None:
+            output.close()
+        if source is not None:
+            source.close()
+        runtime.close()
+    if settings.get("stats"):
+        write_stats(Path(settings["stats"]), stats)
+    print(format_summary(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``vision-host list``: every processor found, with its imports checked."""
+    from .runtime import ProcessorLoadError, Runtime
+
+    found = known_processors(args.processors_dir)
+    if not found:
+        print("no processors found in " + ", ".join(str(d) for d in processor_dirs(args.processors_dir)))
+        return 1
+    bad = 0
+    with Runtime(cache_dir=None) as runtime:
+        for name, path in found.items():
+            try:
+                module = runtime.compile(path.read_bytes(), str(path))
+                problems = runtime.check_imports(module, str(path))
+            except ProcessorLoadError as exc:
+                problems = [str(exc)]
+            bad += bool(problems)
+            print(f"{name:16} {path}  {'ok' if not problems else 'CANNOT RUN: ' + '; '.join(problems)}")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``vision-host``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command == "version":
+            print(f"vision-host {__version__}")
+            return 0
+        parser.print_help()
+        return 2
+    except UsageError as exc:
+        print(f"vision-host: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

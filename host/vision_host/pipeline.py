@@ -1,0 +1,189 @@
+"""The frame loop: source → processors → outputs, with its metrics and status line.
+
+One thread runs the loop. Nothing in it waits on the network: processors talk to vision
+servers through the runtime's non-blocking fetch interface. The summary written by
+``--stats`` uses the keys documented in the README (``frames_in``, ``max_frame_gap_ms``, …).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from .outputs import Output
+from .runtime import Processor, Runtime
+from .sources import Source
+
+log = logging.getLogger("vision_host.pipeline")
+
+
+def _percentile(values, q: float) -> float | None:
+    return round(float(np.percentile(np.fromiter(values, float), q)), 1) if values else None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process in bytes (current, from /proc; peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Pipeline:
+    """Runs frames from ``source`` through ``processors`` into ``outputs``.
+
+    Args:
+        source: where frames come from (H×W×3 uint8 BGR).
+        processors: the chain, in order.
+        outputs: every output gets every frame leaving the chain.
+        runtime: the runtime the processors belong to (for caption statistics).
+        status: stream for the one-line status (None or not a terminal: silent).
+    """
+
+    def __init__(self, source: Source, processors: list[Processor], outputs: list[Output],
+                 runtime: Runtime, status: TextIO | None = None):
+        self.source = source
+        self.processors = processors
+        self.outputs = outputs
+        self.runtime = runtime
+        self.status = status if status is not None and status.isatty() else None
+        self.stop_event = threading.Event()
+        self.frames_in = 0
+        self.frames_out = 0
+        self.max_gap_s = 0.0
+        self.started = 0.0
+        self.ended = 0.0
+        self._last_out: float | None = None
+        self._status_due = 0.0
+        self.rss_start = rss_bytes()
+
+    def stop(self) -> None:
+        """Ask the loop to finish after the current frame (thread-safe)."""
+        self.stop_event.set()
+
+    def run(self, max_frames: int | None = None) -> dict:
+        """Run until the source ends, ``max_frames`` frames, :meth:`stop`, or a closed window.
+
+        Returns the statistics dict (see :meth:`summary`).
+        """
+        self.started = time.perf_counter()
+        try:
+            while not self.stop_event.is_set():
+                if max_frames is not None and self.frames_in >= max_frames:
+                    break
+                frame = self.source.read()
+                if frame is None:
+                    break
+                self.frames_in += 1
+                for processor in self.processors:
+                    frame = processor.process(frame)
+                now = time.perf_counter()
+                if self._last_out is not None:
+                    self.max_gap_s = max(self.max_gap_s, now - self._last_out)
+                self._last_out = now
+                for output in self.outputs:
+                    output.write(frame)
+                self.frames_out += 1
+                if any(getattr(o, "closed", False) for o in self.outputs):
+                    break
+                if self.status is not None and now >= self._status_due:
+                    self._status_due = now + 0.5
+                    self._print_status(now)
+        finally:
+            self.ended = time.perf_counter()
+            if self.status is not None:
+                self.status.write("\r\x1b[2K")
+                self.status.flush()
+        return self.summary()
+
+    def _print_status(self, now: float) -> None:
+        elapsed = max(now - self.started, 1e-9)
+        fs = self.runtime.fetch_stats
+        parts = [f"{self.frames_out / elapsed:5.1f} fps", f"{self.frames_out} frames",
+                 f"{fs.completed} captions"]
+        if fs.last_latency_ms is not None:
+            parts.append(f"last caption {fs.last_latency_ms / 1000:.1f} s")
+        errors = [f"{p.name}: {p.last_error}" for p in self.processors if p.last_error]
+        if fs.last_error:
+            errors.append(f"server: {fs.last_error}")
+        if errors:
+            parts.append("last error: " + errors[-1])
+        line = " | ".join(parts)
+        self.status.write("\r\x1b[2K" + line[: 200])
+        self.status.flush()
+
+    def summary(self) -> dict:
+        """Statistics of the run so far.
+
+        Keys: ``frames_in``, ``frames_out``, ``frames_dropped`` (live sources), ``duration_s``,
+        ``fps``, ``max_frame_gap_ms`` (largest wall-clock gap between consecutive frames
+        leaving the chain), ``processors`` (per name: ``calls``, ``mean_us``, ``p99_us``,
+        ``errors``, ``disabled``, ``memory_bytes``), ``captions`` (``started``, ``completed``,
+        ``failed``, ``latency_ms_p50``, ``latency_ms_p95``, ``last``), ``rss_bytes_start``,
+        ``rss_bytes_end``.
+        """
+        end = self.ended or time.perf_counter()
+        duration = max(end - self.started, 1e-9) if self.started else 0.0
+        processors: dict[str, dict] = {}
+        for p in self.processors:
+            key = p.name
+            n = 2
+            while key in processors:
+                key, n = f"{p.name}#{n}", n + 1
+            processors[key] = {**p.stats.summary(), "disabled": p.disabled, "memory_bytes": p.memory_bytes}
+        fs = self.runtime.fetch_stats
+        latencies = list(fs.latencies_ms)
+        return {
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "frames_dropped": self.source.frames_dropped,
+            "duration_s": round(duration, 3),
+            "fps": round(self.frames_out / duration, 2) if duration else 0.0,
+            "max_frame_gap_ms": round(self.max_gap_s * 1000, 1),
+            "processors": processors,
+            "captions": {
+                "started": fs.started,
+                "completed": fs.completed,
+                "failed": fs.failed,
+                "latency_ms_p50": _percentile(latencies, 50),
+                "latency_ms_p95": _percentile(latencies, 95),
+                "last": self.runtime.processor_store.get("captions", "caption"),
+            },
+            "rss_bytes_start": self.rss_start,
+            "rss_bytes_end": rss_bytes(),
+        }
+
+
+def write_stats(path: Path, stats: dict) -> None:
+    """Write ``stats`` as indented JSON to ``path`` (parent directories created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def format_summary(stats: dict) -> str:
+    """A few human-readable lines summarising ``stats`` for the end of a run."""
+    lines = [f"{stats['frames_out']} frames in {stats['duration_s']:.1f} s ({stats['fps']:.1f} fps), "
+             f"largest gap between frames {stats['max_frame_gap_ms']:.0f} ms"]
+    for name, p in stats["processors"].items():
+        state = " (disabled)" if p["disabled"] else ""
+        lines.append(f"  {name}: {p['calls']} calls, mean {p['mean_us']:.0f} µs, p99 {p['p99_us']:.0f} µs, "
+                     f"{p['errors']} errors{state}")
+    c = stats["captions"]
+    if c["started"]:
+        lat = f", latency p50 {c['latency_ms_p50']:.0f} ms" if c["latency_ms_p50"] is not None else ""
+        lines.append(f"  captions: {c['completed']} completed, {c['failed']} failed{lat}")
+        if c["last"]:
+            lines.append(f"  last caption: {c['last']}")
+    return "\n".join(lines)
+
+
+__all__ = ["Pipeline", "format_summary", "rss_bytes", "write_stats"]

@@ -1,0 +1,415 @@
+"""The wasm runtime: engine, sandbox limits, module cache, and processor instances.
+
+Processors are core WebAssembly modules (WASI preview 1) run by wasmtime. Each one gets its
+own store, memory cap, mat table, WASI context (no preopened directories, no environment,
+stdout/stderr to the logger) and linker holding exactly the host functions it imports.
+Every call into a processor runs under an epoch deadline; a call that traps, overruns or
+breaks the ABI lets the frame pass unchanged, is logged once with a count, and a processor
+that keeps failing is disabled while the video goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import wasmtime
+
+from . import cv as _cv, fetch as _fetch, overlay as _overlay, platform as _platform  # noqa: F401 (register host functions)
+from .abi import HOST_FUNCTIONS, AbiError, GuestMemory
+from .fetch import FetchClient, FetchError, FetchStats, NetworkPolicy
+from .mats import MatTable
+from .platform import ProcessorStore
+
+log = logging.getLogger("vision_host.runtime")
+
+WASI_MODULE = "wasi_snapshot_preview1"
+EPOCH_TICK_S = 0.002
+
+
+class ProcessorLoadError(Exception):
+    """A processor could not be loaded; the message says which file and what to fix."""
+
+
+@dataclass
+class SandboxLimits:
+    """Per-instance limits.
+
+    Attributes:
+        call_timeout_ms: epoch deadline for one ``process`` call (host calls included).
+        init_timeout_ms: deadline for instantiation and ``_initialize``.
+        memory_limit_bytes: cap on the instance's linear memory; ``memory.grow`` fails past it.
+        max_consecutive_failures: failed calls in a row after which the processor is disabled.
+        max_live_mats: mats one instance may hold at once.
+    """
+
+    call_timeout_ms: float = 20.0
+    init_timeout_ms: float = 2000.0
+    memory_limit_bytes: int = 256 * 1024 * 1024
+    max_consecutive_failures: int = 5
+    max_live_mats: int = 1024
+
+
+def default_cache_dir() -> Path:
+    """Where compiled modules are cached: ``$VISION_HOST_CACHE_DIR`` or the XDG cache dir."""
+    if env := os.environ.get("VISION_HOST_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vision-host" / "modules"
+
+
+def _type_text(ty) -> str:
+    return f"({', '.join(map(str, ty.params))}) -> ({', '.join(map(str, ty.results))})"
+
+
+class Runtime:
+    """Shared state of one run: the engine, its epoch ticker, the module cache, the config,
+    the processor store, the HTTP worker pool and caption statistics.
+
+    Args:
+        config: ``-c key=value`` settings, visible to processors through ``get-config``.
+        policy: network policy for processor HTTP (default: from ``*-url`` config keys).
+        limits: sandbox limits applied to every instance.
+        cache_dir: compiled-module cache (None disables caching).
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, config: dict[str, str] | None = None, policy: NetworkPolicy | None = None,
+                 limits: SandboxLimits | None = None, cache_dir: Path | None = None,
+                 println=None):
+        self.config = dict(config or {})
+        self.policy = policy or NetworkPolicy.from_config(self.config)
+        self.limits = limits or SandboxLimits()
+        self.cache_dir = cache_dir
+        self.processor_store = ProcessorStore()
+        self.fetch_stats = FetchStats()
+        self.println = println or (lambda text: print(text, flush=True))
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="vision-host-http")
+        cfg = wasmtime.Config()
+        cfg.epoch_interruption = True
+        cfg.memory_may_move = False   # GuestMemory caches each memory's base address
+        self.engine = wasmtime.Engine(cfg)
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
+        self._ticker.start()
+        self.compile_ms = 0.0
+        self.cache_hits = 0
+
+    def _tick(self) -> None:
+        while not self._stop.wait(EPOCH_TICK_S):
+            self.engine.increment_epoch()
+
+    def ticks(self, ms: float) -> int:
+        """Epoch ticks covering ``ms`` milliseconds (at least 1)."""
+        return max(1, math.ceil(ms / (EPOCH_TICK_S * 1000.0))) + 1
+
+    # -- compilation -------------------------------------------------------------------
+    def compile(self, wasm: bytes, origin: str) -> wasmtime.Module:
+        """Compile ``wasm`` (bytes of a core module), through the cache when enabled.
+
+        Raises:
+            ProcessorLoadError: the bytes are not a valid WebAssembly module.
+        """
+        started = time.perf_counter()
+        key = hashlib.sha256(wasm + wasmtime.__name__.encode() + _engine_fingerprint()).hexdigest()
+        cached = self.cache_dir / f"{key}.cwasm" if self.cache_dir else None
+        if cached is not None and cached.exists():
+            try:
+                module = wasmtime.Module.deserialize_file(self.engine, str(cached))
+                self.cache_hits += 1
+                self.compile_ms += (time.perf_counter() - started) * 1000
+                return module
+            except wasmtime.WasmtimeError:
+                log.info("compiled-module cache entry %s is stale; recompiling", cached.name)
+        if wasm[:4] != b"\0asm":
+            raise ProcessorLoadError(f"{origin} is not a WebAssembly module (it does not start "
+                                     f"with the \\0asm magic bytes): rebuild it or pick the right file")
+        try:
+            module = wasmtime.Module(self.engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise ProcessorLoadError(f"{origin} is not a valid WebAssembly module: "
+                                     f"{' '.join(first[:3])}. Rebuild it (python processor/build.py)") from None
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(module.serialize())
+                os.replace(tmp, cached)
+            except OSError as exc:
+                log.debug("could not write compiled-module cache %s: %s", cached, exc)
+        self.compile_ms += (time.perf_counter() - started) * 1000
+        return module
+
+    def check_imports(self, module: wasmtime.Module, origin: str) -> list[str]:
+        """Problems with the module's imports and exports, as sentences (empty if none)."""
+        problems = []
+        for imp in module.imports:
+            if imp.module == WASI_MODULE:
+                continue
+            spec = HOST_FUNCTIONS.get((imp.module, imp.name))
+            if spec is None:
+                problems.append(f"imports {imp.module}#{imp.name}, which vision-host does not provide")
+            elif not isinstance(imp.type, wasmtime.FuncType):
+                problems.append(f"imports {imp.module}#{imp.name} as a non-function")
+            elif _type_text(imp.type) != _type_text(spec.functype()):
+                problems.append(f"imports {imp.module}#{imp.name} with type {_type_text(imp.type)}, "
+                                f"but the host provides {_type_text(spec.functype())}")
+        exports = {e.name: e.type for e in module.exports}
+        process = exports.get("process")
+        if process is None:
+            problems.append("does not export `process` (expected `process(frame: u32) -> u32`)")
+        elif not isinstance(process, wasmtime.FuncType) or _type_text(process) != "(i32) -> (i32)":
+            problems.append("exports `process` with the wrong type (expected (i32) -> (i32))")
+        if "memory" not in exports:
+            problems.append("does not export its `memory`")
+        return problems
+
+    def load(self, path: Path, name: str | None = None) -> "Processor":
+        """Compile (or fetch from the cache), check and instantiate the processor at ``path``.
+
+        Raises:
+            ProcessorLoadError: unreadable file, invalid module, wrong imports/exports, or a
+                trap during initialisation.
+        """
+        path = Path(path)
+        name = name or path.stem
+        try:
+            wasm = path.read_bytes()
+        except OSError as exc:
+            raise ProcessorLoadError(f"cannot read processor {path}: {exc.strerror}") from None
+        return self.load_bytes(wasm, name, str(path))
+
+    def load_bytes(self, wasm: bytes, name: str, origin: str = "<bytes>") -> "Processor":
+        """Like :meth:`load` for a module already in memory (``origin`` names it in errors)."""
+        module = self.compile(wasm, origin)
+        problems = self.check_imports(module, origin)
+        if problems:
+            raise ProcessorLoadError(f"processor {name} ({origin}) cannot run here: " + "; ".join(problems))
+        return Processor(self, name, Path(origin), module)
+
+    def close(self) -> None:
+        """Stop the ticker and the HTTP workers (requests in flight are abandoned)."""
+        self._stop.set()
+        self._ticker.join()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _engine_fingerprint() -> bytes:
+    import importlib.metadata
+    try:
+        version = importlib.metadata.version("wasmtime")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"wasmtime {version} epoch static-memory {sys.platform}".encode()
+
+
+@dataclass
+class ProcessorStats:
+    """Per-processor call statistics (µs) and failure counts."""
+
+    calls: int = 0
+    errors: int = 0
+    total_us: float = 0.0
+    recent_us: np.ndarray = field(default_factory=lambda: np.zeros(4096))
+
+    def add(self, us: float) -> None:
+        self.recent_us[self.calls % len(self.recent_us)] = us
+        self.calls += 1
+        self.total_us += us
+
+    def summary(self) -> dict:
+        """``{"calls", "mean_us", "p99_us", "errors"}`` (p99 over the last 4096 calls)."""
+        n = min(self.calls, len(self.recent_us))
+        p99 = float(np.percentile(self.recent_us[:n], 99)) if n else 0.0
+        return {"calls": self.calls, "mean_us": round(self.total_us / self.calls, 1) if self.calls else 0.0,
+                "p99_us": round(p99, 1), "errors": self.errors}
+
+
+class InstanceContext:
+    """What host functions see of the processor calling them (passed as their first argument)."""
+
+    def __init__(self, runtime: Runtime, name: str):
+        self.name = name
+        self.config = runtime.config
+        self.processor_store = runtime.processor_store
+        self.println = runtime.println
+        self.log = logging.getLogger(f"vision_host.processor.{name}")
+        self.mats = MatTable(runtime.limits.max_live_mats)
+        self.fetch = FetchClient(runtime.policy, runtime.pool, runtime.fetch_stats)
+        self.memory: GuestMemory | None = None
+        self._refused: set[str] = set()
+
+    def note_fetch_error(self, url: str, code: FetchError) -> None:
+        """Log a refused destination once per URL, with what to do about it."""
+        if code == FetchError.DESTINATION_NOT_ALLOWED and url not in self._refused:
+            self._refused.add(url)
+            self.log.error("processor %s tried to reach %s, which is not an allowed destination: "
+                           "set a *-url config key to it or pass --allow HOST:PORT", self.name, url)
+
+
+class Processor:
+    """One instantiated processor: call :meth:`process` once per frame.
+
+    Raises (from the constructor):
+        ProcessorLoadError: instantiation or ``_initialize`` trapped or timed out.
+    """
+
+    def __init__(self, runtime: Runtime, name: str, path: Path, module: wasmtime.Module):
+        self.runtime = runtime
+        self.name = name
+        self.path = path
+        self.stats = ProcessorStats()
+        self.disabled = False
+        self.last_error: str | None = None
+        self._consecutive = 0
+        self._suspect = False
+        self._errors_by_kind: dict[str, int] = {}
+        self.ctx = ctx = InstanceContext(runtime, name)
+        self.store = store = wasmtime.Store(runtime.engine)
+        store.set_limits(memory_size=runtime.limits.memory_limit_bytes)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [name]
+        wasi.stdout_custom = self._guest_output(logging.INFO)
+        wasi.stderr_custom = self._guest_output(logging.WARNING)
+        store.set_wasi(wasi)
+        linker = wasmtime.Linker(runtime.engine)
+        linker.define_wasi()
+        for imp in module.imports:
+            spec = HOST_FUNCTIONS.get((imp.module, imp.name))
+            if spec is not None:
+                linker.define_func(spec.module, spec.name, spec.functype(), functools.partial(spec.impl, ctx))
+        store.set_epoch_deadline(runtime.ticks(runtime.limits.init_timeout_ms))
+        try:
+            instance = linker.instantiate(store, module)
+            exports = instance.exports(store)
+            memory = exports["memory"]
+            ctx.memory = GuestMemory(store, memory, _maybe(exports, "cabi_realloc"), _maybe(exports, "malloc"))
+            for start in ("_initialize", "_start"):
+                func = _maybe(exports, start)
+                if func is not None:
+                    self._run_start(func, start)
+                    break
+        except ProcessorLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any trap during start-up
+            raise ProcessorLoadError(f"processor {name} ({path}) failed while starting: {_describe(exc)}") from None
+        self.exports = exports
+        self._process = exports["process"]
+
+    def _run_start(self, func, which: str) -> None:
+        try:
+            func(self.store)
+        except wasmtime.ExitTrap as exc:
+            if exc.code != 0:
+                raise ProcessorLoadError(f"processor {self.name} exited with status {exc.code} in {which}") from None
+
+    def _guest_output(self, level: int):
+        logger = logging.getLogger(f"vision_host.processor.{self.name}")
+
+        def write(data: bytes) -> int:
+            for line in data.decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    logger.log(level, "%s", line)
+            return len(data)
+        return write
+
+    @property
+    def memory_bytes(self) -> int:
+        """Current size of the instance's linear memory in bytes."""
+        return self.ctx.memory.size if self.ctx.memory else 0
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        """Run the processor on ``frame`` (H×W×3 uint8 BGR) and return the frame to pass on.
+
+        Never raises for processor faults: a failed call returns the input frame (copied
+        beforehand once the processor has failed before, so partial drawing is undone) and
+        counts an error; after ``max_consecutive_failures`` in a row the processor is
+        disabled and every later frame passes through untouched.
+        """
+        if self.disabled:
+            return frame
+        original = frame
+        if self._suspect:
+            frame = frame.copy()
+        mats = self.ctx.mats
+        handle = mats.insert(frame)
+        self.store.set_epoch_deadline(self.runtime.ticks(self.runtime.limits.call_timeout_ms))
+        started = time.perf_counter()
+        try:
+            out_handle = self._process(self.store, handle)
+            result = mats.get(out_handle)
+        except Exception as exc:  # noqa: BLE001 - traps, timeouts and ABI errors alike
+            self.stats.add((time.perf_counter() - started) * 1e6)
+            mats.discard(handle)
+            mats.drop_from(handle + 1)   # mats created by the failed call
+            self._failed(exc)
+            return original
+        self.stats.add((time.perf_counter() - started) * 1e6)
+        mats.discard(handle)
+        mats.discard(out_handle)
+        self._consecutive = 0
+        if not isinstance(result, np.ndarray) or result.ndim < 2 or result.size == 0:
+            self._failed(AbiError(f"returned an empty or invalid mat (handle {out_handle})"))
+            return original
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        why = _describe(exc, self.runtime.limits.call_timeout_ms)
+        self.stats.errors += 1
+        self._consecutive += 1
+        self._suspect = True
+        self.last_error = why
+        count = self._errors_by_kind.get(why, 0) + 1
+        self._errors_by_kind[why] = count
+        if count == 1 or (count & (count - 1)) == 0 and count >= 16:
+            log.error("processor %s: %s; the frame passes on unchanged%s", self.name, why,
+                      "" if count == 1 else f" ({count} times so far)")
+        if self._consecutive >= self.runtime.limits.max_consecutive_failures:
+            self.disabled = True
+            log.error("processor %s disabled after %d failed calls in a row (last: %s); the video goes on "
+                      "without it", self.name, self._consecutive, why)
+
+    def close(self) -> None:
+        """Cancel the processor's HTTP requests."""
+        self.ctx.fetch.close()
+
+
+def _maybe(exports, name: str):
+    try:
+        return exports[name]
+    except KeyError:
+        return None
+
+
+def _describe(exc: BaseException, timeout_ms: float | None = None) -> str:
+    """One sentence for a failed call."""
+    if isinstance(exc, AbiError):
+        return f"ABI violation: {exc}"
+    if isinstance(exc, wasmtime.Trap):
+        code = exc.trap_code
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return (f"call exceeded its {timeout_ms:g} ms deadline and was interrupted" if timeout_ms
+                    else "call exceeded its deadline and was interrupted")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "trap"
+        return f"trapped ({first})"
+    if isinstance(exc, wasmtime.ExitTrap):
+        return f"called proc_exit({exc.code})"
+    return f"failed: {type(exc).__name__}: {exc}"

@@ -1,0 +1,400 @@
+"""HTTP for processors: the non-blocking ``vision-host:platform/fetch`` interface and the
+network policy that every processor request (blocking or not) obeys.
+
+Requests run on host worker threads (``requests`` with streaming bodies); the processor
+polls once per frame for the bytes that arrived, so ``process`` never waits on the network.
+The policy: only destinations on the allow-list (by default the ``host:port`` of every
+``*-url`` config value), no redirects, no proxies from the environment, a connect timeout,
+a read timeout between bytes, a response size cap, and a cap on requests in flight per
+processor. WIT: ``wasm/wit/vision-host.wit``.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import enum
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+import requests
+
+from .abi import AbiError, host_function
+
+log = logging.getLogger("vision_host.fetch")
+
+
+class FetchError(enum.IntEnum):
+    """``vision-host:platform/fetch.fetch-error`` case indices."""
+
+    DESTINATION_NOT_ALLOWED = 0
+    INVALID_URL = 1
+    CONNECTION_FAILED = 2
+    TIMEOUT = 3
+    RESPONSE_TOO_LARGE = 4
+    REQUEST_ERROR = 5
+    TOO_MANY_REQUESTS = 6
+    UNKNOWN_REQUEST = 7
+    RUNTIME_ERROR = 8
+
+
+def url_destination(url: str) -> str | None:
+    """``host:port`` of an absolute http(s) URL (default ports filled in), else None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return f"{parts.hostname.lower()}:{port or (443 if parts.scheme == 'https' else 80)}"
+
+
+@dataclass
+class NetworkPolicy:
+    """What processors may reach and how long they may wait.
+
+    Attributes:
+        allowed: ``host:port`` destinations processors may call.
+        connect_timeout_s / read_timeout_s: seconds to connect, and between received bytes.
+        max_response_bytes: replies longer than this are cut off with ``response-too-large``.
+        max_in_flight: non-blocking requests one processor may have running at once.
+    """
+
+    allowed: set[str] = field(default_factory=set)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    max_response_bytes: int = 8 * 1024 * 1024
+    max_in_flight: int = 4
+
+    @classmethod
+    def from_config(cls, config: dict[str, str], extra_allowed: list[str] = (), **limits) -> "NetworkPolicy":
+        """Allow the destination of every ``*-url`` config value, plus ``extra_allowed``."""
+        allowed = {d for k, v in config.items() if k.endswith("-url") and (d := url_destination(v))}
+        for item in extra_allowed:
+            allowed.add(url_destination(item) or item.lower())
+        return cls(allowed=allowed, **limits)
+
+    def check(self, url: str) -> FetchError | None:
+        """None when ``url`` may be requested, else the error to report."""
+        dest = url_destination(url)
+        if dest is None:
+            return FetchError.INVALID_URL
+        if dest not in self.allowed:
+            return FetchError.DESTINATION_NOT_ALLOWED
+        return None
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    url: str
+    is_image: bool
+    started: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    status: int = 0
+    body: bytearray = field(default_factory=bytearray)
+    received: int = 0
+    done: bool = False
+    error: FetchError | None = None
+    cancelled: bool = False
+    response: requests.Response | None = None
+
+
+class FetchStats:
+    """Counts of frame (caption) requests and their start-to-finish latencies in ms."""
+
+    def __init__(self, keep: int = 4096):
+        self.started = 0
+        self.completed = 0
+        self.failed = 0
+        self.latencies_ms: deque[float] = deque(maxlen=keep)
+        self.last_latency_ms: float | None = None
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+
+    def finish(self, req: _Request, ok: bool, why: str | None = None) -> None:
+        if not req.is_image:
+            return
+        with self._lock:
+            if ok:
+                self.completed += 1
+                latency = (time.monotonic() - req.started) * 1000.0
+                self.latencies_ms.append(latency)
+                self.last_latency_ms = latency
+            else:
+                self.failed += 1
+                self.last_error = why
+
+
+class FetchClient:
+    """Runs one processor's HTTP requests on a shared worker pool under a :class:`NetworkPolicy`.
+
+    Args:
+        policy: destinations and limits.
+        pool: the run's worker threads (shared by every processor).
+        stats: where caption-request counts go (shared by the run).
+    """
+
+    def __init__(self, policy: NetworkPolicy, pool: concurrent.futures.ThreadPoolExecutor,
+                 stats: FetchStats | None = None):
+        self.policy = policy
+        self.stats = stats or FetchStats()
+        self._pool = pool
+        self._requests: dict[int, _Request] = {}
+        self._next_id = 1
+        self._local = threading.local()
+
+    # -- request lifecycle -------------------------------------------------------------
+    def start(self, method: str, url: str, content_type: str, make_body, is_image: bool = False) -> int:
+        """Start a request; ``make_body()`` runs on the worker and returns the body bytes.
+
+        Returns the request id. Raises:
+            FetchErrorResult: when the policy refuses the URL or too many are in flight.
+        """
+        refused = self.policy.check(url)
+        if refused is not None:
+            raise FetchErrorResult(refused)
+        if method not in ("GET", "POST"):
+            raise FetchErrorResult(FetchError.INVALID_URL)
+        if len(self._requests) >= self.policy.max_in_flight:
+            raise FetchErrorResult(FetchError.TOO_MANY_REQUESTS)
+        req = _Request(self._next_id, url, is_image, time.monotonic())
+        self._next_id += 1
+        self._requests[req.id] = req
+        if is_image:
+            with self.stats._lock:
+                self.stats.started += 1
+        self._pool.submit(self._run, req, method, content_type, make_body)
+        return req.id
+
+    def poll(self, request_id: int) -> tuple[int, bool, bytes]:
+        """``(status, done, new_body_bytes)``; releases the id when done.
+
+        Raises:
+            FetchErrorResult: the request failed (reported once; the id is released), or the
+                id is unknown.
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            raise FetchErrorResult(FetchError.UNKNOWN_REQUEST)
+        with req.lock:
+            if req.error is not None:
+                del self._requests[request_id]
+                raise FetchErrorResult(req.error)
+            chunk = bytes(req.body)
+            req.body.clear()
+            status, done = req.status, req.done
+        if done:
+            del self._requests[request_id]
+        return status, done, chunk
+
+    def cancel(self, request_id: int) -> None:
+        """Abandon a request and close its connection; unknown ids are ignored."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        with req.lock:
+            req.cancelled = True
+            resp = req.response
+        if resp is not None:
+            resp.close()
+        if not req.done and req.error is None:
+            self.stats.finish(req, False, "cancelled")
+
+    def close(self) -> None:
+        """Cancel every request in flight."""
+        for rid in list(self._requests):
+            self.cancel(rid)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    # -- blocking use (wasmvision:platform/http) ---------------------------------------
+    def blocking(self, method: str, url: str, content_type: str, body: bytes) -> tuple[int, bytes]:
+        """Perform a whole request on the calling thread under the same policy.
+
+        Returns ``(status, body)``. Raises FetchErrorResult like :meth:`poll`.
+        """
+        refused = self.policy.check(url)
+        if refused is not None:
+            raise FetchErrorResult(refused)
+        req = _Request(0, url, False, time.monotonic())
+        self._transfer(req, method, content_type, body)
+        if req.error is not None:
+            raise FetchErrorResult(req.error)
+        return req.status, bytes(req.body)
+
+    # -- worker side -------------------------------------------------------------------
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # no proxies or .netrc from the environment
+            self._local.session = session
+        return session
+
+    def _run(self, req: _Request, method: str, content_type: str, make_body) -> None:
+        try:
+            body = make_body()
+        except Exception as exc:  # noqa: BLE001 - reported to the processor, logged here
+            log.error("could not build the request body for %s: %s", req.url, exc)
+            with req.lock:
+                req.error = FetchError.RUNTIME_ERROR
+            self.stats.finish(req, False, f"runtime error: {exc}")
+            return
+        self._transfer(req, method, content_type, body)
+        if req.error is not None:
+            self.stats.finish(req, False, req.error.name.lower().replace("_", "-"))
+        elif not req.cancelled:
+            self.stats.finish(req, 200 <= req.status < 300, None if req.status < 300 else f"HTTP {req.status}")
+
+    def _transfer(self, req: _Request, method: str, content_type: str, body: bytes) -> None:
+        policy = self.policy
+        try:
+            resp = self._session().request(
+                method, req.url, data=body if method == "POST" else None,
+                headers={"Content-Type": content_type} if content_type else None,
+                stream=True, allow_redirects=False,
+                timeout=(policy.connect_timeout_s, policy.read_timeout_s))
+        except requests.exceptions.Timeout:
+            req.error = FetchError.TIMEOUT
+            return
+        except requests.exceptions.InvalidURL:
+            req.error = FetchError.INVALID_URL
+            return
+        except requests.exceptions.RequestException:
+            req.error = FetchError.CONNECTION_FAILED
+            return
+        with req.lock:
+            if req.cancelled:
+                resp.close()
+                return
+            req.response = resp
+            req.status = resp.status_code
+        try:
+            for chunk in resp.iter_content(chunk_size=None):
+                with req.lock:
+                    if req.cancelled:
+                        break
+                    req.received += len(chunk)
+                    if req.received > policy.max_response_bytes:
+                        req.error = FetchError.RESPONSE_TOO_LARGE
+                        break
+                    req.body += chunk
+            else:
+                with req.lock:
+                    req.done = True
+        except requests.exceptions.Timeout:
+            req.error = FetchError.TIMEOUT
+        except (requests.exceptions.RequestException, OSError, ValueError):
+            with req.lock:
+                if not req.cancelled:
+                    req.error = FetchError.REQUEST_ERROR
+        finally:
+            resp.close()
+
+
+class FetchErrorResult(Exception):
+    """A fetch call's error result, carrying the ``fetch-error`` case."""
+
+    def __init__(self, code: FetchError):
+        super().__init__(code.name)
+        self.code = code
+
+
+def frame_jpeg_body(frame: np.ndarray, max_side: int, quality: int, template: bytes):
+    """Prepare a body builder for ``post-frame``.
+
+    Downscales ``frame`` (H×W×3 uint8 BGR, or H×W) now, on the caller's thread, so that the
+    longer side is at most ``max_side`` px (0 = no limit), copying it either way; returns a
+    function that, on a worker thread, encodes it as JPEG at ``quality`` (1–100), base64s it
+    and substitutes it for the first ``%IMAGE%`` in ``template``.
+    """
+    h, w = frame.shape[:2]
+    longer = max(h, w)
+    if max_side and longer > max_side:
+        scale = max_side / longer
+        small = cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))),
+                           interpolation=cv2.INTER_AREA)
+    else:
+        small = frame.copy()
+    quality = min(100, max(1, quality))
+
+    def build() -> bytes:
+        ok, jpeg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise ValueError("JPEG encoding failed")
+        return template.replace(b"%IMAGE%", base64.b64encode(jpeg.tobytes()), 1)
+
+    return build
+
+
+# -- host functions: vision-host:platform/fetch ------------------------------------------
+_PROGRESS = struct.Struct("<BxxxHBxII")   # result<progress, fetch-error> ok
+
+
+@host_function("vision-host:platform/fetch", "post-frame", "iiiiiiiiii")
+def _post_frame(ctx, url_p, url_n, ct_p, ct_n, tpl_p, tpl_n, frame, max_side, quality, retptr):
+    mem = ctx.memory
+    url = mem.read_str(url_p, url_n)
+    content_type = mem.read_str(ct_p, ct_n)
+    template = mem.read(tpl_p, tpl_n)
+    array = ctx.mats.get(frame)
+    try:
+        refused = ctx.fetch.policy.check(url)
+        if refused is not None:
+            raise FetchErrorResult(refused)
+        body = frame_jpeg_body(array, max_side, quality, template)
+        rid = ctx.fetch.start("POST", url, content_type, body, is_image=True)
+    except FetchErrorResult as err:
+        ctx.note_fetch_error(url, err.code)
+        mem.ret_err_enum(retptr, err.code)
+        return
+    mem.ret_ok_u32(retptr, rid)
+
+
+@host_function("vision-host:platform/fetch", "start", "iiiiiiiii")
+def _start(ctx, m_p, m_n, url_p, url_n, ct_p, ct_n, body_p, body_n, retptr):
+    mem = ctx.memory
+    method = mem.read_str(m_p, m_n).upper()
+    url = mem.read_str(url_p, url_n)
+    content_type = mem.read_str(ct_p, ct_n)
+    body = mem.read(body_p, body_n)
+    try:
+        rid = ctx.fetch.start(method, url, content_type, lambda: body)
+    except FetchErrorResult as err:
+        ctx.note_fetch_error(url, err.code)
+        mem.ret_err_enum(retptr, err.code)
+        return
+    mem.ret_ok_u32(retptr, rid)
+
+
+@host_function("vision-host:platform/fetch", "poll", "ii")
+def _poll(ctx, request_id, retptr):
+    mem = ctx.memory
+    try:
+        status, done, chunk = ctx.fetch.poll(request_id)
+    except FetchErrorResult as err:
+        mem.ret_err_enum(retptr, err.code)
+        return
+    ptr = mem.alloc(len(chunk), 1) if chunk else 1
+    mem.write(ptr, chunk)
+    mem.write(retptr, _PROGRESS.pack(0, status, int(done), ptr, len(chunk)))
+
+
+@host_function("vision-host:platform/fetch", "cancel", "i")
+def _cancel(ctx, request_id):
+    ctx.fetch.cancel(request_id)
+
+
+__all__ = ["FetchClient", "FetchError", "FetchErrorResult", "FetchStats", "NetworkPolicy",
+           "frame_jpeg_body", "url_destination", "AbiError"]

@@ -1,0 +1,116 @@
+"""Host side of ``vision-host:platform/overlay``: captions drawn on frames.
+
+A caption is word-wrapped to the frame width with OpenCV's Hershey simplex font and drawn on
+a background band at the top or bottom. Layouts are cached, so redrawing an unchanged caption
+on every frame costs one ``getTextSize``-free host call. Hershey fonts cover ASCII only:
+other characters are transliterated where Unicode decomposes them (é → e), else shown as ``?``.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+
+import cv2
+import numpy as np
+
+from .abi import host_function
+from .cv import bgr
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+MARGIN_PX = 8
+
+
+def drawable(text: str) -> str:
+    """``text`` reduced to the printable ASCII the Hershey fonts can draw."""
+    if text.isascii():
+        return "".join(c if c.isprintable() else " " for c in text)
+    out = []
+    for ch in unicodedata.normalize("NFKD", text):
+        if ch.isascii():
+            out.append(ch if ch.isprintable() else " ")
+        elif not unicodedata.combining(ch):
+            out.append("?")
+    return "".join(out)
+
+
+def _thickness(scale: float) -> int:
+    return 1 if scale < 0.8 else 2
+
+
+@functools.lru_cache(maxsize=256)
+def layout(text: str, width_px: int, scale: float, max_lines: int) -> tuple[tuple[str, ...], int, int]:
+    """Wrap ``text`` into lines no wider than ``width_px`` (minus margins).
+
+    Returns ``(lines, line_height_px, baseline_px)``, keeping the last ``max_lines`` lines
+    (the newest words of a streaming caption).
+    """
+    thickness = _thickness(scale)
+    (_, text_h), baseline = cv2.getTextSize("Ag", FONT, scale, thickness)
+    room = max(1, width_px - 2 * MARGIN_PX)
+
+    def width(s: str) -> int:
+        return cv2.getTextSize(s, FONT, scale, thickness)[0][0]
+
+    lines: list[str] = []
+    current = ""
+    for word in drawable(text).split():
+        candidate = f"{current} {word}" if current else word
+        if width(candidate) <= room:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while width(word) > room and len(word) > 1:   # break words longer than a line
+            cut = len(word) - 1
+            while cut > 1 and width(word[:cut]) > room:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    return tuple(lines[-max_lines:] if max_lines > 0 else lines), text_h + baseline + 6, baseline
+
+
+@functools.lru_cache(maxsize=8)
+def _solid(shape: tuple[int, ...], colour: tuple[int, int, int]) -> np.ndarray:
+    """A reusable band of one colour (read-only use)."""
+    return np.full(shape, colour, np.uint8)
+
+
+def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
+                 fg: tuple[int, int, int, int], bg: tuple[int, int, int, int], max_lines: int) -> None:
+    """Draw ``text`` wrapped on a band across ``frame`` (H×W×3 uint8 BGR, modified in place).
+
+    ``fg``/``bg`` are (B, G, R, A); the band is blended with alpha ``bg[3]``/255.
+    """
+    h, w = frame.shape[:2]
+    lines, line_h, baseline = layout(text, w, round(scale, 3), max_lines)
+    if not lines:
+        return
+    band_h = min(h, line_h * len(lines) + MARGIN_PX)
+    y0 = h - band_h if bottom else 0
+    band = frame[y0:y0 + band_h]
+    alpha = bg[3] / 255.0
+    if alpha >= 0.99:
+        band[:] = bg[:3]
+    elif alpha > 0:
+        cv2.addWeighted(band, 1.0 - alpha, _solid(band.shape, bg[:3]), alpha, 0.0, dst=band)
+    thickness = _thickness(scale)
+    y = y0 + MARGIN_PX // 2
+    for line in lines:
+        y += line_h
+        cv2.putText(frame, line, (MARGIN_PX, y - baseline - 3), FONT, scale, fg[:3], thickness, cv2.LINE_AA)
+
+
+@host_function("vision-host:platform/overlay", "caption", "iiiifiiiiiiiiii")
+def _caption(ctx, img, t_p, t_n, placement, scale, fr, fg_, fb, fa, br, bg_, bb, ba, max_lines, retptr):
+    frame = ctx.mats.get(img)
+    text = ctx.memory.read_str(t_p, t_n)
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        ctx.memory.ret_err_str(retptr, "caption needs an 8-bit 3-channel frame")
+        return
+    scale = min(max(scale, 0.2), 4.0)
+    draw_caption(frame, text, placement == 1, scale, bgr(fr, fg_, fb, fa), bgr(br, bg_, bb, ba), max_lines)
+    ctx.memory.ret_ok_unit(retptr)

@@ -1,0 +1,135 @@
+"""Sandbox limits: deadlines, memory caps, network allow-list, ABI faults, load errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from vision_host.runtime import NetworkPolicy, ProcessorLoadError, SandboxLimits
+from wat import driver_module, module
+
+LOOP_FOREVER = module("""
+(module (memory (export "memory") 1)
+  (func (export "process") (param i32) (result i32) (loop $spin (br $spin)) (local.get 0)))""")
+
+GROW_EACH_FRAME = module("""
+(module (memory (export "memory") 1)
+  (func (export "process") (param i32) (result i32)
+    (if (i32.eq (memory.grow (i32.const 16)) (i32.const -1)) (then unreachable))
+    (local.get 0)))""")
+
+DRAW_THEN_TRAP = module("""
+(module
+  (import "wasm:cv/cv" "rectangle" (func $rect (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32)))
+  (memory (export "memory") 1)
+  (func (export "process") (param i32) (result i32)
+    (call $rect (local.get 0) (i32.const 0) (i32.const 0) (i32.const 100) (i32.const 100)
+                (i32.const 255) (i32.const 0) (i32.const 0) (i32.const 255) (i32.const 5) (i32.const 64))
+    unreachable))""")
+
+RETURNS_UNKNOWN_HANDLE = module("""
+(module (memory (export "memory") 1)
+  (func (export "process") (param i32) (result i32) (i32.const 424242)))""")
+
+WASI_HELLO = module("""
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello from wasi\\n")
+  (func (export "process") (param i32) (result i32)
+    (i32.store (i32.const 0) (i32.const 16)) (i32.store (i32.const 4) (i32.const 16))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (local.get 0)))""")
+
+
+def test_a_processor_that_loops_forever_is_interrupted_and_the_video_goes_on(runtime_factory, real_frame):
+    rt = runtime_factory(limits=SandboxLimits(call_timeout_ms=20, max_consecutive_failures=3))
+    p = rt.load_bytes(LOOP_FOREVER, "spinner")
+    started = time.perf_counter()
+    outs = [p.process(real_frame) for _ in range(5)]
+    elapsed = time.perf_counter() - started
+    assert all(o is real_frame for o in outs)            # frames pass on unchanged
+    assert p.disabled and p.stats.errors == 3
+    assert "deadline" in p.last_error
+    assert elapsed < 1.0                                  # 3 interrupted calls, then pass-through
+
+
+def test_memory_past_the_cap_stops_the_processor(runtime_factory, real_frame):
+    rt = runtime_factory(limits=SandboxLimits(memory_limit_bytes=4 * 1024 * 1024))
+    p = rt.load_bytes(GROW_EACH_FRAME, "grower")
+    results = [p.process(real_frame) for _ in range(12)]
+    assert all(r is real_frame for r in results)
+    assert p.memory_bytes <= 4 * 1024 * 1024
+    assert p.stats.errors == 5 and p.disabled
+    assert "trapped" in p.last_error
+
+
+def test_a_failed_call_does_not_leave_partial_drawing_once_suspect(runtime_factory, real_frame):
+    rt = runtime_factory()
+    p = rt.load_bytes(DRAW_THEN_TRAP, "scribbler")
+    frame = real_frame.copy()
+    p.process(frame)                                      # first failure: drawn in place, then trapped
+    second = real_frame.copy()
+    out = p.process(second)
+    assert out is second and np.array_equal(second, real_frame)
+
+
+def test_returning_an_unknown_handle_is_an_abi_error(runtime_factory, real_frame):
+    p = runtime_factory().load_bytes(RETURNS_UNKNOWN_HANDLE, "liar")
+    assert p.process(real_frame) is real_frame
+    assert "unknown or dropped mat handle 424242" in p.last_error
+    assert len(p.ctx.mats) == 0                           # nothing leaks in the handle table
+
+
+def test_wasi_stdout_goes_to_the_logger(runtime_factory, real_frame, caplog):
+    p = runtime_factory().load_bytes(WASI_HELLO, "talker")
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.talker"):
+        p.process(real_frame)
+    assert "hello from wasi" in caplog.text
+
+
+def test_destination_not_allowed(driver, real_frame, caplog):
+    d = driver([("vision-host:platform/fetch", "post-frame"), ("wasmvision:platform/http", "get")],
+               policy=NetworkPolicy(allowed={"127.0.0.1:11434"}))
+    h = d.mats.insert(real_frame)
+    ret = d.retarea()
+    with caplog.at_level(logging.ERROR):
+        d.call("vision-host:platform/fetch", "post-frame", *d.put_str("http://203.0.113.9:11434/api/generate"),
+               *d.put_str("application/json"), *d.put(b'{"images":["%IMAGE%"]}'), h, 672, 80, ret)
+    assert d.u8(ret) == 1 and d.u8(ret + 4) == 0          # fetch-error.destination-not-allowed
+    assert "not an allowed destination" in caplog.text
+    d.call("wasmvision:platform/http", "get", *d.put_str("http://203.0.113.9/"), ret)
+    assert d.u8(ret) == 1 and d.u8(ret + 4) == 1          # http-error.destination-not-allowed
+    d.call("vision-host:platform/fetch", "post-frame", *d.put_str("file:///etc/passwd"),
+           *d.put_str(""), *d.put(b""), h, 0, 80, ret)
+    assert d.u8(ret) == 1 and d.u8(ret + 4) == 1          # invalid-url
+
+
+@pytest.mark.parametrize("wasm, expected", [
+    (b"not wasm at all", "is not a WebAssembly module"),
+    (driver_module([("wasmvision:platform/logging", "info")])[:50], "is not a valid WebAssembly module"),
+    (module('(module (memory (export "memory") 1) (func (export "other")))'), "does not export `process`"),
+    (module('(module (import "wasm:cv/cv" "canny" (func (param i32))) (memory (export "memory") 1)'
+            ' (func (export "process") (param i32) (result i32) (local.get 0)))'),
+     "imports wasm:cv/cv#canny, which vision-host does not provide"),
+    (module('(module (import "wasm:cv/mat" "[method]mat.cols" (func (param i32 i32))) (memory (export "memory") 1)'
+            ' (func (export "process") (param i32) (result i32) (local.get 0)))'),
+     "imports wasm:cv/mat#[method]mat.cols with type (i32, i32) -> ()"),
+])
+def test_broken_modules_fail_to_load_with_a_sentence(runtime_factory, wasm, expected):
+    with pytest.raises(ProcessorLoadError, match=pytest.importorskip("re").escape(expected)):
+        runtime_factory().load_bytes(wasm, "broken")
+
+
+def test_compiled_modules_are_cached(runtime_factory, tmp_path):
+    wasm = driver_module([("wasm:cv/mat", "[method]mat.cols")])
+    first = runtime_factory(cache_dir=tmp_path)
+    first.load_bytes(wasm, "a")
+    assert first.cache_hits == 0 and len(list(tmp_path.glob("*.cwasm"))) == 1
+    second = runtime_factory(cache_dir=tmp_path)
+    p = second.load_bytes(wasm, "a")
+    assert second.cache_hits == 1
+    assert p.process(np.zeros((4, 4, 3), np.uint8)).shape == (4, 4, 3)
