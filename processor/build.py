@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Builds the Zig processors into wasm/<name>.wasm: the one build command.
+
+    python processor/build.py            # build every processor/<name>/main.zig
+    python processor/build.py hello      # build only the named processors
+    python processor/build.py --check    # build into a temp dir; exit 1 listing the
+                                         # wasm/ files that differ (CI)
+    python processor/build.py --test     # run the SDK's native Zig unit tests
+
+Each processor is one `zig build-exe` (Zig from the `ziglang` PyPI package, run as
+`sys.executable -m ziglang`), with the SDK (processor/sdk/vh.zig) as module "vh":
+
+    zig build-exe -fno-entry --export=process --export=cabi_realloc --stack 1048576
+        -target wasm32-wasi -O ReleaseSmall --dep vh -Mroot=processor/<name>/main.zig
+        -target wasm32-wasi -O ReleaseSmall -Mvh=processor/sdk/vh.zig
+        -femit-bin=wasm/<name>.wasm
+
+The result is a WASI preview 1 reactor module (no `_start`) exporting only `process`,
+`memory` and `cabi_realloc`, importing only functions of the WIT world
+`vision-host:platform/processor` (wasm/wit/). Builds are deterministic (same bytes on every
+rebuild). Zig's caches live outside the repository, under the system temp dir
+(override with $VH_ZIG_CACHE_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROCESSORS = ROOT / "processor"
+SDK = PROCESSORS / "sdk"
+OUT = ROOT / "wasm"
+
+#: Bytes of linear memory reserved for the stack (the default would be 16 MiB).
+STACK_SIZE = 1024 * 1024
+
+
+def zig_cache_dir() -> Path:
+    """Zig's cache directory, outside the repository; kept between builds for speed
+    (the cache is content-addressed, so it never changes the output)."""
+    env = os.environ.get("VH_ZIG_CACHE_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "vision-host-zig-cache"
+
+
+def processor_names() -> list[str]:
+    """Every directory processor/<name>/ holding a main.zig, except the SDK."""
+    return sorted(
+        p.parent.name for p in PROCESSORS.glob("*/main.zig") if p.parent != SDK
+    )
+
+
+def zig_cmd(*args: str) -> list[str]:
+    cache = zig_cache_dir()
+    return [
+        sys.executable, "-m", "ziglang", *args,
+        "--cache-dir", str(cache / "local"),
+        "--global-cache-dir", str(cache / "global"),
+    ]
+
+
+def build_one(name: str, out_dir: Path) -> Path:
+    """Compiles processor/<name>/main.zig to out_dir/<name>.wasm; raises on failure."""
+    out = out_dir / f"{name}.wasm"
+    target = ["-target", "wasm32-wasi", "-O", "ReleaseSmall"]
+    cmd = zig_cmd(
+        "build-exe",
+        "-fno-entry",
+        "--export=process",
+        "--export=cabi_realloc",
+        "--stack", str(STACK_SIZE),
+        "--name", name,
+        f"-femit-bin={out}",
+        *target, "--dep", "vh", f"-Mroot={PROCESSORS / name / 'main.zig'}",
+        *target, f"-Mvh={SDK / 'vh.zig'}",
+    )
+    # Run from a temp dir so nothing (e.g. a stray .zig-cache) lands in the repository.
+    with tempfile.TemporaryDirectory(prefix="vh-zig-") as cwd:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"building {name} failed:\n{res.stderr}{res.stdout}")
+    return out
+
+
+def run_tests() -> int:
+    """Runs the native unit tests of the SDK's pure-Zig helpers."""
+    status = 0
+    for src in [SDK / "json.zig"]:
+        with tempfile.TemporaryDirectory(prefix="vh-zig-") as cwd:
+            res = subprocess.run(zig_cmd("test", str(src)), cwd=cwd)
+        status |= res.returncode
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="processors to build (default: all)")
+    ap.add_argument("--check", action="store_true",
+                    help="build into a temp dir and fail if wasm/ differs")
+    ap.add_argument("--test", action="store_true", help="run the SDK unit tests")
+    args = ap.parse_args(argv)
+
+    if args.test:
+        return run_tests()
+
+    names = args.names or processor_names()
+    unknown = [n for n in names if n not in processor_names()]
+    if unknown:
+        print(f"no such processor: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+
+    if args.check:
+        with tempfile.TemporaryDirectory(prefix="vh-wasm-") as tmp:
+            stale = []
+            for name in names:
+                built = build_one(name, Path(tmp))
+                committed = OUT / built.name
+                if not committed.exists() or not filecmp.cmp(built, committed, shallow=False):
+                    stale.append(str(committed.relative_to(ROOT)))
+        if stale:
+            print("out of date (run `python processor/build.py`):", file=sys.stderr)
+            for path in stale:
+                print(f"  {path}", file=sys.stderr)
+            return 1
+        print(f"{len(names)} processor(s) up to date")
+        return 0
+
+    OUT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vh-wasm-") as tmp:
+        for name in names:
+            built = build_one(name, Path(tmp))
+            dest = OUT / built.name
+            shutil.copyfile(built, dest)  # whole file at once: no half-written wasm/
+            print(f"{dest.relative_to(ROOT)}  {dest.stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

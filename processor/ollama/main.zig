@@ -1,0 +1,581 @@
+//! ollama: live captions from an Ollama vision model (e.g. llava), drawn on every frame,
+//! without ever blocking the video.
+//!
+//! Per frame, `process` makes at most these host calls: `time.now`; `fetch.poll` while a
+//! request is in flight; `fetch.post-frame` when it is time to start one; `overlay.caption`.
+//! (Plus, only on events: `fetch.cancel` for a timed-out/abandoned request,
+//! `processor-store.set` for a finished caption, and a log line when the state changes.)
+//!
+//! Protocol (Ollama API, POST {ollama-url}/api/generate, content-type application/json):
+//!
+//!     {"images":["<base64 JPEG>"],"model":M,"prompt":P,"stream":true,"options":{"num_predict":N}}
+//!
+//! The host fills in the image: this processor sends the body as a template whose first
+//! `%IMAGE%` is the placeholder. "images" comes first so that a prompt (or model name)
+//! containing the text %IMAGE% cannot be mistaken for it. With "stream":true the reply is
+//! NDJSON, one object per line, arriving in pieces cut anywhere:
+//!
+//!     {"model":"llava","created_at":"…","response":" A","done":false}
+//!     …
+//!     {"model":"llava","created_at":"…","response":"","done":true,"done_reason":"stop",…}
+//!
+//! The `response` pieces are appended to the caption as they arrive (shown at once); at
+//! `"done":true` the caption is complete: trimmed, kept on screen until the next one
+//! replaces it, stored in the datastore as captions/caption (wasmVision's `captions`
+//! processor reads it there) and logged. A line {"error":"…"} reports a failure.
+//! HTTP 404 means the model is not pulled; other non-200 replies carry {"error":"…"}.
+//!
+//! Config (read once, on the first frame; an invalid value is reported once with
+//! logging.error and replaced by the default):
+//!   ollama-url               http://localhost:11434  (http(s) base URL; a trailing / is dropped)
+//!   ollama-model             llava
+//!   ollama-prompt            Describe what is in this picture in highly complimentary terms using 6 words or less.
+//!   ollama-interval-ms       3000   minimum time between request starts (0–86400000);
+//!                                   a request starts only when none is in flight
+//!   ollama-max-tokens        40     options.num_predict (1–4096)
+//!   ollama-image-max-side    672    px, longer side of the JPEG sent (0 = full size, or 32–16384)
+//!   ollama-jpeg-quality      80     1–100
+//!   ollama-timeout-ms        60000  a request running longer is cancelled (1000–3600000)
+//!   ollama-caption-placement bottom top | bottom
+//!   ollama-font-scale        0.6    0.1–10 (1.0 ≈ 22 px tall)
+//!   ollama-max-lines         3      1–50 (the last lines are kept)
+//!
+//! On screen: while a reply streams, its partial caption; otherwise the last complete
+//! caption. Before the first caption nothing is drawn (no overlay call) unless there is a
+//! problem, whose message is then shown (e.g. "cannot reach Ollama at …").
+//!
+//! State messages are logged once each time the state changes: logging.warn for problems,
+//! logging.info when captions flow again. Connection failures back off exponentially
+//! (1, 2, 4, … 30 s, reset once the server answers); a destination that the sandbox does
+//! not allow, or an invalid URL, stops all further requests.
+//!
+//! Memory is static and bounded: one 64 KiB NDJSON line buffer (a longer line counts as a
+//! malformed reply), 2 KiB caption buffers (longer captions are cut at a character
+//! boundary), a 4 KiB buffer for error replies; every buffer the host returns is freed.
+const std = @import("std");
+const vh = @import("vh");
+const json = vh.json;
+
+pub const panic = vh.panic;
+
+// ==========================================================================================
+// Configuration
+// ==========================================================================================
+
+const Config = struct {
+    /// Base URL without trailing '/', e.g. "http://localhost:11434".
+    url: []const u8 = "http://localhost:11434",
+    model: []const u8 = "llava",
+    prompt: []const u8 = "Describe what is in this picture in highly complimentary terms using 6 words or less.",
+    interval_ms: u64 = 3000,
+    max_tokens: u64 = 40,
+    image_max_side: u64 = 672,
+    jpeg_quality: u64 = 80,
+    timeout_ms: u64 = 60000,
+    placement: vh.overlay.Placement = .bottom,
+    font_scale: f32 = 0.6,
+    max_lines: u64 = 3,
+};
+
+var cfg: Config = .{};
+var configured = false;
+/// "{url}/api/generate".
+var generate_url: []const u8 = "";
+/// The request body with the `%IMAGE%` placeholder (see the file comment).
+var template: []const u8 = "";
+
+const text_color: vh.Rgba = .{ .r = 255, .g = 255, .b = 255, .a = 255 };
+const band_color: vh.Rgba = .{ .r = 0, .g = 0, .b = 0, .a = 200 };
+
+fn trimmed(s: []const u8) []const u8 {
+    return std.mem.trim(u8, s, " \t\r\n");
+}
+
+fn reportInvalid(key: []const u8, value: []const u8, expected: []const u8, default: anytype) void {
+    const fmt_default = comptime if (@TypeOf(default) == []const u8) "{s}" else "{d}";
+    vh.log.errf("config {s}=\"{s}\" is invalid (expected {s}); using the default " ++ fmt_default, .{
+        key, vh.utf8Prefix(value, 200), expected, default,
+    });
+}
+
+/// An integer setting in [min, max] (or exactly `also`, when given).
+fn readInt(key: []const u8, default: u64, min: u64, max: u64, also: ?u64, expected: []const u8) u64 {
+    const value = vh.config.get(key) orelse return default;
+    defer vh.free(value);
+    if (std.fmt.parseInt(u64, trimmed(value), 10)) |v| {
+        if ((v >= min and v <= max) or (also != null and v == also.?)) return v;
+    } else |_| {}
+    reportInvalid(key, value, expected, default);
+    return default;
+}
+
+fn readScale(key: []const u8, comptime default: f32) f32 {
+    const value = vh.config.get(key) orelse return default;
+    defer vh.free(value);
+    if (parseDecimal(trimmed(value))) |v| {
+        if (v >= 0.1 and v <= 10) return v;
+    }
+    reportInvalid(key, value, "a number 0.1-10", @as([]const u8, std.fmt.comptimePrint("{d}", .{default})));
+    return default;
+}
+
+/// A plain decimal number ("0.6", "2", "1.25"): digits with an optional fraction, at most
+/// 9 digits in all. Null for anything else. (Small on purpose: std.fmt.parseFloat would
+/// add ~25 KB of tables to the module for this one setting.)
+fn parseDecimal(s: []const u8) ?f32 {
+    var mantissa: u32 = 0;
+    var digits: u32 = 0;
+    var scale: f32 = 1;
+    var seen_point = false;
+    for (s) |c| {
+        if (c == '.' and !seen_point) {
+            seen_point = true;
+            continue;
+        }
+        if (c < '0' or c > '9' or digits == 9) return null;
+        mantissa = mantissa * 10 + (c - '0');
+        digits += 1;
+        if (seen_point) scale *= 10;
+    }
+    if (digits == 0) return null;
+    return @as(f32, @floatFromInt(mantissa)) / scale;
+}
+
+fn readPlacement(key: []const u8, default: vh.overlay.Placement) vh.overlay.Placement {
+    const value = vh.config.get(key) orelse return default;
+    defer vh.free(value);
+    const v = trimmed(value);
+    if (std.ascii.eqlIgnoreCase(v, "bottom")) return .bottom;
+    if (std.ascii.eqlIgnoreCase(v, "top")) return .top;
+    reportInvalid(key, value, "top or bottom", @as([]const u8, @tagName(default)));
+    return default;
+}
+
+/// A non-empty text setting without surrounding blanks, kept for the life of the
+/// instance (never freed).
+fn readText(key: []const u8, default: []const u8) []const u8 {
+    const value = vh.config.get(key) orelse return default;
+    const text = trimmed(value);
+    if (text.len == 0) {
+        reportInvalid(key, value, "a non-empty text", default);
+        vh.free(value);
+        return default;
+    }
+    return text;
+}
+
+fn validUrl(url: []const u8) bool {
+    const rest = if (std.ascii.startsWithIgnoreCase(url, "http://"))
+        url["http://".len..]
+    else if (std.ascii.startsWithIgnoreCase(url, "https://"))
+        url["https://".len..]
+    else
+        return false;
+    if (rest.len == 0 or rest[0] == '/') return false;
+    for (url) |c| if (c <= ' ' or c == '"' or c == '\\' or c == 0x7f) return false;
+    return true;
+}
+
+fn readUrl(key: []const u8, default: []const u8) []const u8 {
+    const value = vh.config.get(key) orelse return default;
+    const url = std.mem.trimEnd(u8, trimmed(value), "/");
+    if (!validUrl(url)) {
+        reportInvalid(key, value, "an http:// or https:// URL", default);
+        vh.free(value);
+        return default;
+    }
+    return url; // a view into `value`, kept for the life of the instance
+}
+
+fn configure() void {
+    configured = true;
+    const d: Config = .{};
+    cfg = .{
+        .url = readUrl("ollama-url", d.url),
+        .model = readText("ollama-model", d.model),
+        .prompt = readText("ollama-prompt", d.prompt),
+        .interval_ms = readInt("ollama-interval-ms", d.interval_ms, 0, 86_400_000, null, "an integer 0-86400000 ms"),
+        .max_tokens = readInt("ollama-max-tokens", d.max_tokens, 1, 4096, null, "an integer 1-4096"),
+        .image_max_side = readInt("ollama-image-max-side", d.image_max_side, 32, 16384, 0, "0 (full size) or an integer 32-16384 px"),
+        .jpeg_quality = readInt("ollama-jpeg-quality", d.jpeg_quality, 1, 100, null, "an integer 1-100"),
+        .timeout_ms = readInt("ollama-timeout-ms", d.timeout_ms, 1000, 3_600_000, null, "an integer 1000-3600000 ms"),
+        .placement = readPlacement("ollama-caption-placement", d.placement),
+        .font_scale = readScale("ollama-font-scale", d.font_scale),
+        .max_lines = readInt("ollama-max-lines", d.max_lines, 1, 50, null, "an integer 1-50"),
+    };
+    generate_url = buildGenerateUrl() catch @panic("out of memory building the request URL");
+    template = buildTemplate() catch @panic("out of memory building the request body");
+    vh.log.infof("ollama: captions from model {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.url, cfg.interval_ms });
+}
+
+fn buildGenerateUrl() error{OutOfMemory}![]const u8 {
+    return std.mem.concat(vh.allocator, u8, &.{ cfg.url, "/api/generate" });
+}
+
+fn buildTemplate() error{ OutOfMemory, WriteFailed }![]const u8 {
+    var out: std.Io.Writer.Allocating = .init(vh.allocator);
+    const w = &out.writer;
+    try w.writeAll("{\"images\":[\"%IMAGE%\"],\"model\":");
+    try json.writeString(w, cfg.model);
+    try w.writeAll(",\"prompt\":");
+    try json.writeString(w, cfg.prompt);
+    try w.print(",\"stream\":true,\"options\":{{\"num_predict\":{d}}}}}", .{cfg.max_tokens});
+    return out.toOwnedSlice();
+}
+
+// ==========================================================================================
+// Bounded text buffers
+// ==========================================================================================
+
+fn TextBuf(comptime capacity: usize) type {
+    return struct {
+        const Self = @This();
+        buf: [capacity]u8 = undefined,
+        len: usize = 0,
+
+        fn slice(self: *const Self) []const u8 {
+            return self.buf[0..self.len];
+        }
+        fn clear(self: *Self) void {
+            self.len = 0;
+        }
+        /// Replaces the content; text longer than the capacity is cut at a char boundary.
+        fn set(self: *Self, text: []const u8) void {
+            const t = vh.utf8Prefix(text, capacity);
+            @memcpy(self.buf[0..t.len], t);
+            self.len = t.len;
+        }
+        /// Appends a decoded JSON string; what does not fit is dropped.
+        fn appendJson(self: *Self, s: json.String) void {
+            _ = s.decodeAppend(&self.buf, &self.len);
+        }
+        /// Appends raw bytes; what does not fit is dropped.
+        fn appendRaw(self: *Self, bytes: []const u8) void {
+            const k = @min(bytes.len, capacity - self.len);
+            @memcpy(self.buf[self.len..][0..k], bytes[0..k]);
+            self.len += k;
+        }
+    };
+}
+
+// ==========================================================================================
+// State
+// ==========================================================================================
+
+/// Request id held at the host (poll it; cancel it to abandon it), or null.
+var request_id: ?u32 = null;
+/// Still interpreting the current reply (false once complete, failed or abandoned).
+var reply_open = false;
+/// When the current request started (µs since epoch), for the timeout.
+var request_started_us: u64 = 0;
+/// HTTP status of the current reply, 0 until known.
+var reply_status: u16 = 0;
+/// When the last request was started or attempted (µs), null before the first.
+var last_start_us: ?u64 = null;
+/// No request starts before this time (µs); connection-failure backoff.
+var retry_at_us: u64 = 0;
+/// Current backoff step in s (0 = none): 1, 2, 4, … 30.
+var backoff_s: u64 = 0;
+/// Set for errors that retrying cannot fix (destination not allowed, invalid URL).
+var stopped = false;
+
+var line_storage: [64 * 1024]u8 = undefined;
+/// NDJSON lines of a 200 reply, reassembled across polls.
+var lines: json.LineSplitter = .{ .buf = &line_storage };
+/// The caption of the reply streaming now.
+var partial: TextBuf(2048) = .{};
+/// The last complete caption.
+var caption: TextBuf(2048) = .{};
+/// Body of a non-200 reply, for its {"error":"…"} text.
+var error_body: TextBuf(4096) = .{};
+
+const Health = enum { unknown, ok, problem };
+var health: Health = .unknown;
+/// The current problem message (shown on screen while there is no caption).
+var problem: TextBuf(512) = .{};
+
+var store: ?vh.datastore.Store = null;
+var store_failed_logged = false;
+var overlay_failed_logged = false;
+
+// ==========================================================================================
+// State messages
+// ==========================================================================================
+
+/// Enters the problem state with a formatted message; logs it (warn) if it changed.
+fn setProblem(comptime fmt: []const u8, args: anytype) void {
+    var buf: [512]u8 = undefined;
+    const msg = vh.bufPrintTrunc(&buf, fmt, args);
+    if (health == .problem and std.mem.eql(u8, msg, problem.slice())) return;
+    health = .problem;
+    problem.set(msg);
+    vh.log.warn(problem.slice());
+}
+
+/// Enters the ok state (a reply was received); logs (info) when that is news.
+fn setOk() void {
+    if (health == .ok) return;
+    const recovered = health == .problem;
+    health = .ok;
+    problem.clear();
+    if (recovered) {
+        vh.log.infof("Ollama at {s} is answering again (model {s})", .{ cfg.url, cfg.model });
+    } else {
+        vh.log.infof("Ollama at {s} is answering (model {s})", .{ cfg.url, cfg.model });
+    }
+}
+
+// ==========================================================================================
+// Requests
+// ==========================================================================================
+
+fn timeToStart(now: u64) bool {
+    if (stopped or request_id != null) return false;
+    if (now < retry_at_us) return false;
+    const last = last_start_us orelse return true;
+    return now -| last >= cfg.interval_ms * std.time.us_per_ms;
+}
+
+fn startRequest(frame: u32, now: u64) void {
+    last_start_us = now;
+    const id = vh.fetch.postFrame(
+        generate_url,
+        "application/json",
+        template,
+        vh.Mat.borrow(frame),
+        @intCast(cfg.image_max_side),
+        @intCast(cfg.jpeg_quality),
+    ) catch |err| {
+        transportFailed(err, now);
+        return;
+    };
+    request_id = id;
+    reply_open = true;
+    request_started_us = now;
+    reply_status = 0;
+    lines.reset();
+    partial.clear();
+    error_body.clear();
+}
+
+/// Handles a fetch error from post-frame or poll (the id is already released).
+fn transportFailed(err: vh.fetch.Error, now: u64) void {
+    reply_open = false;
+    partial.clear();
+    const url = cfg.url;
+    switch (err) {
+        error.ConnectionFailed => {
+            backoff_s = if (backoff_s == 0) 1 else @min(backoff_s * 2, 30);
+            retry_at_us = now + backoff_s * std.time.us_per_s;
+            // The next start also waits for the interval; report the real wait.
+            const next_interval = (last_start_us orelse now) + cfg.interval_ms * std.time.us_per_ms;
+            const wait_us = @max(retry_at_us, next_interval) -| now;
+            const wait_s = (wait_us + std.time.us_per_s - 1) / std.time.us_per_s;
+            setProblem("cannot reach Ollama at {s}, retrying in {d} s", .{ url, wait_s });
+        },
+        error.Timeout => setProblem("Ollama at {s} timed out", .{url}),
+        error.DestinationNotAllowed => {
+            stopped = true;
+            setProblem("{s} is not an allowed destination", .{url});
+        },
+        error.InvalidUrl => {
+            stopped = true;
+            setProblem("{s}/api/generate is not a valid http(s) URL", .{url});
+        },
+        error.ResponseTooLarge => setProblem("the reply from Ollama at {s} exceeded the response size limit and was cut off", .{url}),
+        error.RequestError => setProblem("the connection to Ollama at {s} broke during the reply", .{url}),
+        error.TooManyRequests => setProblem("too many requests in flight to Ollama at {s}; waiting for them to finish", .{url}),
+        error.UnknownRequest => setProblem("the request to Ollama at {s} was lost by the host (unknown request id)", .{url}),
+        error.RuntimeError => setProblem("the host could not send the frame to Ollama at {s} (runtime error)", .{url}),
+    }
+}
+
+/// Polls the request in flight and acts on what arrived.
+fn pollRequest(id: u32, now: u64) void {
+    const progress = vh.fetch.poll(id) catch |err| {
+        request_id = null; // an error releases the id
+        transportFailed(err, now);
+        return;
+    };
+    defer progress.deinit();
+    if (progress.done) request_id = null; // released by the host
+
+    if (progress.status != 0 and reply_status == 0) {
+        reply_status = progress.status;
+        backoff_s = 0; // the server answered
+        retry_at_us = 0;
+    }
+    if (reply_open) {
+        if (reply_status == 200) {
+            var it = lines.feed(progress.body);
+            while (reply_open) {
+                const item = it.next() orelse break;
+                handleItem(item);
+            }
+        } else {
+            error_body.appendRaw(progress.body);
+        }
+        if (reply_open and progress.done) finishReply();
+    }
+    // A reply that ended early (complete, malformed, error line): drop the connection.
+    if (!reply_open and request_id != null) {
+        vh.fetch.cancel(request_id.?);
+        request_id = null;
+    }
+    if (request_id) |still| {
+        if (now -| request_started_us > cfg.timeout_ms * std.time.us_per_ms) {
+            vh.fetch.cancel(still);
+            request_id = null;
+            reply_open = false;
+            partial.clear();
+            setProblem("Ollama at {s} timed out", .{cfg.url});
+        }
+    }
+}
+
+/// The host reported the reply complete while it was still open.
+fn finishReply() void {
+    switch (reply_status) {
+        200 => {
+            if (lines.finish()) |item| handleItem(item); // a last line without '\n'
+            if (reply_open) malformed(); // the stream ended without "done":true
+        },
+        404 => fail("model {s} not found: run `ollama pull {s}`", .{ cfg.model, cfg.model }),
+        else => {
+            var text: TextBuf(300) = .{};
+            errorText(error_body.slice(), &text);
+            if (text.len > 0) {
+                fail("server error {d}: {s}", .{ reply_status, text.slice() });
+            } else {
+                fail("server error {d}", .{reply_status});
+            }
+        },
+    }
+}
+
+/// The "error" field of a JSON object `body`, decoded into `out` (nothing if not JSON).
+fn errorText(body: []const u8, out: *TextBuf(300)) void {
+    var r = json.ObjectReader.init(body) catch return;
+    while (r.next() catch return) |f| {
+        if (f.key.eql("error") and f.value == .string) {
+            out.clear();
+            out.appendJson(f.value.string);
+        }
+    }
+}
+
+fn fail(comptime fmt: []const u8, args: anytype) void {
+    reply_open = false;
+    partial.clear();
+    setProblem(fmt, args);
+}
+
+fn malformed() void {
+    fail("malformed reply from {s}", .{cfg.url});
+}
+
+/// One NDJSON line of a 200 reply.
+fn handleItem(item: json.LineSplitter.Item) void {
+    const line = switch (item) {
+        .line => |l| l,
+        .too_long => return malformed(),
+    };
+    var response: ?json.String = null;
+    var done: ?bool = null;
+    var err_text: ?json.String = null;
+    var r = json.ObjectReader.init(line) catch return malformed();
+    while (r.next() catch return malformed()) |f| {
+        if (f.key.eql("response")) {
+            if (f.value != .string) return malformed();
+            response = f.value.string;
+        } else if (f.key.eql("done")) {
+            if (f.value != .boolean) return malformed();
+            done = f.value.boolean;
+        } else if (f.key.eql("error")) {
+            err_text = if (f.value == .string) f.value.string else .{ .raw = "" };
+        }
+    }
+    if (err_text) |e| {
+        var text: TextBuf(300) = .{};
+        text.appendJson(e);
+        return fail("Ollama error: {s}", .{text.slice()});
+    }
+    if (response == null and done == null) return malformed();
+    if (response) |piece| partial.appendJson(piece);
+    if (done == true) completeCaption();
+}
+
+/// `"done":true`: the partial caption becomes the caption.
+fn completeCaption() void {
+    reply_open = false;
+    setOk();
+    const text = trimmed(partial.slice());
+    if (text.len == 0) {
+        vh.log.debug("Ollama returned an empty caption; keeping the previous one");
+        partial.clear();
+        return;
+    }
+    caption.set(text);
+    partial.clear();
+    vh.log.infof("caption: {s}", .{caption.slice()});
+    if (store == null) store = vh.datastore.Store.init();
+    store.?.set("captions", "caption", caption.slice()) catch |err| {
+        if (!store_failed_logged) {
+            store_failed_logged = true;
+            // (a switch, not @errorName, which would link the names of every error in std)
+            const why: []const u8 = switch (err) {
+                error.NoSuchFrame => "no such frame",
+                error.NoSuchKey => "no such key",
+                error.RuntimeError => "runtime error",
+            };
+            vh.log.warnf("could not store the caption in the datastore: {s}", .{why});
+        }
+    };
+}
+
+// ==========================================================================================
+// Overlay
+// ==========================================================================================
+
+/// What to draw: the streaming caption, else the last caption, else a problem message,
+/// else nothing (before the first caption, with no problem, the frame is left untouched).
+fn overlayText() ?[]const u8 {
+    if (reply_open) {
+        const streaming = trimmed(partial.slice());
+        if (streaming.len > 0) return streaming;
+    }
+    if (caption.len > 0) return caption.slice();
+    if (health == .problem) return problem.slice();
+    return null;
+}
+
+fn drawOverlay(frame: u32) void {
+    const text = overlayText() orelse return;
+    vh.overlay.caption(
+        vh.Mat.borrow(frame),
+        text,
+        cfg.placement,
+        cfg.font_scale,
+        text_color,
+        band_color,
+        @intCast(cfg.max_lines),
+    ) catch {
+        if (!overlay_failed_logged) {
+            overlay_failed_logged = true;
+            vh.log.warnf("overlay.caption failed: {s}", .{vh.cv.lastError()});
+        }
+    };
+}
+
+// ==========================================================================================
+// Entry point
+// ==========================================================================================
+
+export fn process(frame: u32) u32 {
+    if (!configured) configure();
+    const now = vh.time.nowUs();
+    if (request_id) |id| pollRequest(id, now);
+    if (timeToStart(now)) startRequest(frame, now);
+    drawOverlay(frame);
+    return frame;
+}

@@ -1,0 +1,898 @@
+"""A stand-in for an Ollama server, for tests: the real wire protocol, no model.
+
+It speaks Ollama's HTTP API (https://github.com/ollama/ollama/blob/main/docs/api.md,
+checked against server/routes.go and api/types.go at ollama commit fb30760, 2026-08):
+
+* ``GET /`` → ``200 text/plain`` ``Ollama is running``; ``GET /api/version`` → ``{"version": ...}``;
+  ``GET /api/tags`` → ``{"models": [{"name", "model", "modified_at", "size", "digest", "details"}]}``;
+  ``POST /api/show`` → details and ``capabilities`` (``["completion", "vision"]``).
+* ``POST /api/generate`` with ``model``, ``prompt``, ``images`` (base64 strings), ``stream``
+  (default true), ``options.num_predict``, ``keep_alive``. Streaming replies are NDJSON
+  (``Content-Type: application/x-ndjson``, chunked transfer encoding): lines
+  ``{"model","created_at","response","done":false}``, then a final line with
+  ``"done":true``, ``"done_reason"`` (``"stop"``, or ``"length"`` when ``num_predict``
+  cut it short), ``"context"`` and the metrics ``total_duration``, ``load_duration``,
+  ``prompt_eval_count``, ``prompt_eval_duration``, ``eval_count``, ``eval_duration``
+  (durations in ns). ``"stream": false`` → one ``application/json; charset=utf-8`` object
+  with the whole ``response``. An empty prompt answers ``done_reason: "load"``
+  (``"unload"`` with ``keep_alive: 0``), as Ollama does.
+* ``POST /api/chat`` with ``messages[]`` (``role``, ``content``, ``images``): the same,
+  with ``{"message": {"role": "assistant", "content": piece}}`` instead of ``response``.
+
+Errors as Ollama sends them, ``{"error": "..."}`` with ``application/json; charset=utf-8``:
+
+* 400 ``missing request body``; 400 for a body that is not valid JSON or has fields of the
+  wrong type (Go's ``encoding/json`` wording, approximately); 400
+  ``illegal base64 data at input byte N`` for an image that is not base64 (Go's wording);
+  400 ``Failed to load image or audio file`` for base64 that is not a decodable image
+  (what Ollama passes through from its llama.cpp runner).
+* /api/generate: 404 ``model 'x' not found`` (also for a missing model: ``model '' not found``).
+  /api/chat: 400 ``model is required`` when missing, 404 ``model 'x' not found`` when unknown.
+  (The old wording ``model "x" not found, try pulling it first`` is gone from current Ollama.)
+* Unknown path: 404 ``404 page not found`` (text/plain, gin's); wrong method: 405.
+* Errors after streaming began arrive as a last NDJSON line ``{"error": "..."}`` with
+  status 200 (failure mode ``"midstream_error"``).
+
+Model names match like Ollama's: case-insensitively, and a name without a tag means ``:latest``.
+
+Deliberate stress for clients (``split_chunks=True``, the default): every NDJSON line is its
+own HTTP chunk, except that every fourth line (4th, 8th, ...) shares a chunk with the line
+after it, and every third line from the 2nd (2nd, 5th, 11th, ...; not one already merged) is
+cut across two chunks, so clients must reassemble lines rather than trust chunk
+boundaries (TCP and proxies give no such guarantee with a real server either).
+
+Failure modes (``failure=``), applied to /api/generate and /api/chat after request
+validation and after ``latency_s``:
+
+* ``None`` — behave.
+* ``"http500"`` — 500 ``{"error": failure_message}``.
+* ``"malformed"`` — 200; streaming: the first piece, then a line that is not JSON, then the
+  rest; ``stream: false``: a body that is not JSON.
+* ``"hang"`` — read the request and never answer (until :meth:`OllamaStandin.stop`).
+* ``"reset"`` — streaming: headers and the first piece, then a TCP reset (SO_LINGER 0);
+  ``stream: false``: headers and half of the body, then a reset.
+* ``"drip"`` — the correct reply, one byte per HTTP chunk (streaming) or per send
+  (``stream: false``), ``drip_delay_s`` apart.
+* ``"midstream_error"`` — streaming: two pieces, then ``{"error": failure_message}`` as the
+  last line (status 200, as Ollama does); ``stream: false``: 500 ``{"error": ...}``.
+
+Usage::
+
+    from ollama_standin import OllamaStandin, ollama_standin   # the second is a pytest fixture
+
+    def test_x(ollama_standin):            # started, stopped after the test
+        ollama_standin.latency_s = 0.2     # settable while running
+        client = ollama.Client(host=ollama_standin.url)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import hashlib
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+__all__ = ["FAILURE_MODES", "OllamaStandin", "RecordedRequest", "default_caption", "ollama_standin"]
+
+#: Accepted values of ``OllamaStandin.failure``.
+FAILURE_MODES = (None, "http500", "malformed", "hang", "reset", "drip", "midstream_error")
+
+ReplyFn = Callable[[str, "bytes | None"], str]
+
+_JSON_CT = "application/json; charset=utf-8"
+_NDJSON_CT = "application/x-ndjson"
+_TEXT_CT = "text/plain; charset=utf-8"
+_B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+_IMAGE_TOKENS = 576  # prompt_eval_count charged per image, like a LLaVA-style projector
+
+
+def default_caption(prompt: str, jpeg: bytes | None) -> str:
+    """A caption that depends on the image content, so tests can tell frames apart.
+
+    Returns e.g. ``"a 640x360 scene with mean brightness 87"`` (brightness = mean of the
+    grey image, 0..255, rounded), or ``"there is no image to describe"`` without an image.
+    """
+    if jpeg is None:
+        return "there is no image to describe"
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        return "an image that cannot be decoded"
+    h, w = img.shape[:2]
+    return f"a {w}x{h} scene with mean brightness {int(round(float(img.mean())))}"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the stand-in received it.
+
+    Attributes:
+        method: ``"GET"``, ``"POST"``, ...
+        path: the request path, e.g. ``"/api/generate"``.
+        body: the parsed JSON body, or None (no body, or not JSON).
+        image_shapes: ``(H, W, 3)`` of each image in the request (generate: ``images``;
+            chat: every message's ``images``), ``None`` for one that did not decode.
+        images: the raw decoded bytes of each image (JPEG/PNG as sent), same order.
+        arrived: ``time.monotonic()`` when the request line was read, in s.
+        client: the client's ``(host, port)``; the same port across requests means the
+            connection was kept alive.
+        headers: the request headers.
+    """
+
+    method: str
+    path: str
+    body: Any
+    image_shapes: tuple[tuple[int, int, int] | None, ...]
+    images: tuple[bytes, ...]
+    arrived: float
+    client: tuple[str, int]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int | None:
+        """Width in px of the first image, or None."""
+        s = self.image_shapes[0] if self.image_shapes else None
+        return s[1] if s else None
+
+    @property
+    def height(self) -> int | None:
+        """Height in px of the first image, or None."""
+        s = self.image_shapes[0] if self.image_shapes else None
+        return s[0] if s else None
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Stopped(Exception):
+    """The stand-in is stopping: drop the connection."""
+
+
+def _go_time() -> str:
+    """Now in UTC as Go's time.Time marshals to JSON (RFC 3339, fraction without trailing zeros)."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    frac = f"{now.microsecond:06d}".rstrip("0")
+    return now.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _normalize_model(name: str) -> str:
+    name = name.strip().lower()
+    if not name:
+        return name
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else name + ":latest"
+
+
+def _go_base64_decode(s: str) -> bytes:
+    """Decode like Go's base64.StdEncoding (as encoding/json does for []byte).
+
+    Raises:
+        _BadRequest: 400 ``illegal base64 data at input byte N``.
+    """
+    raw = s.encode("latin-1", errors="replace")
+    # Go skips \\r and \\n; positions are reported in the original string.
+    positions = [i for i, c in enumerate(raw) if c not in (0x0D, 0x0A)]
+    data = bytes(raw[i] for i in positions)
+    for k, c in enumerate(data):
+        if c not in _B64_ALPHABET:
+            if c == ord("="):
+                pad = len(data) - k
+                if pad <= 2 and k % 4 + pad == 4 and k % 4 >= 2 and all(x == ord("=") for x in data[k:]):
+                    break
+            raise _BadRequest(400, f"illegal base64 data at input byte {positions[k] if k < len(positions) else len(raw)}")
+    if len(data) % 4:
+        bad = len(data) - len(data) % 4
+        raise _BadRequest(400, f"illegal base64 data at input byte {positions[bad] if bad < len(positions) else len(raw)}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise _BadRequest(400, "illegal base64 data at input byte 0") from None
+
+
+def _json_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return "null"
+
+
+def _expect(body: dict, key: str, pytype: type, struct_name: str, gotype: str) -> None:
+    v = body.get(key)
+    if v is not None and not isinstance(v, pytype):
+        raise _BadRequest(
+            400, f"json: cannot unmarshal {_json_type(v)} into Go struct field {struct_name}.{key} of type {gotype}"
+        )
+
+
+def _pieces(text: str) -> list[str]:
+    """Split a reply into token-like pieces: words with their leading white space."""
+    parts = re.findall(r"\s*\S+", text)
+    tail = text[len("".join(parts)):]
+    if tail:
+        parts.append(tail)
+    return parts or [""]
+
+
+def _is_zero_keep_alive(v: Any) -> bool:
+    if v is None:
+        return False
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v == 0
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*0+(\.0*)?\s*(ns|us|µs|ms|s|m|h)?\s*", v)
+        return m is not None
+    return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, standin: "OllamaStandin") -> None:
+        self.standin = standin
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def server_bind(self) -> None:
+        # skip HTTPServer.server_bind's socket.getfqdn(): a reverse DNS lookup
+        import socketserver
+
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+        t = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), name="ollama-standin-conn", daemon=True
+        )
+        self.standin._track_thread(t)
+        t.start()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    # ------------------------------------------------------------ plumbing
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.standin._track_conn(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self.server.standin._untrack_conn(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # like Go's net/http: a Date header, no Server header
+        self.log_request(code)
+        self.send_response_only(code, message)
+        self.send_header("Date", self.date_time_string())
+
+    def _send_full(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, obj: Any) -> None:
+        self._send_full(status, _JSON_CT, _dumps(obj))
+
+    def _send_error_json(self, status: int, message: str) -> None:
+        self._send_json(status, {"error": message})
+
+    def _chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _end_chunks(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST."""
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            out = b""
+            while True:
+                line = self.rfile.readline(65537)
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline(65537)
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n > 0 else b""
+
+    # ------------------------------------------------------------ routing
+
+    _ROUTES = {
+        "/": ("GET", "HEAD"),
+        "/api/version": ("GET", "HEAD"),
+        "/api/tags": ("GET", "HEAD"),
+        "/api/ps": ("GET",),
+        "/api/show": ("POST",),
+        "/api/generate": ("POST",),
+        "/api/chat": ("POST",),
+    }
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        standin = self.server.standin
+        arrived = time.monotonic()
+        path = self.path.split("?", 1)[0]
+        raw = self._read_body() if self.command in ("POST", "PUT", "DELETE") else b""
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+        shapes, images = self._decode_images_for_record(path, body)
+        standin._record(
+            RecordedRequest(
+                method=self.command,
+                path=path,
+                body=body,
+                image_shapes=shapes,
+                images=images,
+                arrived=arrived,
+                client=self.client_address[:2],
+                headers=dict(self.headers.items()),
+            )
+        )
+        methods = self._ROUTES.get(path)
+        if methods is None:
+            self._send_full(404, _TEXT_CT, b"404 page not found")
+            return
+        if self.command not in methods:
+            self._send_full(405, _TEXT_CT, b"405 method not allowed")
+            return
+        try:
+            if path == "/":
+                self._send_full(200, _TEXT_CT, b"Ollama is running")
+            elif path == "/api/version":
+                self._send_json(200, {"version": standin.version})
+            elif path == "/api/tags":
+                self._send_json(200, {"models": [standin._model_entry(m) for m in standin.models]})
+            elif path == "/api/ps":
+                self._send_json(200, {"models": []})
+            elif path == "/api/show":
+                self._show(raw)
+            else:
+                self._infer(path, raw)
+        except _BadRequest as e:
+            self._send_error_json(e.status, e.message)
+        except _Stopped:
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    @staticmethod
+    def _decode_images_for_record(path: str, body: Any) -> tuple[tuple, tuple]:
+        if not isinstance(body, dict):
+            return (), ()
+        b64s: list[Any] = []
+        if path == "/api/generate" and isinstance(body.get("images"), list):
+            b64s = body["images"]
+        elif path == "/api/chat" and isinstance(body.get("messages"), list):
+            for m in body["messages"]:
+                if isinstance(m, dict) and isinstance(m.get("images"), list):
+                    b64s.extend(m["images"])
+        shapes, images = [], []
+        for s in b64s:
+            try:
+                data = _go_base64_decode(s) if isinstance(s, str) else b""
+            except _BadRequest:
+                data = b""
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+            shapes.append(tuple(img.shape) if img is not None else None)
+            images.append(data)
+        return tuple(shapes), tuple(images)
+
+    # ------------------------------------------------------------ endpoints
+
+    def _parse(self, raw: bytes, struct_name: str) -> dict:
+        if not raw.strip():
+            raise _BadRequest(400, "missing request body")
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as e:
+            if e.pos >= len(raw.strip()):
+                raise _BadRequest(400, "unexpected EOF") from None
+            ch = raw.decode("utf-8", "replace")[e.pos]
+            raise _BadRequest(400, f"invalid character '{ch}' looking for beginning of value") from None
+        if not isinstance(body, dict):
+            raise _BadRequest(400, f"json: cannot unmarshal {_json_type(body)} into Go value of type api.{struct_name}")
+        _expect(body, "model", str, struct_name, "string")
+        _expect(body, "stream", bool, struct_name, "bool")
+        _expect(body, "options", dict, struct_name, "map[string]interface {}")
+        return body
+
+    def _show(self, raw: bytes) -> None:
+        standin = self.server.standin
+        body = self._parse(raw, "ShowRequest")
+        name = body.get("model") or body.get("name") or ""
+        if not isinstance(name, str) or not name.strip():
+            raise _BadRequest(400, "model is required")
+        found = standin._find_model(name)
+        if found is None:
+            raise _BadRequest(404, f"model '{name}' not found")
+        entry = standin._model_entry(found)
+        self._send_json(
+            200,
+            {
+                "license": "",
+                "modelfile": f"FROM {found}\n",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": entry["details"],
+                "model_info": {"general.architecture": "llama"},
+                "capabilities": ["completion", "vision"],
+                "modified_at": entry["modified_at"],
+            },
+        )
+
+    def _decode_images(self, b64s: Any, struct_name: str) -> list[bytes]:
+        if b64s is None:
+            return []
+        if not isinstance(b64s, list):
+            raise _BadRequest(
+                400, f"json: cannot unmarshal {_json_type(b64s)} into Go struct field {struct_name}.images of type []api.ImageData"
+            )
+        out = []
+        for s in b64s:
+            if not isinstance(s, str):
+                raise _BadRequest(
+                    400, f"json: cannot unmarshal {_json_type(s)} into Go struct field {struct_name}.images of type api.ImageData"
+                )
+            out.append(_go_base64_decode(s))
+        return out
+
+    def _infer(self, path: str, raw: bytes) -> None:
+        standin = self.server.standin
+        chat = path == "/api/chat"
+        struct_name = "ChatRequest" if chat else "GenerateRequest"
+        body = self._parse(raw, struct_name)
+        # Go decodes every field (base64 included) before looking at the model
+        if chat:
+            messages = body.get("messages")
+            if messages is not None and not isinstance(messages, list):
+                raise _BadRequest(
+                    400, f"json: cannot unmarshal {_json_type(messages)} into Go struct field ChatRequest.messages of type []api.Message"
+                )
+            messages = messages or []
+            images: list[bytes] = []
+            prompt = ""
+            for m in messages:
+                if not isinstance(m, dict):
+                    raise _BadRequest(
+                        400, f"json: cannot unmarshal {_json_type(m)} into Go struct field ChatRequest.messages of type api.Message"
+                    )
+                _expect(m, "content", str, "ChatRequest.messages", "string")
+                _expect(m, "role", str, "ChatRequest.messages", "string")
+                images.extend(self._decode_images(m.get("images"), "ChatRequest.messages"))
+                if m.get("role", "user") == "user":
+                    prompt = m.get("content") or ""
+        else:
+            _expect(body, "prompt", str, struct_name, "string")
+            prompt = body.get("prompt") or ""
+            images = self._decode_images(body.get("images"), struct_name)
+
+        model = body.get("model") or ""
+        if chat and not model.strip():
+            raise _BadRequest(400, "model is required")
+        if standin._find_model(model) is None:
+            raise _BadRequest(404, f"model '{model}' not found")
+
+        stream = body.get("stream", True) is not False
+        keep_alive = body.get("keep_alive")
+        empty = (not messages) if chat else (prompt == "")
+        if empty:  # load / unload requests
+            reason = "unload" if _is_zero_keep_alive(keep_alive) else "load"
+            resp: dict[str, Any] = {"model": model, "created_at": _go_time()}
+            if chat:
+                resp["message"] = {"role": "assistant", "content": ""}
+            else:
+                resp["response"] = ""
+            resp.update(done=True, done_reason=reason)
+            self._send_json(200, resp)
+            return
+
+        for data in images:
+            if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
+                raise _BadRequest(400, "Failed to load image or audio file")
+
+        t_start = time.monotonic_ns()
+        failure = standin.failure
+        standin._sleep(standin.latency_s)
+        t_loaded = time.monotonic_ns()
+
+        if failure == "http500":
+            raise _BadRequest(500, standin.failure_message)
+        if failure == "hang":
+            self.close_connection = True
+            standin._stopped.wait()
+            raise _Stopped
+
+        reply = standin.reply
+        jpeg = images[0] if images else None
+        text = reply(prompt, jpeg) if callable(reply) else str(reply)
+        pieces = _pieces(text)
+        done_reason = "stop"
+        num_predict = (body.get("options") or {}).get("num_predict")
+        if isinstance(num_predict, int) and not isinstance(num_predict, bool) and 0 < num_predict < len(pieces):
+            pieces, done_reason = pieces[:num_predict], "length"
+        prompt_tokens = len(prompt.split()) + 1 + _IMAGE_TOKENS * len(images)
+
+        def line(piece: str) -> dict[str, Any]:
+            d: dict[str, Any] = {"model": model, "created_at": _go_time()}
+            if chat:
+                d["message"] = {"role": "assistant", "content": piece}
+            else:
+                d["response"] = piece
+            d["done"] = False
+            return d
+
+        def final(piece: str, t_eval_start: int) -> dict[str, Any]:
+            now = time.monotonic_ns()
+            d = line(piece)
+            d.update(done=True, done_reason=done_reason)
+            if not chat:
+                d["context"] = list(range(1, prompt_tokens + len(pieces) + 1))[-64:]
+            prompt_eval_ns = max(1, t_eval_start - t_loaded)
+            d.update(
+                total_duration=max(1, now - t_start),
+                load_duration=max(1, t_loaded - t_start),
+                prompt_eval_count=prompt_tokens,
+                prompt_eval_duration=prompt_eval_ns,
+                eval_count=len(pieces),
+                eval_duration=max(1, now - t_eval_start),
+            )
+            return d
+
+        if not stream:
+            t_eval = time.monotonic_ns()
+            standin._sleep(standin.token_delay_s * len(pieces))
+            if failure == "midstream_error":
+                raise _BadRequest(500, standin.failure_message)
+            if failure == "malformed":
+                self._send_full(200, _JSON_CT, b"<html>this is not json</html>\n")
+                return
+            whole = final("".join(pieces), t_eval)
+            payload = _dumps(whole)
+            if failure == "reset":
+                self.send_response(200)
+                self.send_header("Content-Type", _JSON_CT)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload[: len(payload) // 2])
+                self._reset()
+                return
+            if failure == "drip":
+                self.send_response(200)
+                self.send_header("Content-Type", _JSON_CT)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                for i in range(len(payload)):
+                    self.wfile.write(payload[i : i + 1])
+                    standin._sleep(standin.drip_delay_s)
+                return
+            self._send_full(200, _JSON_CT, payload)
+            return
+
+        # streaming: NDJSON over chunked transfer encoding
+        self.send_response(200)
+        self.send_header("Content-Type", _NDJSON_CT)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        t_eval = time.monotonic_ns()
+
+        def gen_lines() -> Iterator[bytes]:
+            for i, p in enumerate(pieces):
+                if i > 0:
+                    standin._sleep(standin.token_delay_s)
+                yield _dumps(line(p)) + b"\n"
+                if failure == "malformed" and i == 0:
+                    yield b"<html>this is not json</html>\n"
+                if failure == "midstream_error" and i == min(1, len(pieces) - 1):
+                    yield _dumps({"error": standin.failure_message}) + b"\n"
+                    return
+            standin._sleep(standin.token_delay_s)
+            yield _dumps(final("", t_eval)) + b"\n"
+
+        if failure == "reset":
+            for ln in gen_lines():
+                self._chunk(ln)
+                break
+            self._reset()
+            return
+        if failure == "drip":
+            for ln in gen_lines():
+                for i in range(len(ln)):
+                    self._chunk(ln[i : i + 1])
+                    standin._sleep(standin.drip_delay_s)
+            self._end_chunks()
+            return
+        pending = b""
+        for n, ln in enumerate(gen_lines()):
+            if pending:  # line 3, 7, ... went out together with this one
+                self._chunk(pending + ln)
+                pending = b""
+            elif standin.split_chunks and n % 4 == 3:
+                pending = ln
+            elif standin.split_chunks and n % 3 == 1 and len(ln) > 2:
+                cut = len(ln) // 2 + 1
+                self._chunk(ln[:cut])
+                standin._sleep(0.001)  # lets the halves arrive in separate reads
+                self._chunk(ln[cut:])
+            else:
+                self._chunk(ln)
+        self._chunk(pending)
+        self._end_chunks()
+
+
+class OllamaStandin:
+    """A fake Ollama server on ``127.0.0.1`` (ephemeral port) serving from background threads.
+
+    It starts serving in the constructor; call :meth:`stop` (or use ``with``) to end it.
+    Every attribute below may be changed while it runs; a request uses the values current
+    when it reaches them.
+
+    Args / attributes:
+        models: names that "exist" (``"llava"`` means ``"llava:latest"``); default ``["llava:latest"]``.
+        latency_s: delay before the first token (and before the headers, as with Ollama), in s.
+        token_delay_s: delay between NDJSON lines, in s.
+        reply: the reply text, or ``callable(prompt, image_bytes_or_None) -> str``;
+            default :func:`default_caption` (depends on the first image's content).
+        failure: one of :data:`FAILURE_MODES` (see the module docstring).
+        failure_message: the error text for ``"http500"`` / ``"midstream_error"``.
+        drip_delay_s: delay between bytes in ``"drip"`` mode, in s.
+        split_chunks: cut and merge NDJSON lines across HTTP chunks (see module docstring).
+        version: what ``GET /api/version`` reports.
+
+    Attributes (read-only):
+        url: ``http://127.0.0.1:PORT`` (no trailing slash; what ``ollama.Client(host=...)`` takes).
+        port: the bound port.
+        requests: a copy of the :class:`RecordedRequest` list, oldest first (thread-safe).
+
+    Raises:
+        ValueError: an unknown failure mode.
+    """
+
+    def __init__(
+        self,
+        models: Iterable[str] = ("llava:latest",),
+        *,
+        latency_s: float = 0.0,
+        token_delay_s: float = 0.0,
+        reply: str | ReplyFn = default_caption,
+        failure: str | None = None,
+        failure_message: str = "llama runner process has terminated: exit status 2",
+        drip_delay_s: float = 0.0005,
+        split_chunks: bool = True,
+        version: str = "0.12.6",
+    ) -> None:
+        self.models = list(models)
+        self.latency_s = latency_s
+        self.token_delay_s = token_delay_s
+        self.reply = reply
+        self.failure = failure
+        self.failure_message = failure_message
+        self.drip_delay_s = drip_delay_s
+        self.split_chunks = split_chunks
+        self.version = version
+        self._lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+        self._request_added = threading.Condition(self._lock)
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._stopped = threading.Event()
+        self._created = _go_time()
+        self._server = _Server(self)
+        self.port: int = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._serve_thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="ollama-standin", daemon=True
+        )
+        self._serve_thread.start()
+
+    # ------------------------------------------------------------ configuration
+
+    @property
+    def failure(self) -> str | None:
+        """The current failure mode (one of :data:`FAILURE_MODES`)."""
+        return self._failure
+
+    @failure.setter
+    def failure(self, mode: str | None) -> None:
+        if mode not in FAILURE_MODES:
+            raise ValueError(f"unknown failure mode {mode!r}; use one of {FAILURE_MODES}")
+        self._failure = mode
+
+    def _find_model(self, name: Any) -> str | None:
+        if not isinstance(name, str):
+            return None
+        want = _normalize_model(name)
+        for m in self.models:
+            if _normalize_model(m) == want:
+                return m
+        return None
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        full = _normalize_model(name)
+        digest = hashlib.sha256(full.encode()).hexdigest()
+        return {
+            "name": full,
+            "model": full,
+            "modified_at": self._created,
+            "size": 4_700_000_000,
+            "digest": digest,
+            "details": {
+                "parent_model": "",
+                "format": "gguf",
+                "family": "llama",
+                "families": ["llama", "clip"],
+                "parameter_size": "7B",
+                "quantization_level": "Q4_0",
+            },
+        }
+
+    # ------------------------------------------------------------ recording
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A copy of every request received so far, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        """Forget the recorded requests."""
+        with self._lock:
+            self._requests.clear()
+
+    def wait_for_requests(self, n: int, timeout_s: float = 5.0) -> list[RecordedRequest]:
+        """Wait until at least ``n`` requests were recorded; returns them.
+
+        Raises:
+            TimeoutError: fewer than ``n`` after ``timeout_s`` s.
+        """
+        with self._request_added:
+            if not self._request_added.wait_for(lambda: len(self._requests) >= n, timeout_s):
+                raise TimeoutError(f"{len(self._requests)} requests after {timeout_s} s, wanted {n}")
+            return list(self._requests)
+
+    def _record(self, r: RecordedRequest) -> None:
+        with self._request_added:
+            self._requests.append(r)
+            self._request_added.notify_all()
+
+    # ------------------------------------------------------------ threads & sockets
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0 and self._stopped.wait(seconds):
+            raise _Stopped
+
+    def _track_thread(self, t: threading.Thread) -> None:
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+
+    def _track_conn(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.add(conn)
+        if self._stopped.is_set():
+            self._shutdown_sock(conn)
+
+    def _untrack_conn(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+    @staticmethod
+    def _shutdown_sock(conn: socket.socket) -> None:
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop serving: wake hung requests, close every connection, join the threads.
+
+        Returns within about ``timeout_s`` s even with hung or stalled clients (the
+        connection threads are daemons). Idempotent.
+        """
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._server.shutdown()
+        with self._lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+        for c in conns:
+            self._shutdown_sock(c)
+        self._server.server_close()
+        deadline = time.monotonic() + timeout_s
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._serve_thread.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> "OllamaStandin":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"OllamaStandin({self.url}, models={self.models}, failure={self.failure!r})"
+
+
+@pytest.fixture
+def ollama_standin() -> Iterator[OllamaStandin]:
+    """A running :class:`OllamaStandin` with model ``llava:latest``; stopped after the test.
+
+    Import it into a test module (``from ollama_standin import ollama_standin``) or a conftest.
+    """
+    standin = OllamaStandin()
+    try:
+        yield standin
+    finally:
+        standin.stop()

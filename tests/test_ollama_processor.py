@@ -1,0 +1,177 @@
+"""The `ollama` processor (wasm/ollama.wasm) against a local server speaking Ollama's API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ollama_standin import OllamaStandin
+from vision_host.runtime import NetworkPolicy
+
+OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
+
+
+@pytest.fixture
+def standin():
+    server = OllamaStandin(models=["llava:latest", "bakllava:latest"])
+    yield server
+    server.stop()
+
+
+def _processor(runtime_factory, url, **config):
+    cfg = {"ollama-url": url, "ollama-interval-ms": "100", **{k.replace("_", "-"): str(v) for k, v in config.items()}}
+    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
+    return rt, rt.load(OLLAMA_WASM)
+
+
+def _run_until(processor, frame, condition, timeout_s=10.0, step_s=0.01):
+    """Feed copies of ``frame`` every ``step_s`` until ``condition()``; returns the last output."""
+    deadline = time.monotonic() + timeout_s
+    out = None
+    while time.monotonic() < deadline:
+        out = processor.process(frame.copy())
+        if condition():
+            return out
+        time.sleep(step_s)
+    raise AssertionError("condition not reached in time")
+
+
+def test_streams_a_caption_into_the_store_and_onto_the_frame(runtime_factory, standin, real_frame):
+    standin.token_delay_s = 0.05
+    standin.reply = lambda prompt, jpeg: "Bottles stand proud, gleaming blue caps"
+    rt, p = _processor(runtime_factory, standin.url)
+    store = rt.processor_store
+    assert np.array_equal(p.process(real_frame.copy()), real_frame)     # nothing drawn before a caption
+    partial_seen = []
+
+    def done():
+        out = p.process(real_frame.copy())
+        if store.get("captions", "caption") is None and not np.array_equal(out, real_frame):
+            partial_seen.append(out)                                   # tokens shown while streaming
+        return store.get("captions", "caption") is not None
+    out = _run_until(p, real_frame, done)
+    assert store.get("captions", "caption") == "Bottles stand proud, gleaming blue caps"
+    assert partial_seen, "the caption should grow on screen while tokens arrive"
+    assert not np.array_equal(out, real_frame)
+    assert (np.abs(out[-40:].astype(int) - real_frame[-40:]).mean()) > 10      # band at the bottom
+    assert np.array_equal(out[:200], real_frame[:200])
+    req = standin.requests[0]
+    assert req.path == "/api/generate" and req.body["stream"] is True and req.body["model"] == "llava"
+    assert req.body["options"]["num_predict"] == 40
+    assert rt.fetch_stats.completed >= 1
+
+
+def test_one_request_in_flight_and_the_current_frame_is_sent(runtime_factory, standin, media_dir):
+    standin.latency_s = 0.5
+    rt, p = _processor(runtime_factory, standin.url, ollama_interval_ms=0, ollama_image_max_side=320)
+    cap = cv2.VideoCapture(str(media_dir / "car-detection.mp4"))
+    frames = [cap.read()[1] for _ in range(40)]
+    started = time.monotonic()
+    i = 0
+    while time.monotonic() - started < 1.3:
+        p.process(frames[i % 40].copy())
+        i += 1
+        time.sleep(0.01)
+        assert rt.fetch_stats.started - rt.fetch_stats.completed - rt.fetch_stats.failed <= 1
+    assert 2 <= len(standin.requests) <= 3
+    first = standin.requests[0]
+    assert max(first.width, first.height) == 320          # downscaled to the max side
+    jpeg = base64.b64decode(first.body["images"][0])
+    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    expected = cv2.resize(frames[0], (320, 180), interpolation=cv2.INTER_AREA)
+    assert np.abs(decoded.astype(int) - expected).mean() < 4   # it is the frame that was current
+
+
+def test_prompt_is_escaped_exactly(runtime_factory, standin, real_frame):
+    prompt = 'Say "hi"\\ then\nnew line, tab\there, café ☕ 日本, and %IMAGE% literally'
+    rt, p = _processor(runtime_factory, standin.url, ollama_prompt=prompt, ollama_model="bakllava")
+    _run_until(p, real_frame, lambda: len(standin.requests) >= 1)
+    body = standin.requests[0].body
+    assert body["prompt"] == prompt and body["model"] == "bakllava"
+    assert standin.requests[0].width == 640                 # %IMAGE% in the prompt did not steal the image
+
+
+def test_unicode_caption_survives_and_is_drawn(runtime_factory, standin, real_frame):
+    standin.reply = lambda prompt, jpeg: 'Jolies bouteilles "bleues" — très élégantes ✨'
+    rt, p = _processor(runtime_factory, standin.url)
+    _run_until(p, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None)
+    assert rt.processor_store.get("captions", "caption") == 'Jolies bouteilles "bleues" — très élégantes ✨'
+
+
+@pytest.mark.parametrize("failure, setup, message", [
+    ("model", lambda s: None, "model mistral not found: run `ollama pull mistral`"),
+    ("http500", lambda s: setattr(s, "failure", "http500"), "server error 500: llama runner process has terminated"),
+    ("malformed", lambda s: setattr(s, "failure", "malformed"), "malformed reply from"),
+    ("midstream", lambda s: setattr(s, "failure", "midstream_error"), "Ollama error: llama runner"),
+    ("reset", lambda s: setattr(s, "failure", "reset"), "connection"),
+])
+def test_server_failures_are_shown_and_logged_once(runtime_factory, standin, real_frame, caplog,
+                                                   failure, setup, message):
+    setup(standin)
+    model = "mistral" if failure == "model" else "llava"
+    rt, p = _processor(runtime_factory, standin.url, ollama_model=model)
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+        out = _run_until(p, real_frame, lambda: rt.fetch_stats.failed + rt.fetch_stats.completed >= 3
+                         and message.split(":")[0] in caplog.text, timeout_s=15)
+    assert message in caplog.text
+    assert caplog.text.count(message) == 1                    # logged once, not per frame
+    assert not np.array_equal(out, real_frame)                # the problem is shown on the video
+    assert p.stats.errors == 0 and not p.disabled             # the processor itself is healthy
+
+
+def test_unreachable_server_backs_off_and_recovers(runtime_factory, real_frame, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    rt, p = _processor(runtime_factory, url)
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+        _run_until(p, real_frame, lambda: "retrying in 2 s" in caplog.text, timeout_s=6)
+        attempts = rt.fetch_stats.failed
+        assert attempts == 2 and "cannot reach Ollama at " + url + ", retrying in 1 s" in caplog.text
+        server = OllamaStandin(port=port) if "port" in OllamaStandin.__init__.__code__.co_varnames else None
+        if server is None:
+            pytest.skip("the stand-in cannot bind a chosen port")
+        try:
+            _run_until(p, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None, timeout_s=8)
+        finally:
+            server.stop()
+    assert "is answering" in caplog.text
+
+
+def test_timeout_cancels_the_request(runtime_factory, standin, real_frame, caplog):
+    standin.failure = "hang"
+    rt, p = _processor(runtime_factory, standin.url, ollama_timeout_ms=1000)
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+        _run_until(p, real_frame, lambda: "timed out" in caplog.text, timeout_s=5)
+    assert f"Ollama at {standin.url} timed out" in caplog.text
+    assert p.ctx.fetch.in_flight <= 1
+
+
+def test_not_allowed_destination_stops_requests(runtime_factory, real_frame, caplog):
+    cfg = {"ollama-url": "http://198.51.100.7:11434", "ollama-interval-ms": "0"}
+    rt = runtime_factory(config=cfg, policy=NetworkPolicy(allowed={"127.0.0.1:11434"}))
+    p = rt.load(OLLAMA_WASM)
+    with caplog.at_level(logging.INFO):
+        for _ in range(20):
+            p.process(real_frame.copy())
+    assert "http://198.51.100.7:11434 is not an allowed destination" in caplog.text
+    assert caplog.text.count("not an allowed destination") == 2   # host's hint + processor's state, once each
+
+
+def test_invalid_config_values_fall_back_with_one_error(runtime_factory, standin, real_frame, caplog):
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+        rt, p = _processor(runtime_factory, standin.url, ollama_max_tokens="lots", ollama_font_scale="-3")
+        for _ in range(5):
+            p.process(real_frame.copy())
+    assert "ollama-max-tokens" in caplog.text and "ollama-font-scale" in caplog.text
+    _run_until(p, real_frame, lambda: len(standin.requests) >= 1)
+    assert standin.requests[0].body["options"]["num_predict"] == 40

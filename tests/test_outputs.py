@@ -1,0 +1,552 @@
+"""Tests for vision_host.outputs with real frames, real HTTP clients and real files."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import requests
+
+from vision_host.outputs import (
+    DisplayOutput,
+    FileOutput,
+    MjpegOutput,
+    OutputError,
+    make_output,
+    parse_listen_address,
+)
+
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+BOTTLE = MEDIA / "bottle-detection.mp4"  # 640x360, 29.83 fps
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    """The first 30 frames of bottle-detection.mp4 (360×640×3 uint8 BGR)."""
+    if not BOTTLE.exists():
+        pytest.fail(f"test media missing: {BOTTLE}")
+    cap = cv2.VideoCapture(str(BOTTLE))
+    out = []
+    while len(out) < 30:
+        ok, frame = cap.read()
+        assert ok, "could not read 30 frames from bottle-detection.mp4"
+        out.append(frame)
+    cap.release()
+    assert out[0].shape == (360, 640, 3)
+    return out
+
+
+@pytest.fixture
+def mjpeg():
+    out = MjpegOutput(":0")
+    out.open(640, 360, 29.83)
+    yield out
+    out.close()
+
+
+def mad(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two images, in grey levels."""
+    return float(np.mean(cv2.absdiff(a, b)))
+
+
+class MultipartReader:
+    """Reads parts of a multipart/x-mixed-replace body from a file-like object."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.buf = b""
+
+    def _fill(self) -> bool:
+        chunk = self.raw.read(65536) if not hasattr(self.raw, "read1") else self.raw.read1(65536)
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                raise EOFError
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise EOFError
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def next_part(self) -> tuple[dict[str, str], bytes]:
+        line = self._line()
+        while line == b"":
+            line = self._line()
+        assert line == b"--frame", f"expected boundary line, got {line[:60]!r}"
+        headers = {}
+        while (line := self._line()) != b"":
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = self._exact(int(headers["content-length"]))
+        assert self._exact(2) == b"\r\n"
+        return headers, body
+
+
+_VIEWERS: list[threading.Thread] = []
+
+
+@pytest.fixture(autouse=True)
+def join_viewers():
+    """Join every viewer thread a test started, after its output has closed.
+
+    A daemon thread still inside cv2.imdecode() when the interpreter exits
+    aborts the process, so none may outlive its test.
+    """
+    yield
+    while _VIEWERS:
+        t = _VIEWERS.pop()
+        t.join(10)
+        assert not t.is_alive(), "a viewer thread did not end after its output closed"
+
+
+class StreamClient(threading.Thread):
+    """A viewer using requests (stream=True) that decodes every JPEG it receives."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        _VIEWERS.append(self)
+        self.url = url
+        self.images: list[np.ndarray] = []
+        self.headers: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self.ended = threading.Event()
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with requests.get(self.url, stream=True, timeout=10) as resp:
+                self.status = resp.status_code
+                self.headers = dict(resp.headers)
+                self.connected.set()
+                reader = MultipartReader(resp.raw)
+                while True:
+                    headers, body = reader.next_part()
+                    assert headers["content-type"] == "image/jpeg"
+                    img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+                    assert img is not None, "part is not a decodable JPEG"
+                    self.images.append(img)
+        except EOFError:
+            pass  # server ended the stream
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            self.error = e
+        finally:
+            self.connected.set()
+            self.ended.set()
+
+
+def wait_until(pred, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+def stalled_client(port: int, path: str = "/stream") -> socket.socket:
+    """Connect with a tiny receive buffer, send a GET and never read."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    return s
+
+
+# --------------------------------------------------------------------------- address parsing
+
+
+@pytest.mark.parametrize(
+    "destination, expected",
+    [
+        (None, ("127.0.0.1", 8080)),
+        ("", ("127.0.0.1", 8080)),
+        (":8080", ("127.0.0.1", 8080)),
+        ("8081", ("127.0.0.1", 8081)),
+        ("0.0.0.0:9000", ("0.0.0.0", 9000)),
+        ("localhost:9000", ("localhost", 9000)),
+        ("[::1]:9000", ("::1", 9000)),
+        (":0", ("127.0.0.1", 0)),
+    ],
+)
+def test_parse_listen_address(destination, expected):
+    assert parse_listen_address(destination) == expected
+
+
+@pytest.mark.parametrize("destination", [":http", "host:", ":70000", "[::1]9000", "a:b:c"])
+def test_parse_listen_address_rejects_with_advice(destination):
+    with pytest.raises(OutputError, match=r"-d :8080"):
+        parse_listen_address(destination)
+
+
+def test_default_is_loopback_port_8080_and_bare_port_binds_loopback(mjpeg):
+    default = MjpegOutput()
+    assert (default.host, default.port) == ("127.0.0.1", 8080)
+    assert default.describe() == "MJPEG at http://127.0.0.1:8080/"
+    # the opened fixture was given ":0": it listens on loopback only, on a real ephemeral port
+    assert mjpeg.port != 0
+    assert mjpeg._server.socket.getsockname() == ("127.0.0.1", mjpeg.port)
+    assert mjpeg.url == f"http://127.0.0.1:{mjpeg.port}/"
+    assert mjpeg.describe() == f"MJPEG at http://127.0.0.1:{mjpeg.port}/"
+
+
+def test_port_in_use_names_port_and_suggests_next():
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        out = MjpegOutput(f":{port}")
+        with pytest.raises(OutputError) as info:
+            out.open(640, 360, 30)
+        assert str(info.value) == f"port {port} on 127.0.0.1 is in use: pick another with -d :{port + 1}"
+        out.close()  # closing an output that never opened is fine
+    finally:
+        blocker.close()
+
+
+def test_quality_out_of_range():
+    with pytest.raises(OutputError, match="1 to 100"):
+        MjpegOutput(":0", quality=0)
+
+
+# --------------------------------------------------------------------------- HTTP endpoints
+
+
+def test_index_page_is_self_contained_and_unknown_paths_404(mjpeg):
+    r = requests.get(mjpeg.url, timeout=5)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/html")
+    assert "<title>vision-host</title>" in r.text
+    assert '<img src="/stream"' in r.text
+    for external in ("http://", "https://", 'src="//', "href=\"//", "@import"):
+        assert external not in r.text
+    assert requests.get(mjpeg.url + "nope", timeout=5).status_code == 404
+    assert requests.get(mjpeg.url + "stream/x", timeout=5).status_code == 404
+
+
+def test_snapshot_503_before_first_frame_then_newest_frame(mjpeg, frames):
+    r = requests.get(mjpeg.url + "snapshot.jpg", timeout=5)
+    assert r.status_code == 503
+    for f in frames[:10]:
+        mjpeg.write(f)
+    mirrored = cv2.flip(frames[10], 1)
+    mjpeg.write(mirrored)
+    time.sleep(0.3)
+    assert mjpeg.frames_encoded == 0, "nothing should be encoded while nobody watches"
+    r = requests.get(mjpeg.url + "snapshot.jpg", timeout=5)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "image/jpeg"
+    img = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (360, 640, 3)
+    assert mad(img, mirrored) < 3.0
+    assert mad(img, frames[10]) > mad(img, mirrored) + 5.0, "snapshot is not the newest frame"
+    assert mjpeg.frames_encoded == 1
+    # a second snapshot with no new frame reuses the JPEG
+    r2 = requests.get(mjpeg.url + "snapshot.jpg", timeout=5)
+    assert r2.content == r.content and mjpeg.frames_encoded == 1
+
+
+@pytest.mark.parametrize("path", ["stream", "stream.mjpg"])
+def test_stream_delivers_decodable_jpegs_of_written_frames(mjpeg, frames, path):
+    client = StreamClient(mjpeg.url + path)
+    client.start()
+    assert client.connected.wait(5)
+    assert wait_until(lambda: mjpeg.clients == 1)
+    for f in frames:
+        mjpeg.write(f)
+        time.sleep(0.01)
+    assert wait_until(lambda: len(client.images) >= 5)
+    assert client.error is None, client.error
+    assert client.status == 200
+    assert client.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
+    for img in client.images:
+        assert img.shape == (360, 640, 3)
+        assert min(mad(img, f) for f in frames) < 4.0, "streamed image is not one of the written frames"
+    # the newest frame arrives last
+    assert wait_until(lambda: mad(client.images[-1], frames[-1]) < 4.0)
+    mjpeg.close()
+    assert client.ended.wait(5), "closing the output must end the stream"
+    assert client.error is None, client.error
+
+
+def test_stalled_viewer_does_not_slow_write_or_other_viewers(mjpeg, frames):
+    stalled = stalled_client(mjpeg.port)
+    normal = StreamClient(mjpeg.url + "stream")
+    normal.start()
+    try:
+        assert wait_until(lambda: mjpeg.clients == 2)
+        durations = []
+        t_start = time.perf_counter()
+        for i in range(300):
+            t0 = time.perf_counter()
+            mjpeg.write(frames[i % len(frames)])
+            durations.append(time.perf_counter() - t0)
+            time.sleep(0.002)  # a fast camera: the stalled client's socket buffers fill up long before the end
+        elapsed = time.perf_counter() - t_start
+        got_normal = len(normal.images)
+        assert normal.error is None, normal.error
+        assert sum(durations) < 0.3, f"300 writes took {sum(durations) * 1e3:.1f} ms of pipeline time"
+        assert max(durations) < 0.05, f"slowest write {max(durations) * 1e3:.1f} ms"
+        assert got_normal >= 20, f"normal viewer got only {got_normal} frames in {elapsed:.2f} s"
+        assert mjpeg.clients == 2
+        # What did the stalled viewer's socket receive? Only as much as fits in the buffers.
+        stalled.setblocking(False)
+        received = b""
+        try:
+            while chunk := stalled.recv(1 << 20):
+                received += chunk
+        except BlockingIOError:
+            pass
+        stalled_parts = received.count(b"--frame\r\n")
+        # bounded by the socket buffers (server send buffer capped at 128 KiB, doubled by Linux)
+        assert len(received) < 400_000, f"{len(received)} bytes queued for a viewer that never reads"
+        assert stalled_parts < got_normal / 2, (stalled_parts, got_normal)
+        assert stalled_parts < mjpeg.frames_encoded / 2
+    finally:
+        stalled.close()
+        mjpeg.close()
+    assert normal.ended.wait(5)
+
+
+def test_disconnected_viewers_are_removed(mjpeg, frames):
+    # one that reads a frame and hangs up
+    with requests.get(mjpeg.url + "stream", stream=True, timeout=5) as r:
+        assert wait_until(lambda: mjpeg.clients == 1)
+        mjpeg.write(frames[0])
+        MultipartReader(r.raw).next_part()
+    # one that hangs up before any frame (noticed while idle, without a write)
+    s = stalled_client(mjpeg.port)
+    assert wait_until(lambda: mjpeg.clients >= 1)
+    s.close()
+    for f in frames[:5]:
+        mjpeg.write(f)
+        time.sleep(0.02)
+    assert wait_until(lambda: mjpeg.clients == 0, timeout=3), f"{mjpeg.clients} dead clients left"
+    encoded = mjpeg.frames_encoded
+    for f in frames[5:]:
+        mjpeg.write(f)
+    time.sleep(0.2)
+    assert mjpeg.frames_encoded == encoded, "encoding must stop when nobody watches"
+
+
+def test_close_ends_connections_and_joins_every_thread(frames):
+    before = set(threading.enumerate())
+    out = MjpegOutput(":0")
+    out.open(640, 360, 30)
+    viewer = StreamClient(out.url + "stream")
+    viewer.start()
+    stalled = stalled_client(out.port)
+    session = requests.Session()  # an idle keep-alive connection after a page load
+    assert session.get(out.url, timeout=5).status_code == 200
+    assert wait_until(lambda: out.clients == 2)
+    for i in range(120):
+        out.write(frames[i % len(frames)])
+        time.sleep(0.002)
+    ours = {viewer}
+    assert len(set(threading.enumerate()) - before - ours) >= 4  # server, encoder, >= 2 handlers
+    t0 = time.perf_counter()
+    out.close()
+    took = time.perf_counter() - t0
+    assert took < 2.0, f"close() took {took:.2f} s"
+    assert viewer.ended.wait(5)
+    left = set(threading.enumerate()) - before - ours
+    assert not left, f"threads left behind: {[t.name for t in left]}"
+    assert out.closed
+    out.close()  # idempotent
+    with pytest.raises(RuntimeError):
+        out.write(frames[0])
+    stalled.close()
+    session.close()
+
+
+def test_exit_without_close_does_not_abort(tmp_path):
+    """A program that forgets close() while a viewer watches must still exit cleanly.
+
+    Without the module's atexit hook the encoder thread is often inside
+    cv2.imencode() at interpreter exit and the process aborts (exit code -6).
+    """
+    script = tmp_path / "forget_close.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import socket, threading, time
+            import cv2
+            from vision_host.outputs import MjpegOutput
+            cap = cv2.VideoCapture({str(BOTTLE)!r})
+            frame = cv2.resize(cap.read()[1], (3840, 2160))  # slow encodes: likely mid-imencode at exit
+            out = MjpegOutput(":0")
+            out.open(3840, 2160, 30)
+            s = socket.create_connection(("127.0.0.1", out.port))
+            s.sendall(b"GET /stream HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+            def drain():
+                while s.recv(1 << 20):
+                    pass
+            threading.Thread(target=drain, daemon=True).start()
+            for _ in range(40):
+                out.write(frame)
+                time.sleep(0.003)
+            assert out.frames_encoded > 0
+            """
+        )
+    )
+    import vision_host
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(vision_host.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_write_rejects_non_bgr_frames(mjpeg):
+    with pytest.raises(ValueError, match="H×W×3 uint8"):
+        mjpeg.write(np.zeros((360, 640), np.uint8))
+    with pytest.raises(ValueError):
+        mjpeg.write(np.zeros((360, 640, 3), np.float32))
+    with pytest.raises(RuntimeError):
+        MjpegOutput(":0").write(np.zeros((2, 2, 3), np.uint8))
+
+
+def test_write_cost_microseconds(mjpeg, frames, capsys):
+    """write() costs about one frame copy, with or without a viewer (numbers printed with -s)."""
+
+    def measure(n=300):
+        ts = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            mjpeg.write(frames[i % len(frames)])
+            ts.append(time.perf_counter() - t0)
+            time.sleep(0.001)
+        return statistics.median(ts) * 1e6, sorted(ts)[int(0.99 * n)] * 1e6
+
+    med0, p99_0 = measure()
+    viewer = StreamClient(mjpeg.url + "stream")
+    viewer.start()
+    assert wait_until(lambda: mjpeg.clients == 1)
+    med1, p99_1 = measure()
+    assert len(viewer.images) > 0
+    with capsys.disabled():
+        print(
+            f"\nMjpegOutput.write 640x360: 0 clients median {med0:.0f} µs p99 {p99_0:.0f} µs;"
+            f" 1 client median {med1:.0f} µs p99 {p99_1:.0f} µs; encoded {mjpeg.frames_encoded}"
+        )
+    assert med0 < 1000 and med1 < 1000
+
+
+# --------------------------------------------------------------------------- file
+
+
+def read_video(path: Path) -> tuple[list[np.ndarray], float, int, int]:
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), f"cannot read back {path}"
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    out = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        out.append(f)
+    cap.release()
+    return out, fps, w, h
+
+
+def test_file_output_round_trip(tmp_path, frames):
+    path = tmp_path / "out.mp4"
+    out = make_output("file", str(path))
+    assert isinstance(out, FileOutput)
+    out.open(640, 360, 29.833)
+    for f in frames:
+        out.write(f)
+    out.close()
+    out.close()  # idempotent
+    back, fps, w, h = read_video(path)
+    assert len(back) == len(frames)
+    assert (w, h) == (640, 360)
+    assert fps == pytest.approx(29.833, abs=0.01)
+    assert all(mad(a, b) < 6.0 for a, b in zip(back, frames)), "file frames differ from the written ones"
+    assert "out.mp4" in out.describe()
+
+
+def test_file_output_resizes_other_sizes_and_defaults_fps(tmp_path, frames):
+    path = tmp_path / "small.mp4"
+    out = FileOutput(path)
+    out.open(320, 180, float("nan"))
+    for f in frames[:10]:
+        out.write(f)
+    out.close()
+    back, fps, w, h = read_video(path)
+    assert (len(back), w, h) == (10, 320, 180)
+    assert fps == pytest.approx(30.0)
+    assert mad(back[5], cv2.resize(frames[5], (320, 180), interpolation=cv2.INTER_AREA)) < 6.0
+
+
+def test_file_output_errors(tmp_path):
+    missing = tmp_path / "no-such-dir" / "out.mp4"
+    with pytest.raises(OutputError, match="does not exist") as info:
+        FileOutput(missing).open(640, 360, 30)
+    assert str(missing.parent) in str(info.value)
+    a_dir = tmp_path / "a-directory"
+    a_dir.mkdir()
+    with pytest.raises(OutputError) as info:
+        FileOutput(a_dir).open(640, 360, 30)
+    assert str(a_dir) in str(info.value)
+    with pytest.raises(OutputError, match="-d out.mp4"):
+        make_output("file", None)
+
+
+# --------------------------------------------------------------------------- display & factory
+
+_NO_WINDOW_ADVICE = "use -o mjpeg to watch in a browser or -o file -d out.mp4"
+
+
+def test_display_without_display_raises_sentence(monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    out = make_output("display", None)
+    assert isinstance(out, DisplayOutput) and not out.closed
+    with pytest.raises(OutputError) as info:
+        out.open(640, 360, 30)
+    assert str(info.value) == f"cannot open a window: no display (DISPLAY unset); {_NO_WINDOW_ADVICE}"
+    out.close()
+
+
+@pytest.mark.skipif(
+    "GUI:                           NONE" not in cv2.getBuildInformation(),
+    reason="needs a headless OpenCV build (a GUI build would try to reach the fake display)",
+)
+def test_display_with_headless_opencv_raises_sentence(monkeypatch):
+    monkeypatch.setenv("DISPLAY", ":99")
+    with pytest.raises(OutputError) as info:
+        DisplayOutput().open(640, 360, 30)
+    msg = str(info.value)
+    assert msg.startswith("cannot open a window: this OpenCV has no GUI support")
+    assert msg.endswith(_NO_WINDOW_ADVICE)
+
+
+def test_make_output_kinds_and_unknown_kind():
+    out = make_output("mjpeg", None)
+    assert isinstance(out, MjpegOutput) and (out.host, out.port) == ("127.0.0.1", 8080)
+    assert isinstance(make_output("MJPEG", ":0"), MjpegOutput)
+    with pytest.raises(OutputError) as info:
+        make_output("rtsp", None)
+    assert str(info.value) == "unknown output 'rtsp': use -o with one of mjpeg, file, display"

@@ -1,0 +1,164 @@
+"""`vision-host run` end to end on real footage, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import requests
+
+from conftest import REPO, SAMPLE_CLIP
+from ollama_standin import OllamaStandin
+from vision_host.cli import load_run_file, main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_captions_appear_after_the_first_answer_and_the_video_never_stalls(tmp_path, capsys):
+    server = OllamaStandin(latency_s=2.0, token_delay_s=0.02)
+    out, stats_path = tmp_path / "annotated.mp4", tmp_path / "stats.json"
+    try:
+        rc = main(["run", "-p", "ollama", "-s", str(SAMPLE_CLIP), "--max-frames", "150", "-o", "file",
+                   "-d", str(out), "--stats", str(stats_path), "-c", f"ollama-url={server.url}"])
+    finally:
+        server.stop()
+    assert rc == 0, capsys.readouterr().err
+    stats = json.loads(stats_path.read_text())
+    assert stats["frames_in"] == stats["frames_out"] == 150
+    assert stats["max_frame_gap_ms"] < 100
+    assert stats["captions"]["completed"] >= 1 and stats["captions"]["latency_ms_p50"] >= 2000
+    assert stats["captions"]["last"].startswith("a 640x360 scene")
+    assert set(stats["processors"]["ollama"]) >= {"calls", "mean_us", "p99_us", "errors"}
+
+    written, source = cv2.VideoCapture(str(out)), cv2.VideoCapture(str(SAMPLE_CLIP))
+    assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == 150
+    captioned = []
+    for _ in range(150):
+        (ok1, a), (ok2, b) = written.read(), source.read()
+        assert ok1 and ok2
+        captioned.append(np.abs(a[-30:].astype(int) - b[-30:]).mean() > 15)
+    first = captioned.index(True)
+    fps = 29.83
+    assert 2.0 * fps - 3 <= first <= 2.8 * fps, f"first captioned frame {first}"
+    assert all(captioned[first:]), "the caption stays until the next replaces it"
+
+
+def test_mjpeg_output_serves_the_annotated_stream_and_stops_on_sigint(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vision_host", "run", "-p", "hello", "-s", str(SAMPLE_CLIP),
+                             "-d", f":{port}", "--stats", str(tmp_path / "s.json")],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                page = requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        assert "<img" in page.text
+        with requests.get(f"http://127.0.0.1:{port}/stream", stream=True, timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+            data = b""
+            for chunk in resp.iter_content(4096):
+                data += chunk
+                if data.count(b"\xff\xd9") >= 2:
+                    break
+        start = data.index(b"\xff\xd8")
+        jpeg = cv2.imdecode(np.frombuffer(data[start:data.index(b"\xff\xd9", start) + 2], np.uint8), 1)
+        assert jpeg.shape == (360, 640, 3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "frames in" in err
+    assert json.loads((tmp_path / "s.json").read_text())["frames_out"] > 0
+
+
+def _run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "vision_host", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["run", "-p", "nosuch"], 2, "unknown processor 'nosuch': known processors are"),
+    (["run", "-p", "hello", "-c", "ollama-model"], 2, "is not key=value"),
+    (["run", "-p", "hello", "-s", "0"], 1, "no camera at index 0: connect a camera, or read a video file with -s FILE"),
+    (["run", "-p", "hello", "-s", "missing.mp4"], 1, "video file missing.mp4 does not exist"),
+    (["run", "-p", "hello", "-o", "file", "-s", str(SAMPLE_CLIP)], 2, "-o file needs -d PATH.mp4"),
+    (["run", "-p", "hello", "-o", "display", "-s", str(SAMPLE_CLIP)], 1, "cannot open a window"),
+    (["run"], 2, "no processor given"),
+])
+def test_errors_say_what_to_do(args, status, message):
+    result = _run_cli(*args, env={"DISPLAY": "", "WAYLAND_DISPLAY": ""})
+    assert result.returncode == status, result.stderr
+    assert message in result.stderr
+
+
+def test_port_in_use_is_reported(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _run_cli("run", "-p", "hello", "-s", str(SAMPLE_CLIP), "-d", f":{port}")
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+
+
+def test_a_broken_wasm_names_the_problem(tmp_path):
+    bad = tmp_path / "bad.wasm"
+    bad.write_bytes((REPO / "wasm" / "hello.wasm").read_bytes()[:100])
+    result = _run_cli("run", "-p", str(bad), "-s", str(SAMPLE_CLIP))
+    assert result.returncode == 1 and "is not a valid WebAssembly module" in result.stderr
+
+
+def test_list_checks_every_processor():
+    result = _run_cli("list")
+    assert result.returncode == 0, result.stdout
+    for name in ("ollama", "hello", "blur"):
+        assert any(line.startswith(name) and line.endswith("ok") for line in result.stdout.splitlines())
+
+
+def test_example_configs_parse():
+    for path in sorted((REPO / "config").glob("*.toml")):
+        settings = load_run_file(str(path))
+        assert settings["processor"], path
+
+
+def test_run_file_errors_are_clear(tmp_path):
+    bad = tmp_path / "run.toml"
+    bad.write_text("[main]\nsource = \n")
+    result = _run_cli("run", "-f", str(bad))
+    assert result.returncode == 2 and "is not valid TOML" in result.stderr
+    bad.write_text("[main]\nsorce = 'x'\n")
+    result = _run_cli("run", "-f", str(bad))
+    assert result.returncode == 2 and "unknown key 'sorce' in [main]" in result.stderr
+
+
+def test_blur_and_hello_run_in_a_chain(tmp_path):
+    out = tmp_path / "blurred.mp4"
+    result = _run_cli("run", "-p", "hello", "-p", "blur", "-s", str(SAMPLE_CLIP), "--no-pace", "--max-frames", "30",
+                      "-o", "file", "-d", str(out), "--stats", str(tmp_path / "s.json"), "--logging", "info")
+    assert result.returncode == 0, result.stderr
+    assert "frame 640x360" in result.stderr or "640" in result.stderr
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["processors"]["blur"]["errors"] == 0 and stats["frames_out"] == 30
+    cap, src = cv2.VideoCapture(str(out)), cv2.VideoCapture(str(SAMPLE_CLIP))
+    _, a = cap.read()
+    _, b = src.read()
+    assert np.abs(a.astype(int) - cv2.blur(b, (25, 25))).mean() < 3
