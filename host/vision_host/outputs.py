@@ -653,7 +653,7 @@ class FileOutput(Output):
         """Create the writer for ``width``×``height`` px at ``fps`` frames/s.
 
         Raises:
-            OutputError: parent directory missing, or the writer does not open.
+            OutputError: the parent directory cannot be created, or the writer does not open.
             RuntimeError: already opened.
         """
         if self._writer is not None:
@@ -661,8 +661,11 @@ class FileOutput(Output):
         if width <= 0 or height <= 0:
             raise ValueError(f"frame size must be positive, got {width}x{height}")
         parent = self.path.parent
-        if not parent.is_dir():
-            raise OutputError(f"cannot write {self.path}: the folder {parent} does not exist; create it first")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: the folder {parent} cannot be created "
+                              f"({exc.strerror}); pick another -d path") from None
         try:
             fps = float(fps)
         except (TypeError, ValueError):

@@ -46,8 +46,9 @@
 //!
 //! State messages are logged once each time the state changes: logging.warn for problems,
 //! logging.info when captions flow again. Connection failures back off exponentially
-//! (1, 2, 4, … 30 s, reset once the server answers); a destination that the sandbox does
-//! not allow, or an invalid URL, stops all further requests.
+//! (1, 2, 4, … 30 s, reset once the server answers; "retrying in N s" gives the actual
+//! wait, which is also never shorter than what remains of the interval); a destination
+//! that the sandbox does not allow, or an invalid URL, stops all further requests.
 //!
 //! Memory is static and bounded: one 64 KiB NDJSON line buffer (a longer line counts as a
 //! malformed reply), 2 KiB caption buffers (longer captions are cut at a character
