@@ -257,9 +257,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, standin: "OllamaStandin") -> None:
+    def __init__(self, standin: "OllamaStandin", port: int = 0) -> None:
         self.standin = standin
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
     def server_bind(self) -> None:
         # skip HTTPServer.server_bind's socket.getfqdn(): a reverse DNS lookup
@@ -709,6 +709,7 @@ class OllamaStandin:
         drip_delay_s: delay between bytes in ``"drip"`` mode, in s.
         split_chunks: cut and merge NDJSON lines across HTTP chunks (see module docstring).
         version: what ``GET /api/version`` reports.
+        port: the port to bind (constructor only); 0, the default, picks a free one.
 
     Attributes (read-only):
         url: ``http://127.0.0.1:PORT`` (no trailing slash; what ``ollama.Client(host=...)`` takes).
@@ -731,6 +732,7 @@ class OllamaStandin:
         drip_delay_s: float = 0.0005,
         split_chunks: bool = True,
         version: str = "0.12.6",
+        port: int = 0,
     ) -> None:
         self.models = list(models)
         self.latency_s = latency_s
@@ -748,7 +750,7 @@ class OllamaStandin:
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
         self._created = _go_time()
-        self._server = _Server(self)
+        self._server = _Server(self, port)
         self.port: int = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._serve_thread = threading.Thread(

@@ -318,7 +318,6 @@ def test_stalled_viewer_does_not_slow_write_or_other_viewers(mjpeg, frames):
         except BlockingIOError:
             pass
         stalled_parts = received.count(b"--frame\r\n")
-        print("DEBUG", len(received), stalled_parts, got_normal, mjpeg.frames_encoded, sum(durations), max(durations))
         # bounded by the socket buffers (server send buffer capped at 128 KiB, doubled by Linux)
         assert len(received) < 400_000, f"{len(received)} bytes queued for a viewer that never reads"
         assert stalled_parts < got_normal / 2, (stalled_parts, got_normal)
