@@ -34,7 +34,7 @@ from .platform import ProcessorStore
 log = logging.getLogger("vision_host.runtime")
 
 WASI_MODULE = "wasi_snapshot_preview1"
-EPOCH_TICK_S = 0.002
+EPOCH_TICK_S = 0.005
 
 
 class ProcessorLoadError(Exception):
