@@ -104,6 +104,7 @@ class Runtime:
         self._ticker.start()
         self.compile_ms = 0.0
         self.cache_hits = 0
+        _overlay.warm_up()
 
     def _tick(self) -> None:
         while not self._stop.wait(EPOCH_TICK_S):
