@@ -12,12 +12,11 @@ from pathlib import Path
 
 import cv2
 import httpx
-import numpy as np
 import ollama
 import pytest
 import requests
 
-from ollama_standin import OllamaStandin, default_caption, ollama_standin  # noqa: F401 - fixture
+from ollama_standin import default_caption, ollama_standin  # noqa: F401 - ollama_standin is a fixture
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 
@@ -45,8 +44,9 @@ def car_jpeg() -> bytes:
 
 
 @pytest.fixture
-def client(ollama_standin) -> ollama.Client:
-    return ollama.Client(host=ollama_standin.url, timeout=10)
+def client(ollama_standin):
+    with ollama.Client(host=ollama_standin.url, timeout=10) as c:
+        yield c
 
 
 def b64(data: bytes) -> str:

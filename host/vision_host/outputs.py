@@ -422,7 +422,7 @@ class MjpegOutput(Output):
         self._opened = True
         self._encoder_thread = threading.Thread(target=self._encode_loop, name="vision-host-mjpeg-encoder", daemon=True)
         self._server_thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="vision-host-mjpeg-server", daemon=True
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="vision-host-mjpeg-server", daemon=True
         )
         self._encoder_thread.start()
         self._server_thread.start()
@@ -432,6 +432,7 @@ class MjpegOutput(Output):
     def _bind_error(self, e: OSError) -> OutputError:
         where = f"port {self._requested_port} on {self.host}"
         suggestion = self._requested_port + 1 if 0 < self._requested_port < 65535 else 8081
+        port = self._requested_port or _DEFAULT_MJPEG_PORT
         if e.errno == errno.EADDRINUSE:
             return OutputError(f"{where} is in use: pick another with -d :{suggestion}")
         if e.errno == errno.EACCES:
@@ -441,12 +442,12 @@ class MjpegOutput(Output):
         if e.errno == errno.EADDRNOTAVAIL:
             return OutputError(
                 f"cannot listen on {self.host}: it is not an address of this machine;"
-                f" use -d :{self._requested_port} (this machine only) or -d 0.0.0.0:{self._requested_port} (all interfaces)"
+                f" use -d :{port} (this machine only) or -d 0.0.0.0:{port} (all interfaces)"
             )
         if isinstance(e, socket.gaierror):
             return OutputError(
                 f"cannot listen on {self.host!r}: the host name is unknown;"
-                f" use -d :{self._requested_port} or -d 0.0.0.0:{self._requested_port}"
+                f" use -d :{port} or -d 0.0.0.0:{port}"
             )
         return OutputError(f"cannot listen on {where} ({e.strerror or e}): pick another with -d :{suggestion}")
 
@@ -627,10 +628,10 @@ class FileOutput(Output):
     MP4; a file that was never closed is not playable.
 
     Args:
-        path: the ``.mp4`` file to create or overwrite; its directory must exist.
+        path: the ``.mp4`` file to create or overwrite; missing folders are created.
 
     Raises:
-        OutputError: from :meth:`open` when the directory does not exist or
+        OutputError: from :meth:`open` when the folder cannot be created or
             OpenCV cannot open a writer for the path.
     """
 
@@ -735,6 +736,9 @@ class DisplayOutput(Output):
         self.window_name = window_name or "vision-host"
         self.closed = False
         self._opened = False
+        # Some backends do not report WND_PROP_VISIBLE (they return -1 while the
+        # window is open); trust it only if it read >= 1 after the first imshow.
+        self._visible_prop_works: bool | None = None
 
     def describe(self) -> str:
         """E.g. ``window 'vision-host' (press q or Esc to quit)``."""
@@ -779,10 +783,13 @@ class DisplayOutput(Output):
             self.closed = True
             return
         try:
-            if cv2.getWindowProperty(self.window_name, cv2.WND_PROP_VISIBLE) < 1:
-                self.closed = True
+            visible = cv2.getWindowProperty(self.window_name, cv2.WND_PROP_VISIBLE)
         except cv2.error:
-            self.closed = True
+            visible = -1.0
+        if self._visible_prop_works is None:
+            self._visible_prop_works = visible >= 1
+        elif self._visible_prop_works and visible < 1:
+            self.closed = True  # the user closed the window
 
     def close(self) -> None:
         """Destroy the window. Idempotent."""
