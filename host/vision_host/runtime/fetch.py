@@ -121,6 +121,7 @@ class FetchStats:
         self._lock = threading.Lock()
 
     def finish(self, req: _Request, ok: bool, why: str | None = None) -> None:
+        """Count a finished frame request (others are ignored); ``why`` says why it failed."""
         if not req.is_image:
             return
         with self._lock:
@@ -216,6 +217,7 @@ class FetchClient:
 
     @property
     def in_flight(self) -> int:
+        """Requests started and not yet released by poll or cancel."""
         return len(self._requests)
 
     # -- blocking use (wasmvision:platform/http) ---------------------------------------

@@ -47,26 +47,32 @@ class ProcessorStore:
         self._lock = threading.Lock()
 
     def get(self, processor: str, key: str) -> str | None:
+        """The value, or None when absent."""
         with self._lock:
             return self._data.get(processor, {}).get(key)
 
     def set(self, processor: str, key: str, value: str) -> None:
+        """Store ``value`` (overwriting)."""
         with self._lock:
             self._data.setdefault(processor, {})[key] = value
 
     def delete(self, processor: str, key: str) -> None:
+        """Remove one key; no error when absent."""
         with self._lock:
             self._data.get(processor, {}).pop(key, None)
 
     def delete_all(self, processor: str) -> None:
+        """Remove every key of ``processor``."""
         with self._lock:
             self._data.pop(processor, None)
 
     def exists(self, processor: str) -> bool:
+        """Whether ``processor`` has any key."""
         with self._lock:
             return bool(self._data.get(processor))
 
     def keys(self, processor: str) -> list[str]:
+        """The keys of ``processor`` (empty list when none)."""
         with self._lock:
             return list(self._data.get(processor, {}))
 
