@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import requests
 
-from .abi import AbiError, host_function
+from .abi import host_function
 
 log = logging.getLogger("vision_host.fetch")
 
@@ -154,8 +154,12 @@ class FetchClient:
         self._local = threading.local()
 
     # -- request lifecycle -------------------------------------------------------------
-    def start(self, method: str, url: str, content_type: str, make_body, is_image: bool = False) -> int:
+    def start(self, method: str, url: str, content_type: str, make_body, is_image: bool = False,
+              prepare: bool = False) -> int:
         """Start a request; ``make_body()`` runs on the worker and returns the body bytes.
+
+        With ``prepare``, ``make_body()`` runs here, after the policy checks, and returns the
+        function the worker calls (used by ``post-frame`` to copy the frame before returning).
 
         Returns the request id. Raises:
             FetchErrorResult: when the policy refuses the URL or too many are in flight.
@@ -167,6 +171,8 @@ class FetchClient:
             raise FetchErrorResult(FetchError.INVALID_URL)
         if len(self._requests) >= self.policy.max_in_flight:
             raise FetchErrorResult(FetchError.TOO_MANY_REQUESTS)
+        if prepare:
+            make_body = make_body()
         req = _Request(self._next_id, url, is_image, time.monotonic())
         self._next_id += 1
         self._requests[req.id] = req
@@ -352,11 +358,9 @@ def _post_frame(ctx, url_p, url_n, ct_p, ct_n, tpl_p, tpl_n, frame, max_side, qu
     template = mem.read(tpl_p, tpl_n)
     array = ctx.mats.get(frame)
     try:
-        refused = ctx.fetch.policy.check(url)
-        if refused is not None:
-            raise FetchErrorResult(refused)
-        body = frame_jpeg_body(array, max_side, quality, template)
-        rid = ctx.fetch.start("POST", url, content_type, body, is_image=True)
+        rid = ctx.fetch.start("POST", url, content_type,
+                              lambda: frame_jpeg_body(array, max_side, quality, template), is_image=True,
+                              prepare=True)
     except FetchErrorResult as err:
         ctx.note_fetch_error(url, err.code)
         mem.ret_err_enum(retptr, err.code)
@@ -399,4 +403,4 @@ def _cancel(ctx, request_id):
 
 
 __all__ = ["FetchClient", "FetchError", "FetchErrorResult", "FetchStats", "NetworkPolicy",
-           "frame_jpeg_body", "url_destination", "AbiError"]
+           "frame_jpeg_body", "url_destination"]
