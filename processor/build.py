@@ -4,8 +4,13 @@
     python processor/build.py            # build every processor/<name>/main.zig
     python processor/build.py hello      # build only the named processors
     python processor/build.py --check    # build into a temp dir; exit 1 listing the
-                                         # wasm/ files that differ (CI)
-    python processor/build.py --test     # run the SDK's native Zig unit tests
+                                         # wasm/ files that differ, or when the generated
+                                         # processor/sdk/wit.zig is stale (CI)
+    python processor/build.py --test     # run the SDK's native Zig unit tests and compile
+                                         # every generated binding for wasm32
+
+Before building, processor/sdk/wit.zig (the WIT bindings) is regenerated from wasm/wit/ by
+processor/bindgen.py; `--check` only compares it and fails when it differs.
 
 Each processor is one `zig build-exe` (Zig from the `ziglang` PyPI package, run as
 `sys.executable -m ziglang`), with the SDK (processor/sdk/vh.zig) as module "vh":
@@ -16,10 +21,14 @@ Each processor is one `zig build-exe` (Zig from the `ziglang` PyPI package, run 
         -femit-bin=wasm/<name>.wasm
 
 The result is a WASI preview 1 reactor module (no `_start`) exporting only `process`,
-`memory` and `cabi_realloc`, importing only functions of the WIT world
+`memory` and `cabi_realloc` (and `_initialize` when main.zig defines it: `--export=_initialize`
+is added for such processors), importing only functions of the WIT world
 `vision-host:platform/processor` (wasm/wit/). Builds are deterministic (same bytes on every
 rebuild). Zig's caches live outside the repository, under the system temp dir
 (override with $VH_ZIG_CACHE_DIR).
+
+The SDK module "vh" is vh.zig plus the files it imports from processor/sdk/: wit.zig
+(generated), canon.zig (canonical-ABI runtime) and json.zig.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bindgen  # noqa: E402  (processor/bindgen.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSORS = ROOT / "processor"
@@ -69,15 +81,20 @@ def build_one(name: str, out_dir: Path) -> Path:
     """Compiles processor/<name>/main.zig to out_dir/<name>.wasm; raises on failure."""
     out = out_dir / f"{name}.wasm"
     target = ["-target", "wasm32-wasi", "-O", "ReleaseSmall"]
+    source = PROCESSORS / name / "main.zig"
+    # A processor that defines `export fn _initialize` (start-up work the host runs once,
+    # under its longer start-up deadline) has it exported too.
+    init = ["--export=_initialize"] if "export fn _initialize(" in source.read_text(encoding="utf-8") else []
     cmd = zig_cmd(
         "build-exe",
         "-fno-entry",
         "--export=process",
         "--export=cabi_realloc",
+        *init,
         "--stack", str(STACK_SIZE),
         "--name", name,
         f"-femit-bin={out}",
-        *target, "--dep", "vh", f"-Mroot={PROCESSORS / name / 'main.zig'}",
+        *target, "--dep", "vh", f"-Mroot={source}",
         *target, f"-Mvh={SDK / 'vh.zig'}",
     )
     # Run from a temp dir so nothing (e.g. a stray .zig-cache) lands in the repository.
@@ -89,13 +106,36 @@ def build_one(name: str, out_dir: Path) -> Path:
 
 
 def run_tests() -> int:
-    """Runs the native unit tests of the SDK's pure-Zig helpers."""
+    """Runs the native unit tests of the SDK's pure-Zig helpers, then compiles every
+    generated wrapper of wit.zig for wasm32 (Zig only compiles what is used, so a processor
+    build alone would not catch a broken wrapper)."""
     status = 0
-    for src in [SDK / "json.zig"]:
+    for src in [SDK / "json.zig", SDK / "canon.zig"]:
         with tempfile.TemporaryDirectory(prefix="vh-zig-") as cwd:
             res = subprocess.run(zig_cmd("test", str(src)), cwd=cwd)
         status |= res.returncode
+    with tempfile.TemporaryDirectory(prefix="vh-zig-") as cwd:
+        res = subprocess.run(zig_cmd("build-obj", "-target", "wasm32-wasi", "-O", "ReleaseSmall",
+                                     f"-femit-bin={Path(cwd) / 'bindings.o'}",
+                                     str(SDK / "bindings_check.zig")), cwd=cwd)
+    if res.returncode == 0:
+        print("wit.zig: every wrapper compiles")
+    status |= res.returncode
     return status
+
+
+def sync_bindings(check: bool) -> bool:
+    """Regenerates processor/sdk/wit.zig from wasm/wit/ (or, with `check`, only compares).
+    Returns False when `check` finds it stale."""
+    text, _ = bindgen.generate()
+    current = bindgen.OUT.read_text(encoding="utf-8") if bindgen.OUT.exists() else ""
+    if current == text:
+        return True
+    if check:
+        return False
+    bindgen.OUT.write_text(text, encoding="utf-8")
+    print(f"{bindgen.OUT.relative_to(ROOT)} regenerated from wasm/wit/")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         with tempfile.TemporaryDirectory(prefix="vh-wasm-") as tmp:
             stale = []
+            if not sync_bindings(check=True):
+                stale.append(f"{bindgen.OUT.relative_to(ROOT)} (run `python processor/bindgen.py`)")
             for name in names:
                 built = build_one(name, Path(tmp))
                 committed = OUT / built.name
@@ -131,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(names)} processor(s) up to date")
         return 0
 
+    sync_bindings(check=False)
     OUT.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vh-wasm-") as tmp:
         for name in names:

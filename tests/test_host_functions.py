@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import wasmtime
 
-from vision_host.runtime.abi import HOST_FUNCTIONS
+from vision_host.runtime.engine import HOST_FUNCTIONS
 from vision_host.runtime.overlay import draw_caption
 
 M, CV, CFG, LOG, DS = "wasm:cv/mat", "wasm:cv/cv", "wasmvision:platform/config", "wasmvision:platform/logging", \
@@ -134,8 +134,8 @@ def test_mat_queries_clone_and_drop(driver, real_frame):
         d.call(M, names[0], 987654)
     e = d.call(M, names[9], 0)
     assert d.call(M, names[6], e) == 1
-    g = d.call(M, names[10], 20, 10, 5)                                   # cols, rows, cv32f
-    assert d.mats.get(g).shape == (10, 20) and d.mats.get(g).dtype == np.float32
+    g = d.call(M, names[10], 20, 10, 5)         # rows first, as wasmVision's runtime and processors do
+    assert d.mats.get(g).shape == (20, 10) and d.mats.get(g).dtype == np.float32
     d.call(M, names[11], g)
     assert d.call(M, names[6], g) == 1
 

@@ -124,3 +124,16 @@ def test_expected_imports_per_processor(engine: wasmtime.Engine) -> None:
         "wasmvision:platform/datastore#[method]processor-store.set",
     } <= names("ollama")
     assert "wasmvision:platform/http#post-image" not in names("ollama"), "must never block"
+
+
+def test_ports_use_the_interfaces_their_job_needs(engine: wasmtime.Engine) -> None:
+    def names(name: str) -> set[str]:
+        return {f"{i.module}#{i.name}" for i in _module(engine, name).imports}
+
+    assert {"wasm:cv/objdetect#[constructor]cascade-classifier",
+            "wasm:cv/objdetect#[method]cascade-classifier.load",
+            "wasm:cv/objdetect#[method]cascade-classifier.detect-multi-scale",
+            "wasm:cv/mat#[method]mat.region", "wasm:cv/cv#blur"} <= names("faceblur")
+    assert {"wasmvision:platform/datastore#[method]processor-store.get", "wasm:cv/cv#put-text"} <= names("captions")
+    assert {"wasm:cv/cv#resize", "wasm:cv/cv#put-text"} <= names("asciify")
+    assert "wasm:cv/cv#gaussian-blur" in names("gaussianblur")

@@ -162,3 +162,31 @@ def test_blur_and_hello_run_in_a_chain(tmp_path):
     _, a = cap.read()
     _, b = src.read()
     assert np.abs(a.astype(int) - cv2.blur(b, (25, 25))).mean() < 3
+
+
+def test_info_lists_backends_and_versions():
+    result = _run_cli("info")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"OpenCV {cv2.__version__}" in out
+    for line in ("Camera backends:", "Stream backends:", "Writer backends:"):
+        assert line in out
+    writers = next(x for x in out.splitlines() if x.startswith("Writer backends:"))
+    assert any(cv2.videoio_registry.getBackendName(b) in writers for b in cv2.videoio_registry.getWriterBackends())
+
+
+def test_list_flags_a_processor_importing_what_the_host_lacks(tmp_path):
+    from wat import module
+    (tmp_path / "odd.wasm").write_bytes(module("""(module
+      (import "wasm:cv/cv" "no-such-filter" (func (param i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "process") (param i32) (result i32) (local.get 0)))"""))
+    result = _run_cli("list", "--processors-dir", str(tmp_path))
+    assert result.returncode == 1
+    line = next(x for x in result.stdout.splitlines() if x.startswith("odd"))
+    assert "CANNOT RUN: imports wasm:cv/cv#no-such-filter, which vision-host does not provide" in line
+
+
+def test_models_dir_must_exist(tmp_path):
+    result = _run_cli("run", "-p", "hello", "-s", str(SAMPLE_CLIP), "--models-dir", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "--models-dir" in result.stderr and "is not a directory" in result.stderr

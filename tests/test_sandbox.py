@@ -113,9 +113,9 @@ def test_destination_not_allowed(driver, real_frame, caplog):
     (b"not wasm at all", "is not a WebAssembly module"),
     (driver_module([("wasmvision:platform/logging", "info")])[:50], "is not a valid WebAssembly module"),
     (module('(module (memory (export "memory") 1) (func (export "other")))'), "does not export `process`"),
-    (module('(module (import "wasm:cv/cv" "canny" (func (param i32))) (memory (export "memory") 1)'
+    (module('(module (import "wasm:cv/cv" "no-such-filter" (func (param i32))) (memory (export "memory") 1)'
             ' (func (export "process") (param i32) (result i32) (local.get 0)))'),
-     "imports wasm:cv/cv#canny, which vision-host does not provide"),
+     "imports wasm:cv/cv#no-such-filter, which vision-host does not provide"),
     (module('(module (import "wasm:cv/mat" "[method]mat.cols" (func (param i32 i32))) (memory (export "memory") 1)'
             ' (func (export "process") (param i32) (result i32) (local.get 0)))'),
      "imports wasm:cv/mat#[method]mat.cols with type (i32, i32) -> ()"),
@@ -134,3 +134,71 @@ def test_compiled_modules_are_cached(runtime_factory, tmp_path):
     p = second.load_bytes(wasm, "a")
     assert second.cache_hits == 1
     assert p.process(np.zeros((4, 4, 3), np.uint8)).shape == (4, 4, 3)
+
+
+# wasmCV before 2025-03 returned `mat` where it now returns result<mat, error-result>, and
+# nothing where it now returns result<_, error-result>: wasmVision's published processors
+# import that form, so the host links whichever one a module asks for.
+LEGACY_BLUR = module("""
+(module
+  (import "wasm:cv/cv" "gaussian-blur" (func $gblur (param i32 i32 i32 f32 f32 i32) (result i32)))
+  (import "wasm:cv/cv" "rectangle" (func $rect (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32)))
+  (memory (export "memory") 1)
+  (global $k (mut i32) (i32.const 9))
+  (func (export "process") (param i32) (result i32)
+    (local $out i32)
+    (local.set $out (call $gblur (local.get 0) (global.get $k) (global.get $k) (f32.const 0) (f32.const 0) (i32.const 4)))
+    (call $rect (local.get $out) (i32.const 10) (i32.const 10) (i32.const 50) (i32.const 50)
+                (i32.const 255) (i32.const 0) (i32.const 0) (i32.const 255) (i32.const 2))
+    (global.set $k (i32.const 8))             ;; an even kernel next time: OpenCV refuses it
+    (local.get $out)))""")
+
+
+def test_pre_2025_wasm_cv_imports_are_linked_and_errors_logged_once(runtime_factory, real_frame, caplog):
+    import cv2
+    p = runtime_factory().load_bytes(LEGACY_BLUR, "legacy")
+    out = p.process(real_frame)
+    expected = cv2.GaussianBlur(real_frame, (9, 9), 0)
+    cv2.rectangle(expected, (10, 10), (50, 50), (0, 0, 255, 255), 2)
+    assert np.array_equal(out, expected)
+    with caplog.at_level(logging.ERROR):
+        outs = [p.process(real_frame) for _ in range(3)]
+    # no error channel in that form: the failed blur gives an empty mat (logged once), and the
+    # frame passes on unchanged because an empty mat is not a frame
+    assert all(o is real_frame for o in outs)
+    logged = [r.getMessage() for r in caplog.records if "gaussian-blur failed" in r.getMessage()]
+    assert len(logged) == 1 and "ksize" in logged[0]
+
+
+SLOW_HOST_CALLS = module("""
+(module
+  (import "wasm:cv/cv" "blur" (func $blur (param i32 i32 i32 i32)))
+  (import "wasm:cv/mat" "[resource-drop]mat" (func $drop (param i32)))
+  (memory (export "memory") 1)
+  (func (export "process") (param i32) (result i32)
+    (local $i i32)
+    (loop $again                                   ;; 200 large blurs: far over 20 ms of host time
+      (call $blur (local.get 0) (i32.const 61) (i32.const 61) (i32.const 64))
+      (call $drop (i32.load (i32.const 68)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (global.get $n))))
+    (local.get 0))
+  (global $n (export "n") (mut i32) (i32.const 200)))""")
+
+
+def test_the_deadline_counts_processor_code_not_host_functions(runtime_factory, real_frame):
+    p = runtime_factory(limits=SandboxLimits(call_timeout_ms=20)).load_bytes(SLOW_HOST_CALLS, "heavy")
+    started = time.perf_counter()
+    assert p.process(real_frame) is real_frame
+    assert time.perf_counter() - started > 0.06       # host time well past the 20 ms deadline…
+    assert p.last_error is None                        # …is not the processor's fault
+
+
+def test_a_hard_wall_clock_cap_still_stops_a_call_spent_in_host_functions(runtime_factory, real_frame):
+    p = runtime_factory(limits=SandboxLimits(call_timeout_ms=20, call_hard_timeout_ms=50)).load_bytes(
+        SLOW_HOST_CALLS, "heavy")
+    p.exports["n"].set_value(p.store, 100000)
+    started = time.perf_counter()
+    assert p.process(real_frame) is real_frame
+    assert time.perf_counter() - started < 1.0
+    assert "call ran for over 50 ms including host functions" in p.last_error

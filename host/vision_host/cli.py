@@ -20,7 +20,8 @@ from . import __version__
 
 log = logging.getLogger("vision_host")
 
-REPO_WASM_DIR = Path(__file__).resolve().parents[2] / "wasm"
+#: The built processors: the package's ``wasm/`` (in the source tree, a link to the project's ``wasm/``).
+REPO_WASM_DIR = (Path(__file__).resolve().parent / "wasm").resolve()
 DEFAULT_OLLAMA_URL = "http://localhost:11434"
 LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
@@ -131,6 +132,8 @@ def load_run_file(path: str) -> dict:
                 settings["processor"] = list(item) if isinstance(item, list) else [item]
             elif table == "processing" and key == "directory":
                 settings["processors_dir"] = str(item)
+            elif table == "models" and key == "directory":
+                settings["models_dir"] = str(item)
             else:
                 settings[key.replace("-", "_")] = item
     return settings
@@ -175,10 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="deadline of one processor call (default 20)")
     run.add_argument("--memory-limit-mb", type=_positive_int, metavar="MB",
                      help="linear-memory cap per processor (default 256)")
+    run.add_argument("--models-dir", metavar="DIR",
+                     help="directory of model files processors may load by name (dnn, face detectors)")
     run.add_argument("--no-cache", action="store_true", help="do not use the compiled-module cache")
 
     lst = sub.add_parser("list", help="list the processors found, checking their imports")
     lst.add_argument("--processors-dir", metavar="DIR")
+    sub.add_parser("info", help="print the video capture and writer backends, and the runtime's versions")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -189,7 +195,7 @@ def _settings(args: argparse.Namespace) -> dict:
     config = dict(settings.pop("config"))
     config.update(parse_config_pairs(args.config))
     for key in ("processor", "source", "output", "destination", "stats", "max_frames", "pace", "logging",
-                "processors_dir", "processor_timeout_ms", "memory_limit_mb"):
+                "processors_dir", "processor_timeout_ms", "memory_limit_mb", "models_dir"):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
@@ -202,6 +208,9 @@ def _settings(args: argparse.Namespace) -> dict:
     settings.setdefault("output", "mjpeg")
     settings.setdefault("logging", "warn")
     settings.setdefault("pace", True)
+    if settings.get("models_dir") and not Path(settings["models_dir"]).is_dir():
+        raise UsageError(f"--models-dir {settings['models_dir']} is not a directory: create it and put the "
+                         f"model files processors load by name there")
     if settings["output"] not in ("mjpeg", "file", "display"):
         raise UsageError(f"unknown output {settings['output']!r}: use mjpeg, file or display")
     if settings["logging"] not in LOG_LEVELS:
@@ -253,7 +262,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = settings["config"]
     policy = NetworkPolicy.from_config(config, settings["allow"])
     log.info("processors may reach: %s", ", ".join(sorted(policy.allowed)) or "nothing")
-    runtime = Runtime(config, policy, limits, None if args.no_cache else default_cache_dir())
+    runtime = Runtime(config, policy, limits, None if args.no_cache else default_cache_dir(),
+                      models_dir=settings.get("models_dir"))
     source = output = None
     processors = []
     try:
@@ -314,6 +324,40 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """``vision-host info``: versions, OpenCV's video I/O backends, and where things are looked up."""
+    import importlib.metadata
+    import platform
+
+    import cv2
+
+    from .runtime import default_cache_dir
+
+    def backends(ids) -> str:
+        return " ".join(cv2.videoio_registry.getBackendName(b) for b in ids) or "none"
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    try:
+        cuda = cv2.cuda.getCudaEnabledDeviceCount()
+    except (AttributeError, cv2.error):
+        cuda = 0
+    print(f"vision-host {__version__} {platform.system().lower()}/{platform.machine()} "
+          f"Python {platform.python_version()}")
+    print(f"OpenCV {cv2.__version__}, wasmtime {version('wasmtime')}")
+    print(f"Camera backends: {backends(cv2.videoio_registry.getCameraBackends())}")
+    print(f"Stream backends: {backends(cv2.videoio_registry.getStreamBackends())}")
+    print(f"Writer backends: {backends(cv2.videoio_registry.getWriterBackends())}")
+    print(f"CUDA devices for OpenCV: {cuda}")
+    print(f"Processor directories: {', '.join(str(d) for d in processor_dirs(None))}")
+    print(f"Compiled-module cache: {default_cache_dir()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``vision-host``; returns the exit status."""
     parser = build_parser()
@@ -323,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "list":
             return cmd_list(args)
+        if args.command == "info":
+            return cmd_info(args)
         if args.command == "version":
             print(f"vision-host {__version__}")
             return 0

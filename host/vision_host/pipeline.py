@@ -83,6 +83,7 @@ class Pipeline:
                 if frame is None:
                     break
                 self.frames_in += 1
+                self.runtime.next_frame()
                 for processor in self.processors:
                     frame = processor.process(frame)
                 now = time.perf_counter()

@@ -1,7 +1,8 @@
-"""The sandboxed processor runtime: engine and instances (:mod:`.engine`), canonical-ABI
-helpers (:mod:`.abi`), mat handles (:mod:`.mats`), and one module per imported interface:
-:mod:`.platform` (wasmvision:platform), :mod:`.cv` (wasm:cv), :mod:`.fetch` and
-:mod:`.overlay` (vision-host:platform)."""
+"""The sandboxed processor runtime: engine, instances and linking (:mod:`.engine`), the WIT
+contract reader (:mod:`.wit`), canonical-ABI lifting and lowering (:mod:`.canon`), guest
+memory (:mod:`.abi`), resource handles (:mod:`.handles`), and one module per imported
+interface: :mod:`.platform` (wasmvision:platform), :mod:`.cv`, :mod:`.objdetect`, :mod:`.dnn`,
+:mod:`.features2d` (wasm:cv), :mod:`.fetch` and :mod:`.overlay` (vision-host:platform)."""
 
 from .engine import Processor, ProcessorLoadError, Runtime, SandboxLimits, default_cache_dir
 from .fetch import NetworkPolicy

@@ -1,39 +1,30 @@
-"""Canonical-ABI helpers: bounds-checked guest memory access and host-function registration.
+"""Guest memory for the canonical ABI: bounds-checked access and the two allocator
+conventions for strings and lists the host returns.
 
-Follows the component model's Canonical ABI (``CanonicalABI.md`` of the WebAssembly
-component-model repository) for the shapes vision-host's interfaces use:
+* ``cabi_realloc(old_ptr, old_size, align, new_size)`` (Rust, C and Zig bindings): every
+  allocation is the guest's own, which it frees (``CanonicalABI.md``).
+* ``malloc(size)``/``free(ptr)`` (TinyGo): TinyGo's bindings never free what the host
+  returns, and its ``malloc`` keeps each block alive until ``free``. So the host keeps a
+  per-instance *arena* of blocks it allocated once: a frame's returned strings and lists are
+  bump-allocated in it, stay valid until the next frame, and the arena is reused from the
+  start at each frame (:meth:`GuestMemory.reset_arena`). It grows by adding blocks when a
+  frame needs more, so a long reply never overflows a fixed buffer, and blocks a frame did
+  not need are freed (when the module exports ``free``).
 
-* a ``string`` or ``list<u8>`` argument arrives as ``(ptr: i32, len: i32)`` in guest memory;
-  strings are UTF-8;
-* a result that flattens to more than one value is written by the host into a *return area*
-  whose address the guest passes as the last argument; for ``result<T, E>`` the discriminant
-  is a byte at offset 0 (0 = ok, 1 = err) and the payload starts at offset 4;
-* a string or list the host returns lives in guest memory, allocated by the guest's
-  ``cabi_realloc(old_ptr, old_size, align, new_size)`` (Rust, C, Zig bindings) or
-  ``malloc(size)`` (TinyGo); the guest owns and frees it.
-
-Every violation (pointer or length outside memory, invalid UTF-8, unknown handle, allocator
-failure) raises :class:`AbiError`, which traps the guest's call: the host never crashes.
+Every violation (pointer or length outside memory, invalid UTF-8, allocator failure) raises
+:class:`AbiError`, which traps the guest's call: the host never crashes.
 """
 
 from __future__ import annotations
 
 import ctypes
-import struct
-from dataclasses import dataclass
-from typing import Callable
 
 import wasmtime
 
-__all__ = ["AbiError", "GuestMemory", "HostFunction", "host_function", "HOST_FUNCTIONS", "VALTYPES"]
+__all__ = ["AbiError", "GuestMemory"]
 
-#: Signature letters used by :func:`host_function`: i32, i64, f32, f64.
-VALTYPES = {"i": wasmtime.ValType.i32(), "I": wasmtime.ValType.i64(),
-            "f": wasmtime.ValType.f32(), "F": wasmtime.ValType.f64()}
-
-_RESULT_OK = struct.Struct("<BxxxI")           # result<u32|handle|enum, _> ok / err enum
-_RESULT_PTR_LEN = struct.Struct("<BxxxII")     # result<string|list, _> ok, or err string
-_PTR_LEN = struct.Struct("<II")                # list / string in a return area
+#: First arena block for malloc-convention guests (bytes); later blocks at least double.
+ARENA_BLOCK = 16 * 1024
 
 
 class AbiError(Exception):
@@ -53,11 +44,17 @@ class GuestMemory:
     """
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory,
-                 realloc: wasmtime.Func | None = None, malloc: wasmtime.Func | None = None):
+                 realloc: wasmtime.Func | None = None, malloc: wasmtime.Func | None = None,
+                 free: wasmtime.Func | None = None):
         self._store = store
         self._memory = memory
         self._realloc = realloc
         self._malloc = malloc
+        self._free = free
+        self._blocks: list[list[int]] = []   # [ptr, size] of arena blocks (malloc guests)
+        self._block = 0                       # index of the block being filled
+        self._used = 0                        # bytes used in it
+        self._frame_blocks = 0                # blocks touched since the last reset
         # Memories never move (the engine is configured with memory_may_move(False)),
         # so the base address is fixed for the instance's life; only the length changes.
         self._base = ctypes.addressof(memory.data_ptr(store).contents)
@@ -95,7 +92,11 @@ class GuestMemory:
         """Copy ``data`` to guest address ``ptr``."""
         n = len(data)
         if n:
-            ctypes.memmove(self._check(ptr, n), bytes(data) if isinstance(data, memoryview) else data, n)
+            if isinstance(data, bytearray):
+                data = (ctypes.c_char * n).from_buffer(data)
+            elif isinstance(data, memoryview):
+                data = bytes(data)
+            ctypes.memmove(self._check(ptr, n), data, n)
 
     def alloc(self, size: int, align: int = 1) -> int:
         """Allocate ``size`` bytes in the guest with its own allocator; returns the address."""
@@ -104,7 +105,7 @@ class GuestMemory:
         if self._realloc is not None:
             ptr = self._realloc(self._store, 0, 0, align, size)
         elif self._malloc is not None:
-            ptr = self._malloc(self._store, size)
+            return self._arena_alloc(size, align)
         else:
             raise AbiError("the processor exports no allocator (cabi_realloc or malloc) "
                            "but called a function that returns a string or list")
@@ -123,84 +124,35 @@ class GuestMemory:
         """Copy ``text`` as UTF-8 into a fresh guest allocation; returns ``(ptr, len)``."""
         return self.lower_bytes(text.encode("utf-8"))
 
-    # Return-area writers -------------------------------------------------------------
-    def ret_ok_u32(self, retptr: int, value: int) -> None:
-        """``result<u32-like, E>`` ok (also handles and ``bool`` payloads)."""
-        self.write(retptr, _RESULT_OK.pack(0, value))
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes of guest memory the host's arena holds (0 for cabi_realloc guests)."""
+        return sum(size for _, size in self._blocks)
 
-    def ret_err_enum(self, retptr: int, code: int, payload_offset: int = 4) -> None:
-        """``result<T, enum>`` err with enum case index ``code``.
+    def _arena_alloc(self, size: int, align: int) -> int:
+        while self._block < len(self._blocks):
+            ptr, cap = self._blocks[self._block]
+            start = (ptr + self._used + align - 1) & ~(align - 1)
+            if start + size <= ptr + cap:
+                self._used = start + size - ptr
+                self._frame_blocks = max(self._frame_blocks, self._block + 1)
+                return start
+            self._block += 1
+            self._used = 0
+        cap = max(ARENA_BLOCK, 2 * (self._blocks[-1][1] if self._blocks else 0), size + align)
+        ptr = self._malloc(self._store, cap)
+        if not isinstance(ptr, int) or ptr <= 0:
+            raise AbiError(f"the processor's malloc returned an unusable pointer ({ptr}) for {cap} bytes")
+        self._check(ptr, cap)
+        self._blocks.append([ptr, cap])
+        self._block, self._used = len(self._blocks) - 1, 0
+        return self._arena_alloc(size, align)
 
-        The payload sits at the largest alignment of the two cases: 4 when ``T`` holds a
-        u32, string or list, 1 when ``T`` is ``_`` or ``bool``.
-        """
-        self.write(retptr, bytes((1,)) + bytes(payload_offset - 1) + bytes((code,)))
-
-    def ret_ok_bool(self, retptr: int, value: bool) -> None:
-        """``result<bool, enum>`` ok: the bool byte at offset 1."""
-        self.write(retptr, bytes((0, 1 if value else 0)))
-
-    def ret_ok_unit(self, retptr: int) -> None:
-        """``result<_, E>`` ok."""
-        self.write(retptr, b"\x00")
-
-    def ret_ok_bytes(self, retptr: int, data: bytes) -> None:
-        """``result<string | list<u8>, E>`` ok, allocating the payload in the guest."""
-        ptr, n = self.lower_bytes(data)
-        self.write(retptr, _RESULT_PTR_LEN.pack(0, ptr, n))
-
-    def ret_err_str(self, retptr: int, message: str) -> None:
-        """``result<T, string>`` err (wasm:cv's ``error-result``)."""
-        ptr, n = self.lower_str(message)
-        self.write(retptr, _RESULT_PTR_LEN.pack(1, ptr, n))
-
-    def ret_list(self, retptr: int, data: bytes, count: int, align: int) -> None:
-        """A bare ``list<T>`` result: ``count`` elements already packed in ``data``."""
-        ptr = self.alloc(len(data), align) if data else align
-        self.write(ptr, data)
-        self.write(retptr, _PTR_LEN.pack(ptr, count))
-
-    def ret_str_list(self, retptr: int, items: list[str]) -> None:
-        """A bare ``list<string>`` result: an array of ``(ptr, len)`` pairs."""
-        pairs = b"".join(_PTR_LEN.pack(*self.lower_str(s)) for s in items)
-        self.ret_list(retptr, pairs, len(items), 4)
-
-
-@dataclass(frozen=True)
-class HostFunction:
-    """One imported function: where the guest finds it and how the host implements it.
-
-    ``params``/``results`` are signature letters (see :data:`VALTYPES`); ``impl`` receives
-    the instance's context object first, then the flattened core-wasm arguments.
-    """
-
-    module: str
-    name: str
-    params: str
-    results: str
-    impl: Callable
-
-    def functype(self) -> wasmtime.FuncType:
-        """The core-wasm type the guest must import this function with."""
-        return wasmtime.FuncType([VALTYPES[c] for c in self.params], [VALTYPES[c] for c in self.results])
-
-
-#: Every host function, filled by the interface modules at import time.
-HOST_FUNCTIONS: dict[tuple[str, str], HostFunction] = {}
-
-
-def host_function(module: str, name: str, params: str = "", results: str = "") -> Callable:
-    """Decorator registering ``impl(ctx, *args)`` as import ``module``/``name``.
-
-    The signature strings must match the canonical-ABI lowering of the WIT function under
-    ``wasm/wit`` (a test checks them against a module generated from the WIT).
-    """
-
-    def register(impl: Callable) -> Callable:
-        key = (module, name)
-        if key in HOST_FUNCTIONS:
-            raise ValueError(f"host function {module}#{name} registered twice")
-        HOST_FUNCTIONS[key] = HostFunction(module, name, params, results, impl)
-        return impl
-
-    return register
+    def reset_arena(self) -> None:
+        """Start a new frame: the arena is reused from its first block. Blocks the last frame
+        did not touch are freed when the module exports ``free``."""
+        if self._free is not None and len(self._blocks) > max(1, self._frame_blocks):
+            for ptr, _ in self._blocks[max(1, self._frame_blocks):]:
+                self._free(self._store, ptr)
+            del self._blocks[max(1, self._frame_blocks):]
+        self._block = self._used = self._frame_blocks = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -25,16 +26,58 @@ from pathlib import Path
 import numpy as np
 import wasmtime
 
-from . import cv as _cv, fetch as _fetch, overlay as _overlay, platform as _platform  # noqa: F401 (register host functions)
-from .abi import HOST_FUNCTIONS, AbiError, GuestMemory
+from . import overlay as _overlay
+from .abi import AbiError, GuestMemory
+from .canon import build_host_functions, build_legacy_functions
 from .fetch import FetchClient, FetchError, FetchStats, NetworkPolicy
-from .mats import MatTable
+from .handles import HandleTable
 from .platform import ProcessorStore
 
 log = logging.getLogger("vision_host.runtime")
 
 WASI_MODULE = "wasi_snapshot_preview1"
 EPOCH_TICK_S = 0.005
+MAT_RESOURCE = "wasm:cv/mat.mat"
+
+#: Modules whose ``@implements`` functions make up the host side of the contract.
+INTERFACE_MODULES = ("platform", "cv", "objdetect", "dnn", "features2d", "fetch", "overlay")
+
+
+def wit_dir() -> Path:
+    """The WIT contract: ``$VISION_HOST_WIT_DIR``, else the package's ``wasm/wit`` (in the
+    source tree a link to the project's ``wasm/``)."""
+    if env := os.environ.get("VISION_HOST_WIT_DIR"):
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "wasm" / "wit"
+
+
+for _module in INTERFACE_MODULES:
+    importlib.import_module(f".{_module}", __package__)
+
+#: Every host function a processor may import, by (module, name): the WIT contract's
+#: functions paired with their implementations.
+HOST_FUNCTIONS = build_host_functions(wit_dir())
+#: The same functions in wasmCV's pre-2025 form (no error results), linked when a module
+#: imports that core signature (wasmVision's published processors do).
+LEGACY_FUNCTIONS = build_legacy_functions(wit_dir())
+
+
+def host_function_for(module: str, name: str, functype: wasmtime.FuncType):
+    """The host function to link for an import of ``module``/``name`` with core type
+    ``functype``, or None when the host has none of that type."""
+    spec = HOST_FUNCTIONS.get((module, name))
+    if spec is None:
+        return None
+    if _type_text(functype) == _type_text(spec.functype()):
+        return spec
+    legacy = LEGACY_FUNCTIONS.get((module, name))
+    if legacy is not None and _type_text(functype) == _type_text(legacy.functype()):
+        return legacy
+    return None
+
+
+class CallTimeout(Exception):
+    """A processor call ran past its wall-clock cap (host functions included)."""
 
 
 class ProcessorLoadError(Exception):
@@ -46,7 +89,10 @@ class SandboxLimits:
     """Per-instance limits.
 
     Attributes:
-        call_timeout_ms: epoch deadline for one ``process`` call (host calls included).
+        call_timeout_ms: how long one ``process`` call may run in the processor's own code
+            (epoch deadline; time inside host functions such as OpenCV calls is not counted).
+        call_hard_timeout_ms: wall-clock cap on one ``process`` call, host functions
+            included (checked when the processor calls the host).
         init_timeout_ms: deadline for instantiation and ``_initialize``.
         memory_limit_bytes: cap on the instance's linear memory; ``memory.grow`` fails past it.
         max_consecutive_failures: failed calls in a row after which the processor is disabled.
@@ -54,6 +100,7 @@ class SandboxLimits:
     """
 
     call_timeout_ms: float = 20.0
+    call_hard_timeout_ms: float = 1000.0
     init_timeout_ms: float = 2000.0
     memory_limit_bytes: int = 256 * 1024 * 1024
     max_consecutive_failures: int = 5
@@ -86,12 +133,15 @@ class Runtime:
 
     def __init__(self, config: dict[str, str] | None = None, policy: NetworkPolicy | None = None,
                  limits: SandboxLimits | None = None, cache_dir: Path | None = None,
-                 println=None):
+                 println=None, models_dir: Path | None = None):
         self.config = dict(config or {})
         self.policy = policy or NetworkPolicy.from_config(self.config)
         self.limits = limits or SandboxLimits()
         self.cache_dir = cache_dir
+        self.models_dir = Path(models_dir) if models_dir else None
         self.processor_store = ProcessorStore()
+        self.frame_store = ProcessorStore()
+        self.frame_seq = 0
         self.fetch_stats = FetchStats()
         self.println = println or (lambda text: print(text, flush=True))
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="vision-host-http")
@@ -109,6 +159,13 @@ class Runtime:
     def _tick(self) -> None:
         while not self._stop.wait(EPOCH_TICK_S):
             self.engine.increment_epoch()
+
+    def next_frame(self) -> int:
+        """Start a new frame (the pipeline calls this once per frame); returns its sequence
+        number. ``frame-store`` data older than the previous frame is dropped."""
+        self.frame_seq += 1
+        self.frame_store.prune_before(self.frame_seq - 1)
+        return self.frame_seq
 
     def ticks(self, ms: float) -> int:
         """Epoch ticks covering ``ms`` milliseconds (at least 1)."""
@@ -163,7 +220,7 @@ class Runtime:
                 problems.append(f"imports {imp.module}#{imp.name}, which vision-host does not provide")
             elif not isinstance(imp.type, wasmtime.FuncType):
                 problems.append(f"imports {imp.module}#{imp.name} as a non-function")
-            elif _type_text(imp.type) != _type_text(spec.functype()):
+            elif host_function_for(imp.module, imp.name, imp.type) is None:
                 problems.append(f"imports {imp.module}#{imp.name} with type {_type_text(imp.type)}, "
                                 f"but the host provides {_type_text(spec.functype())}")
         exports = {e.name: e.type for e in module.exports}
@@ -249,14 +306,33 @@ class InstanceContext:
 
     def __init__(self, runtime: Runtime, name: str):
         self.name = name
+        self.runtime = runtime
         self.config = runtime.config
         self.processor_store = runtime.processor_store
+        self.frame_store = runtime.frame_store
+        self.models_dir = runtime.models_dir
         self.println = runtime.println
         self.log = logging.getLogger(f"vision_host.processor.{name}")
-        self.mats = MatTable(runtime.limits.max_live_mats)
+        self._limit = runtime.limits.max_live_mats
+        self._tables: dict[str, HandleTable] = {}
+        self.mats = self.table(MAT_RESOURCE)
+        self.frame_handle = 0          # handle of the frame being processed, and its sequence
+        self.frame_number = 0
         self.fetch = FetchClient(runtime.policy, runtime.pool, runtime.fetch_stats)
         self.memory: GuestMemory | None = None
         self._refused: set[str] = set()
+
+    def table(self, resource: str) -> HandleTable:
+        """This instance's handle table for ``resource`` (``"<interface>.<resource>"``)."""
+        found = self._tables.get(resource)
+        if found is None:
+            found = self._tables[resource] = HandleTable(resource.rsplit(".", 1)[-1], self._limit)
+        return found
+
+    def frame_seq(self, handle: int) -> int | None:
+        """The run-wide frame number of the frame this instance knows as ``handle``, or None
+        when ``handle`` is not the frame being processed."""
+        return self.frame_number if handle == self.frame_handle and handle else None
 
     def note_fetch_error(self, url: str, code: FetchError) -> None:
         """Log a refused destination once per URL, with what to do about it."""
@@ -284,6 +360,10 @@ class Processor:
         self._suspect = False
         self._errors_by_kind: dict[str, int] = {}
         self.ctx = ctx = InstanceContext(runtime, name)
+        self._callbacks: list = []     # C callbacks of the linked host functions, kept alive
+        self._in_call = False          # deadline accounting of the current process call (s)
+        self._budget_s = self._hard_s = self._guest_s = 0.0
+        self._call_started = self._resumed = 0.0
         self.store = store = wasmtime.Store(runtime.engine)
         store.set_limits(memory_size=runtime.limits.memory_limit_bytes)
         wasi = wasmtime.WasiConfig()
@@ -294,15 +374,17 @@ class Processor:
         linker = wasmtime.Linker(runtime.engine)
         linker.define_wasi()
         for imp in module.imports:
-            spec = HOST_FUNCTIONS.get((imp.module, imp.name))
+            spec = (host_function_for(imp.module, imp.name, imp.type)
+                    if isinstance(imp.type, wasmtime.FuncType) else None)
             if spec is not None:
-                linker.define_func(spec.module, spec.name, spec.functype(), functools.partial(spec.impl, ctx))
+                _define(linker, spec, self._timed(spec.impl), self._callbacks)
         store.set_epoch_deadline(runtime.ticks(runtime.limits.init_timeout_ms))
         try:
             instance = linker.instantiate(store, module)
             exports = instance.exports(store)
             memory = exports["memory"]
-            ctx.memory = GuestMemory(store, memory, _maybe(exports, "cabi_realloc"), _maybe(exports, "malloc"))
+            ctx.memory = GuestMemory(store, memory, _maybe(exports, "cabi_realloc"), _maybe(exports, "malloc"),
+                                     _maybe(exports, "free"))
             for start in ("_initialize", "_start"):
                 func = _maybe(exports, start)
                 if func is not None:
@@ -314,6 +396,28 @@ class Processor:
             raise ProcessorLoadError(f"processor {name} ({path}) failed while starting: {_describe(exc)}") from None
         self.exports = exports
         self._process = exports["process"]
+
+    def _timed(self, impl):
+        """``impl`` bound to this instance, with the time it takes kept out of the guest's
+        deadline: on return the epoch deadline is reset to the guest time left."""
+        ctx, store, runtime = self.ctx, self.store, self.runtime
+        perf_counter = time.perf_counter
+
+        def call(*args):
+            entered = perf_counter()
+            if not self._in_call:
+                return impl(ctx, *args)
+            self._guest_s += entered - self._resumed
+            if entered - self._call_started > self._hard_s:
+                raise CallTimeout(f"call ran for over {self._hard_s * 1000:g} ms including host functions "
+                                  f"and was stopped")
+            try:
+                return impl(ctx, *args)
+            finally:
+                self._resumed = perf_counter()
+                left_ms = (self._budget_s - self._guest_s) * 1000.0
+                store.set_epoch_deadline(runtime.ticks(left_ms) if left_ms > 0 else 1)
+        return call
 
     def _run_start(self, func, which: str) -> None:
         try:
@@ -350,22 +454,34 @@ class Processor:
         original = frame
         if self._suspect:
             frame = frame.copy()
-        mats = self.ctx.mats
+        ctx = self.ctx
+        mats = ctx.mats
         handle = mats.insert(frame)
-        self.store.set_epoch_deadline(self.runtime.ticks(self.runtime.limits.call_timeout_ms))
+        ctx.frame_handle, ctx.frame_number = handle, self.runtime.frame_seq
+        ctx.memory.reset_arena()
+        limits = self.runtime.limits
+        self.store.set_epoch_deadline(self.runtime.ticks(limits.call_timeout_ms))
         started = time.perf_counter()
+        self._budget_s, self._hard_s = limits.call_timeout_ms / 1000.0, limits.call_hard_timeout_ms / 1000.0
+        self._call_started = self._resumed = started
+        self._guest_s = 0.0
+        self._in_call = True
         try:
             out_handle = self._process(self.store, handle)
             result = mats.get(out_handle)
         except Exception as exc:  # noqa: BLE001 - traps, timeouts and ABI errors alike
+            self._in_call = False
             self.stats.add((time.perf_counter() - started) * 1e6)
             mats.discard(handle)
             mats.drop_from(handle + 1)   # mats created by the failed call
+            mats.release_closed()
             self._failed(exc)
             return original
+        self._in_call = False
         self.stats.add((time.perf_counter() - started) * 1e6)
         mats.discard(handle)
         mats.discard(out_handle)
+        mats.release_closed()
         self._consecutive = 0
         if not isinstance(result, np.ndarray) or result.ndim < 2 or result.size == 0:
             self._failed(AbiError(f"returned an empty or invalid mat (handle {out_handle})"))
@@ -393,6 +509,55 @@ class Processor:
         self.ctx.fetch.close()
 
 
+try:    # wasmtime's "unchecked" host-function API: raw values, no per-call type checks
+    import ctypes
+
+    from wasmtime import _bindings as _ffi
+    from wasmtime import _func as _wasmtime_func
+    _RAW_FIELDS = {"i": "i32", "I": "i64", "f": "f32", "F": "f64"}
+    _NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _env: None)
+    _UNCHECKED = _ffi.wasmtime_func_unchecked_callback_t
+    _define_unchecked = _ffi.wasmtime_linker_define_func_unchecked
+except (ImportError, AttributeError):   # pragma: no cover - another wasmtime-py layout
+    _UNCHECKED = None
+
+
+def _define(linker: wasmtime.Linker, spec, impl, keep: list) -> None:
+    """Define host function ``spec`` (implemented by ``impl(*core_args)``) in ``linker``.
+
+    Uses wasmtime's unchecked callback (arguments and result as raw values in one array),
+    which costs about half of what wasmtime-py's checked ``define_func`` costs per call;
+    falls back to ``define_func`` when this wasmtime-py does not expose it. The C callback
+    is appended to ``keep``, which must outlive the linker's instances.
+    """
+    if _UNCHECKED is None:
+        linker.define_func(spec.module, spec.name, spec.functype(), impl)
+        return
+    fields = [_RAW_FIELDS[c] for c in spec.params]
+    result = _RAW_FIELDS[spec.results] if spec.results else None
+    Trap = wasmtime.Trap
+
+    def callback(_env, _caller, raw, _n):
+        try:
+            value = impl(*[getattr(raw[k], f) for k, f in enumerate(fields)])
+            if result is not None:
+                setattr(raw[0], result, value)
+            return 0
+        except BaseException as exc:   # noqa: BLE001 - re-raised by wasmtime-py on return
+            _wasmtime_func.LAST_EXCEPTION = exc
+            return ctypes.cast(Trap("python exception")._consume(), ctypes.c_void_p).value
+
+    c_callback = _UNCHECKED(callback)
+    keep.append(c_callback)
+    module, name = spec.module.encode(), spec.name.encode()
+    functype = spec.functype()     # must outlive the call: the C side borrows its pointer
+    error = _define_unchecked(linker.ptr(), ctypes.create_string_buffer(module), len(module),
+                              ctypes.create_string_buffer(name), len(name), functype.ptr(),
+                              c_callback, None, _NO_FINALIZER)
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(error)
+
+
 def _maybe(exports, name: str):
     try:
         return exports[name]
@@ -404,10 +569,13 @@ def _describe(exc: BaseException, timeout_ms: float | None = None) -> str:
     """One sentence for a failed call."""
     if isinstance(exc, AbiError):
         return f"ABI violation: {exc}"
+    if isinstance(exc, CallTimeout):
+        return str(exc)
     if isinstance(exc, wasmtime.Trap):
         code = exc.trap_code
         if code == wasmtime.TrapCode.INTERRUPT:
-            return (f"call exceeded its {timeout_ms:g} ms deadline and was interrupted" if timeout_ms
+            return (f"call exceeded its {timeout_ms:g} ms deadline (time in the processor's own code) "
+                    f"and was interrupted" if timeout_ms
                     else "call exceeded its deadline and was interrupted")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "trap"
         return f"trapped ({first})"

@@ -15,7 +15,6 @@ import base64
 import concurrent.futures
 import enum
 import logging
-import struct
 import threading
 import time
 from collections import deque
@@ -26,7 +25,7 @@ import cv2
 import numpy as np
 import requests
 
-from .abi import host_function
+from .canon import ErrResult, implements
 
 log = logging.getLogger("vision_host.fetch")
 
@@ -347,57 +346,39 @@ def frame_jpeg_body(frame: np.ndarray, max_side: int, quality: int, template: by
 
 
 # -- host functions: vision-host:platform/fetch ------------------------------------------
-_PROGRESS = struct.Struct("<BxxxHBxII")   # result<progress, fetch-error> ok
+_FETCH = "vision-host:platform/fetch"
 
 
-@host_function("vision-host:platform/fetch", "post-frame", "iiiiiiiiii")
-def _post_frame(ctx, url_p, url_n, ct_p, ct_n, tpl_p, tpl_n, frame, max_side, quality, retptr):
-    mem = ctx.memory
-    url = mem.read_str(url_p, url_n)
-    content_type = mem.read_str(ct_p, ct_n)
-    template = mem.read(tpl_p, tpl_n)
+def _started(ctx, url: str, start) -> int:
+    try:
+        return start()
+    except FetchErrorResult as err:
+        ctx.note_fetch_error(url, err.code)
+        raise ErrResult(int(err.code)) from None
+
+
+@implements(_FETCH, "post-frame")
+def _post_frame(ctx, url, content_type, template, frame, max_side, quality):
     array = ctx.mats.get(frame)
+    return _started(ctx, url, lambda: ctx.fetch.start(
+        "POST", url, content_type, lambda: frame_jpeg_body(array, max_side, quality, template),
+        is_image=True, prepare=True))
+
+
+@implements(_FETCH, "start")
+def _start(ctx, method, url, content_type, body):
+    return _started(ctx, url, lambda: ctx.fetch.start(method.upper(), url, content_type, lambda: body))
+
+
+@implements(_FETCH, "poll")
+def _poll(ctx, request_id):
     try:
-        rid = ctx.fetch.start("POST", url, content_type,
-                              lambda: frame_jpeg_body(array, max_side, quality, template), is_image=True,
-                              prepare=True)
+        return ctx.fetch.poll(request_id)      # (status, done, body) = the progress record
     except FetchErrorResult as err:
-        ctx.note_fetch_error(url, err.code)
-        mem.ret_err_enum(retptr, err.code)
-        return
-    mem.ret_ok_u32(retptr, rid)
+        raise ErrResult(int(err.code)) from None
 
 
-@host_function("vision-host:platform/fetch", "start", "iiiiiiiii")
-def _start(ctx, m_p, m_n, url_p, url_n, ct_p, ct_n, body_p, body_n, retptr):
-    mem = ctx.memory
-    method = mem.read_str(m_p, m_n).upper()
-    url = mem.read_str(url_p, url_n)
-    content_type = mem.read_str(ct_p, ct_n)
-    body = mem.read(body_p, body_n)
-    try:
-        rid = ctx.fetch.start(method, url, content_type, lambda: body)
-    except FetchErrorResult as err:
-        ctx.note_fetch_error(url, err.code)
-        mem.ret_err_enum(retptr, err.code)
-        return
-    mem.ret_ok_u32(retptr, rid)
-
-
-@host_function("vision-host:platform/fetch", "poll", "ii")
-def _poll(ctx, request_id, retptr):
-    mem = ctx.memory
-    try:
-        status, done, chunk = ctx.fetch.poll(request_id)
-    except FetchErrorResult as err:
-        mem.ret_err_enum(retptr, err.code)
-        return
-    ptr = mem.alloc(len(chunk), 1) if chunk else 1
-    mem.write(ptr, chunk)
-    mem.write(retptr, _PROGRESS.pack(0, status, int(done), ptr, len(chunk)))
-
-
-@host_function("vision-host:platform/fetch", "cancel", "i")
+@implements(_FETCH, "cancel")
 def _cancel(ctx, request_id):
     ctx.fetch.cancel(request_id)
 

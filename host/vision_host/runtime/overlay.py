@@ -14,8 +14,7 @@ import unicodedata
 import cv2
 import numpy as np
 
-from .abi import host_function
-from .cv import bgr
+from .canon import ErrResult, implements
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 MARGIN_PX = 8
@@ -110,13 +109,10 @@ def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
         cv2.putText(frame, line, (MARGIN_PX, y - baseline - 3), FONT, scale, fg[:3], thickness, cv2.LINE_AA)
 
 
-@host_function("vision-host:platform/overlay", "caption", "iiiifiiiiiiiiii")
-def _caption(ctx, img, t_p, t_n, placement, scale, fr, fg_, fb, fa, br, bg_, bb, ba, max_lines, retptr):
+@implements("vision-host:platform/overlay", "caption")
+def _caption(ctx, img, text, placement, scale, fg, bg, max_lines):
     frame = ctx.mats.get(img)
-    text = ctx.memory.read_str(t_p, t_n)
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-        ctx.memory.ret_err_str(retptr, "caption needs an 8-bit 3-channel frame")
-        return
+        raise ErrResult("caption needs an 8-bit 3-channel frame")
     scale = min(max(scale, 0.2), 4.0)
-    draw_caption(frame, text, placement == 1, scale, bgr(fr, fg_, fb, fa), bgr(br, bg_, bb, ba), max_lines)
-    ctx.memory.ret_ok_unit(retptr)
+    draw_caption(frame, text, placement == 1, scale, (fg.b, fg.g, fg.r, fg.a), (bg.b, bg.g, bg.r, bg.a), max_lines)

@@ -13,7 +13,7 @@ import json
 import threading
 import time
 
-from .abi import host_function
+from .canon import ErrResult, implements
 from .fetch import FetchError, FetchErrorResult, frame_jpeg_body
 
 
@@ -36,11 +36,15 @@ _FETCH_TO_HTTP = {
 }
 
 NO_SUCH_KEY = 1          # config-error.no-such-key
+DS_NO_SUCH_FRAME = 1     # datastore-error.no-such-frame
 DS_NO_SUCH_KEY = 2       # datastore-error.no-such-key
 
 
 class ProcessorStore:
-    """The run's ``processor-store``: string values by (processor name, key), thread-safe."""
+    """The run's ``processor-store``: string values by (processor name, key), thread-safe.
+
+    The ``frame-store`` uses the same class keyed by frame sequence number (see
+    :meth:`prune_before`)."""
 
     def __init__(self):
         self._data: dict[str, dict[str, str]] = {}
@@ -76,53 +80,57 @@ class ProcessorStore:
         with self._lock:
             return list(self._data.get(processor, {}))
 
+    def prune_before(self, oldest: int) -> None:
+        """Frame-store use: forget every frame numbered below ``oldest``."""
+        with self._lock:
+            for frame in [f for f in self._data if f < oldest]:
+                del self._data[frame]
+
 
 # -- config ----------------------------------------------------------------------------
-@host_function("wasmvision:platform/config", "get-config", "iii")
-def _get_config(ctx, key_p, key_n, retptr):
-    mem = ctx.memory
-    value = ctx.config.get(mem.read_str(key_p, key_n))
+_CFG, _LOG, _TIME, _HTTP, _DS = (f"wasmvision:platform/{i}" for i in ("config", "logging", "time", "http", "datastore"))
+
+
+@implements(_CFG, "get-config")
+def _get_config(ctx, key):
+    value = ctx.config.get(key)
     if value is None:
-        mem.ret_err_enum(retptr, NO_SUCH_KEY)
-    else:
-        mem.ret_ok_bytes(retptr, value.encode("utf-8"))
+        raise ErrResult(NO_SUCH_KEY)
+    return value
 
 
 # -- logging ---------------------------------------------------------------------------
 def _logger(level: int):
-    def log_message(ctx, ptr, length):
-        ctx.log.log(level, "%s", ctx.memory.read_str(ptr, length))
+    def log_message(ctx, message):
+        ctx.log.log(level, "%s", message)
     return log_message
 
 
 for _name, _level in (("log", 30), ("error", 40), ("warn", 30), ("info", 20), ("debug", 10)):
-    host_function("wasmvision:platform/logging", _name, "ii")(_logger(_level))
+    implements(_LOG, _name)(_logger(_level))
 
 
-@host_function("wasmvision:platform/logging", "println", "ii")
-def _println(ctx, ptr, length):
-    ctx.println(ctx.memory.read_str(ptr, length))
+@implements(_LOG, "println")
+def _println(ctx, message):
+    ctx.println(message)
 
 
 # -- time ------------------------------------------------------------------------------
-@host_function("wasmvision:platform/time", "now", "i", "I")
+@implements(_TIME, "now")
 def _now(ctx, tz):
     return time.time_ns() // 1000
 
 
 # -- http (blocking, for wasmVision processors) -----------------------------------------
-def _blocking(ctx, retptr, method, url, content_type, body, response_item=None):
-    mem = ctx.memory
+def _blocking(ctx, method, url, content_type, body, response_item=None):
     try:
         status, reply = ctx.fetch.blocking(method, url, content_type, body)
     except FetchErrorResult as err:
         ctx.note_fetch_error(url, err.code)
-        mem.ret_err_enum(retptr, _FETCH_TO_HTTP.get(err.code, HttpError.REQUEST_ERROR))
-        return
+        raise ErrResult(_FETCH_TO_HTTP.get(err.code, HttpError.REQUEST_ERROR)) from None
     if not 200 <= status < 300:
         ctx.log.warning("%s answered HTTP %d", url, status)
-        mem.ret_err_enum(retptr, HttpError.REQUEST_ERROR)
-        return
+        raise ErrResult(HttpError.REQUEST_ERROR)
     if response_item is not None:
         try:
             value = json.loads(reply)[response_item]
@@ -130,85 +138,124 @@ def _blocking(ctx, retptr, method, url, content_type, body, response_item=None):
                 value = json.dumps(value)
         except (ValueError, KeyError, TypeError):
             ctx.log.warning("%s: reply has no JSON field %r", url, response_item)
-            mem.ret_err_enum(retptr, HttpError.RUNTIME_ERROR)
-            return
-        reply = value.strip().replace("\r", "").replace("\n", "").encode("utf-8")
-    mem.ret_ok_bytes(retptr, reply)
+            raise ErrResult(HttpError.RUNTIME_ERROR) from None
+        return value.strip().replace("\r", "").replace("\n", "")
+    return reply
 
 
-@host_function("wasmvision:platform/http", "get", "iii")
-def _http_get(ctx, url_p, url_n, retptr):
-    _blocking(ctx, retptr, "GET", ctx.memory.read_str(url_p, url_n), "", b"")
+@implements(_HTTP, "get")
+def _http_get(ctx, url):
+    return _blocking(ctx, "GET", url, "", b"")
 
 
-@host_function("wasmvision:platform/http", "post", "iiiiiii")
-def _http_post(ctx, url_p, url_n, ct_p, ct_n, body_p, body_n, retptr):
-    mem = ctx.memory
-    _blocking(ctx, retptr, "POST", mem.read_str(url_p, url_n), mem.read_str(ct_p, ct_n), mem.read(body_p, body_n))
+@implements(_HTTP, "post")
+def _http_post(ctx, url, content_type, body):
+    return _blocking(ctx, "POST", url, content_type, body)
 
 
-@host_function("wasmvision:platform/http", "post-image", "iiiiiiiiii")
-def _http_post_image(ctx, url_p, url_n, ct_p, ct_n, tpl_p, tpl_n, item_p, item_n, frame, retptr):
-    mem = ctx.memory
-    url = mem.read_str(url_p, url_n)
-    template = mem.read(tpl_p, tpl_n)
-    item = mem.read_str(item_p, item_n)
+@implements(_HTTP, "post-image")
+def _http_post_image(ctx, url, content_type, template, response_item, frame):
     body = frame_jpeg_body(ctx.mats.get(frame), 0, 90, template)()
-    _blocking(ctx, retptr, "POST", url, "application/json", body, response_item=item)
+    return _blocking(ctx, "POST", url, "application/json", body, response_item=response_item)
 
 
-# -- datastore: processor-store ---------------------------------------------------------
-_DS = "wasmvision:platform/datastore"
+# -- datastore: processor-store and frame-store ---------------------------------------------
+# The stores are run-wide singletons: every constructor call returns the same handle and
+# drops are no-ops, so a processor that constructs a store per frame and never drops it
+# (TinyGo bindings do that) does not fill its handle table.
+STORE_HANDLE = 1
 
 
-@host_function(_DS, "[constructor]processor-store", "i", "i")
+@implements(_DS, "[constructor]processor-store")
 def _ps_new(ctx, _id):
-    return 1
+    return STORE_HANDLE
 
 
-@host_function(_DS, "[resource-drop]processor-store", "i")
+@implements(_DS, "[resource-drop]processor-store")
 def _ps_drop(ctx, _handle):
     return None
 
 
-@host_function(_DS, "[method]processor-store.get", "iiiiii")
-def _ps_get(ctx, _self, p_p, p_n, k_p, k_n, retptr):
-    mem = ctx.memory
-    value = ctx.processor_store.get(mem.read_str(p_p, p_n), mem.read_str(k_p, k_n))
+@implements(_DS, "[method]processor-store.get")
+def _ps_get(ctx, _self, processor, key):
+    value = ctx.processor_store.get(processor, key)
     if value is None:
-        mem.ret_err_enum(retptr, DS_NO_SUCH_KEY)
-    else:
-        mem.ret_ok_bytes(retptr, value.encode("utf-8"))
+        raise ErrResult(DS_NO_SUCH_KEY)
+    return value
 
 
-@host_function(_DS, "[method]processor-store.set", "iiiiiiii")
-def _ps_set(ctx, _self, p_p, p_n, k_p, k_n, v_p, v_n, retptr):
-    mem = ctx.memory
-    ctx.processor_store.set(mem.read_str(p_p, p_n), mem.read_str(k_p, k_n), mem.read_str(v_p, v_n))
-    mem.ret_ok_unit(retptr)
+@implements(_DS, "[method]processor-store.set")
+def _ps_set(ctx, _self, processor, key, value):
+    ctx.processor_store.set(processor, key, value)
 
 
-@host_function(_DS, "[method]processor-store.delete", "iiiiii")
-def _ps_delete(ctx, _self, p_p, p_n, k_p, k_n, retptr):
-    mem = ctx.memory
-    ctx.processor_store.delete(mem.read_str(p_p, p_n), mem.read_str(k_p, k_n))
-    mem.ret_ok_unit(retptr)
+@implements(_DS, "[method]processor-store.delete")
+def _ps_delete(ctx, _self, processor, key):
+    ctx.processor_store.delete(processor, key)
 
 
-@host_function(_DS, "[method]processor-store.delete-all", "iiii")
-def _ps_delete_all(ctx, _self, p_p, p_n, retptr):
-    mem = ctx.memory
-    ctx.processor_store.delete_all(mem.read_str(p_p, p_n))
-    mem.ret_ok_unit(retptr)
+@implements(_DS, "[method]processor-store.delete-all")
+def _ps_delete_all(ctx, _self, processor):
+    ctx.processor_store.delete_all(processor)
 
 
-@host_function(_DS, "[method]processor-store.exists", "iiii")
-def _ps_exists(ctx, _self, p_p, p_n, retptr):
-    mem = ctx.memory
-    mem.ret_ok_bool(retptr, ctx.processor_store.exists(mem.read_str(p_p, p_n)))
+@implements(_DS, "[method]processor-store.exists")
+def _ps_exists(ctx, _self, processor):
+    return ctx.processor_store.exists(processor)
 
 
-@host_function(_DS, "[method]processor-store.get-keys", "iiii")
-def _ps_get_keys(ctx, _self, p_p, p_n, retptr):
-    mem = ctx.memory
-    mem.ret_str_list(retptr, ctx.processor_store.keys(mem.read_str(p_p, p_n)))
+@implements(_DS, "[method]processor-store.get-keys")
+def _ps_get_keys(ctx, _self, processor):
+    return ctx.processor_store.keys(processor)
+
+
+@implements(_DS, "[constructor]frame-store")
+def _fs_new(ctx, _id):
+    return STORE_HANDLE
+
+
+@implements(_DS, "[resource-drop]frame-store")
+def _fs_drop(ctx, _handle):
+    return None
+
+
+def _frame(ctx, handle: int) -> int:
+    """The run-wide sequence number of the frame the caller knows as mat ``handle``."""
+    seq = ctx.frame_seq(handle)
+    if seq is None:
+        raise ErrResult(DS_NO_SUCH_FRAME)
+    return seq
+
+
+@implements(_DS, "[method]frame-store.get")
+def _fs_get(ctx, _self, frame, key):
+    value = ctx.frame_store.get(_frame(ctx, frame), key)
+    if value is None:
+        raise ErrResult(DS_NO_SUCH_KEY)
+    return value
+
+
+@implements(_DS, "[method]frame-store.set")
+def _fs_set(ctx, _self, frame, key, value):
+    ctx.frame_store.set(_frame(ctx, frame), key, value)
+
+
+@implements(_DS, "[method]frame-store.delete")
+def _fs_delete(ctx, _self, frame, key):
+    ctx.frame_store.delete(_frame(ctx, frame), key)
+
+
+@implements(_DS, "[method]frame-store.delete-all")
+def _fs_delete_all(ctx, _self, frame):
+    ctx.frame_store.delete_all(_frame(ctx, frame))
+
+
+@implements(_DS, "[method]frame-store.exists")
+def _fs_exists(ctx, _self, frame):
+    return ctx.frame_store.exists(_frame(ctx, frame))
+
+
+@implements(_DS, "[method]frame-store.get-keys")
+def _fs_get_keys(ctx, _self, frame):
+    seq = ctx.frame_seq(frame)
+    return [] if seq is None else ctx.frame_store.keys(seq)

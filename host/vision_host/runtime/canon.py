@@ -1,0 +1,727 @@
+"""The canonical ABI, host side: lifting a processor's core-wasm arguments into Python values
+and lowering Python results back, for any function of the WIT contract.
+
+Source: the component model's ``CanonicalABI.md`` (flattening, ``MAX_FLAT_PARAMS`` = 16,
+``MAX_FLAT_RESULTS`` = 1, sizes and alignments, variant discriminants, ``join`` of case
+payloads). A host implementation is a plain Python function registered with
+:func:`implements`; :func:`build_host_functions` pairs each with its WIT declaration and
+returns core-level trampolines for the linker.
+
+Python values at the boundary:
+
+=====================  ===========================================================
+WIT                    Python
+=====================  ===========================================================
+bool, integers, floats ``bool``, ``int``, ``float``
+char, string           ``str`` (a result may also be UTF-8 ``bytes``)
+list<u8>               ``bytes`` (a result may be any bytes-like object)
+list<T>                ``list`` (a result of numbers may be a numpy array)
+record                 a namedtuple (fields in WIT order, ``-`` → ``_``); any sequence
+                       in field order is accepted as a result
+tuple<…>               ``tuple``
+enum                   ``int`` case index (an ``IntEnum`` is fine)
+flags                  ``int`` bit mask
+variant                ``(case index, payload or None)``
+option<T>              ``None`` or the value
+result<T, E>           a parameter: ``(0, ok)`` or ``(1, err)``; a return value: the ok
+                       value, or raise :class:`ErrResult` with the err value
+own<R>, borrow<R>      ``int`` handle; a returned ``own<R>`` that is not an ``int`` is
+                       put into the caller's table for ``R`` and its new handle returned
+=====================  ===========================================================
+
+Every violation (pointer or length outside memory, invalid UTF-8 or char, an enum or
+variant case that does not exist, an unknown handle) raises :class:`AbiError`, which traps
+the processor's call; the host never crashes.
+"""
+
+from __future__ import annotations
+
+import collections
+import keyword
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import wasmtime
+
+from .abi import AbiError
+from .wit import (EnumT, FlagsT, Function, Handle, ListT, OptionT, Prim, RecordT, ResultT, TupleT,
+                  VariantT, parse_dir)
+
+__all__ = ["ErrResult", "HostFunction", "implements", "build_host_functions", "codec", "MAX_FLAT_PARAMS",
+           "MAX_FLAT_RESULTS", "VALTYPES"]
+
+MAX_FLAT_PARAMS = 16
+MAX_FLAT_RESULTS = 1
+
+#: Core value-type letters: i32, i64, f32, f64.
+VALTYPES = {"i": wasmtime.ValType.i32(), "I": wasmtime.ValType.i64(),
+            "f": wasmtime.ValType.f32(), "F": wasmtime.ValType.f64()}
+
+
+class ErrResult(Exception):
+    """Raised by a host implementation to return the ``err`` case of its ``result``."""
+
+    def __init__(self, value=None):
+        super().__init__(value)
+        self.value = value
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) & ~(a - 1)
+
+
+def _to_i32(v: int) -> int:
+    v &= 0xFFFF_FFFF
+    return v - 0x1_0000_0000 if v & 0x8000_0000 else v
+
+
+def _to_i64(v: int) -> int:
+    v &= 0xFFFF_FFFF_FFFF_FFFF
+    return v - 0x1_0000_0000_0000_0000 if v & 0x8000_0000_0000_0000 else v
+
+
+# -- codecs --------------------------------------------------------------------------------
+class Codec:
+    """Canonical-ABI layout and conversions of one WIT type.
+
+    ``flat`` is its flattening (letters of :data:`VALTYPES`); ``size``/``align`` its
+    in-memory layout in bytes. ``lift_flat`` reads ``len(flat)`` values of ``args`` from
+    index ``i``; ``load``/``store`` read/write at ``offset`` of a buffer already copied from
+    (or about to be copied to) guest memory; ``lower_flat`` appends core values to ``out``.
+    """
+
+    flat: str = ""
+    size: int = 0
+    align: int = 1
+
+    def lift_flat(self, cx, args, i):
+        raise NotImplementedError
+
+    def load(self, cx, buf, off):
+        raise NotImplementedError
+
+    def store(self, cx, buf, off, value) -> None:
+        raise NotImplementedError
+
+    def lower_flat(self, cx, value, out: list) -> None:
+        raise NotImplementedError
+
+
+class _Int(Codec):
+    _FORMATS = {"u8": ("B", 8, False), "s8": ("b", 8, True), "u16": ("H", 16, False), "s16": ("h", 16, True),
+                "u32": ("I", 32, False), "s32": ("i", 32, True), "u64": ("Q", 64, False), "s64": ("q", 64, True)}
+
+    def __init__(self, name: str):
+        fmt, bits, signed = self._FORMATS[name]
+        self.struct = struct.Struct("<" + fmt)
+        self.size = self.align = bits // 8
+        self.flat = "I" if bits == 64 else "i"
+        self.mask = (1 << bits) - 1
+        self.sign = 1 << (bits - 1) if signed else 0
+
+    def convert(self, v: int) -> int:
+        v = int(v) & self.mask
+        return v - (self.sign << 1) if self.sign and v & self.sign else v
+
+    def lift_flat(self, cx, args, i):
+        return self.convert(args[i]), i + 1
+
+    def load(self, cx, buf, off):
+        return self.struct.unpack_from(buf, off)[0]
+
+    def store(self, cx, buf, off, value):
+        self.struct.pack_into(buf, off, self.convert(value))
+
+    def lower_flat(self, cx, value, out):
+        out.append(_to_i64(value) if self.flat == "I" else _to_i32(value))
+
+
+class _Bool(Codec):
+    flat, size, align = "i", 1, 1
+
+    def lift_flat(self, cx, args, i):
+        return args[i] != 0, i + 1
+
+    def load(self, cx, buf, off):
+        return buf[off] != 0
+
+    def store(self, cx, buf, off, value):
+        buf[off] = 1 if value else 0
+
+    def lower_flat(self, cx, value, out):
+        out.append(1 if value else 0)
+
+
+class _Float(Codec):
+    def __init__(self, name: str):
+        self.struct = struct.Struct("<f" if name == "f32" else "<d")
+        self.size = self.align = self.struct.size
+        self.flat = "f" if name == "f32" else "F"
+
+    def lift_flat(self, cx, args, i):
+        return float(args[i]), i + 1
+
+    def load(self, cx, buf, off):
+        return self.struct.unpack_from(buf, off)[0]
+
+    def store(self, cx, buf, off, value):
+        self.struct.pack_into(buf, off, float(value))
+
+    def lower_flat(self, cx, value, out):
+        out.append(float(value))
+
+
+class _Char(_Int):
+    def __init__(self):
+        super().__init__("u32")
+
+    def _char(self, code: int) -> str:
+        if code >= 0x110000 or 0xD800 <= code <= 0xDFFF:
+            raise AbiError(f"{code:#x} is not a Unicode scalar value")
+        return chr(code)
+
+    def lift_flat(self, cx, args, i):
+        return self._char(args[i] & 0xFFFF_FFFF), i + 1
+
+    def load(self, cx, buf, off):
+        return self._char(super().load(cx, buf, off))
+
+    def store(self, cx, buf, off, value):
+        super().store(cx, buf, off, ord(value))
+
+    def lower_flat(self, cx, value, out):
+        out.append(ord(value))
+
+
+_PTR_LEN = struct.Struct("<II")
+
+
+class _String(Codec):
+    flat, size, align = "ii", 8, 4
+
+    def lift_flat(self, cx, args, i):
+        return cx.memory.read_str(args[i] & 0xFFFF_FFFF, args[i + 1] & 0xFFFF_FFFF), i + 2
+
+    def load(self, cx, buf, off):
+        return cx.memory.read_str(*_PTR_LEN.unpack_from(buf, off))
+
+    def _put(self, cx, value):
+        data = value if isinstance(value, (bytes, bytearray)) else str(value).encode("utf-8")
+        return cx.memory.lower_bytes(data)
+
+    def store(self, cx, buf, off, value):
+        _PTR_LEN.pack_into(buf, off, *self._put(cx, value))
+
+    def lower_flat(self, cx, value, out):
+        out.extend(_to_i32(v) for v in self._put(cx, value))
+
+
+#: numpy dtypes of list elements that can be copied as one block.
+_BLOCK_DTYPES = {"u8": "<u1", "s8": "<i1", "u16": "<u2", "s16": "<i2", "u32": "<u4", "s32": "<i4",
+                 "u64": "<u8", "s64": "<i8", "f32": "<f4", "f64": "<f8"}
+
+
+class _List(Codec):
+    flat, size, align = "ii", 8, 4
+
+    def __init__(self, elem: Codec, block_dtype: str | None):
+        self.elem = elem
+        self.block = np.dtype(block_dtype) if block_dtype else None
+        self.is_bytes = block_dtype == "<u1"
+
+    def _lift(self, cx, ptr, n):
+        ptr &= 0xFFFF_FFFF
+        n &= 0xFFFF_FFFF
+        esize = self.elem.size
+        if n and ptr % self.elem.align:
+            raise AbiError(f"list at {ptr} is not aligned to {self.elem.align}")
+        if n * esize > cx.memory.size:
+            raise AbiError(f"list of {n} elements at {ptr} is larger than guest memory")
+        data = cx.memory.read(ptr, n * esize)
+        if self.is_bytes:
+            return data
+        if self.block is not None:
+            return np.frombuffer(data, self.block).tolist()
+        return [self.elem.load(cx, data, k * esize) for k in range(n)]
+
+    def lift_flat(self, cx, args, i):
+        return self._lift(cx, args[i], args[i + 1]), i + 2
+
+    def load(self, cx, buf, off):
+        return self._lift(cx, *_PTR_LEN.unpack_from(buf, off))
+
+    def _put(self, cx, value):
+        """Copy ``value`` into a fresh guest allocation; returns (ptr, element count)."""
+        esize = self.elem.size
+        if self.block is not None:
+            if isinstance(value, np.ndarray):
+                data = np.ascontiguousarray(value, self.block).tobytes()
+            elif isinstance(value, (bytes, bytearray, memoryview)):
+                data = bytes(value)
+            else:
+                data = np.asarray(value, self.block).tobytes()
+        else:
+            items = list(value)
+            buf = bytearray(len(items) * esize)
+            for k, item in enumerate(items):
+                self.elem.store(cx, buf, k * esize, item)
+            data = bytes(buf)
+        ptr = cx.memory.alloc(len(data), self.elem.align) if data else self.elem.align
+        cx.memory.write(ptr, data)
+        return ptr, len(data) // esize
+
+    def store(self, cx, buf, off, value):
+        _PTR_LEN.pack_into(buf, off, *self._put(cx, value))
+
+    def lower_flat(self, cx, value, out):
+        out.extend(_to_i32(v) for v in self._put(cx, value))
+
+
+class _Record(Codec):
+    def __init__(self, name: str, fields: list[tuple[str, Codec]], tuple_type=None):
+        self.fields = [c for _, c in fields]
+        offset, align = 0, 1
+        self.offsets = []
+        for c in self.fields:
+            offset = _align(offset, c.align)
+            self.offsets.append(offset)
+            offset += c.size
+            align = max(align, c.align)
+        self.align = align
+        self.size = _align(offset, align)
+        self.flat = "".join(c.flat for c in self.fields)
+        self.make = tuple_type or (lambda *values: tuple(values))
+
+    def lift_flat(self, cx, args, i):
+        values = []
+        for c in self.fields:
+            v, i = c.lift_flat(cx, args, i)
+            values.append(v)
+        return self.make(*values), i
+
+    def load(self, cx, buf, off):
+        return self.make(*(c.load(cx, buf, off + o) for c, o in zip(self.fields, self.offsets)))
+
+    def store(self, cx, buf, off, value):
+        if len(value) != len(self.fields):
+            raise TypeError(f"a record of {len(self.fields)} fields was returned as {value!r}")
+        for c, o, v in zip(self.fields, self.offsets, value):
+            c.store(cx, buf, off + o, v)
+
+    def lower_flat(self, cx, value, out):
+        for c, v in zip(self.fields, value):
+            c.lower_flat(cx, v, out)
+
+
+def _join(a: str, b: str) -> str:
+    if a == b:
+        return a
+    if {a, b} == {"i", "f"}:
+        return "i"
+    return "I"
+
+
+_F32 = struct.Struct("<f")
+_F64 = struct.Struct("<d")
+_I32 = struct.Struct("<i")
+_I64 = struct.Struct("<q")
+
+
+def _coerce_in(value, have: str, want: str):
+    """A flat value of joined type ``have`` reinterpreted as the case's own type ``want``."""
+    if have == want:
+        return value
+    if want == "f":
+        return _F32.unpack(_I32.pack(_to_i32(value)))[0]
+    if want == "F":
+        return _F64.unpack(_I64.pack(_to_i64(value)))[0]
+    return value      # i32 carried in an i64
+
+
+def _coerce_out(value, have: str, want: str):
+    if have == want:
+        return value
+    if have == "f":
+        value = _I32.unpack(_F32.pack(value))[0]
+    elif have == "F":
+        value = _I64.unpack(_F64.pack(value))[0]
+    return value
+
+
+class _Variant(Codec):
+    """Variants, and enum, option and result as their special cases."""
+
+    def __init__(self, name: str, cases: list[Codec | None], kind: str):
+        self.name = name
+        self.cases = cases
+        self.kind = kind    # "variant", "enum", "option", "result"
+        n = len(cases)
+        self.disc = _Int("u8" if n <= 1 << 8 else "u16" if n <= 1 << 16 else "u32")
+        payload_align = max([c.align for c in cases if c is not None], default=1)
+        self.align = max(self.disc.size, payload_align)
+        self.payload_offset = _align(self.disc.size, payload_align)
+        self.size = _align(self.payload_offset + max([c.size for c in cases if c is not None], default=0),
+                           self.align)
+        joined = ""
+        for c in cases:
+            if c is None:
+                continue
+            for k, t in enumerate(c.flat):
+                joined = joined + t if k >= len(joined) else joined[:k] + _join(joined[k], t) + joined[k + 1:]
+        self.joined = joined
+        self.flat = "i" + joined
+
+    def _case(self, index: int) -> Codec | None:
+        if not 0 <= index < len(self.cases):
+            raise AbiError(f"{self.name}: case {index} does not exist (it has {len(self.cases)})")
+        return self.cases[index]
+
+    def _value(self, index, payload):
+        if self.kind == "enum":
+            return index
+        if self.kind == "option":
+            return payload if index else None
+        return index, payload
+
+    def lift_flat(self, cx, args, i):
+        index = args[i] & 0xFFFF_FFFF
+        case = self._case(index)
+        payload = None
+        if case is not None:
+            vals = [_coerce_in(args[i + 1 + k], self.joined[k], t) for k, t in enumerate(case.flat)]
+            payload, _ = case.lift_flat(cx, vals, 0)
+        return self._value(index, payload), i + 1 + len(self.joined)
+
+    def load(self, cx, buf, off):
+        index = self.disc.load(cx, buf, off)
+        case = self._case(index)
+        payload = case.load(cx, buf, off + self.payload_offset) if case is not None else None
+        return self._value(index, payload)
+
+    def _split(self, value):
+        """(case index, payload) of a Python value."""
+        if self.kind == "enum":
+            return int(value), None
+        if self.kind == "option":
+            return (0, None) if value is None else (1, value)
+        return value
+
+    def store(self, cx, buf, off, value):
+        index, payload = self._split(value)
+        self.disc.store(cx, buf, off, index)
+        case = self.cases[index] if 0 <= index < len(self.cases) else None
+        if case is not None:
+            case.store(cx, buf, off + self.payload_offset, payload)
+
+    def lower_flat(self, cx, value, out):
+        index, payload = self._split(value)
+        out.append(index)
+        case = self.cases[index] if 0 <= index < len(self.cases) else None
+        vals: list = []
+        if case is not None:
+            case.lower_flat(cx, payload, vals)
+        for k, t in enumerate(self.joined):
+            out.append(_coerce_out(vals[k], case.flat[k], t) if k < len(vals) else (0.0 if t in "fF" else 0))
+
+
+class _Flags(Codec):
+    def __init__(self, n: int):
+        self.words = (n + 31) // 32
+        self.int = _Int("u8" if n <= 8 else "u16" if n <= 16 else "u32")
+        self.size = 0 if n == 0 else self.int.size if n <= 16 else 4 * self.words
+        self.align = 1 if n == 0 else self.int.align
+        self.flat = "i" * self.words
+
+    def lift_flat(self, cx, args, i):
+        value = 0
+        for k in range(self.words):
+            value |= (args[i + k] & 0xFFFF_FFFF) << (32 * k)
+        return value, i + self.words
+
+    def load(self, cx, buf, off):
+        if self.size <= 2:
+            return self.int.load(cx, buf, off) if self.size else 0
+        return sum(struct.unpack_from("<I", buf, off + 4 * k)[0] << (32 * k) for k in range(self.words))
+
+    def store(self, cx, buf, off, value):
+        if self.size <= 2:
+            if self.size:
+                self.int.store(cx, buf, off, value)
+            return
+        for k in range(self.words):
+            struct.pack_into("<I", buf, off + 4 * k, (value >> (32 * k)) & 0xFFFF_FFFF)
+
+    def lower_flat(self, cx, value, out):
+        out.extend(_to_i32(value >> (32 * k)) for k in range(self.words))
+
+
+class _Handle(_Int):
+    def __init__(self, handle: Handle):
+        super().__init__("u32")
+        self.resource = handle.resource.key
+
+    def _handle(self, cx, value) -> int:
+        if isinstance(value, (int, np.integer)):
+            return int(value)
+        return cx.table(self.resource).insert(value)
+
+    def store(self, cx, buf, off, value):
+        super().store(cx, buf, off, self._handle(cx, value))
+
+    def lower_flat(self, cx, value, out):
+        out.append(_to_i32(self._handle(cx, value)))
+
+
+_CODECS: dict[int, Codec] = {}
+_RECORD_TYPES: dict[int, type] = {}
+
+
+def _field_name(name: str) -> str:
+    name = name.replace("-", "_")
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+def codec(ty) -> Codec | None:
+    """The :class:`Codec` of a resolved WIT type (None for ``_``), cached per type."""
+    if ty is None:
+        return None
+    key = id(ty) if not isinstance(ty, (Prim, ListT, OptionT, ResultT, TupleT, Handle)) else hash(_type_key(ty))
+    found = _CODECS.get(key)
+    if found is not None:
+        return found
+    if isinstance(ty, Prim):
+        name = ty.name
+        made = (_Bool() if name == "bool" else _Float(name) if name in ("f32", "f64") else _Char()
+                if name == "char" else _String() if name == "string" else _Int(name))
+    elif isinstance(ty, ListT):
+        elem = ty.elem
+        block = _BLOCK_DTYPES.get(elem.name) if isinstance(elem, Prim) else None
+        made = _List(codec(elem), block)
+    elif isinstance(ty, RecordT):
+        tuple_type = collections.namedtuple(_field_name(ty.name).replace("_", ""),
+                                            [_field_name(n) for n, _ in ty.fields], rename=True)
+        made = _Record(ty.name, [(n, codec(t)) for n, t in ty.fields], tuple_type)
+    elif isinstance(ty, TupleT):
+        made = _Record("tuple", [(str(k), codec(t)) for k, t in enumerate(ty.elems)])
+    elif isinstance(ty, EnumT):
+        made = _Variant(ty.name, [None] * len(ty.cases), "enum")
+    elif isinstance(ty, VariantT):
+        made = _Variant(ty.name, [codec(t) for _, t in ty.cases], "variant")
+    elif isinstance(ty, OptionT):
+        made = _Variant("option", [None, codec(ty.elem)], "option")
+    elif isinstance(ty, ResultT):
+        made = _Variant("result", [codec(ty.ok), codec(ty.err)], "result")
+    elif isinstance(ty, FlagsT):
+        made = _Flags(len(ty.flags))
+    elif isinstance(ty, Handle):
+        made = _Handle(ty)
+    else:
+        raise TypeError(f"no canonical-ABI codec for {ty!r}")
+    _CODECS[key] = made
+    return made
+
+
+def _type_key(ty):
+    if isinstance(ty, Prim):
+        return ("prim", ty.name)
+    if isinstance(ty, (ListT, OptionT)):
+        return (type(ty).__name__, _type_key(ty.elem))
+    if isinstance(ty, ResultT):
+        return ("result", _type_key(ty.ok), _type_key(ty.err))
+    if isinstance(ty, TupleT):
+        return ("tuple",) + tuple(_type_key(e) for e in ty.elems)
+    if isinstance(ty, Handle):
+        return ("handle", ty.resource.key, ty.own)
+    return ("named", id(ty)) if ty is not None else None
+
+
+# -- host functions --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HostFunction:
+    """One imported function ready for the linker.
+
+    ``params``/``results`` are core signature letters (see :data:`VALTYPES`); ``impl(ctx,
+    *core_args)`` lifts the arguments, calls the Python implementation and lowers its result.
+    """
+
+    module: str
+    name: str
+    params: str
+    results: str
+    impl: Callable
+    wit: Function | None = None
+
+    def functype(self) -> wasmtime.FuncType:
+        """The core-wasm type the guest must import this function with."""
+        return wasmtime.FuncType([VALTYPES[c] for c in self.params], [VALTYPES[c] for c in self.results])
+
+
+#: Python implementations by (interface, import name), filled by :func:`implements`.
+IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+
+
+def implements(interface: str, name: str) -> Callable:
+    """Decorator registering ``impl(ctx, *params)`` for WIT function ``name`` of ``interface``
+    (``name`` as imported: ``blur``, ``[method]mat.cols``, ``[static]net.read``, …).
+
+    ``impl`` receives lifted Python values (see the module docstring) and returns the result.
+    """
+
+    def register(impl: Callable) -> Callable:
+        key = (interface, name)
+        if key in IMPLEMENTATIONS:
+            raise ValueError(f"{interface}#{name} is implemented twice")
+        IMPLEMENTATIONS[key] = impl
+        return impl
+
+    return register
+
+
+def trampoline(fn: Function, impl: Callable) -> HostFunction:
+    """The core-level host function for WIT function ``fn`` implemented by ``impl``."""
+    params = [codec(t) for _, t in fn.params]
+    result = codec(fn.result)
+    flat_params = "".join(c.flat for c in params)
+    flat_result = result.flat if result is not None else ""
+    spilled = len(flat_params) > MAX_FLAT_PARAMS
+    retptr = len(flat_result) > MAX_FLAT_RESULTS
+    core_params = ("i" if spilled else flat_params) + ("i" if retptr else "")
+    core_results = "" if retptr else flat_result
+    is_result = isinstance(fn.result, ResultT)
+    params_record = _Record("params", [(str(k), c) for k, c in enumerate(params)]) if spilled else None
+    simple = (not spilled and all(isinstance(c, (_Int, _Float, _Bool)) and not isinstance(c, _Char)
+                                  for c in params))
+    converters = [(c.convert if isinstance(c, _Int) else (lambda v: v != 0) if isinstance(c, _Bool) else float)
+                  for c in params] if simple else None
+    n_flat = len(flat_params)
+
+    def call(ctx, *args):
+        if simple:
+            values = [conv(a) for conv, a in zip(converters, args)]
+        elif spilled:
+            ptr = args[0] & 0xFFFF_FFFF
+            values = list(params_record.load(ctx, ctx.memory.read(ptr, params_record.size), 0))
+        else:
+            values, i = [], 0
+            for c in params:
+                v, i = c.lift_flat(ctx, args, i)
+                values.append(v)
+        if is_result:
+            try:
+                value = (0, impl(ctx, *values))
+            except ErrResult as err:
+                value = (1, err.value)
+        else:
+            value = impl(ctx, *values)
+        if result is None:
+            return None
+        if retptr:
+            buf = bytearray(result.size)
+            result.store(ctx, buf, 0, value)
+            ctx.memory.write(args[n_flat if not spilled else 1] & 0xFFFF_FFFF, buf)
+            return None
+        out: list = []
+        result.lower_flat(ctx, value, out)
+        return out[0]
+
+    return HostFunction(fn.interface, fn.import_name, core_params, core_results, call, fn)
+
+
+def build_host_functions(wit_dir: Path) -> dict[tuple[str, str], HostFunction]:
+    """Every WIT function under ``wit_dir`` that has an implementation, as a core host
+    function keyed by (module, name). ``[resource-drop]`` functions without an explicit
+    implementation drop the handle from the caller's table for that resource.
+
+    Raises:
+        WitError: the WIT files do not parse.
+    """
+    functions = {}
+    for iface in parse_dir(wit_dir).values():
+        for fn in iface.functions.values():
+            impl = IMPLEMENTATIONS.get((fn.interface, fn.import_name))
+            if impl is None and fn.import_name.startswith("[resource-drop]"):
+                resource = fn.params[0][1].resource.key
+                impl = _dropper(resource)
+            if impl is not None:
+                functions[(fn.interface, fn.import_name)] = trampoline(fn, impl)
+    return functions
+
+
+def legacy_function(fn: Function) -> Function | None:
+    """The pre-2025-03 wasmCV form of ``fn``, or None when it has none.
+
+    Until March 2025 wasmCV's functions returned ``T`` where they now return
+    ``result<T, error-result>`` (and nothing where they now return ``result<_,
+    error-result>``); wasmVision's published processors were built against that form, so
+    the host offers both and links whichever core signature a module imports.
+    """
+    result = fn.result
+    if (fn.interface.startswith("wasm:cv/") and isinstance(result, ResultT)
+            and isinstance(result.err, Prim) and result.err.name == "string"):
+        return Function(fn.interface, fn.import_name, fn.params, result.ok, fn.docs)
+    return None
+
+
+def legacy_trampoline(fn: Function, legacy: Function, impl: Callable) -> HostFunction:
+    """Core host function for the legacy form of ``fn``: an error has no channel there, so
+    it is logged once per processor and function, and the call returns an empty mat, an
+    empty list, zero or nothing; a function that should return another resource (a
+    ``net``, a detector) traps, failing that frame's call with the message."""
+    ok_type = legacy.result
+
+    def unwrap(ctx, *values):
+        try:
+            return impl(ctx, *values)
+        except ErrResult as err:
+            message = f"{fn.import_name} failed: {err.value}"
+            if isinstance(ok_type, Handle) and ok_type.resource.key != "wasm:cv/mat.mat":
+                raise AbiError(message) from None
+            seen = ctx.__dict__.setdefault("_legacy_errors", set())
+            if fn.import_name not in seen:
+                seen.add(fn.import_name)
+                ctx.log.error("%s (reported once; this processor uses the pre-2025 wasm:cv interface, "
+                              "which has no error results)", message)
+            return _empty_value(ok_type)
+
+    return trampoline(legacy, unwrap)
+
+
+def _empty_value(ty):
+    if ty is None:
+        return None
+    if isinstance(ty, Handle):
+        return np.empty((0, 0), np.uint8)
+    if isinstance(ty, ListT):
+        return []
+    if isinstance(ty, Prim):
+        return {"bool": False, "string": "", "char": "\0", "f32": 0.0, "f64": 0.0}.get(ty.name, 0)
+    if isinstance(ty, RecordT):
+        return tuple(_empty_value(t) for _, t in ty.fields)
+    return 0
+
+
+def build_legacy_functions(wit_dir: Path) -> dict[tuple[str, str], HostFunction]:
+    """The legacy forms (see :func:`legacy_function`) of the implemented functions."""
+    functions = {}
+    for iface in parse_dir(wit_dir).values():
+        for fn in iface.functions.values():
+            impl = IMPLEMENTATIONS.get((fn.interface, fn.import_name))
+            legacy = legacy_function(fn)
+            if impl is not None and legacy is not None:
+                functions[(fn.interface, fn.import_name)] = legacy_trampoline(fn, legacy, impl)
+    return functions
+
+
+def _dropper(resource: str) -> Callable:
+    def drop(ctx, handle):
+        ctx.table(resource).take(handle)
+    return drop
+
+
+def declared_functions(wit_dir: Path) -> dict[tuple[str, str], Function]:
+    """Every function the WIT under ``wit_dir`` declares, by (module, name)."""
+    return {(fn.interface, fn.import_name): fn
+            for iface in parse_dir(wit_dir).values() for fn in iface.functions.values()}
