@@ -83,3 +83,25 @@ def test_pipeline_fps_vs_plain_opencv(benchmark, runtime_factory, standin, tmp_p
                                 fps_ratio_vs_opencv=round(ratio, 3), captions=stats["captions"]["completed"])
     print(f"\npipeline {stats['fps']:.1f} fps, plain OpenCV {opencv_fps:.1f} fps, ratio {ratio:.2f}")
     assert stats["frames_out"] == FRAMES
+
+
+_HOST_CALLS = 1000
+
+
+def test_host_call_round_trip(benchmark, runtime_factory, real_frame):
+    """One process() making 1000 host calls (`[method]mat.get-uchar-at`, the call wasmVision's
+    asciify makes per pixel): the per-call cost of crossing the boundary is this / 1000."""
+    from wat import module
+    wasm = module(f"""(module
+      (import "wasm:cv/mat" "[method]mat.get-uchar-at" (func $at (param i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "process") (param $f i32) (result i32)
+        (local $i i32)
+        (loop $again
+          (drop (call $at (local.get $f) (i32.const 10) (local.get $i)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $again (i32.lt_u (local.get $i) (i32.const {_HOST_CALLS}))))
+        (local.get $f)))""")
+    p = runtime_factory().load_bytes(wasm, "caller")
+    assert benchmark(p.process, real_frame) is real_frame
+    assert p.last_error is None
