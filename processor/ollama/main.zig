@@ -113,33 +113,11 @@ fn readInt(key: []const u8, default: u64, min: u64, max: u64, also: ?u64, expect
 fn readScale(key: []const u8, comptime default: f32) f32 {
     const value = vh.config.get(key) orelse return default;
     defer vh.free(value);
-    if (parseDecimal(trimmed(value))) |v| {
+    if (vh.parseDecimal(trimmed(value))) |v| {
         if (v >= 0.1 and v <= 10) return v;
     }
     reportInvalid(key, value, "a number 0.1-10", @as([]const u8, std.fmt.comptimePrint("{d}", .{default})));
     return default;
-}
-
-/// A plain decimal number ("0.6", "2", "1.25"): digits with an optional fraction, at most
-/// 9 digits in all. Null for anything else. (Small on purpose: std.fmt.parseFloat would
-/// add ~25 KB of tables to the module for this one setting.)
-fn parseDecimal(s: []const u8) ?f32 {
-    var mantissa: u32 = 0;
-    var digits: u32 = 0;
-    var scale: f32 = 1;
-    var seen_point = false;
-    for (s) |c| {
-        if (c == '.' and !seen_point) {
-            seen_point = true;
-            continue;
-        }
-        if (c < '0' or c > '9' or digits == 9) return null;
-        mantissa = mantissa * 10 + (c - '0');
-        digits += 1;
-        if (seen_point) scale *= 10;
-    }
-    if (digits == 0) return null;
-    return @as(f32, @floatFromInt(mantissa)) / scale;
 }
 
 fn readPlacement(key: []const u8, default: vh.overlay.Placement) vh.overlay.Placement {
