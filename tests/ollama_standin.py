@@ -35,19 +35,67 @@ Errors as Ollama sends them, ``{"error": "..."}`` with ``application/json; chars
 
 Model names match like Ollama's: case-insensitively, and a name without a tag means ``:latest``.
 
-Deliberate stress for clients (``split_chunks=True``, the default): every NDJSON line is its
-own HTTP chunk, except that every fourth line (4th, 8th, ...) shares a chunk with the line
-after it, and every third line from the 2nd (2nd, 5th, 11th, ...; not one already merged) is
-cut across two chunks, so clients must reassemble lines rather than trust chunk
-boundaries (TCP and proxies give no such guarantee with a real server either).
+OpenAI compatibility (``/v1``), as Ollama's layer behaves (checked against docs/api/openai-compatibility.mdx,
+openai/openai.go, middleware/openai.go and server/routes.go at the same commit, fb30760):
 
-Failure modes (``failure=``), applied to /api/generate and /api/chat after request
-validation and after ``latency_s``:
+* ``POST /v1/chat/completions`` with ``model``, ``messages`` (``role``; ``content`` a string or a
+  list of parts ``{"type": "text", "text": ...}`` / ``{"type": "image_url", "image_url":
+  {"url": ...}}``, ``image_url`` also as a plain string), ``stream`` (default false),
+  ``stream_options.include_usage``, ``max_tokens`` (becomes ``num_predict``), ``temperature``.
+  ``max_completion_tokens`` is not a field Ollama reads: accepted and ignored, as Ollama does.
+  Like Ollama's ``FromChatRequest``, every text part and every image part becomes a message of
+  its own; the reply is made exactly as for /api/chat (``reply``, pieces, ``latency_s``,
+  ``token_delay_s``) from the images in order and, as the prompt, the last non-empty user text.
+  An ``image_url`` must be ``data:image/{jpeg,jpg,png,webp};base64,...`` or ``data:;base64,...``.
+* ``stream: true`` → ``200 text/event-stream``, chunked: events ``data: {json}\\n\\n`` with
+  ``{"id": "chatcmpl-NNN", "object": "chat.completion.chunk", "created", "model",
+  "system_fingerprint": "fp_ollama", "choices": [{"index": 0, "delta": {...},
+  "finish_reason": null}]}``; the first delta is ``{"role": "assistant", "content": piece}``,
+  later ones ``{"content": piece}`` (role only on the first, as Ollama's ChatWriter does since
+  #17485); one ``created`` for the whole stream. Then a finish chunk with an empty delta ``{}``
+  and ``finish_reason`` ``"stop"`` (``"length"`` when ``max_tokens`` cut it short); with
+  ``stream_options.include_usage`` a chunk with ``"choices": []`` and ``usage``; then
+  ``data: [DONE]\\n\\n``.
+* ``stream: false`` → ``200 application/json`` (no charset): ``{"id", "object": "chat.completion",
+  "created", "model", "system_fingerprint": "fp_ollama", "choices": [{"index": 0, "message":
+  {"role": "assistant", "content"}, "finish_reason"}], "usage": {"prompt_tokens",
+  "completion_tokens", "total_tokens"}}`` (the counts are /api/chat's ``prompt_eval_count`` and
+  ``eval_count``).
+* ``GET /v1/models`` → ``{"object": "list", "data": [{"id": "llava:latest", "object": "model",
+  "created": <unix s>, "owned_by": "library"}]}`` (``owned_by`` is the name's namespace;
+  ``data`` is ``null`` with no models, Go's nil slice). ``GET /v1/models/{model}`` → one such
+  object with ``id`` as asked, or 404.
+* Errors: ``{"error": {"message", "type", "param": null, "code": null}}``, ``type``
+  ``invalid_request_error`` for 400, ``not_found_error`` for 404, ``api_error`` otherwise. From the
+  middleware (``application/json; charset=utf-8``), 400: ``EOF`` (empty body), Go's JSON wording
+  for bad JSON / wrong types, ``[] is too short - 'messages'``, ``invalid message format`` (a bad
+  content part), ``invalid message content type: <nil>`` (no content), ``invalid image input``
+  (not a base64 data URL), ``image URLs are not currently supported, please use base64 encoded
+  data instead`` (http/https). From the handler (``application/json``): 400 ``model is
+  required``, 404 ``model 'x' not found`` (/v1/models/x: ``model 'x:latest' not found``), 400
+  ``Failed to load image or audio file``, 500 for ``"http500"``.
+* An error after streaming began is *not* an SSE error event with Ollama: its ChatWriter decodes
+  the ``{"error": ...}`` line as an ``api.ChatResponse``, so the client gets one more chunk
+  ``{"delta": {"content": ""}, "finish_reason": null}`` with ``"model": ""``, then the body
+  ends: no finish chunk, no ``data: [DONE]``. Clients must treat a stream that ends without a
+  ``finish_reason`` as failed (the ``openai`` client raises nothing). ``sse_error_events=True``
+  sends ``data: {"error": {"message", "type": "api_error", ...}}`` instead, as OpenAI's API does
+  (the ``openai`` client raises ``openai.APIError`` on it).
+
+Deliberate stress for clients (``split_chunks=True``, the default): every NDJSON line (and
+every SSE event) is its own HTTP chunk, except that every fourth line (4th, 8th, ...) shares a
+chunk with the line after it, and every third line from the 2nd (2nd, 5th, 11th, ...; not one
+already merged) is cut across two chunks, so clients must reassemble lines rather than trust
+chunk boundaries (TCP and proxies give no such guarantee with a real server either).
+
+Failure modes (``failure=``), applied to /api/generate, /api/chat and /v1/chat/completions
+after request validation and after ``latency_s`` (on /v1 a "line" is an SSE event and the
+errors take the OpenAI shape above):
 
 * ``None`` — behave.
 * ``"http500"`` — 500 ``{"error": failure_message}``.
-* ``"malformed"`` — 200; streaming: the first piece, then a line that is not JSON, then the
-  rest; ``stream: false``: a body that is not JSON.
+* ``"malformed"`` — 200; streaming: the first piece, then a line (/v1: an event ``data: ...``)
+  that is not JSON, then the rest; ``stream: false``: a body that is not JSON.
 * ``"hang"`` — read the request and never answer (until :meth:`OllamaStandin.stop`).
 * ``"reset"`` — streaming: headers and the first piece, then a TCP reset (SO_LINGER 0);
   ``stream: false``: headers and half of the body, then a reset.
@@ -55,6 +103,8 @@ validation and after ``latency_s``:
   (``stream: false``), ``drip_delay_s`` apart.
 * ``"midstream_error"`` — streaming: two pieces, then ``{"error": failure_message}`` as the
   last line (status 200, as Ollama does); ``stream: false``: 500 ``{"error": ...}``.
+  /v1 streaming: two pieces, then what Ollama's compat layer makes of that line (an empty
+  chunk and the end of the body, or an SSE error event with ``sse_error_events``, see above).
 
 Usage::
 
@@ -63,6 +113,7 @@ Usage::
     def test_x(ollama_standin):            # started, stopped after the test
         ollama_standin.latency_s = 0.2     # settable while running
         client = ollama.Client(host=ollama_standin.url)
+        oai = openai.OpenAI(base_url=ollama_standin.url + "/v1", api_key="ollama")
 """
 
 from __future__ import annotations
@@ -72,6 +123,7 @@ import binascii
 import datetime as _dt
 import hashlib
 import json
+import random
 import re
 import socket
 import struct
@@ -81,6 +133,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 import cv2
 import numpy as np
@@ -96,6 +149,11 @@ ReplyFn = Callable[[str, "bytes | None"], str]
 _JSON_CT = "application/json; charset=utf-8"
 _NDJSON_CT = "application/x-ndjson"
 _TEXT_CT = "text/plain; charset=utf-8"
+_OPENAI_JSON_CT = "application/json"  # what Ollama's OpenAI middleware sets (no charset)
+_SSE_CT = "text/event-stream"
+_V1_CHAT = "/v1/chat/completions"
+_V1_MODELS = "/v1/models"
+_DATA_URL_PREFIXES = ("data:;base64,",) + tuple(f"data:image/{t};base64," for t in ("jpeg", "jpg", "png", "webp"))
 _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 _IMAGE_TOKENS = 576  # prompt_eval_count charged per image, like a LLaVA-style projector
 
@@ -124,7 +182,8 @@ class RecordedRequest:
         path: the request path, e.g. ``"/api/generate"``.
         body: the parsed JSON body, or None (no body, or not JSON).
         image_shapes: ``(H, W, 3)`` of each image in the request (generate: ``images``;
-            chat: every message's ``images``), ``None`` for one that did not decode.
+            chat: every message's ``images``; /v1/chat/completions: every ``image_url`` data
+            URL), ``None`` for one that did not decode.
         images: the raw decoded bytes of each image (JPEG/PNG as sent), same order.
         arrived: ``time.monotonic()`` when the request line was read, in s.
         client: the client's ``(host, port)``; the same port across requests means the
@@ -161,8 +220,26 @@ class _BadRequest(Exception):
         self.message = message
 
 
+class _OpenAIBindError(_BadRequest):
+    """A 400 from Ollama's OpenAI middleware itself (before the handler): gin's
+    ``AbortWithStatusJSON``, so ``application/json; charset=utf-8`` and no trailing newline."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
 class _Stopped(Exception):
     """The stand-in is stopping: drop the connection."""
+
+
+@dataclass
+class _Generation:
+    failure: str | None
+    pieces: list[str]
+    done_reason: str
+    prompt_tokens: int
+    t_start: int
+    t_loaded: int
 
 
 def _go_time() -> str:
@@ -230,6 +307,40 @@ def _expect(body: dict, key: str, pytype: type, struct_name: str, gotype: str) -
         raise _BadRequest(
             400, f"json: cannot unmarshal {_json_type(v)} into Go struct field {struct_name}.{key} of type {gotype}"
         )
+
+
+def _openai_error(status: int, message: str) -> dict[str, Any]:
+    """OpenAI's error object as Ollama's ``openai.NewError`` builds it."""
+    etype = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": etype, "param": None, "code": None}}
+
+
+def _owned_by(name: str) -> str:
+    """The namespace part of a model name, as Ollama's ``model.ParseName`` finds it (default ``library``)."""
+    if name.rfind(":") > name.rfind("/"):
+        name = name[: name.rfind(":")]
+    parts = name.split("/")
+    if len(parts) == 1 or not parts[-2]:
+        return "library"
+    return parts[-2]
+
+
+def _decode_data_url(url: Any) -> bytes:
+    """An ``image_url`` as Ollama's ``decodeImageURL`` takes it.
+
+    Raises:
+        _OpenAIBindError: ``image URLs are not currently supported, ...`` for http(s) URLs,
+            ``invalid image input`` for anything else that is not a base64 data URL.
+    """
+    if url.startswith(("http://", "https://")):
+        raise _OpenAIBindError("image URLs are not currently supported, please use base64 encoded data instead")
+    for prefix in _DATA_URL_PREFIXES:
+        if url.startswith(prefix):
+            try:
+                return _go_base64_decode(url[len(prefix) :])
+            except _BadRequest:
+                raise _OpenAIBindError("invalid image input") from None
+    raise _OpenAIBindError("invalid image input")
 
 
 def _pieces(text: str) -> list[str]:
@@ -358,6 +469,8 @@ class _Handler(BaseHTTPRequestHandler):
         "/api/show": ("POST",),
         "/api/generate": ("POST",),
         "/api/chat": ("POST",),
+        _V1_CHAT: ("POST",),
+        _V1_MODELS: ("GET",),
     }
 
     def do_GET(self) -> None:
@@ -400,6 +513,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
         )
         methods = self._ROUTES.get(path)
+        model_param = path[len(_V1_MODELS) + 1 :] if path.startswith(_V1_MODELS + "/") else ""
+        if model_param and "/" not in model_param:  # gin's /v1/models/:model
+            methods = ("GET",)
         if methods is None:
             self._send_full(404, _TEXT_CT, b"404 page not found")
             return
@@ -417,10 +533,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(200, {"models": []})
             elif path == "/api/show":
                 self._show(raw)
+            elif path == _V1_CHAT:
+                self._openai_chat(raw)
+            elif path == _V1_MODELS:
+                self._openai_models()
+            elif model_param:
+                self._openai_model(unquote(model_param))
             else:
                 self._infer(path, raw)
         except _BadRequest as e:
-            self._send_error_json(e.status, e.message)
+            if path.startswith("/v1/"):
+                self._send_openai_error(e)
+            else:
+                self._send_error_json(e.status, e.message)
         except _Stopped:
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
@@ -437,10 +562,21 @@ class _Handler(BaseHTTPRequestHandler):
             for m in body["messages"]:
                 if isinstance(m, dict) and isinstance(m.get("images"), list):
                     b64s.extend(m["images"])
+        elif path == _V1_CHAT and isinstance(body.get("messages"), list):
+            for m in body["messages"]:
+                parts = m.get("content") if isinstance(m, dict) else None
+                for part in parts if isinstance(parts, list) else ():
+                    if isinstance(part, dict) and part.get("type") == "image_url":
+                        url = part.get("image_url")
+                        url = url.get("url") if isinstance(url, dict) else url
+                        b64s.append(("url", url))
         shapes, images = [], []
         for s in b64s:
             try:
-                data = _go_base64_decode(s) if isinstance(s, str) else b""
+                if isinstance(s, tuple):
+                    data = _decode_data_url(s[1]) if isinstance(s[1], str) else b""
+                else:
+                    data = _go_base64_decode(s) if isinstance(s, str) else b""
             except _BadRequest:
                 data = b""
             img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
@@ -557,31 +693,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, resp)
             return
 
-        for data in images:
-            if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
-                raise _BadRequest(400, "Failed to load image or audio file")
-
-        t_start = time.monotonic_ns()
-        failure = standin.failure
-        standin._sleep(standin.latency_s)
-        t_loaded = time.monotonic_ns()
-
-        if failure == "http500":
-            raise _BadRequest(500, standin.failure_message)
-        if failure == "hang":
-            self.close_connection = True
-            standin._stopped.wait()
-            raise _Stopped
-
-        reply = standin.reply
-        jpeg = images[0] if images else None
-        text = reply(prompt, jpeg) if callable(reply) else str(reply)
-        pieces = _pieces(text)
-        done_reason = "stop"
-        num_predict = (body.get("options") or {}).get("num_predict")
-        if isinstance(num_predict, int) and not isinstance(num_predict, bool) and 0 < num_predict < len(pieces):
-            pieces, done_reason = pieces[:num_predict], "length"
-        prompt_tokens = len(prompt.split()) + 1 + _IMAGE_TOKENS * len(images)
+        gen = self._generate(model, prompt, images, (body.get("options") or {}).get("num_predict"))
+        failure, pieces, done_reason, prompt_tokens = gen.failure, gen.pieces, gen.done_reason, gen.prompt_tokens
+        t_start, t_loaded = gen.t_start, gen.t_loaded
 
         def line(piece: str) -> dict[str, Any]:
             d: dict[str, Any] = {"model": model, "created_at": _go_time()}
@@ -659,36 +773,278 @@ class _Handler(BaseHTTPRequestHandler):
             standin._sleep(standin.token_delay_s)
             yield _dumps(final("", t_eval)) + b"\n"
 
+        self._send_units(gen_lines(), failure)
+
+    # ------------------------------------------------------------ OpenAI compatibility (/v1)
+
+    def _send_openai_error(self, e: _BadRequest) -> None:
+        if isinstance(e, _OpenAIBindError):  # gin's AbortWithStatusJSON in the middleware
+            self._send_full(e.status, _JSON_CT, _dumps(_openai_error(e.status, e.message)))
+        else:  # the handler's error, rewritten by the middleware's writer (json.Encoder: trailing newline)
+            self._send_full(e.status, _OPENAI_JSON_CT, _dumps(_openai_error(e.status, e.message)) + b"\n")
+
+    def _openai_parse(self, raw: bytes) -> dict:
+        """``c.ShouldBindJSON(&openai.ChatCompletionRequest{})`` (Go's wording, approximately)."""
+        struct = "ChatCompletionRequest"
+        if not raw.strip():
+            raise _OpenAIBindError("EOF")
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as e:
+            if e.pos >= len(raw.strip()):
+                raise _OpenAIBindError("unexpected EOF") from None
+            ch = raw.decode("utf-8", "replace")[e.pos]
+            raise _OpenAIBindError(f"invalid character '{ch}' looking for beginning of value") from None
+        if not isinstance(body, dict):
+            raise _OpenAIBindError(f"json: cannot unmarshal {_json_type(body)} into Go value of type openai.{struct}")
+
+        def expect(obj: dict, key: str, ok: Callable[[Any], bool], field_path: str, gotype: str) -> None:
+            v = obj.get(key)
+            if v is not None and not ok(v):
+                what = _json_type(v) if _json_type(v) != "number" else f"number {v}"
+                raise _OpenAIBindError(
+                    f"json: cannot unmarshal {what} into Go struct field {struct}.{field_path} of type {gotype}"
+                )
+
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        expect(body, "model", lambda v: isinstance(v, str), "model", "string")
+        expect(body, "stream", lambda v: isinstance(v, bool), "stream", "bool")
+        expect(body, "max_tokens", is_int, "max_tokens", "int")
+        expect(body, "temperature", is_num, "temperature", "float64")
+        expect(body, "stream_options", lambda v: isinstance(v, dict), "stream_options", "openai.StreamOptions")
+        expect(body, "messages", lambda v: isinstance(v, list), "messages", "[]openai.Message")
+        for m in body.get("messages") or []:
+            if not isinstance(m, dict):
+                raise _OpenAIBindError(
+                    f"json: cannot unmarshal {_json_type(m)} into Go struct field {struct}.messages of type openai.Message"
+                )
+            expect(m, "role", lambda v: isinstance(v, str), "messages.role", "string")
+        return body
+
+    @staticmethod
+    def _openai_messages(messages: list[dict]) -> list[tuple[str, str, list[bytes]]]:
+        """``openai.FromChatRequest``: one ``(role, content, images)`` per string content, and one
+        per content part (a text part or an image part)."""
+        out: list[tuple[str, str, list[bytes]]] = []
+        for m in messages:
+            role, content = m.get("role") or "", m.get("content")
+            if isinstance(content, str):
+                out.append((role, content, []))
+            elif isinstance(content, list):
+                for part in content:
+                    if not isinstance(part, dict):
+                        raise _OpenAIBindError("invalid message format")
+                    if part.get("type") == "text":
+                        if not isinstance(part.get("text"), str):
+                            raise _OpenAIBindError("invalid message format")
+                        out.append((role, part["text"], []))
+                    elif part.get("type") == "image_url":
+                        url = part.get("image_url")
+                        if isinstance(url, dict):
+                            url = url.get("url")
+                        if not isinstance(url, str):
+                            raise _OpenAIBindError("invalid message format")
+                        out.append((role, "", [_decode_data_url(url)]))
+                    else:
+                        raise _OpenAIBindError("invalid message format")
+            elif not m.get("tool_calls"):
+                gotype = {"null": "<nil>", "number": "float64", "bool": "bool", "object": "map[string]interface {}"}
+                raise _OpenAIBindError(f"invalid message content type: {gotype.get(_json_type(content), 'string')}")
+        return out
+
+    def _openai_models(self) -> None:
+        standin = self.server.standin
+        ids = [_normalize_model(m) for m in standin.models]
+        data = [{"id": i, "object": "model", "created": standin._created_unix, "owned_by": _owned_by(i)} for i in ids]
+        # Go marshals an empty (nil) slice as null
+        self._send_full(200, _OPENAI_JSON_CT, _dumps({"object": "list", "data": data or None}) + b"\n")
+
+    def _openai_model(self, name: str) -> None:
+        standin = self.server.standin
+        if standin._find_model(name) is None:
+            shortest = name if name.rfind(":") > name.rfind("/") else name + ":latest"
+            raise _BadRequest(404, f"model '{shortest}' not found")
+        obj = {"id": name, "object": "model", "created": standin._created_unix, "owned_by": _owned_by(name)}
+        self._send_full(200, _OPENAI_JSON_CT, _dumps(obj) + b"\n")
+
+    def _openai_chat(self, raw: bytes) -> None:
+        standin = self.server.standin
+        body = self._openai_parse(raw)
+        messages = body.get("messages") or []
+        if not messages:
+            raise _OpenAIBindError("[] is too short - 'messages'")
+        converted = self._openai_messages(messages)
+        images = [img for _, _, imgs in converted for img in imgs]
+        prompt = ""
+        for role, content, _ in converted:
+            if role == "user" and content:
+                prompt = content
+
+        model = body.get("model") or ""
+        if not model.strip():
+            raise _BadRequest(400, "model is required")
+        if standin._find_model(model) is None:
+            raise _BadRequest(404, f"model '{model}' not found")
+        stream = body.get("stream") is True  # OpenAI's default: false
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        # max_completion_tokens is not a field of Ollama's ChatCompletionRequest: ignored, as Ollama does
+        gen = self._generate(model, prompt, images, body.get("max_tokens"))
+        failure, pieces = gen.failure, gen.pieces
+        cid = f"chatcmpl-{random.randrange(999)}"
+        created = int(time.time())
+        usage = {
+            "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": len(pieces),
+            "total_tokens": gen.prompt_tokens + len(pieces),
+        }
+
+        if not stream:
+            standin._sleep(standin.token_delay_s * len(pieces))
+            if failure == "midstream_error":
+                raise _BadRequest(500, standin.failure_message)
+            if failure == "malformed":
+                self._send_full(200, _OPENAI_JSON_CT, b"<html>this is not json</html>\n")
+                return
+            whole = {
+                "id": cid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": "fp_ollama",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "finish_reason": gen.done_reason,
+                    }
+                ],
+                "usage": usage,
+            }
+            payload = _dumps(whole) + b"\n"
+            if failure in ("reset", "drip"):
+                self.send_response(200)
+                self.send_header("Content-Type", _OPENAI_JSON_CT)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if failure == "reset":
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self._reset()
+                    return
+                for i in range(len(payload)):
+                    self.wfile.write(payload[i : i + 1])
+                    standin._sleep(standin.drip_delay_s)
+                return
+            self._send_full(200, _OPENAI_JSON_CT, payload)
+            return
+
+        # streaming: server-sent events over chunked transfer encoding
+        self.send_response(200)
+        self.send_header("Content-Type", _SSE_CT)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(delta: dict, finish: str | None = None, chunk_model: str = model) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,  # one value for the whole stream, as Ollama pins it
+                "model": chunk_model,
+                "system_fingerprint": "fp_ollama",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        def event(obj: Any) -> bytes:
+            return b"data: " + _dumps(obj) + b"\n\n"
+
+        def gen_events() -> Iterator[bytes]:
+            for i, p in enumerate(pieces):
+                if i > 0:
+                    standin._sleep(standin.token_delay_s)
+                yield event(chunk({"role": "assistant", "content": p} if i == 0 else {"content": p}))
+                if failure == "malformed" and i == 0:
+                    yield b"data: <html>this is not json</html>\n\n"
+                if failure == "midstream_error" and i == min(1, len(pieces) - 1):
+                    if standin.sse_error_events:
+                        yield event(_openai_error(500, standin.failure_message))
+                    else:
+                        # Ollama's ChatWriter parses the {"error": ...} line as an api.ChatResponse: an
+                        # empty chunk (model "", not done), then the body ends: no finish chunk, no [DONE]
+                        yield event(chunk({"content": ""}, chunk_model=""))
+                    return
+            standin._sleep(standin.token_delay_s)
+            finish = chunk({}, gen.done_reason)
+            yield event(finish)
+            if include_usage:
+                yield event({**finish, "choices": [], "usage": usage})
+            yield b"data: [DONE]\n\n"
+
+        self._send_units(gen_events(), failure)
+
+    def _generate(self, model: str, prompt: str, images: list[bytes], num_predict: Any) -> "_Generation":
+        """What /api/generate, /api/chat and /v1/chat/completions share once the request is valid:
+        the image check, ``latency_s``, the ``http500``/``hang`` failures, the reply and its pieces."""
+        standin = self.server.standin
+        for data in images:
+            if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
+                raise _BadRequest(400, "Failed to load image or audio file")
+
+        t_start = time.monotonic_ns()
+        failure = standin.failure
+        standin._sleep(standin.latency_s)
+        t_loaded = time.monotonic_ns()
+
+        if failure == "http500":
+            raise _BadRequest(500, standin.failure_message)
+        if failure == "hang":
+            self.close_connection = True
+            standin._stopped.wait()
+            raise _Stopped
+
+        reply = standin.reply
+        jpeg = images[0] if images else None
+        text = reply(prompt, jpeg) if callable(reply) else str(reply)
+        pieces = _pieces(text)
+        done_reason = "stop"
+        if isinstance(num_predict, int) and not isinstance(num_predict, bool) and 0 < num_predict < len(pieces):
+            pieces, done_reason = pieces[:num_predict], "length"
+        prompt_tokens = len(prompt.split()) + 1 + _IMAGE_TOKENS * len(images)
+        return _Generation(failure, pieces, done_reason, prompt_tokens, t_start, t_loaded)
+
+    def _send_units(self, units: Iterator[bytes], failure: str | None) -> None:
+        """Send a streamed body (NDJSON lines or SSE events, one per unit) over chunked transfer
+        encoding, with the ``reset``/``drip`` failures and the ``split_chunks`` stress.
+        The status line and headers must already be out."""
+        standin = self.server.standin
         if failure == "reset":
-            for ln in gen_lines():
-                self._chunk(ln)
+            for unit in units:
+                self._chunk(unit)
                 break
             self._reset()
             return
         if failure == "drip":
-            for ln in gen_lines():
-                for i in range(len(ln)):
-                    self._chunk(ln[i : i + 1])
+            for unit in units:
+                for i in range(len(unit)):
+                    self._chunk(unit[i : i + 1])
                     standin._sleep(standin.drip_delay_s)
             self._end_chunks()
             return
         pending = b""
-        for n, ln in enumerate(gen_lines()):
-            if pending:  # line 3, 7, ... went out together with this one
-                self._chunk(pending + ln)
+        for n, unit in enumerate(units):
+            if pending:  # unit 3, 7, ... went out together with this one
+                self._chunk(pending + unit)
                 pending = b""
             elif standin.split_chunks and n % 4 == 3:
-                pending = ln
-            elif standin.split_chunks and n % 3 == 1 and len(ln) > 2:
-                cut = len(ln) // 2 + 1
-                self._chunk(ln[:cut])
+                pending = unit
+            elif standin.split_chunks and n % 3 == 1 and len(unit) > 2:
+                cut = len(unit) // 2 + 1
+                self._chunk(unit[:cut])
                 standin._sleep(0.001)  # lets the halves arrive in separate reads
-                self._chunk(ln[cut:])
+                self._chunk(unit[cut:])
             else:
-                self._chunk(ln)
+                self._chunk(unit)
         self._chunk(pending)
         self._end_chunks()
-
 
 class OllamaStandin:
     """A fake Ollama server on ``127.0.0.1`` (ephemeral port) serving from background threads.
@@ -706,7 +1062,10 @@ class OllamaStandin:
         failure: one of :data:`FAILURE_MODES` (see the module docstring).
         failure_message: the error text for ``"http500"`` / ``"midstream_error"``.
         drip_delay_s: delay between bytes in ``"drip"`` mode, in s.
-        split_chunks: cut and merge NDJSON lines across HTTP chunks (see module docstring).
+        split_chunks: cut and merge NDJSON lines / SSE events across HTTP chunks (see module docstring).
+        sse_error_events: ``"midstream_error"`` on a streamed ``/v1/chat/completions`` sends an SSE
+            ``data: {"error": {...}}`` event (what OpenAI's own API does) instead of what Ollama
+            does (see module docstring). Default False: Ollama's behaviour.
         version: what ``GET /api/version`` reports.
         port: the port to bind (constructor only); 0, the default, picks a free one.
 
@@ -730,6 +1089,7 @@ class OllamaStandin:
         failure_message: str = "llama runner process has terminated: exit status 2",
         drip_delay_s: float = 0.0005,
         split_chunks: bool = True,
+        sse_error_events: bool = False,
         version: str = "0.12.6",
         port: int = 0,
     ) -> None:
@@ -741,6 +1101,7 @@ class OllamaStandin:
         self.failure_message = failure_message
         self.drip_delay_s = drip_delay_s
         self.split_chunks = split_chunks
+        self.sse_error_events = sse_error_events
         self.version = version
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -749,6 +1110,7 @@ class OllamaStandin:
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
         self._created = _go_time()
+        self._created_unix = int(time.time())
         self._server = _Server(self, port)
         self.port: int = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -173,3 +173,95 @@ def test_invalid_config_values_fall_back_with_one_error(runtime_factory, standin
     assert "ollama-max-tokens" in caplog.text and "ollama-font-scale" in caplog.text
     _run_until(p, real_frame, lambda: len(standin.requests) >= 1)
     assert standin.requests[0].body["options"]["num_predict"] == 40
+
+
+@pytest.mark.parametrize("api, path", [("chat", "/api/chat"), ("openai", "/v1/chat/completions")])
+def test_other_wire_protocols_stream_the_same_caption(runtime_factory, standin, real_frame, api, path):
+    """`ollama-api=chat` speaks Ollama's /api/chat (NDJSON `message.content`); `openai`
+    speaks OpenAI chat completions (SSE `choices[0].delta.content`, `data: [DONE]`), here
+    as Ollama's own /v1 serves them. Both stream under the stand-in's chunk cutting."""
+    standin.token_delay_s = 0.02
+    standin.reply = lambda prompt, jpeg: "Two people pass the table, café ☕ open"
+    rt, p = _processor(runtime_factory, standin.url, ollama_api=api, ollama_model="bakllava",
+                       ollama_prompt='Say "what" you %IMAGE% see', ollama_max_tokens=25)
+    store = rt.processor_store
+    out = _run_until(p, real_frame, lambda: store.get("captions", "caption") is not None)
+    assert store.get("captions", "caption") == "Two people pass the table, café ☕ open"
+    assert p.last_error is None
+    req = standin.requests[0]
+    assert req.path == path and req.body["stream"] is True and req.body["model"] == "bakllava"
+    (message,) = req.body["messages"]
+    if api == "chat":
+        assert message["content"] == 'Say "what" you %IMAGE% see'
+        jpeg = base64.b64decode(message["images"][0])
+        assert req.body["options"]["num_predict"] == 25
+    else:
+        image, text = message["content"]
+        assert text == {"type": "text", "text": 'Say "what" you %IMAGE% see'}
+        assert image["image_url"]["url"].startswith("data:image/jpeg;base64,")
+        jpeg = base64.b64decode(image["image_url"]["url"].split(",", 1)[1])
+        assert req.body["max_tokens"] == 25
+    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (360, 640, 3)
+    assert not np.array_equal(out, real_frame)
+
+
+@pytest.mark.parametrize("api", ["chat", "openai"])
+def test_other_protocols_report_unknown_models_and_server_errors(runtime_factory, standin, real_frame, api, caplog):
+    rt, p = _processor(runtime_factory, standin.url, ollama_api=api, ollama_model="nosuch")
+    with caplog.at_level(logging.WARNING):
+        _run_until(p, real_frame, lambda: any("nosuch" in r.getMessage() for r in caplog.records))
+    expected = "model nosuch not found" + (": run `ollama pull nosuch`" if api == "chat" else f" at {standin.url}")
+    assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    # A runner error after streaming began: Ollama's /api sends {"error": …} as the last
+    # NDJSON line; its /v1 just ends the SSE stream without a finish_reason or [DONE].
+    standin.failure, standin.failure_message = "midstream_error", "the runner crashed"
+    caplog.clear()
+    rt, p = _processor(runtime_factory, standin.url, ollama_api=api, ollama_model="llava")
+    expected = "the runner crashed" if api == "chat" else f"malformed reply from {standin.url}"
+    with caplog.at_level(logging.WARNING):
+        _run_until(p, real_frame, lambda: any(expected in r.getMessage() for r in caplog.records))
+    assert rt.processor_store.get("captions", "caption") is None
+    if api == "openai":            # servers that send an SSE error event instead
+        standin.sse_error_events = True
+        caplog.clear()
+        rt, p = _processor(runtime_factory, standin.url, ollama_api=api, ollama_model="llava")
+        with caplog.at_level(logging.WARNING):
+            _run_until(p, real_frame, lambda: any("server error: the runner crashed" in r.getMessage()
+                                                  for r in caplog.records))
+
+
+def test_an_unknown_api_is_reported_and_the_default_used(runtime_factory, standin, real_frame, caplog):
+    with caplog.at_level(logging.ERROR):
+        rt, p = _processor(runtime_factory, standin.url, ollama_api="grpc")
+        _run_until(p, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None)
+    assert any('ollama-api="grpc" is invalid (expected generate, chat or openai); using the default generate'
+               in r.getMessage() for r in caplog.records)
+    assert standin.requests[0].path == "/api/generate"
+
+
+def test_an_api_key_from_the_environment_is_sent_by_the_host_and_never_shown(runtime_factory, standin, real_frame,
+                                                                              caplog, monkeypatch):
+    """`ollama-api-key-env=NAME`: the host reads $NAME and sends `Authorization: Bearer …` to
+    the `ollama-url` destination only; the processor (and the logs) never see the key."""
+    secret = "sk-test-5f3a9c1e"
+    monkeypatch.setenv("VH_TEST_API_KEY", secret)
+    cfg = {"ollama-url": standin.url, "ollama-interval-ms": "100", "ollama-api-key-env": "VH_TEST_API_KEY"}
+    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
+    p = rt.load(OLLAMA_WASM)
+    with caplog.at_level(logging.DEBUG):
+        _run_until(p, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None)
+    assert standin.requests[0].headers.get("Authorization") == f"Bearer {secret}"
+    assert secret not in caplog.text and secret not in repr(rt.policy)
+
+
+def test_api_key_settings_that_cannot_work_are_refused_with_a_sentence(monkeypatch):
+    from vision_host.runtime.fetch import PolicyError
+    monkeypatch.delenv("VH_UNSET_KEY", raising=False)
+    with pytest.raises(PolicyError, match="the environment variable VH_UNSET_KEY is not set"):
+        NetworkPolicy.from_config({"ollama-url": "http://127.0.0.1:1", "ollama-api-key-env": "VH_UNSET_KEY"})
+    with pytest.raises(PolicyError, match="workers-api-key-env needs workers-url set"):
+        NetworkPolicy.from_config({"workers-api-key-env": "HOME"})
+    other = NetworkPolicy.from_config({"ollama-url": "http://127.0.0.1:1", "other-url": "http://127.0.0.1:2",
+                                       "ollama-api-key-env": "HOME"})
+    assert set(other.credentials) == {"127.0.0.1:1"}           # never sent to another destination

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import httpx
 import ollama
+import openai
 import pytest
 import requests
 
@@ -485,3 +486,272 @@ def test_concurrent_keep_alive_clients(ollama_standin, bottle_jpeg, car_jpeg):
         ports_per_worker.setdefault(r.body["prompt"], set()).add(r.client[1])
     assert all(len(p) == 1 for p in ports_per_worker.values()), "a session's requests must share one connection"
     assert len({next(iter(p)) for p in ports_per_worker.values()}) == 8
+
+
+# --------------------------------------------------------------------------- OpenAI compatibility (/v1)
+
+
+@pytest.fixture
+def frame_jpeg(real_frame) -> bytes:
+    ok, buf = cv2.imencode(".jpg", real_frame, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.fixture
+def oai(ollama_standin):
+    with openai.OpenAI(base_url=ollama_standin.url + "/v1", api_key="ollama", max_retries=0, timeout=10) as c:
+        yield c
+
+
+def image_message(jpeg: bytes, text: str = "Describe this frame.", plain_string: bool = False) -> list[dict]:
+    url = "data:image/jpeg;base64," + b64(jpeg)
+    part = {"type": "image_url", "image_url": url if plain_string else {"url": url}}
+    return [
+        {"role": "system", "content": "You caption frames."},
+        {"role": "user", "content": [{"type": "text", "text": text}, part]},
+    ]
+
+
+def sse_events(body: bytes) -> list[bytes]:
+    assert body.endswith(b"\n\n"), body[-40:]
+    events = body[:-2].split(b"\n\n")
+    assert all(e.startswith(b"data: ") for e in events), events
+    return [e[len(b"data: ") :] for e in events]
+
+
+def test_openai_chat_with_an_image(ollama_standin, oai, frame_jpeg):
+    want = default_caption("", frame_jpeg)
+    assert want.startswith("a 640x360 scene with mean brightness ")
+    done = oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), temperature=0)
+    assert done.object == "chat.completion" and done.id.startswith("chatcmpl-")
+    assert done.system_fingerprint == "fp_ollama" and done.model == "llava" and done.created > 0
+    (choice,) = done.choices
+    assert (choice.index, choice.message.role, choice.message.content) == (0, "assistant", want)
+    assert choice.finish_reason == "stop"
+    n = len(want.split())
+    assert (done.usage.completion_tokens, done.usage.prompt_tokens) == (n, len("Describe this frame.".split()) + 1 + 576)
+    assert done.usage.total_tokens == done.usage.prompt_tokens + n
+    (req,) = ollama_standin.requests
+    assert (req.method, req.path) == ("POST", "/v1/chat/completions")
+    assert req.body["model"] == "llava" and "stream" not in req.body and req.body["temperature"] == 0
+    assert {k.lower(): v for k, v in req.headers.items()}["authorization"] == "Bearer ollama"
+    assert req.image_shapes == ((360, 640, 3),) and req.images == (frame_jpeg,)
+    # image_url as a plain string works too, and the wire format is Ollama's
+    r = requests.post(
+        ollama_standin.url + "/v1/chat/completions",
+        json={"model": "llava", "messages": image_message(frame_jpeg, plain_string=True)},
+        timeout=5,
+    )
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    assert r.json()["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": want}, "finish_reason": "stop"}
+
+
+def test_openai_chat_streams_with_an_image(ollama_standin, oai, frame_jpeg):
+    want = default_caption("", frame_jpeg)
+    chunks = list(
+        oai.chat.completions.create(
+            model="llava", messages=image_message(frame_jpeg), stream=True, stream_options={"include_usage": True}
+        )
+    )
+    content = [c for c in chunks if c.choices and c.choices[0].finish_reason is None]
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    usage = [c for c in chunks if not c.choices]
+    assert chunks == content + finish + usage and len(finish) == len(usage) == 1
+    assert "".join(c.choices[0].delta.content for c in content) == want
+    assert len(content) == len(want.split()) >= 4
+    assert content[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in content[1:]), "role only on the first delta, as Ollama"
+    assert finish[0].choices[0].finish_reason == "stop" and finish[0].choices[0].delta.content is None
+    assert usage[0].usage.completion_tokens == len(content)
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert all(c.object == "chat.completion.chunk" and c.system_fingerprint == "fp_ollama" for c in chunks)
+    assert all(c.model == "llava" for c in chunks)
+    (req,) = ollama_standin.requests
+    assert req.body["stream"] is True and req.image_shapes == ((360, 640, 3),)
+    # without stream_options there is no usage chunk
+    plain = list(oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), stream=True))
+    assert plain[-1].choices[0].finish_reason == "stop" and all(c.usage is None for c in plain)
+
+
+def test_openai_max_tokens_truncates_with_length(ollama_standin, oai, frame_jpeg):
+    want = default_caption("", frame_jpeg).split()
+    done = oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), max_tokens=2)
+    assert done.choices[0].finish_reason == "length" and done.choices[0].message.content == " ".join(want[:2])
+    assert done.usage.completion_tokens == 2
+    chunks = list(oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), max_tokens=3, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == " ".join(want[:3])
+    assert [c.choices[0].finish_reason for c in chunks] == [None, None, None, "length"]
+    # Ollama reads max_tokens only: max_completion_tokens is accepted and ignored
+    whole = oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), max_completion_tokens=2)
+    assert whole.choices[0].finish_reason == "stop" and whole.choices[0].message.content == " ".join(want)
+
+
+def test_openai_models(ollama_standin, oai):
+    ollama_standin.models = ["llava", "someone/moondream:1.8b"]
+    listed = oai.models.list()
+    assert [(m.id, m.object, m.owned_by) for m in listed.data] == [
+        ("llava:latest", "model", "library"),
+        ("someone/moondream:1.8b", "model", "someone"),
+    ]
+    assert all(m.created > 0 for m in listed.data)
+    one = oai.models.retrieve("LLaVA")
+    assert (one.id, one.owned_by) == ("LLaVA", "library")
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.models.retrieve("nope")
+    assert info.value.body["message"] == "model 'nope:latest' not found"
+    assert info.value.body["type"] == "not_found_error"
+
+
+def test_openai_unknown_model_is_not_found(oai, frame_jpeg):
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.chat.completions.create(model="nope", messages=image_message(frame_jpeg))
+    assert info.value.status_code == 404
+    assert info.value.body == {"message": "model 'nope' not found", "type": "not_found_error", "param": None, "code": None}
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=image_message(frame_jpeg), stream=True)
+
+
+def _parts(*parts: dict) -> dict:
+    return {"model": "llava", "messages": [{"role": "user", "content": list(parts)}]}
+
+
+_MW = "application/json; charset=utf-8"  # errors from Ollama's OpenAI middleware (gin's AbortWithStatusJSON)
+
+
+@pytest.mark.parametrize(
+    "body, message, content_type",
+    [
+        (b"", "EOF", _MW),
+        ({"model": "llava", "messages": []}, "[] is too short - 'messages'", _MW),
+        (
+            _parts({"type": "image_url", "image_url": "http://x/a.jpg"}),
+            "image URLs are not currently supported, please use base64 encoded data instead",
+            _MW,
+        ),
+        (_parts({"type": "image_url", "image_url": {"url": "a.jpg"}}), "invalid image input", _MW),
+        (_parts({"type": "image_url", "image_url": "data:image/jpeg;base64,%%"}), "invalid image input", _MW),
+        (_parts({"type": "image_url", "image_url": {"uri": "data:;base64,"}}), "invalid message format", _MW),
+        (_parts({"type": "video", "video": "x"}), "invalid message format", _MW),
+        ({"model": "llava", "messages": [{"role": "user"}]}, "invalid message content type: <nil>", _MW),
+        (
+            {"model": "llava", "stream": "yes", "messages": [{"role": "user", "content": "x"}]},
+            "json: cannot unmarshal string into Go struct field ChatCompletionRequest.stream of type bool",
+            _MW,
+        ),
+        # from the handler, rewritten by the middleware's writer
+        ({"messages": [{"role": "user", "content": "x"}]}, "model is required", "application/json"),
+        (
+            _parts({"type": "image_url", "image_url": "data:;base64," + b64(b"not an image")}),
+            "Failed to load image or audio file",
+            "application/json",
+        ),
+    ],
+)
+def test_openai_bad_requests_fail_like_ollama(ollama_standin, body, message, content_type):
+    kw = {"data": body} if isinstance(body, bytes) else {"json": body}
+    r = requests.post(ollama_standin.url + "/v1/chat/completions", timeout=5, **kw)
+    assert (r.status_code, r.headers["Content-Type"]) == (400, content_type)
+    assert r.json() == {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
+
+def test_openai_http500(ollama_standin, oai, frame_jpeg):
+    ollama_standin.failure = "http500"
+    with pytest.raises(openai.InternalServerError) as info:
+        oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg))
+    assert info.value.status_code == 500
+    assert info.value.body == {
+        "message": "llama runner process has terminated: exit status 2",
+        "type": "api_error",
+        "param": None,
+        "code": None,
+    }
+    with pytest.raises(openai.InternalServerError):
+        oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), stream=True)
+    assert len(ollama_standin.requests) == 2, "max_retries=0: no retry"
+    ollama_standin.failure = None
+    assert oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg)).choices[0].finish_reason == "stop"
+
+
+def test_openai_midstream_error(ollama_standin, oai, frame_jpeg):
+    ollama_standin.failure = "midstream_error"
+    ollama_standin.failure_message = "an error was encountered while running the model"
+    # Ollama's own behaviour: one empty chunk, then the stream just ends, without a finish_reason;
+    # the openai client raises nothing, so a consumer must check for the finish_reason itself
+    chunks = list(oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), stream=True))
+    words = default_caption("", frame_jpeg).split(" ")
+    assert [c.choices[0].delta.content for c in chunks] == [words[0], " " + words[1], ""]
+    assert all(c.choices[0].finish_reason is None for c in chunks)
+    assert chunks[-1].model == ""
+    text_only = {"model": "llava", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    resp = raw_post(ollama_standin.url, "/v1/chat/completions", text_only)
+    resp.read_head()
+    body = b"".join(resp.read_chunks())
+    resp.sock.close()
+    assert resp.status == 200 and b"[DONE]" not in body and b"error" not in body
+    assert len(sse_events(body)) == 3
+    # what OpenAI itself does, on request: an error event, which the client raises while iterating
+    ollama_standin.sse_error_events = True
+    got = []
+    with pytest.raises(openai.APIError) as info:
+        for c in oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), stream=True):
+            got.append(c.choices[0].delta.content)
+    assert info.value.message == "an error was encountered while running the model"
+    assert info.value.body["type"] == "api_error"
+    assert len(got) == 2
+    # without streaming: a plain 500
+    with pytest.raises(openai.InternalServerError):
+        oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg))
+
+
+def test_openai_sse_events_are_cut_and_merged_across_chunks(ollama_standin, frame_jpeg):
+    resp = raw_post(
+        ollama_standin.url,
+        "/v1/chat/completions",
+        {"model": "llava", "stream": True, "messages": image_message(frame_jpeg), "stream_options": {"include_usage": True}},
+    )
+    resp.read_head()
+    assert resp.status == 200 and resp.headers["content-type"] == "text/event-stream"
+    chunks = resp.read_chunks()
+    resp.sock.close()
+    body = b"".join(chunks)
+    assert body.endswith(b"\n\ndata: [DONE]\n\n")
+    events = sse_events(body)
+    assert events[-1] == b"[DONE]"
+    objs = [json.loads(e) for e in events[:-1]]
+    text = "".join(o["choices"][0]["delta"].get("content", "") for o in objs if o["choices"])
+    assert text == default_caption("", frame_jpeg)
+    assert objs[-2]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert objs[-1]["choices"] == [] and objs[-1]["usage"]["completion_tokens"] == len(objs) - 2
+    assert any(not c.endswith(b"\n\n") for c in chunks), "no event was cut across chunks"
+    assert any(c.count(b"data: ") >= 2 for c in chunks), "no chunk carried two events"
+
+
+def test_openai_drip_reset_and_malformed(ollama_standin, oai, frame_jpeg):
+    want = default_caption("", frame_jpeg)
+    ollama_standin.failure = "drip"
+    chunks = list(oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg)).choices[0].message.content == want
+    ollama_standin.failure = "reset"
+    with pytest.raises(openai.APIConnectionError):
+        list(oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), stream=True))
+    with pytest.raises(openai.APIConnectionError):
+        oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg))
+    ollama_standin.failure = "malformed"
+    with pytest.raises(json.JSONDecodeError):
+        list(oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), stream=True))
+
+
+def test_openai_latency_and_unknown_paths(ollama_standin, frame_jpeg):
+    ollama_standin.latency_s = 0.2
+    t0 = time.monotonic()
+    body = {"model": "llava", "stream": True, "messages": image_message(frame_jpeg)}
+    resp = raw_post(ollama_standin.url, "/v1/chat/completions", body)
+    resp.read_head()
+    resp.read_chunks()
+    resp.sock.close()
+    assert resp.t_headers - t0 >= 0.2, "headers wait for the first token, as with Ollama"
+    assert requests.get(ollama_standin.url + "/v1/chat/completions", timeout=5).status_code == 405
+    r = requests.get(ollama_standin.url + "/v1/nope", timeout=5)
+    assert (r.status_code, r.text) == (404, "404 page not found")

@@ -103,6 +103,8 @@ def _run_cli(*args, env=None):
     (["run", "-p", "hello", "-o", "file", "-s", str(SAMPLE_CLIP)], 2, "-o file needs -d PATH.mp4"),
     (["run", "-p", "hello", "-o", "display", "-s", str(SAMPLE_CLIP)], 1, "cannot open a window"),
     (["run"], 2, "no processor given"),
+    (["run", "-p", "hello", "-c", "ollama-api-key-env=VH_NOPE_KEY"], 2,
+     "ollama-api-key-env=VH_NOPE_KEY: the environment variable VH_NOPE_KEY is not set"),
 ])
 def test_errors_say_what_to_do(args, status, message):
     result = _run_cli(*args, env={"DISPLAY": "", "WAYLAND_DISPLAY": ""})

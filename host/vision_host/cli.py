@@ -249,6 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .outputs import OutputError, make_output
     from .pipeline import Pipeline, format_summary, write_stats
     from .runtime import NetworkPolicy, ProcessorLoadError, Runtime, SandboxLimits, default_cache_dir
+    from .runtime.fetch import PolicyError
     from .sources import SourceError, open_source
 
     settings = _settings(args)
@@ -260,7 +261,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.get("memory_limit_mb"):
         limits.memory_limit_bytes = int(settings["memory_limit_mb"]) * 1024 * 1024
     config = settings["config"]
-    policy = NetworkPolicy.from_config(config, settings["allow"])
+    try:
+        policy = NetworkPolicy.from_config(config, settings["allow"])
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
     log.info("processors may reach: %s", ", ".join(sorted(policy.allowed)) or "nothing")
     runtime = Runtime(config, policy, limits, None if args.no_cache else default_cache_dir(),
                       models_dir=settings.get("models_dir"))

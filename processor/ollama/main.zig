@@ -19,8 +19,19 @@
 //!     …
 //!     {"model":"llava","created_at":"…","response":"","done":true,"done_reason":"stop",…}
 //!
-//! The `response` pieces are appended to the caption as they arrive (shown at once); at
-//! `"done":true` the caption is complete: trimmed, kept on screen until the next one
+//! Other protocols (`ollama-api`), each streamed:
+//!   chat    POST {url}/api/chat with {"messages":[{"role":"user","images":["%IMAGE%"],
+//!           "content":P}],…}; NDJSON lines carry `message.content` pieces and `done`.
+//!   openai  POST {url}/v1/chat/completions ({url}/chat/completions when the URL ends in
+//!           /v1) with the image as a content part `{"type":"image_url","image_url":
+//!           {"url":"data:image/jpeg;base64,…"}}` and "max_tokens":N; the reply is
+//!           server-sent events, `data: {chunk}` lines whose `choices[0].delta.content`
+//!           are the pieces, complete at a `finish_reason` or `data: [DONE]`; errors are
+//!           {"error":{"message":…}}.
+//!           (vLLM, llama.cpp's server, LM Studio and Ollama's own /v1 speak it.)
+//!
+//! The pieces are appended to the caption as they arrive (shown at once); at
+//! `"done":true` (or `[DONE]`) the caption is complete: trimmed, kept on screen until the next one
 //! replaces it, stored in the datastore as captions/caption (wasmVision's `captions`
 //! processor reads it there) and logged. A line {"error":"…"} reports a failure.
 //! HTTP 404 means the model is not pulled; other non-200 replies carry {"error":"…"}.
@@ -28,6 +39,7 @@
 //! Config (read once, on the first frame; an invalid value is reported once with
 //! logging.error and replaced by the default):
 //!   ollama-url               http://localhost:11434  (http(s) base URL; a trailing / is dropped)
+//!   ollama-api               generate  generate | chat | openai (the wire protocol, above)
 //!   ollama-model             llava
 //!   ollama-prompt            Describe what is in this picture in highly complimentary terms using 6 words or less.
 //!   ollama-interval-ms       3000   minimum time between request starts (0–86400000);
@@ -63,9 +75,21 @@ pub const panic = vh.panic;
 // Configuration
 // ==========================================================================================
 
+/// The wire protocol (`ollama-api`).
+const Api = enum {
+    /// Ollama's POST /api/generate, NDJSON `response` pieces.
+    generate,
+    /// Ollama's POST /api/chat, NDJSON `message.content` pieces.
+    chat,
+    /// OpenAI chat completions (vLLM, llama.cpp's server, LM Studio, Ollama's /v1):
+    /// POST …/chat/completions, SSE `choices[0].delta.content` pieces.
+    openai,
+};
+
 const Config = struct {
     /// Base URL without trailing '/', e.g. "http://localhost:11434".
     url: []const u8 = "http://localhost:11434",
+    api: Api = .generate,
     model: []const u8 = "llava",
     prompt: []const u8 = "Describe what is in this picture in highly complimentary terms using 6 words or less.",
     interval_ms: u64 = 3000,
@@ -132,6 +156,15 @@ fn readPlacement(key: []const u8, default: vh.overlay.Placement) vh.overlay.Plac
 
 /// A non-empty text setting without surrounding blanks, kept for the life of the
 /// instance (never freed).
+fn readApi(key: []const u8, default: Api) Api {
+    const value = vh.config.get(key) orelse return default;
+    defer vh.free(value);
+    return std.meta.stringToEnum(Api, trimmed(value)) orelse {
+        reportInvalid(key, value, "generate, chat or openai", @as([]const u8, @tagName(default)));
+        return default;
+    };
+}
+
 fn readText(key: []const u8, default: []const u8) []const u8 {
     const value = vh.config.get(key) orelse return default;
     const text = trimmed(value);
@@ -171,6 +204,7 @@ fn configure() void {
     const d: Config = .{};
     cfg = .{
         .url = readUrl("ollama-url", d.url),
+        .api = readApi("ollama-api", d.api),
         .model = readText("ollama-model", d.model),
         .prompt = readText("ollama-prompt", d.prompt),
         .interval_ms = readInt("ollama-interval-ms", d.interval_ms, 0, 86_400_000, null, "an integer 0-86400000 ms"),
@@ -188,17 +222,43 @@ fn configure() void {
 }
 
 fn buildGenerateUrl() error{OutOfMemory}![]const u8 {
-    return std.mem.concat(vh.allocator, u8, &.{ cfg.url, "/api/generate" });
+    const path = switch (cfg.api) {
+        .generate => "/api/generate",
+        .chat => "/api/chat",
+        // An OpenAI base URL usually ends in /v1 already ("http://host:8000/v1").
+        .openai => if (std.mem.endsWith(u8, cfg.url, "/v1")) "/chat/completions" else "/v1/chat/completions",
+    };
+    return std.mem.concat(vh.allocator, u8, &.{ cfg.url, path });
 }
 
+/// The request body; the image placeholder always precedes the model and the prompt.
 fn buildTemplate() error{ OutOfMemory, WriteFailed }![]const u8 {
     var out: std.Io.Writer.Allocating = .init(vh.allocator);
     const w = &out.writer;
-    try w.writeAll("{\"images\":[\"%IMAGE%\"],\"model\":");
-    try json.writeString(w, cfg.model);
-    try w.writeAll(",\"prompt\":");
-    try json.writeString(w, cfg.prompt);
-    try w.print(",\"stream\":true,\"options\":{{\"num_predict\":{d}}}}}", .{cfg.max_tokens});
+    switch (cfg.api) {
+        .generate => {
+            try w.writeAll("{\"images\":[\"%IMAGE%\"],\"model\":");
+            try json.writeString(w, cfg.model);
+            try w.writeAll(",\"prompt\":");
+            try json.writeString(w, cfg.prompt);
+            try w.print(",\"stream\":true,\"options\":{{\"num_predict\":{d}}}}}", .{cfg.max_tokens});
+        },
+        .chat => {
+            try w.writeAll("{\"messages\":[{\"role\":\"user\",\"images\":[\"%IMAGE%\"],\"content\":");
+            try json.writeString(w, cfg.prompt);
+            try w.writeAll("}],\"model\":");
+            try json.writeString(w, cfg.model);
+            try w.print(",\"stream\":true,\"options\":{{\"num_predict\":{d}}}}}", .{cfg.max_tokens});
+        },
+        .openai => {
+            try w.writeAll("{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"," ++
+                "\"image_url\":{\"url\":\"data:image/jpeg;base64,%IMAGE%\"}},{\"type\":\"text\",\"text\":");
+            try json.writeString(w, cfg.prompt);
+            try w.writeAll("}]}],\"model\":");
+            try json.writeString(w, cfg.model);
+            try w.print(",\"stream\":true,\"max_tokens\":{d}}}", .{cfg.max_tokens});
+        },
+    }
     return out.toOwnedSlice();
 }
 
@@ -419,7 +479,10 @@ fn finishReply() void {
             if (lines.finish()) |item| handleItem(item); // a last line without '\n'
             if (reply_open) malformed(); // the stream ended without "done":true
         },
-        404 => fail("model {s} not found: run `ollama pull {s}`", .{ cfg.model, cfg.model }),
+        404 => switch (cfg.api) {
+            .openai => fail("model {s} not found at {s}", .{ cfg.model, cfg.url }),
+            else => fail("model {s} not found: run `ollama pull {s}`", .{ cfg.model, cfg.model }),
+        },
         else => {
             var text: TextBuf(300) = .{};
             errorText(error_body.slice(), &text);
@@ -433,14 +496,34 @@ fn finishReply() void {
 }
 
 /// The "error" field of a JSON object `body`, decoded into `out` (nothing if not JSON).
+/// Ollama sends {"error": "text"}, OpenAI-compatible servers {"error": {"message": "text", …}}.
 fn errorText(body: []const u8, out: *TextBuf(300)) void {
     var r = json.ObjectReader.init(body) catch return;
     while (r.next() catch return) |f| {
-        if (f.key.eql("error") and f.value == .string) {
-            out.clear();
-            out.appendJson(f.value.string);
+        if (!f.key.eql("error")) continue;
+        switch (f.value) {
+            .string => |text| {
+                out.clear();
+                out.appendJson(text);
+            },
+            .object => |inner| if (field(inner, "message")) |m| if (m == .string) {
+                out.clear();
+                out.appendJson(m.string);
+            },
+            else => {},
         }
     }
+}
+
+/// The value of `key` in the JSON object `src` (the last one when repeated); null when
+/// absent or when `src` is not a valid object.
+fn field(src: []const u8, key: []const u8) ?json.Value {
+    var found: ?json.Value = null;
+    var r = json.ObjectReader.init(src) catch return null;
+    while (r.next() catch return null) |f| {
+        if (f.key.eql(key)) found = f.value;
+    }
+    return found;
 }
 
 fn fail(comptime fmt: []const u8, args: anytype) void {
@@ -453,20 +536,73 @@ fn malformed() void {
     fail("malformed reply from {s}", .{cfg.url});
 }
 
-/// One NDJSON line of a 200 reply.
+/// One line of a 200 reply.
 fn handleItem(item: json.LineSplitter.Item) void {
     const line = switch (item) {
         .line => |l| l,
         .too_long => return malformed(),
     };
+    switch (cfg.api) {
+        .generate, .chat => handleNdjsonLine(line),
+        .openai => handleSseLine(line),
+    }
+}
+
+/// One server-sent-events line of an OpenAI stream (https://html.spec.whatwg.org/multipage/
+/// server-sent-events.html): `data: {chunk}` lines carry the pieces, `data: [DONE]` ends
+/// the stream; blank lines, comments and other fields are skipped.
+fn handleSseLine(raw: []const u8) void {
+    const line = std.mem.trimEnd(u8, raw, "\r");
+    if (!std.mem.startsWith(u8, line, "data:")) return;
+    const data = std.mem.trim(u8, line["data:".len..], " ");
+    if (std.mem.eql(u8, data, "[DONE]")) return completeCaption();
+    var err_value: ?json.Value = null;
+    var choices: ?[]const u8 = null;
+    var r = json.ObjectReader.init(data) catch return malformed();
+    while (r.next() catch return malformed()) |f| {
+        if (f.key.eql("error")) {
+            err_value = f.value;
+        } else if (f.key.eql("choices")) {
+            if (f.value != .array) return malformed();
+            choices = f.value.array;
+        }
+    }
+    if (err_value != null) {
+        var text: TextBuf(300) = .{};
+        errorText(data, &text);
+        return fail("server error: {s}", .{if (text.len > 0) text.slice() else "unknown"});
+    }
+    var items = json.ArrayReader.init(choices orelse return malformed()) catch return malformed();
+    const first = (items.next() catch return malformed()) orelse return; // e.g. a usage-only chunk
+    if (first != .object) return malformed();
+    if (field(first.object, "delta")) |delta| {
+        if (delta != .object) return malformed();
+        if (field(delta.object, "content")) |content| switch (content) {
+            .string => |piece| partial.appendJson(piece),
+            .null => {},
+            else => return malformed(),
+        };
+    }
+    // "stop"/"length": the reply is complete even if the server never sends [DONE]. A stream
+    // that just ends without one (Ollama's /v1 after a runner error) is a malformed reply.
+    if (field(first.object, "finish_reason")) |reason| if (reason == .string) completeCaption();
+}
+
+/// One NDJSON line of an Ollama stream (/api/generate or /api/chat).
+fn handleNdjsonLine(line: []const u8) void {
     var response: ?json.String = null;
     var done: ?bool = null;
     var err_text: ?json.String = null;
     var r = json.ObjectReader.init(line) catch return malformed();
     while (r.next() catch return malformed()) |f| {
-        if (f.key.eql("response")) {
+        if (f.key.eql("response") and cfg.api == .generate) {
             if (f.value != .string) return malformed();
             response = f.value.string;
+        } else if (f.key.eql("message") and cfg.api == .chat) {
+            if (f.value != .object) return malformed();
+            const content = field(f.value.object, "content") orelse return malformed();
+            if (content != .string) return malformed();
+            response = content.string;
         } else if (f.key.eql("done")) {
             if (f.value != .boolean) return malformed();
             done = f.value.boolean;

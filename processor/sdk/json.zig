@@ -334,6 +334,54 @@ pub const ObjectReader = struct {
     }
 };
 
+/// Reads one JSON array element by element (e.g. OpenAI's `choices`):
+///
+///     var r = try ArrayReader.init(raw);
+///     while (try r.next()) |v| { ... }
+///
+/// Like `ObjectReader`: null after the closing ']', `error.Malformed` on a syntax error.
+pub const ArrayReader = struct {
+    src: []const u8,
+    pos: usize,
+    state: enum { first, more, done } = .first,
+
+    pub fn init(src: []const u8) ParseError!ArrayReader {
+        var p = Parser{ .src = src };
+        p.skipWs();
+        try p.expect('[');
+        return .{ .src = src, .pos = p.pos };
+    }
+
+    pub fn next(self: *ArrayReader) ParseError!?Value {
+        if (self.state == .done) return null;
+        var p = Parser{ .src = self.src, .pos = self.pos };
+        p.skipWs();
+        if (self.state == .more) {
+            if (p.peek() == ',') {
+                p.pos += 1;
+            } else {
+                try p.expect(']');
+                return try self.end(&p);
+            }
+        } else if (p.peek() == ']') {
+            p.pos += 1;
+            return try self.end(&p);
+        }
+        const v = try p.value(1);
+        self.pos = p.pos;
+        self.state = .more;
+        return v;
+    }
+
+    fn end(self: *ArrayReader, p: *Parser) ParseError!?Value {
+        p.skipWs();
+        if (p.pos != p.src.len) return error.Malformed;
+        self.pos = p.pos;
+        self.state = .done;
+        return null;
+    }
+};
+
 /// U+FFFD REPLACEMENT CHARACTER, substituted for undecodable input.
 const replacement: u21 = 0xFFFD;
 
@@ -808,5 +856,27 @@ test "a whole Ollama reply cut at every position yields the caption" {
         try testing.expect(sp.finish() == null);
         try testing.expect(done);
         try testing.expectEqualStrings(" Radiant élégance 🌟", caption[0..n]);
+    }
+}
+
+test "ArrayReader reads elements of any type and rejects malformed input" {
+    var r = try ArrayReader.init(" [ {\"index\":0,\"delta\":{\"content\":\"Hi\"}} , 2, \"x\", [1] ] ");
+    const first = (try r.next()).?;
+    try std.testing.expect(first == .object);
+    var o = try ObjectReader.init(first.object);
+    try std.testing.expect((try o.next()).?.key.eql("index"));
+    try std.testing.expect((try r.next()).? == .number);
+    try std.testing.expect((try r.next()).?.string.eql("x"));
+    try std.testing.expect((try r.next()).? == .array);
+    try std.testing.expect((try r.next()) == null);
+    var empty = try ArrayReader.init("[]");
+    try std.testing.expect((try empty.next()) == null);
+    for ([_][]const u8{ "[1,]", "[1 2]", "[1] x", "{}", "[" }) |bad| {
+        var b = ArrayReader.init(bad) catch continue;
+        const got = while (true) {
+            const v = b.next() catch break error.Malformed;
+            if (v == null) break {};
+        };
+        try std.testing.expectError(error.Malformed, got);
     }
 }

@@ -62,6 +62,8 @@ class NetworkPolicy:
 
     Attributes:
         allowed: ``host:port`` destinations processors may call.
+        credentials: ``Authorization`` header value per destination, added by the host to
+            every request there (processors never see it; it is never logged).
         connect_timeout_s / read_timeout_s: seconds to connect, and between received bytes.
         max_response_bytes: replies longer than this are cut off with ``response-too-large``.
         max_in_flight: non-blocking requests one processor may have running at once.
@@ -72,14 +74,40 @@ class NetworkPolicy:
     read_timeout_s: float = 60.0
     max_response_bytes: int = 8 * 1024 * 1024
     max_in_flight: int = 4
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_config(cls, config: dict[str, str], extra_allowed: list[str] = (), **limits) -> "NetworkPolicy":
-        """Allow the destination of every ``*-url`` config value, plus ``extra_allowed``."""
+    def from_config(cls, config: dict[str, str], extra_allowed: list[str] = (), environ=None,
+                    **limits) -> "NetworkPolicy":
+        """Allow the destination of every ``*-url`` config value, plus ``extra_allowed``.
+
+        A ``PREFIX-api-key-env=NAME`` setting makes the host send ``Authorization: Bearer
+        $NAME`` (read from ``environ``, default the host's environment) with every request
+        to the destination of ``PREFIX-url``: the key stays outside the sandbox.
+
+        Raises:
+            PolicyError: an ``-api-key-env`` setting without a matching ``-url``, or naming
+                an environment variable that is not set.
+        """
+        import os
+        environ = os.environ if environ is None else environ
         allowed = {d for k, v in config.items() if k.endswith("-url") and (d := url_destination(v))}
         for item in extra_allowed:
             allowed.add(url_destination(item) or item.lower())
-        return cls(allowed=allowed, **limits)
+        credentials = {}
+        for key, name in config.items():
+            if not key.endswith("-api-key-env"):
+                continue
+            url_key = key[: -len("-api-key-env")] + "-url"
+            dest = url_destination(config.get(url_key, ""))
+            if dest is None:
+                raise PolicyError(f"{key} needs {url_key} set to the server's http(s) URL")
+            secret = environ.get(name, "").strip()
+            if not secret:
+                raise PolicyError(f"{key}={name}: the environment variable {name} is not set; "
+                                  f"export it with the API key")
+            credentials[dest] = f"Bearer {secret}"
+        return cls(allowed=allowed, credentials=credentials, **limits)
 
     def check(self, url: str) -> FetchError | None:
         """None when ``url`` may be requested, else the error to report."""
@@ -89,6 +117,10 @@ class NetworkPolicy:
         if dest not in self.allowed:
             return FetchError.DESTINATION_NOT_ALLOWED
         return None
+
+
+class PolicyError(ValueError):
+    """A network setting that cannot work; the message says what to fix."""
 
 
 @dataclass(eq=False)
@@ -267,9 +299,12 @@ class FetchClient:
     def _transfer(self, req: _Request, method: str, content_type: str, body: bytes) -> None:
         policy = self.policy
         try:
+            headers = {"Content-Type": content_type} if content_type else {}
+            credential = policy.credentials.get(url_destination(req.url) or "")
+            if credential:
+                headers["Authorization"] = credential
             resp = self._session().request(
-                method, req.url, data=body if method == "POST" else None,
-                headers={"Content-Type": content_type} if content_type else None,
+                method, req.url, data=body if method == "POST" else None, headers=headers,
                 stream=True, allow_redirects=False,
                 timeout=(policy.connect_timeout_s, policy.read_timeout_s))
         except requests.exceptions.Timeout:
@@ -383,5 +418,5 @@ def _cancel(ctx, request_id):
     ctx.fetch.cancel(request_id)
 
 
-__all__ = ["FetchClient", "FetchError", "FetchErrorResult", "FetchStats", "NetworkPolicy",
+__all__ = ["FetchClient", "FetchError", "FetchErrorResult", "FetchStats", "NetworkPolicy", "PolicyError",
            "frame_jpeg_body", "url_destination"]
