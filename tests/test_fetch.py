@@ -102,3 +102,13 @@ def test_blocking_http_get_post_and_post_image(driver, standin, real_frame):
     standin.failure = "http500"
     d.call(H, "post", *d.put_str(standin.url + "/api/generate"), *d.put_str("application/json"), *d.put(body), ret)
     assert d.u8(ret) == 1 and d.u8(ret + 4) == 3            # request-error
+
+
+def test_the_first_image_placeholder_decides_the_encoding(real_frame):
+    from vision_host.runtime.fetch import frame_jpeg_body
+    as_numbers = json.loads(frame_jpeg_body(real_frame, 320, 80, b'{"image":%IMAGE_BYTES%,"prompt":"a %IMAGE% b"}')())
+    assert as_numbers["prompt"] == "a %IMAGE% b"                     # the prompt's text is left alone
+    assert bytes(as_numbers["image"])[:3] == b"\xff\xd8\xff"         # a JPEG, as numbers
+    as_base64 = json.loads(frame_jpeg_body(real_frame, 320, 80, b'{"images":["%IMAGE%"],"p":"%IMAGE_BYTES%"}')())
+    assert as_base64["p"] == "%IMAGE_BYTES%"
+    assert base64.b64decode(as_base64["images"][0])[:3] == b"\xff\xd8\xff"

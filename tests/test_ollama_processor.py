@@ -235,7 +235,7 @@ def test_an_unknown_api_is_reported_and_the_default_used(runtime_factory, standi
     with caplog.at_level(logging.ERROR):
         rt, p = _processor(runtime_factory, standin.url, ollama_api="grpc")
         _run_until(p, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None)
-    assert any('ollama-api="grpc" is invalid (expected generate, chat or openai); using the default generate'
+    assert any('ollama-api="grpc" is invalid (expected generate, chat, openai or workers-ai); using the default generate'
                in r.getMessage() for r in caplog.records)
     assert standin.requests[0].path == "/api/generate"
 
@@ -265,3 +265,57 @@ def test_api_key_settings_that_cannot_work_are_refused_with_a_sentence(monkeypat
     other = NetworkPolicy.from_config({"ollama-url": "http://127.0.0.1:1", "other-url": "http://127.0.0.1:2",
                                        "ollama-api-key-env": "HOME"})
     assert set(other.credentials) == {"127.0.0.1:1"}           # never sent to another destination
+
+
+@pytest.fixture
+def workers():
+    from workers_ai_standin import WorkersAIStandin
+    server = WorkersAIStandin(token="cf-5e6b1d")
+    yield server
+    server.stop()
+
+
+def _workers_processor(runtime_factory, workers, monkeypatch, **config):
+    monkeypatch.setenv("VH_TEST_CF_TOKEN", workers.token)
+    return _processor(runtime_factory, workers.run_url, ollama_api="workers-ai",
+                      ollama_model="@cf/llava-hf/llava-1.5-7b-hf", ollama_api_key_env="VH_TEST_CF_TOKEN", **config)
+
+
+def test_workers_ai_gets_the_frame_as_byte_numbers_and_a_bearer_token(runtime_factory, workers, real_frame,
+                                                                      monkeypatch):
+    workers.reply = lambda prompt, jpeg: f"A frame of {len(jpeg)} bytes about {prompt}"
+    cfg = {"ollama-url": workers.run_url, "ollama-interval-ms": "100", "ollama-api": "workers-ai",
+           "ollama-model": "@cf/llava-hf/llava-1.5-7b-hf", "ollama-api-key-env": "VH_TEST_CF_TOKEN",
+           "ollama-prompt": "what %IMAGE_BYTES% is this?", "ollama-max-tokens": "30"}
+    monkeypatch.setenv("VH_TEST_CF_TOKEN", workers.token)
+    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
+    p = rt.load(OLLAMA_WASM)
+    out = _run_until(p, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None)
+    req = workers.requests[0]
+    assert req.headers["Authorization"] == f"Bearer {workers.token}"
+    assert req.body["prompt"] == "what %IMAGE_BYTES% is this?" and req.body["max_tokens"] == 30
+    decoded = cv2.imdecode(np.frombuffer(req.image, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (360, 640, 3)
+    assert rt.processor_store.get("captions", "caption") == \
+        f"A frame of {len(req.image)} bytes about what %IMAGE_BYTES% is this?"
+    assert not np.array_equal(out, real_frame)
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda w, mp: setattr(w, "token", "rotated"), "refused the credentials (HTTP 401)"),
+    (lambda w, mp: setattr(w, "failure", "http500"), "server error 500: Internal server error"),
+])
+def test_workers_ai_failures_are_reported(runtime_factory, workers, real_frame, monkeypatch, caplog, setup, expected):
+    rt, p = _workers_processor(runtime_factory, workers, monkeypatch)
+    setup(workers, monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        _run_until(p, real_frame, lambda: any(expected in r.getMessage() for r in caplog.records))
+    assert rt.processor_store.get("captions", "caption") is None
+
+
+def test_workers_ai_unknown_model_reads_the_envelope_error(runtime_factory, workers, real_frame, monkeypatch, caplog):
+    monkeypatch.setenv("VH_TEST_CF_TOKEN", workers.token)
+    rt, p = _processor(runtime_factory, workers.run_url, ollama_api="workers-ai", ollama_model="@cf/nosuch",
+                       ollama_api_key_env="VH_TEST_CF_TOKEN")
+    with caplog.at_level(logging.WARNING):
+        _run_until(p, real_frame, lambda: any("No such model @cf/nosuch" in r.getMessage() for r in caplog.records))

@@ -29,6 +29,12 @@
 //!           are the pieces, complete at a `finish_reason` or `data: [DONE]`; errors are
 //!           {"error":{"message":…}}.
 //!           (vLLM, llama.cpp's server, LM Studio and Ollama's own /v1 speak it.)
+//!   workers-ai  Cloudflare Workers AI: POST {url}/{model} (url = https://api.cloudflare.com/
+//!           client/v4/accounts/ID/ai/run, model = @cf/llava-hf/llava-1.5-7b-hf) with
+//!           {"image":[JPEG bytes as numbers],"prompt":P,"max_tokens":N}; one JSON reply
+//!           {"result":{"description":…},"success":true}, errors as
+//!           {"success":false,"errors":[{"code":…,"message":…}]}. Needs an API key:
+//!           ollama-api-key-env names the variable, the host sends it (Authorization: Bearer).
 //!
 //! The pieces are appended to the caption as they arrive (shown at once); at
 //! `"done":true` (or `[DONE]`) the caption is complete: trimmed, kept on screen until the next one
@@ -39,7 +45,7 @@
 //! Config (read once, on the first frame; an invalid value is reported once with
 //! logging.error and replaced by the default):
 //!   ollama-url               http://localhost:11434  (http(s) base URL; a trailing / is dropped)
-//!   ollama-api               generate  generate | chat | openai (the wire protocol, above)
+//!   ollama-api               generate  generate | chat | openai | workers-ai (the wire protocol, above)
 //!   ollama-model             llava
 //!   ollama-prompt            Describe what is in this picture in highly complimentary terms using 6 words or less.
 //!   ollama-interval-ms       3000   minimum time between request starts (0–86400000);
@@ -84,6 +90,9 @@ const Api = enum {
     /// OpenAI chat completions (vLLM, llama.cpp's server, LM Studio, Ollama's /v1):
     /// POST …/chat/completions, SSE `choices[0].delta.content` pieces.
     openai,
+    /// Cloudflare Workers AI (`@cf/llava-hf/llava-1.5-7b-hf`): POST {url}/{model}, one JSON
+    /// reply `{"result":{"description":…},"success":true}` (the model does not stream).
+    @"workers-ai",
 };
 
 const Config = struct {
@@ -160,7 +169,7 @@ fn readApi(key: []const u8, default: Api) Api {
     const value = vh.config.get(key) orelse return default;
     defer vh.free(value);
     return std.meta.stringToEnum(Api, trimmed(value)) orelse {
-        reportInvalid(key, value, "generate, chat or openai", @as([]const u8, @tagName(default)));
+        reportInvalid(key, value, "generate, chat, openai or workers-ai", @as([]const u8, @tagName(default)));
         return default;
     };
 }
@@ -227,6 +236,8 @@ fn buildGenerateUrl() error{OutOfMemory}![]const u8 {
         .chat => "/api/chat",
         // An OpenAI base URL usually ends in /v1 already ("http://host:8000/v1").
         .openai => if (std.mem.endsWith(u8, cfg.url, "/v1")) "/chat/completions" else "/v1/chat/completions",
+        // {url} is the account's …/ai/run endpoint, the model its path ("@cf/llava-hf/…").
+        .@"workers-ai" => return std.mem.concat(vh.allocator, u8, &.{ cfg.url, "/", cfg.model }),
     };
     return std.mem.concat(vh.allocator, u8, &.{ cfg.url, path });
 }
@@ -257,6 +268,12 @@ fn buildTemplate() error{ OutOfMemory, WriteFailed }![]const u8 {
             try w.writeAll("}]}],\"model\":");
             try json.writeString(w, cfg.model);
             try w.print(",\"stream\":true,\"max_tokens\":{d}}}", .{cfg.max_tokens});
+        },
+        .@"workers-ai" => {
+            // The host puts the JPEG's bytes as a JSON array of numbers at %IMAGE_BYTES%.
+            try w.writeAll("{\"image\":%IMAGE_BYTES%,\"prompt\":");
+            try json.writeString(w, cfg.prompt);
+            try w.print(",\"max_tokens\":{d}}}", .{cfg.max_tokens});
         },
     }
     return out.toOwnedSlice();
@@ -325,8 +342,8 @@ var lines: json.LineSplitter = .{ .buf = &line_storage };
 var partial: TextBuf(2048) = .{};
 /// The last complete caption.
 var caption: TextBuf(2048) = .{};
-/// Body of a non-200 reply, for its {"error":"…"} text.
-var error_body: TextBuf(4096) = .{};
+/// Body of a non-200 reply (for its error text), or of a whole non-streamed reply.
+var error_body: TextBuf(16 * 1024) = .{};
 
 const Health = enum { unknown, ok, problem };
 var health: Health = .unknown;
@@ -445,7 +462,7 @@ fn pollRequest(id: u32, now: u64) void {
         retry_at_us = 0;
     }
     if (reply_open) {
-        if (reply_status == 200) {
+        if (reply_status == 200 and cfg.api != .@"workers-ai") {
             var it = lines.feed(progress.body);
             while (reply_open) {
                 const item = it.next() orelse break;
@@ -476,11 +493,13 @@ fn pollRequest(id: u32, now: u64) void {
 fn finishReply() void {
     switch (reply_status) {
         200 => {
+            if (cfg.api == .@"workers-ai") return handleWorkersReply(error_body.slice());
             if (lines.finish()) |item| handleItem(item); // a last line without '\n'
             if (reply_open) malformed(); // the stream ended without "done":true
         },
+        401, 403 => fail("{s} refused the credentials (HTTP {d}): set ollama-api-key-env to the variable holding the API key", .{ cfg.url, reply_status }),
         404 => switch (cfg.api) {
-            .openai => fail("model {s} not found at {s}", .{ cfg.model, cfg.url }),
+            .openai, .@"workers-ai" => fail("model {s} not found at {s}", .{ cfg.model, cfg.url }),
             else => fail("model {s} not found: run `ollama pull {s}`", .{ cfg.model, cfg.model }),
         },
         else => {
@@ -513,6 +532,31 @@ fn errorText(body: []const u8, out: *TextBuf(300)) void {
             else => {},
         }
     }
+    // Cloudflare's API envelope: {"success":false,"errors":[{"code":…,"message":…}]}.
+    if (out.len == 0) if (field(body, "errors")) |errors| if (errors == .array) {
+        var items = json.ArrayReader.init(errors.array) catch return;
+        const first = (items.next() catch return) orelse return;
+        if (first == .object) if (field(first.object, "message")) |m| if (m == .string) out.appendJson(m.string);
+    };
+}
+
+/// A whole Workers AI reply: {"result":{"description":…},"success":true,…}, or
+/// {"success":false,"errors":[{"code":…,"message":…}],…}.
+fn handleWorkersReply(body: []const u8) void {
+    const success = field(body, "success") orelse return malformed();
+    if (success != .boolean) return malformed();
+    if (!success.boolean) {
+        var text: TextBuf(300) = .{};
+        errorText(body, &text);
+        return fail("server error: {s}", .{if (text.len > 0) text.slice() else "unknown"});
+    }
+    const result = field(body, "result") orelse return malformed();
+    if (result != .object) return malformed();
+    const description = field(result.object, "description") orelse return malformed();
+    if (description != .string) return malformed();
+    partial.clear();
+    partial.appendJson(description.string);
+    completeCaption();
 }
 
 /// The value of `key` in the JSON object `src` (the last one when repeated); null when
@@ -545,6 +589,7 @@ fn handleItem(item: json.LineSplitter.Item) void {
     switch (cfg.api) {
         .generate, .chat => handleNdjsonLine(line),
         .openai => handleSseLine(line),
+        .@"workers-ai" => unreachable, // not line-based: see handleWorkersReply
     }
 }
 

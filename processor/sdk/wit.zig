@@ -2440,10 +2440,11 @@ pub const vision_host_platform = struct {
         };
 
         /// Starts `POST url` with a body made from `template` in which the first `%IMAGE%` is
-        /// replaced by the base64 JPEG of frame `frame`, downscaled so its longer side is at most
-        /// `max-side` px (0 = full size), at `jpeg-quality` (1–100). The frame is copied (and
-        /// downscaled) during the call; encoding and sending happen on a worker thread. Returns the
-        /// request id.
+        /// replaced by the base64 JPEG of frame `frame` (or, when `%IMAGE_BYTES%` comes first, that
+        /// by the JPEG's bytes as a JSON array of numbers, as Cloudflare Workers AI takes images),
+        /// downscaled so its longer side is at most `max-side` px (0 = full size), at
+        /// `jpeg-quality` (1–100). The frame is copied (and downscaled) during the call; encoding
+        /// and sending happen on a worker thread. Returns the request id.
         ///
         /// WIT: `post-frame: func(url: string, content-type: string, template: list<u8>, frame: u32, max-side: u32, jpeg-quality: u32) -> result<u32, fetch-error>`
         pub fn postFrame(url: []const u8, content_type: []const u8, template: []const u8, frame: u32, max_side: u32, jpeg_quality: u32) FetchError.Error!u32 {

@@ -359,7 +359,9 @@ def frame_jpeg_body(frame: np.ndarray, max_side: int, quality: int, template: by
     Downscales ``frame`` (H×W×3 uint8 BGR, or H×W) now, on the caller's thread, so that the
     longer side is at most ``max_side`` px (0 = no limit), copying it either way; returns a
     function that, on a worker thread, encodes it as JPEG at ``quality`` (1–100), base64s it
-    and substitutes it for the first ``%IMAGE%`` in ``template``.
+    and substitutes it for the first ``%IMAGE%`` in ``template``; when ``%IMAGE_BYTES%``
+    comes first, it is replaced instead by the JPEG's bytes as a JSON array of numbers
+    (``[255,216,…]``, Workers AI's image field).
     """
     h, w = frame.shape[:2]
     longer = max(h, w)
@@ -375,6 +377,11 @@ def frame_jpeg_body(frame: np.ndarray, max_side: int, quality: int, template: by
         ok, jpeg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, quality])
         if not ok:
             raise ValueError("JPEG encoding failed")
+        at_bytes = template.find(b"%IMAGE_BYTES%")
+        at_base64 = template.find(b"%IMAGE%")
+        if at_bytes >= 0 and (at_base64 < 0 or at_bytes <= at_base64):
+            numbers = b"[" + b",".join(b"%d" % v for v in jpeg.ravel().tolist()) + b"]"
+            return template[:at_bytes] + numbers + template[at_bytes + len(b"%IMAGE_BYTES%"):]
         return template.replace(b"%IMAGE%", base64.b64encode(jpeg.tobytes()), 1)
 
     return build
