@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--processors-dir", metavar="DIR")
     sub.add_parser("info", help="print the video capture and writer backends, and the runtime's versions")
     sub.add_parser("version", help="print the version")
+
+    srv = sub.add_parser("serve", help="serve a vision model (BLIP) over Ollama's API, and OpenAI's under /v1")
+    srv.add_argument("--model", default="blip", metavar="ID|PATH",
+                     help="alias (blip = Salesforce/blip-image-captioning-large), Hugging Face Hub id, "
+                          "or a directory saved with save_pretrained (default blip)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=_positive_int, default=11434, help="port to listen on (default 11434, Ollama's)")
+    srv.add_argument("--logging", choices=list(LOG_LEVELS), default="warn", help="log level (default warn)")
     return parser
 
 
@@ -362,6 +370,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``vision-host serve``: an embedded vision server speaking Ollama's API (see :mod:`.server`)."""
+    from .server import ServeError, serve
+
+    _setup_logging(args.logging)
+    try:
+        serve(args.model, args.host, args.port, log_level={"warn": "warning"}.get(args.logging, args.logging))
+    except ServeError as exc:
+        print(f"vision-host: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``vision-host``; returns the exit status."""
     parser = build_parser()
@@ -373,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "version":
             print(f"vision-host {__version__}")
             return 0

@@ -1,0 +1,282 @@
+"""``vision-host serve``: the official ``ollama`` and ``openai`` clients against a real server.
+
+A tiny random-weight BLIP (hidden 32, 2 layers, image 32×32, a 30-word vocabulary) is built
+at test time and saved with ``save_pretrained``; the server runs it through the real code
+path (BlipProcessor, BlipForConditionalGeneration.generate, TextIteratorStreamer). The
+answers are nonsense words from that vocabulary. No network is used.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("PIL")
+ollama = pytest.importorskip("ollama")
+openai = pytest.importorskip("openai")
+requests = pytest.importorskip("requests")
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP = REPO / "media" / "bottle-detection.mp4"
+WORDS = ("[PAD] [UNK] [CLS] [SEP] [MASK] a an the of on in with photo picture bottle table man woman "
+         "red blue green is there two hand water glass").split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "host"), env.get("PYTHONPATH", "")])
+    env.setdefault("HF_HUB_OFFLINE", "1")   # never reach for the Hub in tests
+    env.update(extra)
+    return env
+
+
+def _serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vision_host", "serve", *args]
+
+
+def build_tiny_blip(directory: Path) -> Path:
+    """Save a random-weight BLIP captioner and its processor to ``directory``."""
+    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    try:
+        from transformers import BlipImageProcessorPil as ImageProcessor   # transformers 5 without torchvision
+    except ImportError:
+        from transformers import BlipImageProcessor as ImageProcessor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    try:
+        tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}, do_lower_case=True)
+    except TypeError:   # transformers 4: a vocab file
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    assert tokenizer("a photo of")["input_ids"][1:-1] == [WORDS.index(w) for w in ("a", "photo", "of")]
+    processor = BlipProcessor(image_processor=ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=WORDS.index("[CLS]"), sep_token_id=WORDS.index("[SEP]"),
+                         eos_token_id=WORDS.index("[SEP]")),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=32)
+    import torch
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``vision-host serve --model <tiny BLIP dir>`` on a free port: yields its base URL."""
+    base = tmp_path_factory.mktemp("serve")
+    model_dir = build_tiny_blip(base / "tiny-blip")
+    port = _free_port()
+    log = open(base / "serve.log", "w+")
+    proc = subprocess.Popen(_serve_cmd("--model", str(model_dir), "--port", str(port)),
+                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"vision-host serve exited with {proc.returncode}:\n{log.read()}")
+            try:
+                if requests.get(url + "/", timeout=1).text == "Ollama is running":
+                    break
+            except (requests.ConnectionError, requests.Timeout):   # bound before the model is loaded
+                pass
+            assert time.monotonic() < deadline, "vision-host serve did not start within 60 s"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def frame_jpeg() -> bytes:
+    """Frame 30 of the shipped clip as JPEG."""
+    cap = cv2.VideoCapture(str(CLIP))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 30)
+    ok, frame = cap.read()
+    cap.release()
+    assert ok, f"cannot read {CLIP}"
+    return cv2.imencode(".jpg", frame)[1].tobytes()
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+# -- Ollama API ---------------------------------------------------------------------------------
+def test_root_version_list_show(server):
+    assert requests.get(server + "/").text == "Ollama is running"
+    assert requests.get(server + "/api/version").json()["version"]
+    client = ollama.Client(host=server)
+    listed = client.list()
+    assert [m.model for m in listed.models] == ["tiny-blip:latest"]
+    assert listed.models[0].details.family == "blip"
+    shown = client.show("tiny-blip")
+    assert "vision" in shown.capabilities and shown.details.family == "blip"
+
+
+def test_generate_stream_and_not(server, frame_jpeg):
+    client = ollama.Client(host=server)
+    parts = list(client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=True,
+                                 options={"num_predict": 6}))
+    assert len(parts) >= 2 and all(not p.done for p in parts[:-1])
+    final = parts[-1]
+    assert final.done and final.done_reason in ("stop", "length")
+    assert final.eval_count and final.eval_count <= 6 and final.prompt_eval_count == 4
+    assert final.total_duration > 0 and final.eval_duration >= 0 and final.load_duration is not None
+    streamed = "".join(p.response for p in parts)
+    assert streamed.strip() and set(_words(streamed)) <= set(WORDS)
+
+    whole = client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
+                            options={"num_predict": 6, "temperature": 0})
+    assert whole.done and whole.done_reason in ("stop", "length")
+    assert 0 < len(_words(whole.response)) <= 6 and set(_words(whole.response)) <= set(WORDS)
+    # Unconditional captioning (empty prompt) with a length cap.
+    short = client.generate(model="tiny-blip:latest", prompt="", images=[frame_jpeg], stream=False,
+                            options={"num_predict": 1})
+    assert short.eval_count == 1 and short.done_reason in ("stop", "length")
+
+
+def test_generate_raw_ndjson(server, frame_jpeg):
+    import base64
+    import json
+    r = requests.post(server + "/api/generate", stream=True, json={
+        "model": "tiny-blip", "prompt": "a picture of", "images": [base64.b64encode(frame_jpeg).decode()],
+        "options": {"num_predict": 3}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert set(lines[0]) == {"model", "created_at", "response", "done"} and lines[0]["done"] is False
+    assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "length" and lines[-1]["eval_count"] == 3
+    for key in ("total_duration", "load_duration", "prompt_eval_count", "eval_count", "eval_duration"):
+        assert isinstance(lines[-1][key], int)
+
+
+def test_chat(server, frame_jpeg):
+    client = ollama.Client(host=server)
+    messages = [{"role": "user", "content": "a photo of", "images": [frame_jpeg]}]
+    parts = list(client.chat(model="tiny-blip", messages=messages, stream=True, options={"num_predict": 4}))
+    assert parts[-1].done and parts[-1].message.role == "assistant"
+    assert "".join(p.message.content for p in parts).strip()
+    reply = client.chat(model="tiny-blip", messages=messages, stream=False, options={"num_predict": 4})
+    assert reply.message.role == "assistant" and reply.message.content.strip() and reply.done
+
+
+def test_errors(server, frame_jpeg):
+    client = ollama.Client(host=server)
+    with pytest.raises(ollama.ResponseError) as exc:
+        client.generate(model="llava", prompt="hi", images=[frame_jpeg], stream=False)
+    assert exc.value.status_code == 404 and "model 'llava' not found" in exc.value.error
+    with pytest.raises(ollama.ResponseError) as exc:
+        client.chat(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert exc.value.status_code == 404
+    r = requests.post(server + "/api/generate", json={"model": "tiny-blip", "prompt": "x", "images": ["!!!"]})
+    assert r.status_code == 400 and "base64" in r.json()["error"]
+    r = requests.post(server + "/api/generate", json={"model": "tiny-blip", "prompt": "x", "images": ["aGVsbG8="]})
+    assert r.status_code == 400 and r.json() == {"error": "Failed to load image or audio file"}
+    r = requests.post(server + "/api/generate", data=b"{not json")
+    assert r.status_code == 400 and "error" in r.json()
+    r = requests.post(server + "/api/generate", data=b"")
+    assert r.status_code == 400 and r.json() == {"error": "missing request body"}
+    r = requests.post(server + "/api/generate", json={"model": "tiny-blip", "prompt": "a photo"})
+    assert r.status_code == 400 and "images" in r.json()["error"]
+
+
+# -- OpenAI API ---------------------------------------------------------------------------------
+def test_openai(server, frame_jpeg):
+    import base64
+    client = openai.OpenAI(base_url=server + "/v1", api_key="ollama")
+    assert [m.id for m in client.models.list()] == ["tiny-blip:latest"]
+    url = "data:image/jpeg;base64," + base64.b64encode(frame_jpeg).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a photo of"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    done = client.chat.completions.create(model="tiny-blip", messages=messages, max_tokens=5)
+    assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content.strip() and done.choices[0].finish_reason in ("stop", "length")
+    assert 0 < done.usage.completion_tokens <= 5
+    chunks = list(client.chat.completions.create(model="tiny-blip", messages=messages, max_tokens=5, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and set(_words(text)) <= set(WORDS)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens <= 5
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-blip", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]}])
+
+
+# -- start-up errors ----------------------------------------------------------------------------
+def test_offline_uncached_model_is_a_clear_error(tmp_path):
+    r = subprocess.run(_serve_cmd("--model", "someone/not-cached-blip", "--port", str(_free_port())),
+                       env=_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hub")),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "someone/not-cached-blip" in r.stderr and "download" in r.stderr and "--model DIR" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_port_in_use_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(_serve_cmd("--model", "blip", "--port", str(port)), env=_env(),
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert f"port {port}" in r.stderr and "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_does_not_import_torch():
+    code = ("import sys, vision_host.cli as c; c.build_parser().parse_args(['serve']); "
+            "import vision_host.server; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules, 'fastapi' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["False", "False", "False"], out.stderr
+
+
+@pytest.mark.parametrize("api", ["generate", "chat", "openai"])
+def test_the_ollama_processor_captions_real_footage_through_each_protocol(server, tmp_path, api):
+    """End to end: `vision-host run -p ollama` on the shipped clip against `vision-host serve`."""
+    stats_path = tmp_path / "stats.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", str(REPO / "media" / "bottle-detection.mp4"),
+         "-c", f"ollama-url={server}", "-c", "ollama-model=tiny-blip", "-c", f"ollama-api={api}",
+         "-c", "ollama-interval-ms=200", "-c", "ollama-max-tokens=5", "--max-frames", "75",
+         "-o", "file", "-d", str(tmp_path / "out.mp4"), "--stats", str(stats_path)],
+        capture_output=True, text=True, timeout=120, env=_env())
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(stats_path.read_text())
+    assert stats["frames_out"] == 75
+    assert stats["captions"]["completed"] >= 1, result.stderr
+    assert stats["captions"]["failed"] == 0, result.stderr
+    assert stats["processors"]["ollama"]["errors"] == 0
