@@ -246,6 +246,62 @@ def ollama_host_url(value: str | None) -> str | None:
     return f"{scheme}://{host}"
 
 
+EMBEDDED = "embedded"
+DEFAULT_EMBEDDED_MODEL = "blip"
+
+
+class EmbeddedServer:
+    """``ollama-url=embedded``: ``vision-host serve`` in a child process on a free loopback
+    port, for machines with no vision server. The video starts at once; the ``ollama``
+    processor shows "cannot reach …" and retries until the model has loaded.
+
+    Args:
+        model: ``--model`` of the server (alias, Hub id or directory).
+    Raises (from :meth:`start`):
+        UsageError: the model name cannot be served, or the server exits at start-up.
+    """
+
+    def __init__(self, model: str):
+        from .server import ModelLoadError, normalize_model_name, resolve_model   # no torch import
+        try:
+            self.name = normalize_model_name(resolve_model(model)[0])
+        except ModelLoadError as exc:
+            raise UsageError(str(exc)) from None
+        self.model = model
+        self.proc = None
+        self.url = ""
+
+    def start(self, wait_s: float = 1.5) -> str:
+        """Start the server; returns its base URL. Waits ``wait_s`` for an early failure."""
+        import socket
+        import subprocess
+        import time
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "vision_host", "serve", "--model", self.model,
+                                      "--host", "127.0.0.1", "--port", str(port)], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise UsageError(f"the embedded vision server (vision-host serve --model {self.model}) exited "
+                                 f"with status {self.proc.returncode}; its message is above")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the server process (terminate, then kill after 5 s)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except Exception:   # noqa: BLE001 - subprocess.TimeoutExpired
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=LOG_LEVELS[level], format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(LOG_LEVELS[level])
@@ -254,14 +310,29 @@ def _setup_logging(level: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``vision-host run``: returns the exit status."""
+    settings = _settings(args)
+    _setup_logging(settings["logging"])
+    config = settings["config"]
+    embedded = None
+    if config.get("ollama-url", "").strip().lower() == EMBEDDED:
+        embedded = EmbeddedServer(config.get("ollama-model") or DEFAULT_EMBEDDED_MODEL)
+        config["ollama-url"] = embedded.start()
+        config["ollama-model"] = embedded.name
+        print(f"vision-host: embedded vision server for {embedded.name} at {config['ollama-url']}", file=sys.stderr)
+    try:
+        return _run_pipeline(args, settings)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     from .outputs import OutputError, make_output
     from .pipeline import Pipeline, format_summary, write_stats
     from .runtime import NetworkPolicy, ProcessorLoadError, Runtime, SandboxLimits, default_cache_dir
     from .runtime.fetch import PolicyError
     from .sources import SourceError, open_source
 
-    settings = _settings(args)
-    _setup_logging(settings["logging"])
     paths = [(spec, resolve_processor(spec, settings.get("processors_dir"))) for spec in settings["processor"]]
     limits = SandboxLimits()
     if settings.get("processor_timeout_ms"):

@@ -1,0 +1,39 @@
+"""`ollama-url=embedded`: `vision-host run` starts its own `vision-host serve` and captions with it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SAMPLE_CLIP
+
+test_serve = pytest.importorskip("test_serve")      # skips with the same rules (serve extra present)
+
+
+def test_run_with_an_embedded_server_captions_real_footage_and_stops_it(tmp_path):
+    model_dir = test_serve.build_tiny_blip(tmp_path / "tiny-embedded")
+    stats = tmp_path / "stats.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", str(SAMPLE_CLIP),
+         "-c", "ollama-url=embedded", "-c", f"ollama-model={model_dir}", "-c", "ollama-interval-ms=200",
+         "-c", "ollama-max-tokens=5", "--max-frames", "240", "-o", "file", "-d", str(tmp_path / "out.mp4"),
+         "--stats", str(stats)],
+        capture_output=True, text=True, timeout=180, env=test_serve._env())
+    assert result.returncode == 0, result.stderr
+    assert "embedded vision server for tiny-embedded:latest at http://127.0.0.1:" in result.stderr
+    summary = json.loads(stats.read_text())
+    assert summary["frames_out"] == 240
+    assert summary["captions"]["completed"] >= 1, result.stderr
+    left = subprocess.run(["pgrep", "-f", str(model_dir)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "the embedded server must stop with the run"
+
+
+def test_an_embedded_model_that_cannot_exist_is_refused_before_the_run(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", str(SAMPLE_CLIP),
+                             "-c", "ollama-url=embedded", "-c", f"ollama-model={tmp_path}/missing/dir"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    assert "no such directory" in result.stderr
