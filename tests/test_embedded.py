@@ -37,3 +37,11 @@ def test_an_embedded_model_that_cannot_exist_is_refused_before_the_run(tmp_path)
                             capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2
     assert "no such directory" in result.stderr
+
+
+def test_serve_flags_reach_the_server(tmp_path):
+    model_dir = test_serve.build_tiny_blip(tmp_path / "tiny-flags")
+    result = subprocess.run([sys.executable, "-m", "vision_host", "serve", "--model", str(model_dir),
+                             "--port", str(test_serve._free_port()), "--keep-alive", "soon"],
+                            capture_output=True, text=True, timeout=120, env=test_serve._env())
+    assert result.returncode == 1 and "--keep-alive" in result.stderr, result.stderr

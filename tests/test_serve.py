@@ -83,10 +83,15 @@ def build_tiny_blip(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def tiny_blip(tmp_path_factory) -> Path:
+    return build_tiny_blip(tmp_path_factory.mktemp("model") / "tiny-blip")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_blip):
     """``vision-host serve --model <tiny BLIP dir>`` on a free port: yields its base URL."""
     base = tmp_path_factory.mktemp("serve")
-    model_dir = build_tiny_blip(base / "tiny-blip")
+    model_dir = tiny_blip
     port = _free_port()
     log = open(base / "serve.log", "w+")
     proc = subprocess.Popen(_serve_cmd("--model", str(model_dir), "--port", str(port)),
@@ -267,16 +272,193 @@ def test_run_does_not_import_torch():
 @pytest.mark.parametrize("api", ["generate", "chat", "openai"])
 def test_the_ollama_processor_captions_real_footage_through_each_protocol(server, tmp_path, api):
     """End to end: `vision-host run -p ollama` on the shipped clip against `vision-host serve`."""
+    # an empty request loads the model (an earlier test may have unloaded it) and keeps it
+    requests.post(server + "/api/generate", json={"model": "tiny-blip", "keep_alive": -1}, timeout=60)
     stats_path = tmp_path / "stats.json"
     result = subprocess.run(
         [sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", str(REPO / "media" / "bottle-detection.mp4"),
          "-c", f"ollama-url={server}", "-c", "ollama-model=tiny-blip", "-c", f"ollama-api={api}",
-         "-c", "ollama-interval-ms=200", "-c", "ollama-max-tokens=5", "--max-frames", "75",
+         "-c", "ollama-interval-ms=200", "-c", "ollama-max-tokens=5", "--max-frames", "150",
          "-o", "file", "-d", str(tmp_path / "out.mp4"), "--stats", str(stats_path)],
         capture_output=True, text=True, timeout=120, env=_env())
     assert result.returncode == 0, result.stderr
     stats = json.loads(stats_path.read_text())
-    assert stats["frames_out"] == 75
+    assert stats["frames_out"] == 150
     assert stats["captions"]["completed"] >= 1, result.stderr
     assert stats["captions"]["failed"] == 0, result.stderr
     assert stats["processors"]["ollama"]["errors"] == 0
+
+
+# -- scheduling: micro-batching, bounded queue, timeouts, keep_alive -----------------------------
+def _stats(url: str) -> dict:
+    return requests.get(url + "/api/ps").json()["vision_host"]
+
+
+def test_parallel_clients_are_micro_batched(server, frame_jpeg):
+    """16 official clients at once, each with a real JPEG: all answered, in shared batches."""
+    import threading
+
+    before = _stats(server)
+    n = 16
+    barrier = threading.Barrier(n)
+    replies, errors = [None] * n, []
+
+    def one(i: int) -> None:
+        try:
+            client = ollama.Client(host=server)
+            barrier.wait(10)
+            replies[i] = client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
+                                         options={"num_predict": 8})
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert all(r is not None and r.done and r.response.strip() for r in replies)
+    assert all(set(_words(r.response)) <= set(WORDS) and 0 < r.eval_count <= 8 for r in replies)
+    after = _stats(server)
+    batches = after["batches"] - before["batches"]
+    served = after["batched_requests"] - before["batched_requests"]
+    assert served == n
+    mean = served / batches
+    print(f"mean batch size {mean:.2f} ({n} clients, {batches} batches, sizes {after['recent_batch_sizes'][-batches:]})")
+    assert mean > 1 and after["max_batch_size"] <= 8
+    # A batched answer is the answer the request gets alone (beam search, same settings).
+    alone = ollama.Client(host=server).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg],
+                                                stream=False, options={"num_predict": 8})
+    assert {r.response for r in replies} == {alone.response}
+
+
+def test_keep_alive_unloads_and_the_next_request_reloads(server, frame_jpeg):
+    client = ollama.Client(host=server)
+    assert [m.model for m in client.ps().models] == ["tiny-blip:latest"]
+    assert client.ps().models[0].expires_at is not None
+    # keep_alive=0 on a real request: answered, then unloaded.
+    r = client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
+                        options={"num_predict": 3}, keep_alive=0)
+    assert r.done and r.response.strip()
+    deadline = time.monotonic() + 5
+    while client.ps().models and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.ps().models == [] and not _stats(server)["loaded"]
+    assert [m.model for m in client.list().models] == ["tiny-blip:latest"]   # still served
+    loads = _stats(server)["loads"]
+    # The next request reloads it, and keeps it for its keep_alive ("10m").
+    r = client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
+                        options={"num_predict": 3}, keep_alive="10m")
+    assert r.done and r.response.strip() and r.load_duration > 0
+    ps = client.ps().models
+    assert [m.model for m in ps] == ["tiny-blip:latest"] and _stats(server)["loads"] == loads + 1
+    left = ps[0].expires_at.timestamp() - time.time()
+    assert 500 < left <= 600
+    # Ollama's way to unload without a prompt, then to load again; bad durations are a 400.
+    assert client.generate(model="tiny-blip", keep_alive=0).done_reason == "unload"
+    assert client.ps().models == []
+    assert client.generate(model="tiny-blip", keep_alive=-1).done_reason == "load"
+    assert client.ps().models[0].expires_at.year > 2200
+    with pytest.raises(ollama.ResponseError) as exc:
+        client.generate(model="tiny-blip", prompt="x", images=[frame_jpeg], keep_alive="soon")
+    assert exc.value.status_code == 400 and "invalid duration" in exc.value.error
+    client.generate(model="tiny-blip", keep_alive="5m")   # back to the default for the other tests
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_blip):
+    """An in-process server with a queue of 2, no batching, a 1.5 s request timeout and a
+    decoder slowed to ~50 ms a step (so the queue fills and long requests time out)."""
+    import threading
+
+    import uvicorn
+    from vision_host.server import BlipCaptioner, bind_socket, create_app
+
+    captioner = BlipCaptioner(str(tiny_blip)).load()
+    captioner.model.text_decoder.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    app = create_app(captioner, max_batch=1, max_queue=2, request_timeout_s=1.5, keep_alive=-1)
+    port = _free_port()
+    sock = bind_socket("127.0.0.1", port)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield url, app.state.scheduler
+    srv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_a_full_queue_answers_503_with_retry_after(slow_server, frame_jpeg):
+    import base64
+    import threading
+
+    url, scheduler = slow_server
+    n = 10
+    barrier = threading.Barrier(n)
+    ok, busy, raw_busy, other = [], [], [], []
+    b64 = base64.b64encode(frame_jpeg).decode()
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait(10)
+            if i % 2:
+                r = requests.post(url + ("/api/generate" if i % 4 == 1 else "/v1/chat/completions"), timeout=30,
+                                  json={"model": "tiny-blip", "prompt": "a photo of", "images": [b64], "stream": False,
+                                        "options": {"num_predict": 4}} if i % 4 == 1 else
+                                  {"model": "tiny-blip", "max_tokens": 4, "messages": [{"role": "user", "content": [
+                                      {"type": "text", "text": "a photo of"},
+                                      {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64}}]}]})
+                (ok if r.status_code == 200 else raw_busy if r.status_code == 503 else other).append(r)
+            else:
+                ok.append(ollama.Client(host=url).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg],
+                                                           stream=False, options={"num_predict": 4}))
+        except ollama.ResponseError as exc:
+            (busy if exc.status_code == 503 else other).append(exc)
+        except Exception as exc:  # noqa: BLE001
+            other.append(exc)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not other, other
+    assert 3 <= len(ok) and busy and raw_busy, (len(ok), len(busy), len(raw_busy))
+    assert all("server busy" in e.error for e in busy)
+    for r in raw_busy:
+        assert int(r.headers["Retry-After"]) >= 1
+        body = r.json()
+        if r.url.endswith("/api/generate"):
+            assert body["error"].startswith("server busy: ")
+        else:
+            assert body["error"]["type"] == "server_error" and body["error"]["message"].startswith("server busy: ")
+    assert scheduler.stats()["rejected"] == len(busy) + len(raw_busy)
+
+
+def test_a_request_past_its_timeout_is_stopped(slow_server, frame_jpeg):
+    url, scheduler = slow_server
+    while scheduler.stats()["busy"] or scheduler.stats()["queued"]:
+        time.sleep(0.05)
+    client = ollama.Client(host=url)
+    t0 = time.monotonic()
+    with pytest.raises(ollama.ResponseError) as exc:   # ~60 steps × 50 ms = 3 s > 1.5 s
+        client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
+                        options={"num_predict": 60, "temperature": 0.8, "seed": 1})
+    assert exc.value.status_code == 504 and "timed out after 1.5 s" in exc.value.error
+    assert 1.4 < time.monotonic() - t0 < 2.5
+    time.sleep(0.3)   # the generation stopped at the next token: the worker is free again
+    assert not scheduler.stats()["busy"] and scheduler.stats()["timeouts"] >= 1
+    # Streaming: the stream ends with Ollama's error line.
+    with pytest.raises(ollama.ResponseError) as exc:
+        for _ in client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=True,
+                                 options={"num_predict": 60}):
+            pass
+    assert "timed out" in exc.value.error
+    # A short request still works.
+    r = client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
+                        options={"num_predict": 2})
+    assert r.done and r.eval_count <= 2

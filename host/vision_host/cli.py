@@ -194,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=_positive_int, default=11434, help="port to listen on (default 11434, Ollama's)")
     srv.add_argument("--logging", choices=list(LOG_LEVELS), default="warn", help="log level (default warn)")
+    srv.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                     help="most concurrent requests run as one batch (default 8)")
+    srv.add_argument("--batch-window-ms", type=float, default=10.0, metavar="MS",
+                     help="how long a batch waits for more requests (default 10)")
+    srv.add_argument("--max-queue", type=int, default=32, metavar="N",
+                     help="requests that may wait; more are answered 503 with Retry-After (default 32, 0 = no limit)")
+    srv.add_argument("--request-timeout-s", type=float, default=120.0, metavar="S",
+                     help="a request waiting and generating longer gets 504 (default 120, 0 = none)")
+    srv.add_argument("--keep-alive", default="5m", metavar="DURATION",
+                     help="unload the model after this idle time (Ollama's keep_alive: 5m, 300, 0, -1; default 5m)")
     return parser
 
 
@@ -447,7 +457,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _setup_logging(args.logging)
     try:
-        serve(args.model, args.host, args.port, log_level={"warn": "warning"}.get(args.logging, args.logging))
+        serve(args.model, args.host, args.port, log_level={"warn": "warning"}.get(args.logging, args.logging),
+              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
+              request_timeout_s=args.request_timeout_s, keep_alive=args.keep_alive)
     except ServeError as exc:
         print(f"vision-host: {exc}", file=sys.stderr)
         return 1

@@ -26,9 +26,29 @@ streaming, beam search with 3 beams; when streaming, greedy decoding through
 positive ``temperature`` samples instead. ``num_predict`` / ``max_tokens`` cap the new tokens
 (default :data:`DEFAULT_MAX_NEW_TOKENS`). With several images the last one is captioned.
 
-Limits of this first step: **one generation at a time** (a lock serialises requests; others
-wait their turn, there is no queue limit or 503), no micro-batching, no ``keep_alive``
-unloading (the model stays loaded for the life of the server), BLIP only.
+Scheduling (:class:`Scheduler`): one model worker thread runs every generation.
+
+* **Micro-batching**: non-streaming requests that arrive within ``batch_window_ms`` (10 ms) of
+  the oldest waiting one, or while a batch runs, share one batched ``generate`` of up to
+  ``max_batch`` (8) images when their settings match (prompt length, ``num_predict``,
+  sampling ``temperature``, ``seed``); others run in their own batches. **Streaming requests
+  run one at a time** on the same worker, in arrival order with the batches. Batch sizes are
+  in ``/api/ps`` under the extra field ``vision_host`` (``mean_batch_size``, ...).
+* **Bounded queue**: with ``max_queue`` (32) requests waiting, a new one gets **503** with a
+  ``Retry-After`` header (seconds) and ``{"error": "server busy: ..."}`` (on ``/v1``
+  ``{"error": {"message", "type": "server_error", "code": "server_busy"}}``).
+* **Timeout**: a request that waits and generates longer than ``request_timeout_s`` (120 s)
+  gets **504** ``{"error": "request timed out after ..."}`` (``type": "server_error"`` on
+  ``/v1``; a stream that already started ends with that error line) and its generation stops
+  at the next token. The ``ollama`` client raises ``ResponseError`` (status_code 504); the
+  ``openai`` client retries 503 and 504 per its ``max_retries``.
+* **keep_alive** (Ollama's: ``"5m"``, seconds, 0 = unload now, negative = forever; server
+  default ``keep_alive``): after the last request the model stays loaded that long, then its
+  weights are freed; the next request reloads them (counted in ``load_duration``). ``/api/ps``
+  lists the model only while loaded, with ``expires_at``. A request without prompt and images
+  loads the model (``done_reason: "load"``), or with ``keep_alive: 0`` unloads it (``"unload"``).
+
+Limits: BLIP only; one process, one model; batching needs equal prompt lengths.
 
 torch and transformers are imported lazily (inside functions), so importing this module, and
 ``vision-host run``, never loads them.
@@ -63,6 +83,12 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
 DEFAULT_MAX_NEW_TOKENS = 40
 DEFAULT_NUM_BEAMS = 3
+#: Scheduling defaults (see :class:`Scheduler` and :func:`serve`).
+DEFAULT_MAX_BATCH = 8
+DEFAULT_BATCH_WINDOW_MS = 10.0
+DEFAULT_MAX_QUEUE = 32
+DEFAULT_REQUEST_TIMEOUT_S = 120.0
+DEFAULT_KEEP_ALIVE = "5m"
 #: What ``/api/version`` answers: the Ollama API level this server follows.
 OLLAMA_API_VERSION = "0.12.0"
 
@@ -125,22 +151,36 @@ class GenerationResult:
     first_token_at: float | None = None
     started_at: float = field(default_factory=time.perf_counter)
     ended_at: float | None = None
+    #: Time spent waiting in the queue (and reloading the model) before the generation started.
     lock_wait_s: float = 0.0
+    #: How many requests shared the ``generate`` call that produced this one.
+    batch_size: int = 1
 
 
 class BlipCaptioner:
-    """BLIP captioning on CPU (float32) or CUDA (float16), one generation at a time."""
+    """BLIP captioning on CPU (float32) or CUDA (float16).
+
+    Only the :class:`Scheduler`'s worker thread calls :meth:`generate_batch`,
+    :meth:`generate_stream`, :meth:`load_weights` and :meth:`unload`; :meth:`prepare` (image
+    decoding, tokenising) runs on any thread, also while the weights are unloaded.
+    """
 
     family = "blip"
 
     def __init__(self, spec: str = DEFAULT_MODEL) -> None:
         self.name, self.source, self.local = resolve_model(spec)
-        self.lock = threading.Lock()
         self.loaded_at = datetime.now(timezone.utc)
         self.load_duration_ns = 0
         self.model = self.processor = None
+        self.config = None
+        self.dtype = None
         self.device = "cpu"
         self.size = 0
+        self.n_params = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
 
     def load(self) -> "BlipCaptioner":
         """Load the processor and weights (local cache first, then the Hub unless offline).
@@ -182,11 +222,42 @@ class BlipCaptioner:
             raise ModelLoadError(f"model {self.source} is a {self.model.config.model_type!r} model: "
                                  f"vision-host serve runs BLIP captioning models (e.g. --model blip)")
         self.device = "cuda" if cuda else "cpu"
+        self.dtype = dtype
+        self.config = self.model.config
         self.model.to(self.device).eval()
         self.size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.n_params = sum(p.numel() for p in self.model.parameters())
         self.load_duration_ns = int((time.perf_counter() - t0) * 1e9)
         self.loaded_at = datetime.now(timezone.utc)
         return self
+
+    def load_weights(self) -> float:
+        """Reload the weights after :meth:`unload` (from the local cache): seconds it took."""
+        if self.model is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        from transformers import BlipForConditionalGeneration
+        try:
+            model = BlipForConditionalGeneration.from_pretrained(self.source, local_files_only=True, dtype=self.dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot reload model {self.source}: {str(exc).splitlines()[0]}") from None
+        self.model = model.to(self.device).eval()
+        self.load_duration_ns = int((time.perf_counter() - t0) * 1e9)
+        self.loaded_at = datetime.now(timezone.utc)
+        log.info("model %s reloaded in %.2f s", self.source, self.load_duration_ns / 1e9)
+        return self.load_duration_ns / 1e9
+
+    def unload(self) -> None:
+        """Drop the weights (the processor stays: it is small and :meth:`prepare` needs it)."""
+        if self.model is None:
+            return
+        self.model = None
+        import gc
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+            torch.cuda.empty_cache()
+        log.info("model %s unloaded", self.source)
 
     def _load_error(self, exc: Exception, offline: bool) -> str:
         if self.local:
@@ -216,115 +287,485 @@ class BlipCaptioner:
             inputs = self.processor(images=image, text=prompt, return_tensors="pt")
         else:
             inputs = self.processor(images=image, return_tensors="pt")
-        import torch
         out = {}
         for k, v in inputs.items():
             if k == "pixel_values":
-                v = v.to(self.device, dtype=next(self.model.parameters()).dtype)
+                v = v.to(self.device, dtype=self.dtype)
             else:
                 v = v.to(self.device)
             out[k] = v
         return out
 
-    def _max_new_tokens(self, inputs: dict, num_predict: int | None) -> int:
-        limit = int(getattr(self.model.config.text_config, "max_position_embeddings", 512))
+    def max_new_tokens(self, inputs: dict, num_predict: int | None) -> int:
+        limit = int(getattr(self.config.text_config, "max_position_embeddings", 512))
         prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
         room = max(1, limit - prompt_len)
         n = num_predict if num_predict and num_predict > 0 else DEFAULT_MAX_NEW_TOKENS
         return min(n, room)
 
-    def generate(self, inputs: dict, num_predict: int | None = None, temperature: float | None = None,
-                 seed: int | None = None, stream: bool = False,
-                 cancel: threading.Event | None = None) -> Iterator[str | GenerationResult]:
-        """Generate a caption: yields text pieces (as they come when ``stream``), then the
-        :class:`GenerationResult`. Holds the lock (one generation at a time) while it runs;
-        setting ``cancel`` stops the generation at the next token."""
+    def _kwargs(self, job: "Job", jobs: list["Job"]) -> dict:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        result = GenerationResult()
-        wait0 = time.perf_counter()
-        with self.lock:
-            result.lock_wait_s = time.perf_counter() - wait0
-            result.started_at = time.perf_counter()
-            max_new = self._max_new_tokens(inputs, num_predict)
-            prompt_ids = inputs.get("input_ids")
+        kwargs: dict[str, Any] = {"max_new_tokens": job.max_new}
+        if job.temperature is not None and job.temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(job.temperature), num_beams=1)
+        elif job.stream:
+            kwargs.update(do_sample=False, num_beams=1)
+        else:
+            kwargs.update(do_sample=False, num_beams=DEFAULT_NUM_BEAMS)
+        if job.seed is not None:
+            torch.manual_seed(int(job.seed))
+
+        class Stop(StoppingCriteria):
+            """Per request: stop its row once it is cancelled (client gone) or past its deadline."""
+
+            def __call__(self, input_ids, scores, **kw):
+                now = time.monotonic()
+                flags = []
+                for j in jobs:
+                    if not j.cancel.is_set() and now > j.deadline:
+                        j.timed_out = True
+                        j.cancel.set()
+                    flags.append(j.cancel.is_set())
+                n = input_ids.shape[0]
+                if n % len(jobs):
+                    return torch.full((n,), all(flags), dtype=torch.bool, device=input_ids.device)
+                return torch.tensor(flags, dtype=torch.bool, device=input_ids.device).repeat_interleave(n // len(jobs))
+        kwargs["stopping_criteria"] = StoppingCriteriaList([Stop()])
+        return kwargs
+
+    def _finish(self, job: "Job", ids: list[int]) -> None:
+        """Fill in ``job.result`` from the new token ids of its row."""
+        eos = self.config.text_config.sep_token_id
+        if eos in ids:
+            ids = ids[:ids.index(eos) + 1]
+        res = job.result
+        res.eval_count = len(ids)
+        ended_on_eos = bool(ids) and ids[-1] == eos
+        res.done_reason = "length" if res.eval_count >= job.max_new and not ended_on_eos else "stop"
+        res.ended_at = time.perf_counter()
+
+    def generate_batch(self, jobs: list["Job"]) -> None:
+        """One batched ``generate`` for non-streaming jobs sharing :attr:`Job.key` (same prompt
+        length and generation settings); fills in each job's result."""
+        import torch
+
+        first = jobs[0]
+        inputs = {k: torch.cat([j.inputs[k] for j in jobs]) for k in first.inputs}
+        kwargs = self._kwargs(first, jobs)
+        t0 = time.perf_counter()
+        for j in jobs:
+            j.result.started_at = t0
+            j.result.batch_size = len(jobs)
+        with torch.inference_mode():
+            sequences = self.model.generate(**inputs, **kwargs)
+        t1 = time.perf_counter()
+        for i, j in enumerate(jobs):
+            j.result.first_token_at = t1
+            ids = sequences[i][first.prompt_len:].tolist()
+            self._finish(j, ids)
+            eos = self.config.text_config.sep_token_id
+            kept = ids[:ids.index(eos) + 1] if eos in ids else ids
+            j.result.text = self.processor.decode(kept, skip_special_tokens=True).strip()
+
+    def generate_stream(self, job: "Job") -> None:
+        """Greedy (or sampled) ``generate`` for one streaming job, feeding ``job.streamer``."""
+        import torch
+
+        kwargs = self._kwargs(job, [job])
+        job.result.started_at = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                sequences = self.model.generate(**job.inputs, streamer=job.streamer, **kwargs)
+        except BaseException:
+            job.streamer.end()
+            raise
+        self._finish(job, sequences[0][job.prompt_len:].tolist())
+
+
+# -- scheduling ------------------------------------------------------------------------------------
+_FOREVER_ISO = "2318-01-01T00:00:00Z"
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Ollama's ``keep_alive`` → seconds to stay loaded after a request; ``None`` = forever.
+
+    A number is seconds; a string is a Go duration (``"5m"``, ``"1h30m"``, ``"10s"``,
+    ``"-1"``) or a bare number of seconds; 0 unloads at once, a negative value keeps the model
+    loaded forever. Raises RequestError(400) for anything else.
+    """
+    import re
+
+    if isinstance(value, bool) or value is None or not isinstance(value, (int, float, str)):
+        raise RequestError(400, f"json: cannot unmarshal {_go_type(value)} into Go struct field .keep_alive "
+                                f"of type api.Duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        s = value.strip()
+        try:
+            seconds = float(s)
+        except ValueError:
+            m = re.fullmatch(r"([-+]?)((?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+)", s)
+            if not m:
+                raise RequestError(400, f'time: invalid duration "{value}"') from None
+            seconds = sum(float(n) * _DURATION_UNITS[u]
+                          for n, u in re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", m.group(2)))
+            if m.group(1) == "-":
+                seconds = -seconds
+    return None if seconds < 0 else seconds
+
+
+class Busy(RequestError):
+    """The queue is full: 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(503, message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(RequestError):
+    """The request waited and generated longer than ``request_timeout_s``: 504."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(504, message)
+
+
+_UNSET = object()
+
+
+@dataclass(eq=False)
+class Job:
+    """One request for the model worker: a generation (batched, or streamed) or a load/unload."""
+
+    inputs: dict | None
+    num_predict: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    stream: bool = False
+    keep_alive: Any = _UNSET             # seconds, None = forever, _UNSET = the server's default
+    deadline: float = float("inf")       # time.monotonic()
+    max_new: int = 0
+    prompt_len: int = 1
+    streamer: Any = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult = field(default_factory=GenerationResult)
+    error: BaseException | None = None
+    timed_out: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+    done_reason: str = ""                # for load/unload jobs
+    _loop: Any = None
+    _started: Any = None
+    _done: Any = None
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys can share one batched ``generate``."""
+        if self.inputs is None or self.stream:
+            return ("solo", id(self))
+        return ("batch", self.prompt_len, self.max_new, self.temperature if (self.temperature or 0) > 0 else None,
+                self.seed)
+
+    def _call(self, fut: Any, value: Any = None, exc: BaseException | None = None) -> None:
+        if fut is None or self._loop is None:
+            return
+
+        def settle() -> None:
+            if not fut.done():
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(value)
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:   # the event loop is gone (shutting down)
+            pass
+
+    def mark_started(self) -> None:
+        self._call(self._started, True)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.finished.is_set():
+            return
+        self.error = error
+        if self.result.ended_at is None:
+            self.result.ended_at = time.perf_counter()
+        self.finished.set()
+        if error is not None and self.streamer is not None:
+            self.streamer.end()
+        self._call(self._started, None, error)
+        self._call(self._done, self.result, error)
+
+
+class Scheduler:
+    """The single model worker: a bounded queue, micro-batching, timeouts and ``keep_alive``.
+
+    * Non-streaming generations that arrive within ``batch_window_s`` of the oldest waiting one
+      (or while a batch runs) and share :attr:`Job.key` run as one batched ``generate`` of up
+      to ``max_batch`` images; different settings or prompt lengths go to separate batches.
+    * Streaming generations run one at a time on the same worker (batching them would make
+      every stream wait for the slowest), in arrival order with the batches.
+    * More than ``max_queue`` waiting requests (0: no limit) → :class:`Busy` (503).
+    * A request past ``request_timeout_s`` (waiting plus generating) is withdrawn from the
+      queue, or its generation stops at the next token → :class:`RequestTimeout` (504).
+    * After the last request the model stays loaded for that request's ``keep_alive`` (the
+      server's default unless given), then the worker unloads it; the next request reloads it.
+    """
+
+    def __init__(self, captioner: BlipCaptioner, max_batch: int = 8, batch_window_s: float = 0.01,
+                 max_queue: int = 32, request_timeout_s: float = 120.0, keep_alive: Any = "5m") -> None:
+        self.captioner = captioner
+        self.max_batch = max(1, int(max_batch))
+        self.batch_window_s = max(0.0, float(batch_window_s))
+        self.max_queue = int(max_queue)
+        self.request_timeout_s = float(request_timeout_s) if request_timeout_s and request_timeout_s > 0 else None
+        self.default_keep_alive = parse_keep_alive(keep_alive)
+        self.cond = threading.Condition()
+        self.queue: list[Job] = []
+        self.busy = False
+        self.stopping = False
+        #: ``time.monotonic()`` at which the idle model is unloaded; None = never.
+        self.expires_at: float | None = None
+        self.expires_wall: datetime | None = None
+        self._touch(self.default_keep_alive)
+        # statistics
+        self.batch_sizes: list[int] = []
+        self.batches = 0
+        self.batched_requests = 0
+        self.rejected = 0
+        self.timeouts = 0
+        self.loads = 0
+        self.unloads = 0
+        self._batch_s = 0.5   # moving average of one batch's duration, for Retry-After
+        self.thread = threading.Thread(target=self._run, name="vision-host-model", daemon=True)
+        self.thread.start()
+
+    # -- the request side --------------------------------------------------------------------
+    def new_job(self, inputs: dict | None, opts: tuple = (None, None, None), stream: bool = False,
+                keep_alive: Any = _UNSET) -> Job:
+        num_predict, temperature, seed = opts
+        job = Job(inputs, num_predict, temperature, seed, stream, keep_alive)
+        if self.request_timeout_s is not None:
+            job.deadline = job.enqueued_at + self.request_timeout_s
+        if inputs is not None:
+            job.max_new = self.captioner.max_new_tokens(inputs, num_predict)
+            ids = inputs.get("input_ids")
             # BLIP's generate drops the trailing [SEP] of the prompt and starts with [BOS].
-            prompt_len = prompt_ids.shape[1] - 1 if prompt_ids is not None else 1
-            result.prompt_tokens = prompt_len
-            eos = self.model.config.text_config.sep_token_id
-            kwargs: dict[str, Any] = {"max_new_tokens": max_new}
-            if temperature is not None and temperature > 0:
-                kwargs.update(do_sample=True, temperature=float(temperature), num_beams=1)
-            elif stream:
-                kwargs.update(do_sample=False, num_beams=1)
-            else:
-                kwargs.update(do_sample=False, num_beams=DEFAULT_NUM_BEAMS)
-            if seed is not None:
-                torch.manual_seed(int(seed))
+            job.prompt_len = ids.shape[1] - 1 if ids is not None else 1
+            job.result.prompt_tokens = job.prompt_len
+        if stream:
+            from transformers import TextIteratorStreamer
+            wait = (self.request_timeout_s or 600) + 30
+            job.streamer = TextIteratorStreamer(self.captioner.processor.tokenizer, skip_prompt=True, timeout=wait,
+                                                skip_special_tokens=True)
+        return job
 
-            class Cancelled(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kw):
-                    stop = bool(cancel is not None and cancel.is_set())
-                    return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-            kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled()])
+    def submit(self, job: Job) -> Job:
+        """Queue ``job`` (from the event loop). Raises Busy when the queue is full."""
+        import asyncio
 
-            def finish(sequences) -> None:
-                seq = sequences[0]
-                new = seq[prompt_len:]
-                result.eval_count = int(new.shape[0])
-                ended_on_eos = result.eval_count > 0 and int(new[-1]) == eos
-                result.done_reason = "length" if result.eval_count >= max_new and not ended_on_eos else "stop"
-                result.ended_at = time.perf_counter()
+        job._loop = asyncio.get_running_loop()
+        job._started = job._loop.create_future()
+        job._done = job._loop.create_future()
+        for fut in (job._started, job._done):
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())   # no "never retrieved" noise
+        with self.cond:
+            if self.max_queue > 0 and len(self.queue) >= self.max_queue:
+                self.rejected += 1
+                waves = len(self.queue) / self.max_batch + (1 if self.busy else 0)
+                retry = max(1, int(-(-self._batch_s * max(1.0, waves) // 1)))
+                raise Busy(f"server busy: {len(self.queue)} requests are waiting (the limit is {self.max_queue}); "
+                           f"retry in {retry} s", retry)
+            self.queue.append(job)
+            self.cond.notify_all()
+        return job
 
-            if not stream:
-                with torch.inference_mode():
-                    sequences = self.model.generate(**inputs, **kwargs)
-                result.first_token_at = time.perf_counter()
-                finish(sequences)
-                result.text = self.processor.decode(sequences[0][prompt_len:], skip_special_tokens=True).strip()
-                if result.text:
-                    yield result.text
-                yield result
-                return
+    def withdraw(self, job: Job) -> None:
+        """Cancel ``job``: out of the queue if it has not started, else stop at the next token."""
+        job.cancel.set()
+        with self.cond:
+            if job in self.queue:
+                self.queue.remove(job)
+                job.finish(RequestError(499, "cancelled"))
 
-            streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, timeout=600,
-                                            skip_special_tokens=True)
-            box: dict[str, Any] = {}
+    def _timeout_error(self, job: Job) -> RequestTimeout:
+        with self.cond:
+            self.timeouts += 1
+        return RequestTimeout(f"request timed out after {self.request_timeout_s:g} s (the limit set with "
+                              f"--request-timeout-s); the server is overloaded or the request too long")
 
-            def work() -> None:
-                try:
-                    with torch.inference_mode():
-                        box["sequences"] = self.model.generate(**inputs, streamer=streamer, **kwargs)
-                except BaseException as exc:  # noqa: BLE001 — reported to the client
-                    box["error"] = exc
-                    streamer.end()
+    async def wait_started(self, job: Job) -> None:
+        """Await the start of a streaming job (or the end of a load job). Raises its error,
+        or RequestTimeout past the deadline (the job is then withdrawn)."""
+        await self._await(job, job._started)
 
-            worker = threading.Thread(target=work, name="vision-host-generate", daemon=True)
-            worker.start()
-            pieces: list[str] = []
-            try:
-                first = True
-                for piece in streamer:
-                    if not piece:
+    async def wait_done(self, job: Job) -> GenerationResult:
+        """Await a job's result. Raises its error, or RequestTimeout past the deadline."""
+        return await self._await(job, job._done)
+
+    async def _await(self, job: Job, fut: Any) -> Any:
+        import asyncio
+
+        remaining = job.deadline - time.monotonic()
+        try:
+            if remaining == float("inf"):
+                return await asyncio.shield(fut)
+            return await asyncio.wait_for(asyncio.shield(fut), max(0.0, remaining))
+        except asyncio.TimeoutError:
+            self.withdraw(job)
+            raise self._timeout_error(job) from None
+        except RequestTimeout:
+            raise
+        except asyncio.CancelledError:
+            self.withdraw(job)
+            raise
+
+    def stream_finished(self, job: Job) -> BaseException | None:
+        """After a streamer ended: wait for the worker and say what went wrong, if anything."""
+        job.finished.wait()
+        if job.timed_out:
+            return self._timeout_error(job)
+        return job.error
+
+    # -- keep_alive ------------------------------------------------------------------------------
+    def _touch(self, keep_alive: Any) -> None:
+        """Expire the model ``keep_alive`` seconds from now (None: never)."""
+        if keep_alive is _UNSET:
+            keep_alive = self.default_keep_alive
+        if keep_alive is None:
+            self.expires_at, self.expires_wall = None, None
+        else:
+            self.expires_at = time.monotonic() + keep_alive
+            from datetime import timedelta
+            self.expires_wall = datetime.now(timezone.utc) + timedelta(seconds=keep_alive)
+
+    def expires_iso(self) -> str:
+        if self.expires_wall is None:
+            return _FOREVER_ISO
+        return self.expires_wall.isoformat().replace("+00:00", "Z")
+
+    # -- the worker --------------------------------------------------------------------------
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    def _take(self) -> list[Job] | None:
+        """Under the lock: wait for work; return the next batch (None to stop)."""
+        while True:
+            while not self.queue and not self.stopping:
+                timeout = None
+                if self.captioner.loaded and self.expires_at is not None:
+                    timeout = self.expires_at - time.monotonic()
+                    if timeout <= 0:
+                        self.captioner.unload()
+                        self.unloads += 1
                         continue
-                    if first:
-                        result.first_token_at = time.perf_counter()
-                        piece = piece.lstrip()
-                        first = False
-                        if not piece:
-                            continue
-                    pieces.append(piece)
-                    yield piece
+                self.cond.wait(timeout)
+            if self.stopping:
+                return None
+            first = self.queue[0]
+            key = first.key
+            if key[0] == "batch" and self.max_batch > 1:
+                end = first.enqueued_at + self.batch_window_s
+                while not self.stopping and first in self.queue:
+                    n = sum(1 for j in self.queue if j.key == key)
+                    left = end - time.monotonic()
+                    if n >= self.max_batch or left <= 0:
+                        break
+                    self.cond.wait(left)
+                if first not in self.queue:   # withdrawn meanwhile
+                    continue
+            batch = [j for j in self.queue if j.key == key][:self.max_batch]
+            for j in batch:
+                self.queue.remove(j)
+            self.busy = True
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._work(batch)
+            except BaseException as exc:  # noqa: BLE001 — reported to the clients
+                log.exception("generation failed")
+                for j in batch:
+                    j.finish(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
             finally:
-                if cancel is not None and worker.is_alive():
-                    cancel.set()
-                worker.join()
-            if "error" in box:
-                raise box["error"]
-            finish(box["sequences"])
-            result.text = "".join(pieces)
-            yield result
+                with self.cond:
+                    self.busy = False
+                    self._touch(batch[-1].keep_alive)
+                    if batch[-1].keep_alive == 0 and not self.queue and self.captioner.loaded:
+                        self.captioner.unload()
+                        self.unloads += 1
+
+    def _work(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for j in batch:
+            if j.cancel.is_set():
+                j.finish(RequestError(499, "cancelled"))
+            elif now > j.deadline:
+                j.timed_out = True
+                j.finish(self._timeout_error(j))
+            else:
+                live.append(j)
+        if not live:
+            return
+        first = live[0]
+        if first.inputs is None:   # load / unload request
+            if first.keep_alive == 0:
+                first.done_reason = "unload"
+            else:
+                self._ensure_loaded(live)
+                first.done_reason = "load"
+            first.finish()
+            return
+        self._ensure_loaded(live)
+        t0 = time.perf_counter()
+        for j in live:
+            j.result.lock_wait_s += time.monotonic() - j.enqueued_at
+            j.mark_started()
+        if first.stream:
+            self.captioner.generate_stream(first)
+        else:
+            self.captioner.generate_batch(live)
+        with self.cond:
+            self.batches += 1
+            self.batched_requests += len(live)
+            self.batch_sizes.append(len(live))
+            del self.batch_sizes[:-1000]
+            self._batch_s = 0.7 * self._batch_s + 0.3 * (time.perf_counter() - t0)
+        for j in live:
+            if j.timed_out:
+                j.finish(self._timeout_error(j))
+            elif j.cancel.is_set():
+                j.finish(RequestError(499, "cancelled"))
+            else:
+                j.finish()
+
+    def _ensure_loaded(self, jobs: list[Job]) -> None:
+        if self.captioner.loaded:
+            return
+        self.captioner.load_weights()
+        with self.cond:
+            self.loads += 1
+
+    def stats(self) -> dict:
+        with self.cond:
+            sizes = list(self.batch_sizes)
+            return {"batches": self.batches, "batched_requests": self.batched_requests,
+                    "mean_batch_size": self.batched_requests / self.batches if self.batches else 0.0,
+                    "max_batch_size": max(sizes) if sizes else 0, "recent_batch_sizes": sizes[-50:],
+                    "queued": len(self.queue), "busy": self.busy, "max_batch": self.max_batch,
+                    "max_queue": self.max_queue, "rejected": self.rejected, "timeouts": self.timeouts,
+                    "loads": self.loads, "unloads": self.unloads, "loaded": self.captioner.loaded}
 
 
 # -- request parsing ------------------------------------------------------------------------------
@@ -373,6 +814,13 @@ def _b64_image(s: Any) -> bytes:
         raise RequestError(400, f"illegal base64 data at input byte {bad}") from None
 
 
+def _keep_alive(body: dict) -> Any:
+    """The request's ``keep_alive`` (see :func:`parse_keep_alive`), or the server's default."""
+    if body.get("keep_alive") is None:
+        return _UNSET
+    return parse_keep_alive(body["keep_alive"])
+
+
 def _options(body: dict) -> tuple[int | None, float | None, int | None]:
     opts = _field(body, "options", (dict,), "map[string]interface {}", {})
     def num(key, cast):
@@ -406,8 +854,11 @@ def _now() -> str:
 
 
 # -- the app ----------------------------------------------------------------------------------------
-def create_app(captioner: BlipCaptioner):
-    """The FastAPI app serving ``captioner`` (already loaded)."""
+def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
+               batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_queue: int = DEFAULT_MAX_QUEUE,
+               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, keep_alive: Any = DEFAULT_KEEP_ALIVE):
+    """The FastAPI app serving ``captioner`` (already loaded) through a :class:`Scheduler`
+    (``app.state.scheduler``); the keyword arguments are the scheduler's settings."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -417,14 +868,24 @@ def create_app(captioner: BlipCaptioner):
 
     app = FastAPI(title="vision-host serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     served = normalize_model_name(captioner.name)
+    scheduler = Scheduler(captioner, max_batch=max_batch, batch_window_s=batch_window_ms / 1000.0,
+                          max_queue=max_queue, request_timeout_s=request_timeout_s, keep_alive=keep_alive)
+    app.state.scheduler = scheduler
+    app.router.on_shutdown.append(scheduler.stop)
 
-    def err(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, media_type="application/json; charset=utf-8")
+    def headers_of(exc: Exception | None) -> dict | None:
+        return {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
 
-    def oai_err(status: int, message: str) -> JSONResponse:
-        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
-                            status_code=status)
+    def err(status: int, message: str, exc: Exception | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, media_type="application/json; charset=utf-8",
+                            headers=headers_of(exc))
+
+    def oai_err(status: int, message: str, exc: Exception | None = None) -> JSONResponse:
+        kind = {400: "invalid_request_error", 404: "not_found_error", 503: "server_error",
+                504: "server_error"}.get(status, "api_error")
+        code = {503: "server_busy", 504: "timeout"}.get(status)
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                            status_code=status, headers=headers_of(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -462,9 +923,15 @@ def create_app(captioner: BlipCaptioner):
 
     @app.get("/api/ps")
     def ps():
-        entry = model_entry()
-        entry.update(expires_at="0001-01-01T00:00:00Z", size_vram=captioner.size if captioner.device == "cuda" else 0)
-        return {"models": [entry]}
+        """The model while it is loaded (with ``expires_at``), and, as an extra field the
+        clients ignore, ``vision_host``: the scheduler's statistics (batch sizes, queue)."""
+        models = []
+        if captioner.loaded:
+            entry = model_entry()
+            entry.update(expires_at=scheduler.expires_iso(),
+                         size_vram=captioner.size if captioner.device == "cuda" else 0)
+            models.append(entry)
+        return {"models": models, "vision_host": scheduler.stats()}
 
     @app.post("/api/show")
     async def show(request: Request):
@@ -488,7 +955,7 @@ def create_app(captioner: BlipCaptioner):
                 "eval_count": res.eval_count,
                 "eval_duration": int((end - first) * 1e9)}
 
-    def ollama_reply(kind: str, name: str, inputs: dict | None, opts: tuple, stream: bool):
+    async def ollama_reply(kind: str, name: str, inputs: dict | None, opts: tuple, stream: bool, keep_alive: Any):
         """The /api/generate or /api/chat answer (``kind`` "response" or "message")."""
         def piece_obj(text: str, done: bool) -> dict:
             obj: dict[str, Any] = {"model": name, "created_at": _now()}
@@ -499,55 +966,55 @@ def create_app(captioner: BlipCaptioner):
             obj["done"] = done
             return obj
 
-        if inputs is None:   # nothing to caption: Ollama's "load" answer
+        job = scheduler.new_job(inputs, opts, stream=stream and inputs is not None, keep_alive=keep_alive)
+        scheduler.submit(job)
+        if inputs is None:   # nothing to caption: Ollama's "load" (or, with keep_alive 0, "unload") answer
+            await scheduler.wait_done(job)
             obj = piece_obj("", True)
-            obj["done_reason"] = "load"
+            obj["done_reason"] = job.done_reason
             return JSONResponse(obj, media_type="application/json; charset=utf-8")
-        num_predict, temperature, seed = opts
-        cancel = threading.Event()
+        if not stream:
+            res = await scheduler.wait_done(job)
+            obj = piece_obj(res.text, True)
+            obj.update(done_reason=res.done_reason, **metrics(res))
+            return JSONResponse(obj, media_type="application/json; charset=utf-8")
+        await scheduler.wait_started(job)
 
         def lines() -> Iterator[bytes]:
+            first = True
             try:
-                for item in captioner.generate(inputs, num_predict, temperature, seed, stream=True, cancel=cancel):
-                    if isinstance(item, GenerationResult):
-                        obj = piece_obj("", True)
-                        obj["done_reason"] = item.done_reason
-                        obj.update(metrics(item))
-                    else:
-                        obj = piece_obj(item, False)
-                    yield (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+                for piece in job.streamer:
+                    if first:
+                        job.result.first_token_at = job.result.first_token_at or time.perf_counter()
+                        piece = piece.lstrip()
+                    if not piece:
+                        continue
+                    first = False
+                    job.result.text += piece
+                    yield (json.dumps(piece_obj(piece, False), ensure_ascii=False, separators=(",", ":"))
+                           + "\n").encode()
+                problem = scheduler.stream_finished(job)
+                if problem is not None:   # after the 200 went out: Ollama's last-line error
+                    yield (json.dumps({"error": str(problem)}, separators=(",", ":")) + "\n").encode()
+                    return
+                obj = piece_obj("", True)
+                obj["done_reason"] = job.result.done_reason
+                obj.update(metrics(job.result))
+                yield (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
             except GeneratorExit:
-                cancel.set()
+                job.cancel.set()
                 raise
-            except Exception as exc:  # noqa: BLE001 — after the 200 went out: Ollama's last-line error
+            except Exception as exc:  # noqa: BLE001
+                job.cancel.set()
                 log.exception("generation failed")
                 yield (json.dumps({"error": str(exc)}, separators=(",", ":")) + "\n").encode()
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    async def _nonstream_async(run: Callable, kind: str, name: str):
-        res: GenerationResult = await run_in_threadpool(run)
-        obj: dict[str, Any] = {"model": name, "created_at": _now()}
-        if kind == "response":
-            obj["response"] = res.text
-        else:
-            obj["message"] = {"role": "assistant", "content": res.text}
-        obj.update(done=True, done_reason=res.done_reason, **metrics(res))
-        return JSONResponse(obj, media_type="application/json; charset=utf-8")
-
-    async def answer(kind: str, name: str, inputs, opts, stream: bool):
-        if inputs is None or stream:
-            return ollama_reply(kind, name, inputs, opts, stream)
-        num_predict, temperature, seed = opts
-
-        def run():
-            res = None
-            for item in captioner.generate(inputs, num_predict, temperature, seed, stream=False):
-                res = item
-            return res
+    async def answer(kind: str, name: str, inputs, opts, stream: bool, keep_alive: Any):
         try:
-            return await _nonstream_async(run, kind, name)
+            return await ollama_reply(kind, name, inputs, opts, stream, keep_alive)
         except RequestError as exc:
-            return err(exc.status, exc.message)
+            return err(exc.status, exc.message, exc)
         except Exception as exc:  # noqa: BLE001
             log.exception("generation failed")
             return err(500, str(exc))
@@ -567,13 +1034,14 @@ def create_app(captioner: BlipCaptioner):
             images = [_b64_image(s) for s in _field(body, "images", (list,), "[]api.ImageData", [])]
             stream = _field(body, "stream", (bool,), "bool", True)
             opts = _options(body)
+            keep_alive = _keep_alive(body)
             if not prompt and not images:
                 inputs = None
             else:
                 inputs = await prepared(images[-1] if images else None, prompt)
         except RequestError as exc:
             return err(exc.status, exc.message)
-        return await answer("response", name, inputs, opts, stream)
+        return await answer("response", name, inputs, opts, stream, keep_alive)
 
     @app.post("/api/chat")
     async def chat(request: Request):
@@ -586,6 +1054,7 @@ def create_app(captioner: BlipCaptioner):
             messages = _field(body, "messages", (list,), "[]api.Message", [])
             stream = _field(body, "stream", (bool,), "bool", True)
             opts = _options(body)
+            keep_alive = _keep_alive(body)
             prompt, images = "", []
             for m in messages:
                 if not isinstance(m, dict):
@@ -597,7 +1066,7 @@ def create_app(captioner: BlipCaptioner):
             inputs = None if not messages else await prepared(images[-1] if images else None, prompt)
         except RequestError as exc:
             return err(exc.status, exc.message)
-        return await answer("message", name, inputs, opts, stream)
+        return await answer("message", name, inputs, opts, stream, keep_alive)
 
     # -- OpenAI compatibility ----------------------------------------------------------------
     def oai_model(name: str) -> dict:
@@ -671,24 +1140,24 @@ def create_app(captioner: BlipCaptioner):
             return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.eval_count,
                     "total_tokens": res.prompt_tokens + res.eval_count}
 
+        job = scheduler.new_job(inputs, (max_tokens, temperature, seed), stream=stream)
+        try:
+            scheduler.submit(job)
+            if stream:
+                await scheduler.wait_started(job)
+            else:
+                res = await scheduler.wait_done(job)
+        except RequestError as exc:
+            return oai_err(exc.status, exc.message, exc)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("generation failed")
+            return oai_err(500, str(exc))
         if not stream:
-            def run():
-                res = None
-                for item in captioner.generate(inputs, max_tokens, temperature, seed, stream=False):
-                    res = item
-                return res
-            try:
-                res = await run_in_threadpool(run)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("generation failed")
-                return oai_err(500, str(exc))
             return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": name,
                                  "system_fingerprint": "fp_ollama",
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                                               "finish_reason": finish.get(res.done_reason, "stop")}],
                                  "usage": usage(res)})
-
-        cancel = threading.Event()
 
         def chunk(delta: dict, reason: str | None) -> bytes:
             obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -699,18 +1168,27 @@ def create_app(captioner: BlipCaptioner):
         def events() -> Iterator[bytes]:
             first = True
             try:
-                for item in captioner.generate(inputs, max_tokens, temperature, seed, stream=True, cancel=cancel):
-                    if isinstance(item, GenerationResult):
-                        yield chunk({}, finish.get(item.done_reason, "stop"))
-                        if include_usage:
-                            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                                   "system_fingerprint": "fp_ollama", "choices": [], "usage": usage(item)}
-                            yield f"data: {json.dumps(obj)}\n\n".encode()
-                    else:
-                        yield chunk({"role": "assistant", "content": item} if first else {"content": item}, None)
-                        first = False
+                for piece in job.streamer:
+                    if first:
+                        piece = piece.lstrip()
+                    if not piece:
+                        continue
+                    yield chunk({"role": "assistant", "content": piece} if first else {"content": piece}, None)
+                    first = False
+                problem = scheduler.stream_finished(job)
+                if problem is not None:
+                    status = getattr(problem, "status", 500)
+                    kind = "server_error" if status in (503, 504) else "api_error"
+                    yield f"data: {json.dumps({'error': {'message': str(problem), 'type': kind}})}\n\n".encode()
+                else:
+                    item = job.result
+                    yield chunk({}, finish.get(item.done_reason, "stop"))
+                    if include_usage:
+                        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                               "system_fingerprint": "fp_ollama", "choices": [], "usage": usage(item)}
+                        yield f"data: {json.dumps(obj)}\n\n".encode()
             except GeneratorExit:
-                cancel.set()
+                job.cancel.set()
                 raise
             except Exception as exc:  # noqa: BLE001
                 log.exception("generation failed")
@@ -722,9 +1200,9 @@ def create_app(captioner: BlipCaptioner):
 
 
 def _param_size(captioner: BlipCaptioner) -> str:
-    if captioner.model is None:
+    n = captioner.n_params
+    if not n:
         return ""
-    n = sum(p.numel() for p in captioner.model.parameters())
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.1f}{unit}".replace(".0", "")
@@ -757,8 +1235,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          log_level: str = "warning", status=sys.stderr) -> None:
+          log_level: str = "warning", status=sys.stderr, *, max_batch: int = DEFAULT_MAX_BATCH,
+          batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_queue: int = DEFAULT_MAX_QUEUE,
+          request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, keep_alive: Any = DEFAULT_KEEP_ALIVE) -> None:
     """Bind ``host:port`` (first, so a taken port fails fast), load the model, serve until stopped.
+
+    ``max_batch``: most images in one batched ``generate``; ``batch_window_ms``: how long the
+    worker waits for more requests to batch with the oldest one; ``max_queue``: waiting
+    requests beyond which new ones get 503 + ``Retry-After`` (0: no limit);
+    ``request_timeout_s``: limit on waiting plus generating, then 504 (0: none);
+    ``keep_alive``: default idle time before the model is unloaded (``"5m"``, seconds, 0,
+    negative = never), overridden per request by Ollama's ``keep_alive``.
 
     Raises:
         ServeError: port taken, model not loadable, serve extra missing.
@@ -767,12 +1254,17 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
         import uvicorn
     except ImportError:
         raise ServeError("the serve extra is not installed: pip install 'vision-host[serve]'") from None
+    try:
+        parse_keep_alive(keep_alive)
+    except RequestError as exc:
+        raise ServeError(f"--keep-alive {keep_alive}: {exc.message} (give e.g. 5m, 30s, 0 or -1)") from None
     sock = bind_socket(host, port)
     try:
         captioner = BlipCaptioner(model)
         print(f"vision-host serve: loading {captioner.source} …", file=status, flush=True)
         captioner.load()
-        app = create_app(captioner)
+        app = create_app(captioner, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                         request_timeout_s=request_timeout_s, keep_alive=keep_alive)
         shown = f"[{host}]" if ":" in host else host
         print(f"vision-host serve: {normalize_model_name(captioner.name)} ({captioner.source}, {captioner.device}) "
               f"loaded in {captioner.load_duration_ns / 1e9:.1f} s; Ollama API on http://{shown}:{port} "
