@@ -261,5 +261,5 @@ def test_malloc_guests_get_a_reused_arena(runtime_factory, real_frame, with_free
         assert mem.arena_bytes >= 200_000                   # kept (cannot free) but still bounded
     for _ in range(50):
         frame(1)
-    assert exports["mallocs"].value(p.store) == (grown if not with_free else grown)
+    assert exports["mallocs"].value(p.store) == grown         # the first block keeps serving short replies
     assert mem.size <= max(size_before, 4 * 65536) + 512 * 1024

@@ -180,6 +180,7 @@ class BlipCaptioner:
 
     @property
     def loaded(self) -> bool:
+        """Whether the weights are in memory (False after a keep_alive unload)."""
         return self.model is not None
 
     def load(self) -> "BlipCaptioner":
@@ -297,6 +298,8 @@ class BlipCaptioner:
         return out
 
     def max_new_tokens(self, inputs: dict, num_predict: int | None) -> int:
+        """Tokens to generate: ``num_predict`` (default :data:`DEFAULT_MAX_NEW_TOKENS`), capped
+        so prompt plus answer fit the text model's position limit."""
         limit = int(getattr(self.config.text_config, "max_position_embeddings", 512))
         prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
         room = max(1, limit - prompt_len)
@@ -485,9 +488,11 @@ class Job:
             pass
 
     def mark_started(self) -> None:
+        """The worker began generating this job (ends its time in the queue)."""
         self._call(self._started, True)
 
     def finish(self, error: BaseException | None = None) -> None:
+        """Complete the job, with ``error`` when it failed; later calls are ignored."""
         if self.finished.is_set():
             return
         self.error = error
@@ -546,6 +551,8 @@ class Scheduler:
     # -- the request side --------------------------------------------------------------------
     def new_job(self, inputs: dict | None, opts: tuple = (None, None, None), stream: bool = False,
                 keep_alive: Any = _UNSET) -> Job:
+        """Queue a generation (``inputs`` None = load/unload only); ``opts`` is (num_predict,
+        temperature, seed). Raises :class:`Busy` (503) when the queue is full."""
         num_predict, temperature, seed = opts
         job = Job(inputs, num_predict, temperature, seed, stream, keep_alive)
         if self.request_timeout_s is not None:
@@ -643,12 +650,14 @@ class Scheduler:
             self.expires_wall = datetime.now(timezone.utc) + timedelta(seconds=keep_alive)
 
     def expires_iso(self) -> str:
+        """When the model unloads, as ISO 8601 UTC (Ollama's far-future date for never)."""
         if self.expires_wall is None:
             return _FOREVER_ISO
         return self.expires_wall.isoformat().replace("+00:00", "Z")
 
     # -- the worker --------------------------------------------------------------------------
     def stop(self) -> None:
+        """Ask the worker thread to stop (it exits after the batch it is running)."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
@@ -758,6 +767,8 @@ class Scheduler:
             self.loads += 1
 
     def stats(self) -> dict:
+        """Batching and queue counters (``mean_batch_size``, ``recent_batch_sizes``, ``queued``,
+        ``rejected``, ``timeouts``, ``loads``, ``unloads``, ``loaded``, …)."""
         with self.cond:
             sizes = list(self.batch_sizes)
             return {"batches": self.batches, "batched_requests": self.batched_requests,

@@ -289,48 +289,20 @@ pub const Field = struct {
 /// syntax error, including anything but whitespace after the object. Read to the end
 /// (until null) to know the whole line is valid. Duplicate keys are all reported.
 pub const ObjectReader = struct {
-    src: []const u8,
-    pos: usize,
-    state: enum { first, more, done } = .first,
+    items: Items,
 
     pub fn init(src: []const u8) ParseError!ObjectReader {
-        var p = Parser{ .src = src };
-        p.skipWs();
-        try p.expect('{');
-        return .{ .src = src, .pos = p.pos };
+        return .{ .items = try Items.init(src, '{') };
     }
 
     pub fn next(self: *ObjectReader) ParseError!?Field {
-        if (self.state == .done) return null;
-        var p = Parser{ .src = self.src, .pos = self.pos };
-        p.skipWs();
-        if (self.state == .more) {
-            if (p.peek() == ',') {
-                p.pos += 1;
-                p.skipWs();
-            } else {
-                try p.expect('}');
-                return try self.end(&p);
-            }
-        } else if (p.peek() == '}') {
-            p.pos += 1;
-            return try self.end(&p);
-        }
+        var p = (try self.items.next('}')) orelse return null;
         const key = try p.string();
         p.skipWs();
         try p.expect(':');
         const value = try p.value(1);
-        self.pos = p.pos;
-        self.state = .more;
+        self.items.pos = p.pos;
         return .{ .key = key, .value = value };
-    }
-
-    fn end(self: *ObjectReader, p: *Parser) ParseError!?Field {
-        p.skipWs();
-        if (p.pos != p.src.len) return error.Malformed;
-        self.pos = p.pos;
-        self.state = .done;
-        return null;
     }
 };
 
@@ -341,39 +313,56 @@ pub const ObjectReader = struct {
 ///
 /// Like `ObjectReader`: null after the closing ']', `error.Malformed` on a syntax error.
 pub const ArrayReader = struct {
+    items: Items,
+
+    pub fn init(src: []const u8) ParseError!ArrayReader {
+        return .{ .items = try Items.init(src, '[') };
+    }
+
+    pub fn next(self: *ArrayReader) ParseError!?Value {
+        var p = (try self.items.next(']')) orelse return null;
+        const v = try p.value(1);
+        self.items.pos = p.pos;
+        return v;
+    }
+};
+
+/// The comma-separated items of one container (shared by `ObjectReader` and `ArrayReader`).
+const Items = struct {
     src: []const u8,
     pos: usize,
     state: enum { first, more, done } = .first,
 
-    pub fn init(src: []const u8) ParseError!ArrayReader {
+    fn init(src: []const u8, open: u8) ParseError!Items {
         var p = Parser{ .src = src };
         p.skipWs();
-        try p.expect('[');
+        try p.expect(open);
         return .{ .src = src, .pos = p.pos };
     }
 
-    pub fn next(self: *ArrayReader) ParseError!?Value {
+    /// A parser at the start of the next item; null after `close`, which must end the input
+    /// (whitespace aside). The caller stores the position after the item in `pos`.
+    fn next(self: *Items, close: u8) ParseError!?Parser {
         if (self.state == .done) return null;
         var p = Parser{ .src = self.src, .pos = self.pos };
         p.skipWs();
         if (self.state == .more) {
             if (p.peek() == ',') {
                 p.pos += 1;
+                p.skipWs();
             } else {
-                try p.expect(']');
+                try p.expect(close);
                 return try self.end(&p);
             }
-        } else if (p.peek() == ']') {
+        } else if (p.peek() == close) {
             p.pos += 1;
             return try self.end(&p);
         }
-        const v = try p.value(1);
-        self.pos = p.pos;
         self.state = .more;
-        return v;
+        return p;
     }
 
-    fn end(self: *ArrayReader, p: *Parser) ParseError!?Value {
+    fn end(self: *Items, p: *Parser) ParseError!?Parser {
         p.skipWs();
         if (p.pos != p.src.len) return error.Malformed;
         self.pos = p.pos;

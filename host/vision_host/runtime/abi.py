@@ -76,11 +76,6 @@ class GuestMemory:
             return b""
         return ctypes.string_at(self._check(ptr, length), length)
 
-    def view(self, ptr: int, length: int) -> memoryview:
-        """Zero-copy writable view of guest bytes, valid until the guest next runs."""
-        addr = self._check(ptr, length)
-        return memoryview((ctypes.c_ubyte * length).from_address(addr)).cast("B")
-
     def read_str(self, ptr: int, length: int) -> str:
         """Decode the UTF-8 string at ``(ptr, length)``."""
         try:

@@ -475,8 +475,7 @@ class _Handle(_Int):
         out.append(_to_i32(self._handle(cx, value)))
 
 
-_CODECS: dict[int, Codec] = {}
-_RECORD_TYPES: dict[int, type] = {}
+_CODECS: dict[tuple, Codec] = {}
 
 
 def _field_name(name: str) -> str:
@@ -488,7 +487,7 @@ def codec(ty) -> Codec | None:
     """The :class:`Codec` of a resolved WIT type (None for ``_``), cached per type."""
     if ty is None:
         return None
-    key = id(ty) if not isinstance(ty, (Prim, ListT, OptionT, ResultT, TupleT, Handle)) else hash(_type_key(ty))
+    key = _type_key(ty)
     found = _CODECS.get(key)
     if found is not None:
         return found
@@ -535,7 +534,19 @@ def _type_key(ty):
         return ("tuple",) + tuple(_type_key(e) for e in ty.elems)
     if isinstance(ty, Handle):
         return ("handle", ty.resource.key, ty.own)
-    return ("named", id(ty)) if ty is not None else None
+    # Named types by structure, not identity: the WIT is parsed more than once, and a cache
+    # keyed by id() could hand a dead type's codec to a new object at the same address.
+    if isinstance(ty, RecordT):
+        return ("record", ty.name) + tuple((n, _type_key(t)) for n, t in ty.fields)
+    if isinstance(ty, EnumT):
+        return ("enum", ty.name, len(ty.cases))
+    if isinstance(ty, FlagsT):
+        return ("flags", ty.name, len(ty.flags))
+    if isinstance(ty, VariantT):
+        return ("variant", ty.name) + tuple((n, _type_key(t)) for n, t in ty.cases)
+    if ty is None:
+        return None
+    raise TypeError(f"no canonical-ABI codec for {ty!r}")
 
 
 # -- host functions --------------------------------------------------------------------------
@@ -552,7 +563,6 @@ class HostFunction:
     params: str
     results: str
     impl: Callable
-    wit: Function | None = None
 
     def functype(self) -> wasmtime.FuncType:
         """The core-wasm type the guest must import this function with."""
@@ -627,7 +637,7 @@ def trampoline(fn: Function, impl: Callable) -> HostFunction:
         result.lower_flat(ctx, value, out)
         return out[0]
 
-    return HostFunction(fn.interface, fn.import_name, core_params, core_results, call, fn)
+    return HostFunction(fn.interface, fn.import_name, core_params, core_results, call)
 
 
 def build_host_functions(wit_dir: Path) -> dict[tuple[str, str], HostFunction]:
@@ -679,11 +689,8 @@ def legacy_trampoline(fn: Function, legacy: Function, impl: Callable) -> HostFun
             message = f"{fn.import_name} failed: {err.value}"
             if isinstance(ok_type, Handle) and ok_type.resource.key != "wasm:cv/mat.mat":
                 raise AbiError(message) from None
-            seen = ctx.__dict__.setdefault("_legacy_errors", set())
-            if fn.import_name not in seen:
-                seen.add(fn.import_name)
-                ctx.log.error("%s (reported once; this processor uses the pre-2025 wasm:cv interface, "
-                              "which has no error results)", message)
+            ctx.log_once(f"{message} (reported once; this processor uses the pre-2025 wasm:cv interface, "
+                         f"which has no error results)")
             return _empty_value(ok_type)
 
     return trampoline(legacy, unwrap)

@@ -22,9 +22,7 @@ parameter do not consume it. OpenCV failures become ``error-result`` strings
 from __future__ import annotations
 
 import functools
-import logging
 import re
-import weakref
 
 import cv2
 import numpy as np
@@ -33,7 +31,7 @@ from .abi import AbiError
 from .canon import ErrResult, implements
 
 __all__ = ["MAT", "DEPTH_DTYPES", "MAX_MAT_BYTES", "cv_type", "dtype_channels", "channels", "is_nd", "as_nd",
-           "cv_errors", "short_error", "log_once", "bgr", "rect_xywh", "xywh_rect", "check_size"]
+           "cv_errors", "short_error", "bgr", "rect_xywh", "xywh_rect", "check_size"]
 
 _M = "wasm:cv/mat"
 _CV = "wasm:cv/cv"
@@ -224,19 +222,6 @@ def cv_errors(fn):
         except (ValueError, OverflowError, MemoryError, ZeroDivisionError) as exc:
             raise ErrResult(short_error(exc) or type(exc).__name__) from None
     return call
-
-
-_LOGGED: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
-
-
-def log_once(ctx, message: str, level: int = logging.ERROR) -> None:
-    """Log ``message`` with the processor's logger the first time this instance hits it."""
-    seen = _LOGGED.get(ctx)
-    if seen is None:
-        seen = _LOGGED[ctx] = set()
-    if message not in seen:
-        seen.add(message)
-        ctx.log.log(level, "%s", message)
 
 
 def bgr(c) -> tuple[int, int, int, int]:

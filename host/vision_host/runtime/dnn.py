@@ -27,6 +27,7 @@ LAYER = "wasm:cv/dnn.layer"
 
 
 class KnownModel(NamedTuple):
+    """A model file processors load by name (``filename`` in --models-dir) and where it is published."""
     filename: str
     url: str
 

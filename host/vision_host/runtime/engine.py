@@ -320,7 +320,7 @@ class InstanceContext:
         self.frame_number = 0
         self.fetch = FetchClient(runtime.policy, runtime.pool, runtime.fetch_stats)
         self.memory: GuestMemory | None = None
-        self._refused: set[str] = set()
+        self._logged: set[str] = set()
 
     def table(self, resource: str) -> HandleTable:
         """This instance's handle table for ``resource`` (``"<interface>.<resource>"``)."""
@@ -334,12 +334,17 @@ class InstanceContext:
         when ``handle`` is not the frame being processed."""
         return self.frame_number if handle == self.frame_handle and handle else None
 
+    def log_once(self, message: str, level: int = logging.ERROR) -> None:
+        """Log ``message`` with the processor's logger the first time this instance hits it."""
+        if message not in self._logged:
+            self._logged.add(message)
+            self.log.log(level, "%s", message)
+
     def note_fetch_error(self, url: str, code: FetchError) -> None:
         """Log a refused destination once per URL, with what to do about it."""
-        if code == FetchError.DESTINATION_NOT_ALLOWED and url not in self._refused:
-            self._refused.add(url)
-            self.log.error("processor %s tried to reach %s, which is not an allowed destination: "
-                           "set a *-url config key to it or pass --allow HOST:PORT", self.name, url)
+        if code == FetchError.DESTINATION_NOT_ALLOWED:
+            self.log_once(f"processor {self.name} tried to reach {url}, which is not an allowed destination: "
+                          f"set a *-url config key to it or pass --allow HOST:PORT")
 
 
 class Processor:

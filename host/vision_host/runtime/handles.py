@@ -33,11 +33,6 @@ class HandleTable:
     def __len__(self) -> int:
         return len(self._objects)
 
-    @property
-    def next_handle(self) -> int:
-        """The handle the next :meth:`insert` will return (handles only ever increase)."""
-        return self._next
-
     def insert(self, obj: object) -> int:
         """Store ``obj`` and return its new handle."""
         if len(self._objects) >= self.limit:
@@ -70,9 +65,9 @@ class HandleTable:
         """Remove ``handle`` if present."""
         self._objects.pop(handle, None)
 
-    def drop_from(self, first_handle: int, keep: int = 0) -> int:
-        """Drop every handle ≥ ``first_handle`` except ``keep``; returns how many were dropped."""
-        stale = [h for h in self._objects if h >= first_handle and h != keep]
+    def drop_from(self, first_handle: int) -> int:
+        """Drop every handle ≥ ``first_handle``; returns how many were dropped."""
+        stale = [h for h in self._objects if h >= first_handle]
         for h in stale:
             del self._objects[h]
         return len(stale)

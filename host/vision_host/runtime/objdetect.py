@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from .canon import ErrResult, implements
-from .cv import cv_errors, log_once, xywh_rect
+from .cv import cv_errors, xywh_rect
 from .dnn import ModelError, model_path
 
 __all__ = ["HAAR_DIR", "FaceDetector", "FaceRecognizer", "cascade_path"]
@@ -85,7 +85,7 @@ def _cascade_load(ctx, handle, file):
     try:
         path = cascade_path(ctx, file)
     except ModelError as exc:
-        log_once(ctx, str(exc))
+        ctx.log_once(str(exc))
         return False
     classifier = cv2.CascadeClassifier()
     try:
@@ -93,7 +93,7 @@ def _cascade_load(ctx, handle, file):
     except cv2.error:
         ok = False
     if not ok:
-        log_once(ctx, f"cascade file {path.name} could not be read as a cascade classifier")
+        ctx.log_once(f"cascade file {path.name} could not be read as a cascade classifier")
         return False
     table.replace(handle, classifier)
     return True
@@ -213,7 +213,7 @@ def _new_face_detector(ctx, model, config, size, score, nms, top_k) -> FaceDetec
     except (ModelError, cv2.error) as exc:
         message = str(exc) if isinstance(exc, ModelError) else \
             f"face detection model {model} could not be loaded: {' '.join(str(exc).split())[:200]}"
-        log_once(ctx, message)
+        ctx.log_once(message)
         return FaceDetector(None, message, input_size, score, nms, top_k)
     return FaceDetector(detector, None, input_size, score, nms, top_k)
 
@@ -324,7 +324,7 @@ def _new_face_recognizer(ctx, model, config) -> FaceRecognizer:
     except (ModelError, cv2.error) as exc:
         message = str(exc) if isinstance(exc, ModelError) else \
             f"face recognition model {model} could not be loaded: {' '.join(str(exc).split())[:200]}"
-        log_once(ctx, message)
+        ctx.log_once(message)
         return FaceRecognizer(None, message)
     return FaceRecognizer(recognizer, None)
 

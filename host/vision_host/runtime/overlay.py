@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from .canon import ErrResult, implements
+from .cv import bgr
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 MARGIN_PX = 8
@@ -115,4 +116,4 @@ def _caption(ctx, img, text, placement, scale, fg, bg, max_lines):
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ErrResult("caption needs an 8-bit 3-channel frame")
     scale = min(max(scale, 0.2), 4.0)
-    draw_caption(frame, text, placement == 1, scale, (fg.b, fg.g, fg.r, fg.a), (bg.b, bg.g, bg.r, bg.a), max_lines)
+    draw_caption(frame, text, placement == 1, scale, bgr(fg), bgr(bg), max_lines)

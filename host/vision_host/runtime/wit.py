@@ -36,45 +36,53 @@ class Prim:
 
 @dataclass(frozen=True)
 class ListT:
+    """``list<elem>``."""
     elem: object
 
 
 @dataclass(frozen=True)
 class OptionT:
+    """``option<elem>``."""
     elem: object
 
 
 @dataclass(frozen=True)
 class ResultT:
+    """``result<ok, err>``; ``None`` for a missing case type (``_``)."""
     ok: object | None
     err: object | None
 
 
 @dataclass(frozen=True)
 class TupleT:
+    """``tuple<…>``, element types in order."""
     elems: tuple
 
 
 @dataclass(eq=False)
 class RecordT:
+    """A named record; ``fields`` are (name, type) in declaration order (the layout order)."""
     name: str
     fields: list[tuple[str, object]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
 class EnumT:
+    """A named enum; a value is its case index in ``cases``."""
     name: str
     cases: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
 class FlagsT:
+    """A named flags type; bit k of a value is ``flags[k]``."""
     name: str
     flags: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
 class VariantT:
+    """A named variant; ``cases`` are (name, payload type or None), index = discriminant."""
     name: str
     cases: list[tuple[str, object | None]] = field(default_factory=list)
 
