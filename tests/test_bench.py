@@ -105,3 +105,79 @@ def test_host_call_round_trip(benchmark, runtime_factory, real_frame):
     p = runtime_factory().load_bytes(wasm, "caller")
     assert benchmark(p.process, real_frame) is real_frame
     assert p.last_error is None
+
+
+# -- vision-host serve: batched vs unbatched ----------------------------------------------------
+_CLIENTS = 16
+_REQUESTS_PER_CLIENT = 8
+
+
+def _serve_load(model_dir, max_batch: int, jpeg: bytes) -> dict:
+    """16 clients each sending 8 non-streamed /api/generate requests (one frame, a short
+    prompt, 8 new tokens) to an in-process server: images/s and latency percentiles (ms)."""
+    import base64
+    import threading
+
+    import numpy as np
+    import requests
+    import uvicorn
+    from vision_host.server import bind_socket, create_app
+    from vision_host.vlm import open_model
+
+    model = open_model(str(model_dir)).load()
+    app = create_app(model, max_batch=max_batch, max_queue=0, keep_alive=-1)
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/api/generate"
+    while not server.started:
+        time.sleep(0.01)
+    body = {"model": model.name, "prompt": "what is there?", "images": [base64.b64encode(jpeg).decode()],
+            "stream": False, "options": {"num_predict": 8, "num_beams": 1}}
+    latencies: list[float] = []
+    barrier = threading.Barrier(_CLIENTS + 1)
+
+    def client() -> None:
+        session = requests.Session()
+        barrier.wait()
+        for _ in range(_REQUESTS_PER_CLIENT):
+            t0 = time.perf_counter()
+            r = session.post(url, json=body, timeout=120)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            assert r.status_code == 200, r.text
+    clients = [threading.Thread(target=client) for _ in range(_CLIENTS)]
+    for c in clients:
+        c.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for c in clients:
+        c.join()
+    elapsed = time.perf_counter() - started
+    stats = app.state.scheduler.stats()
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+    lat = np.array(latencies)
+    return {"images_per_s": round(len(lat) / elapsed, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+            "p95_ms": round(float(np.percentile(lat, 95)), 1), "mean_batch_size": round(stats["mean_batch_size"], 2),
+            "requests": len(lat)}
+
+
+@pytest.mark.parametrize("family", ["blip", "llava"])
+def test_serve_batched_vs_unbatched(benchmark, family, tmp_path, real_frame):
+    """Tiny random-weight model on CPU: 16 clients × 8 requests with micro-batching (max 8)
+    and without (max 1)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("fastapi")
+    from tiny_models import BUILDERS
+
+    model_dir = BUILDERS[family](tmp_path / f"tiny-{family}")
+    jpeg = cv2.imencode(".jpg", real_frame)[1].tobytes()
+    unbatched = _serve_load(model_dir, 1, jpeg)
+    batched = benchmark.pedantic(_serve_load, args=(model_dir, 8, jpeg), rounds=1, iterations=1)
+    benchmark.extra_info.update({f"batched_{k}": v for k, v in batched.items()})
+    benchmark.extra_info.update({f"unbatched_{k}": v for k, v in unbatched.items()})
+    print(f"\n{family}: batched {batched}\n{family}: unbatched {unbatched}")
+    assert batched["requests"] == unbatched["requests"] == _CLIENTS * _REQUESTS_PER_CLIENT
+    assert batched["mean_batch_size"] > 1 and unbatched["mean_batch_size"] == 1

@@ -11,10 +11,11 @@ import pytest
 from conftest import REPO, SAMPLE_CLIP
 
 test_serve = pytest.importorskip("test_serve")      # skips with the same rules (serve extra present)
+import tiny_models  # noqa: E402
 
 
 def test_run_with_an_embedded_server_captions_real_footage_and_stops_it(tmp_path):
-    model_dir = test_serve.build_tiny_blip(tmp_path / "tiny-embedded")
+    model_dir = tiny_models.build_tiny_blip(tmp_path / "tiny-embedded")
     stats = tmp_path / "stats.json"
     result = subprocess.run(
         [sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", str(SAMPLE_CLIP),
@@ -40,7 +41,7 @@ def test_an_embedded_model_that_cannot_exist_is_refused_before_the_run(tmp_path)
 
 
 def test_serve_flags_reach_the_server(tmp_path):
-    model_dir = test_serve.build_tiny_blip(tmp_path / "tiny-flags")
+    model_dir = tiny_models.build_tiny_blip(tmp_path / "tiny-flags")
     result = subprocess.run([sys.executable, "-m", "vision_host", "serve", "--model", str(model_dir),
                              "--port", str(test_serve._free_port()), "--keep-alive", "soon"],
                             capture_output=True, text=True, timeout=120, env=test_serve._env())

@@ -2,10 +2,11 @@
 
 A tiny random-weight BLIP (hidden 32, 2 layers, image 32×32, a 30-word vocabulary) is built
 at test time and saved with ``save_pretrained``; the server runs it through the real code
-path (BlipProcessor, BlipForConditionalGeneration.generate, TextIteratorStreamer). The
+path (BlipProcessor, BlipForConditionalGeneration.generate, the batch streamer). The
 answers are nonsense words from that vocabulary. No network is used.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import pytest
@@ -28,8 +30,7 @@ requests = pytest.importorskip("requests")
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO / "media" / "bottle-detection.mp4"
-WORDS = ("[PAD] [UNK] [CLS] [SEP] [MASK] a an the of on in with photo picture bottle table man woman "
-         "red blue green is there two hand water glass").split()
+from tiny_models import WORDS, build_tiny_blip  # noqa: E402
 
 
 def _free_port() -> int:
@@ -50,51 +51,17 @@ def _serve_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vision_host", "serve", *args]
 
 
-def build_tiny_blip(directory: Path) -> Path:
-    """Save a random-weight BLIP captioner and its processor to ``directory``."""
-    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipProcessor
-    try:
-        from transformers import BlipImageProcessorPil as ImageProcessor   # transformers 5 without torchvision
-    except ImportError:
-        from transformers import BlipImageProcessor as ImageProcessor
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    try:
-        tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}, do_lower_case=True)
-    except TypeError:   # transformers 4: a vocab file
-        tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-    assert tokenizer("a photo of")["input_ids"][1:-1] == [WORDS.index(w) for w in ("a", "photo", "of")]
-    processor = BlipProcessor(image_processor=ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    config = BlipConfig(
-        text_config=dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=WORDS.index("[CLS]"), sep_token_id=WORDS.index("[SEP]"),
-                         eos_token_id=WORDS.index("[SEP]")),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=16),
-        projection_dim=32)
-    import torch
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(config).save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("model") / "tiny-blip")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_blip):
-    """``vision-host serve --model <tiny BLIP dir>`` on a free port: yields its base URL."""
-    base = tmp_path_factory.mktemp("serve")
-    model_dir = tiny_blip
+@contextlib.contextmanager
+def serve_process(model_dir: Path, log_path: Path, *args: str) -> Iterator[str]:
+    """``vision-host serve --model model_dir`` on a free port until the block ends: its base URL."""
     port = _free_port()
-    log = open(base / "serve.log", "w+")
-    proc = subprocess.Popen(_serve_cmd("--model", str(model_dir), "--port", str(port)),
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(_serve_cmd("--model", str(model_dir), "--port", str(port), *args),
                             stdout=log, stderr=subprocess.STDOUT, env=_env())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -119,6 +86,13 @@ def server(tmp_path_factory, tiny_blip):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_blip):
+    """``vision-host serve --model <tiny BLIP dir>`` on a free port: yields its base URL."""
+    with serve_process(tiny_blip, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -372,9 +346,10 @@ def slow_server(tiny_blip):
     import threading
 
     import uvicorn
-    from vision_host.server import BlipCaptioner, bind_socket, create_app
+    from vision_host.server import bind_socket, create_app
+    from vision_host.vlm import open_model
 
-    captioner = BlipCaptioner(str(tiny_blip)).load()
+    captioner = open_model(str(tiny_blip)).load()
     captioner.model.text_decoder.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
     app = create_app(captioner, max_batch=1, max_queue=2, request_timeout_s=1.5, keep_alive=-1)
     port = _free_port()

@@ -187,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print the video capture and writer backends, and the runtime's versions")
     sub.add_parser("version", help="print the version")
 
-    srv = sub.add_parser("serve", help="serve a vision model (BLIP) over Ollama's API, and OpenAI's under /v1")
+    srv = sub.add_parser("serve", help="serve a vision model (BLIP, BLIP-2, LLaVA-1.5) over Ollama's API, "
+                                       "OpenAI's under /v1 and Workers AI's under /ai/run")
     srv.add_argument("--model", default="blip", metavar="ID|PATH",
-                     help="alias (blip = Salesforce/blip-image-captioning-large), Hugging Face Hub id, "
+                     help="alias (blip = Salesforce/blip-image-captioning-large, blip2 = Salesforce/blip2-opt-2.7b, "
+                          "llava = llava-hf/llava-1.5-7b-hf), Hugging Face Hub id, "
                           "or a directory saved with save_pretrained (default blip)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=_positive_int, default=11434, help="port to listen on (default 11434, Ollama's)")
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a request waiting and generating longer gets 504 (default 120, 0 = none)")
     srv.add_argument("--keep-alive", default="5m", metavar="DURATION",
                      help="unload the model after this idle time (Ollama's keep_alive: 5m, 300, 0, -1; default 5m)")
+    srv.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="default generation option, as Ollama's options (num_predict, temperature, top_p, top_k, "
+                          "seed, num_beams, min_length, max_length, length_penalty, repeat_penalty); "
+                          "requests override it; repeatable")
     return parser
 
 
@@ -456,10 +462,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServeError, serve
 
     _setup_logging(args.logging)
+    options = {}
+    for pair in args.option:
+        key, sep, value = pair.partition("=")
+        try:
+            options[key.strip()] = float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            print(f"vision-host: --option {pair}: give KEY=NUMBER, e.g. --option num_beams=5", file=sys.stderr)
+            return 2
     try:
         serve(args.model, args.host, args.port, log_level={"warn": "warning"}.get(args.logging, args.logging),
               max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
-              request_timeout_s=args.request_timeout_s, keep_alive=args.keep_alive)
+              request_timeout_s=args.request_timeout_s, keep_alive=args.keep_alive, options=options)
     except ServeError as exc:
         print(f"vision-host: {exc}", file=sys.stderr)
         return 1

@@ -1,39 +1,40 @@
-"""``vision-host serve``: an embedded vision server that speaks Ollama's API.
+"""``vision-host serve``: an embedded vision server speaking Ollama's, OpenAI's and Workers AI's APIs.
 
 Ollama clients (the official ``ollama`` library, ``curl``, vision-host's own ``ollama``
-processor) and OpenAI clients (through Ollama's ``/v1`` compatibility layer) work unchanged
-against it. The model runs in-process with Hugging Face transformers:
+processor), OpenAI clients and Workers AI clients work unchanged against it. The model
+(BLIP, BLIP-2 or LLaVA-1.5: see :mod:`.vlm`) runs in-process with Hugging Face transformers.
 
 * ``GET /`` → ``Ollama is running``; ``GET /api/version``; ``GET /api/tags``, ``GET /api/ps``
   (the loaded model, as ``NAME:latest``); ``POST /api/show``.
 * ``POST /api/generate`` (``model``, ``prompt``, ``images`` as base64, ``stream`` default true,
-  ``options.num_predict``, ``options.temperature``, ``options.seed``): NDJSON lines
-  ``{"model","created_at","response","done":false}`` then a final ``"done":true`` line with
-  ``done_reason`` (``"stop"``, or ``"length"`` when ``num_predict`` cut it short) and Ollama's
-  metrics (durations in ns); ``"stream": false`` → one JSON object.
+  ``raw``, ``options``: ``num_predict``, ``temperature``, ``top_p``, ``top_k``, ``seed``,
+  ``num_beams``, ``min_length``, ``max_length``, ``length_penalty``, ``repeat_penalty``):
+  NDJSON lines ``{"model","created_at","response","done":false}`` then a final
+  ``"done":true`` line with ``done_reason`` (``"stop"``, or ``"length"`` when ``num_predict``
+  cut it short) and Ollama's metrics (durations in ns); ``"stream": false`` → one JSON object.
 * ``POST /api/chat``: the same with ``messages[]`` (``content``, ``images``) and
-  ``"message": {"role": "assistant", "content": ...}``.
+  ``"message": {"role": "assistant", "content": ...}``; the last user message is the prompt.
 * ``POST /v1/chat/completions`` (content parts with ``image_url`` data URLs; ``stream`` → SSE
   ``chat.completion.chunk`` events then ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/models/{id}``.
-* Errors as Ollama sends them: ``{"error": "..."}`` — 404 ``model 'x' not found``, 400 for bad
-  bodies and images (on ``/v1``, OpenAI's ``{"error": {"message", "type", ...}}``).
+* ``POST /ai/run/{model}`` and ``POST /client/v4/accounts/{account}/ai/run/{model}``: the
+  Workers AI schema of ``@cf/llava-hf/llava-1.5-7b-hf`` (``image`` as an array of bytes,
+  ``prompt`` or ``messages``, ``max_tokens`` default 512) → ``{"result": {"description"},
+  "success": true, "errors": [], "messages": []}``; not streamed, as Workers AI's LLaVA.
+* Errors as each API sends them: Ollama's ``{"error": "..."}`` (404 ``model 'x' not found``,
+  400 for bad bodies and images), OpenAI's ``{"error": {"message", "type", ...}}``, Workers
+  AI's v4 envelope with ``errors: [{"code", "message"}]``.
 
-The model is BLIP image captioning (``BlipForConditionalGeneration`` + ``BlipProcessor``):
-the image is captioned with the prompt as the text prefix (an empty prompt gives an
-unconditional caption), and the reply is the continuation after that prefix. Without
-streaming, beam search with 3 beams; when streaming, greedy decoding through
-``TextIteratorStreamer`` on a worker thread so tokens are sent as they are generated. A
-positive ``temperature`` samples instead. ``num_predict`` / ``max_tokens`` cap the new tokens
-(default :data:`DEFAULT_MAX_NEW_TOKENS`). With several images the last one is captioned.
+A model answers to its served name (the alias or directory name), its Hub id, and, for
+Workers AI, ``@cf/`` + its Hub id. With several images the last one is used.
 
 Scheduling (:class:`Scheduler`): one model worker thread runs every generation.
 
-* **Micro-batching**: non-streaming requests that arrive within ``batch_window_ms`` (10 ms) of
-  the oldest waiting one, or while a batch runs, share one batched ``generate`` of up to
-  ``max_batch`` (8) images when their settings match (prompt length, ``num_predict``,
-  sampling ``temperature``, ``seed``); others run in their own batches. **Streaming requests
-  run one at a time** on the same worker, in arrival order with the batches. Batch sizes are
-  in ``/api/ps`` under the extra field ``vision_host`` (``mean_batch_size``, ...).
+* **Micro-batching**: requests that arrive within ``batch_window_ms`` (10 ms) of the oldest
+  waiting one, or while a batch runs, share one batched ``generate`` of up to ``max_batch``
+  (8) images when their decoding settings, ``num_predict`` and ``seed`` match (BLIP also
+  needs equal prompt lengths; BLIP-2 and LLaVA pad prompts on the left). Streamed rows get
+  their words as they are generated. Batch sizes are in ``/api/ps`` under the extra field
+  ``vision_host`` (``mean_batch_size``, ...).
 * **Bounded queue**: with ``max_queue`` (32) requests waiting, a new one gets **503** with a
   ``Retry-After`` header (seconds) and ``{"error": "server busy: ..."}`` (on ``/v1``
   ``{"error": {"message", "type": "server_error", "code": "server_busy"}}``).
@@ -48,41 +49,33 @@ Scheduling (:class:`Scheduler`): one model worker thread runs every generation.
   lists the model only while loaded, with ``expires_at``. A request without prompt and images
   loads the model (``done_reason: "load"``), or with ``keep_alive: 0`` unloads it (``"unload"``).
 
-Limits: BLIP only; one process, one model; batching needs equal prompt lengths.
+Limits: one process, one model; one image per request; chat history is not sent to the model.
 
 torch and transformers are imported lazily (inside functions), so importing this module, and
 ``vision-host run``, never loads them.
 """
 
-
 import base64
 import binascii
-import io
 import json
 import logging
-import os
 import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
+
+from .vlm import (DEFAULT_MODEL, BadImage, GenerationRow, GenerationSettings, ModelLoadError, Prepared, TextQueue,
+                  VisionLanguageModel, open_model, resolve_model)
+
+__all__ = ["ModelLoadError", "ServeError", "create_app", "normalize_model_name", "resolve_model", "serve"]
 
 log = logging.getLogger("vision_host.server")
 
-#: Short names accepted by ``--model``.
-MODEL_ALIASES = {
-    "blip": "Salesforce/blip-image-captioning-large",
-    "blip-large": "Salesforce/blip-image-captioning-large",
-    "blip-base": "Salesforce/blip-image-captioning-base",
-}
-DEFAULT_MODEL = "blip"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
-DEFAULT_MAX_NEW_TOKENS = 40
-DEFAULT_NUM_BEAMS = 3
 #: Scheduling defaults (see :class:`Scheduler` and :func:`serve`).
 DEFAULT_MAX_BATCH = 8
 DEFAULT_BATCH_WINDOW_MS = 10.0
@@ -91,14 +84,12 @@ DEFAULT_REQUEST_TIMEOUT_S = 120.0
 DEFAULT_KEEP_ALIVE = "5m"
 #: What ``/api/version`` answers: the Ollama API level this server follows.
 OLLAMA_API_VERSION = "0.12.0"
+#: Workers AI's default ``max_tokens`` for ``@cf/llava-hf/llava-1.5-7b-hf``.
+WORKERS_AI_MAX_TOKENS = 512
 
 
 class ServeError(Exception):
     """The server cannot start (port in use, model not loadable): the message says what to do."""
-
-
-class ModelLoadError(ServeError):
-    """The model's weights or processor cannot be loaded."""
 
 
 class RequestError(Exception):
@@ -110,39 +101,9 @@ class RequestError(Exception):
         self.message = message
 
 
-# -- model names -------------------------------------------------------------------------------
-def normalize_model_name(name: str) -> str:
-    """Ollama's matching: case-insensitive, and a name without a tag means ``:latest``."""
-    name = (name or "").strip().lower()
-    if not name:
-        return ""
-    if ":" not in name.rsplit("/", 1)[-1]:
-        name += ":latest"
-    return name
-
-
-def resolve_model(spec: str) -> tuple[str, str, bool]:
-    """``--model`` → ``(served name, source, is_local_dir)``.
-
-    ``spec`` is an alias (``blip``), a local directory saved with ``save_pretrained``, or a
-    Hugging Face Hub id (``Salesforce/blip-image-captioning-large``).
-    """
-    spec = spec.strip()
-    if spec.lower() in MODEL_ALIASES:
-        return spec.lower(), MODEL_ALIASES[spec.lower()], False
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path.resolve().name.lower() or "model", str(path.resolve()), True
-    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
-        raise ModelLoadError(f"--model {spec}: no such directory (give a directory saved with "
-                             f"save_pretrained, a Hugging Face Hub id, or one of {', '.join(MODEL_ALIASES)})")
-    return spec.lower(), spec, False
-
-
-# -- the model ----------------------------------------------------------------------------------
 @dataclass
 class GenerationResult:
-    """What one generation produced (filled in as it runs)."""
+    """What one generation produced (filled in as it runs); times are ``time.perf_counter()``."""
 
     text: str = ""
     prompt_tokens: int = 0
@@ -157,234 +118,14 @@ class GenerationResult:
     batch_size: int = 1
 
 
-class BlipCaptioner:
-    """BLIP captioning on CPU (float32) or CUDA (float16).
-
-    Only the :class:`Scheduler`'s worker thread calls :meth:`generate_batch`,
-    :meth:`generate_stream`, :meth:`load_weights` and :meth:`unload`; :meth:`prepare` (image
-    decoding, tokenising) runs on any thread, also while the weights are unloaded.
-    """
-
-    family = "blip"
-
-    def __init__(self, spec: str = DEFAULT_MODEL) -> None:
-        self.name, self.source, self.local = resolve_model(spec)
-        self.loaded_at = datetime.now(timezone.utc)
-        self.load_duration_ns = 0
-        self.model = self.processor = None
-        self.config = None
-        self.dtype = None
-        self.device = "cpu"
-        self.size = 0
-        self.n_params = 0
-
-    @property
-    def loaded(self) -> bool:
-        """Whether the weights are in memory (False after a keep_alive unload)."""
-        return self.model is not None
-
-    def load(self) -> "BlipCaptioner":
-        """Load the processor and weights (local cache first, then the Hub unless offline).
-
-        Raises:
-            ModelLoadError: not cached and not downloadable, or not a BLIP captioning model.
-        """
-        t0 = time.perf_counter()
-        try:
-            import torch
-            from transformers import BlipForConditionalGeneration, BlipProcessor
-        except ImportError as exc:
-            raise ModelLoadError(f"the serve extra is not installed ({exc.name} is missing): "
-                                 f"pip install 'vision-host[serve]'") from None
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-        cuda = torch.cuda.is_available()
-        dtype = torch.float16 if cuda else torch.float32
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-        def attempt(local_only: bool):
-            proc = BlipProcessor.from_pretrained(self.source, local_files_only=local_only)
-            mod = BlipForConditionalGeneration.from_pretrained(self.source, local_files_only=local_only, dtype=dtype)
-            return proc, mod
-
-        try:
-            try:
-                self.processor, self.model = attempt(True)
-            except OSError:
-                if self.local or offline:
-                    raise
-                log.warning("model %s is not in the local Hugging Face cache: downloading it", self.source)
-                self.processor, self.model = attempt(False)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(self._load_error(exc, offline)) from None
-        if getattr(self.model.config, "model_type", None) != "blip":
-            raise ModelLoadError(f"model {self.source} is a {self.model.config.model_type!r} model: "
-                                 f"vision-host serve runs BLIP captioning models (e.g. --model blip)")
-        self.device = "cuda" if cuda else "cpu"
-        self.dtype = dtype
-        self.config = self.model.config
-        self.model.to(self.device).eval()
-        self.size = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.load_duration_ns = int((time.perf_counter() - t0) * 1e9)
-        self.loaded_at = datetime.now(timezone.utc)
-        return self
-
-    def load_weights(self) -> float:
-        """Reload the weights after :meth:`unload` (from the local cache): seconds it took."""
-        if self.model is not None:
-            return 0.0
-        t0 = time.perf_counter()
-        from transformers import BlipForConditionalGeneration
-        try:
-            model = BlipForConditionalGeneration.from_pretrained(self.source, local_files_only=True, dtype=self.dtype)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot reload model {self.source}: {str(exc).splitlines()[0]}") from None
-        self.model = model.to(self.device).eval()
-        self.load_duration_ns = int((time.perf_counter() - t0) * 1e9)
-        self.loaded_at = datetime.now(timezone.utc)
-        log.info("model %s reloaded in %.2f s", self.source, self.load_duration_ns / 1e9)
-        return self.load_duration_ns / 1e9
-
-    def unload(self) -> None:
-        """Drop the weights (the processor stays: it is small and :meth:`prepare` needs it)."""
-        if self.model is None:
-            return
-        self.model = None
-        import gc
-        gc.collect()
-        if self.device == "cuda":
-            import torch
-            torch.cuda.empty_cache()
-        log.info("model %s unloaded", self.source)
-
-    def _load_error(self, exc: Exception, offline: bool) -> str:
-        if self.local:
-            return (f"cannot load model from {self.source}: {str(exc).splitlines()[0]} (the directory must hold a "
-                    f"BLIP captioning model and its processor, saved with save_pretrained)")
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        why = ("the Hugging Face Hub is off (HF_HUB_OFFLINE=1)" if offline
-               else f"it could not be downloaded ({str(exc).splitlines()[0]})")
-        return (f"cannot load model {self.source}: its weights are not in the local Hugging Face cache "
-                f"({cache}) and {why}. On a machine with internet run `huggingface-cli download {self.source}` "
-                f"(or `hf download {self.source}`) and copy the cache here, or pass --model DIR with a "
-                f"directory saved with save_pretrained")
-
-    # -- inference --------------------------------------------------------------------------
-    def prepare(self, image_bytes: bytes, prompt: str) -> dict:
-        """Decode the image and build the model inputs. Raises RequestError(400) for a bad image."""
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            image = Image.open(io.BytesIO(image_bytes))
-            image.load()
-            image = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-            raise RequestError(400, "Failed to load image or audio file") from None
-        prompt = prompt.strip()
-        if prompt:
-            inputs = self.processor(images=image, text=prompt, return_tensors="pt")
-        else:
-            inputs = self.processor(images=image, return_tensors="pt")
-        out = {}
-        for k, v in inputs.items():
-            if k == "pixel_values":
-                v = v.to(self.device, dtype=self.dtype)
-            else:
-                v = v.to(self.device)
-            out[k] = v
-        return out
-
-    def max_new_tokens(self, inputs: dict, num_predict: int | None) -> int:
-        """Tokens to generate: ``num_predict`` (default :data:`DEFAULT_MAX_NEW_TOKENS`), capped
-        so prompt plus answer fit the text model's position limit."""
-        limit = int(getattr(self.config.text_config, "max_position_embeddings", 512))
-        prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
-        room = max(1, limit - prompt_len)
-        n = num_predict if num_predict and num_predict > 0 else DEFAULT_MAX_NEW_TOKENS
-        return min(n, room)
-
-    def _kwargs(self, job: "Job", jobs: list["Job"]) -> dict:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        kwargs: dict[str, Any] = {"max_new_tokens": job.max_new}
-        if job.temperature is not None and job.temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(job.temperature), num_beams=1)
-        elif job.stream:
-            kwargs.update(do_sample=False, num_beams=1)
-        else:
-            kwargs.update(do_sample=False, num_beams=DEFAULT_NUM_BEAMS)
-        if job.seed is not None:
-            torch.manual_seed(int(job.seed))
-
-        class Stop(StoppingCriteria):
-            """Per request: stop its row once it is cancelled (client gone) or past its deadline."""
-
-            def __call__(self, input_ids, scores, **kw):
-                now = time.monotonic()
-                flags = []
-                for j in jobs:
-                    if not j.cancel.is_set() and now > j.deadline:
-                        j.timed_out = True
-                        j.cancel.set()
-                    flags.append(j.cancel.is_set())
-                n = input_ids.shape[0]
-                if n % len(jobs):
-                    return torch.full((n,), all(flags), dtype=torch.bool, device=input_ids.device)
-                return torch.tensor(flags, dtype=torch.bool, device=input_ids.device).repeat_interleave(n // len(jobs))
-        kwargs["stopping_criteria"] = StoppingCriteriaList([Stop()])
-        return kwargs
-
-    def _finish(self, job: "Job", ids: list[int]) -> None:
-        """Fill in ``job.result`` from the new token ids of its row."""
-        eos = self.config.text_config.sep_token_id
-        if eos in ids:
-            ids = ids[:ids.index(eos) + 1]
-        res = job.result
-        res.eval_count = len(ids)
-        ended_on_eos = bool(ids) and ids[-1] == eos
-        res.done_reason = "length" if res.eval_count >= job.max_new and not ended_on_eos else "stop"
-        res.ended_at = time.perf_counter()
-
-    def generate_batch(self, jobs: list["Job"]) -> None:
-        """One batched ``generate`` for non-streaming jobs sharing :attr:`Job.key` (same prompt
-        length and generation settings); fills in each job's result."""
-        import torch
-
-        first = jobs[0]
-        inputs = {k: torch.cat([j.inputs[k] for j in jobs]) for k in first.inputs}
-        kwargs = self._kwargs(first, jobs)
-        t0 = time.perf_counter()
-        for j in jobs:
-            j.result.started_at = t0
-            j.result.batch_size = len(jobs)
-        with torch.inference_mode():
-            sequences = self.model.generate(**inputs, **kwargs)
-        t1 = time.perf_counter()
-        for i, j in enumerate(jobs):
-            j.result.first_token_at = t1
-            ids = sequences[i][first.prompt_len:].tolist()
-            self._finish(j, ids)
-            eos = self.config.text_config.sep_token_id
-            kept = ids[:ids.index(eos) + 1] if eos in ids else ids
-            j.result.text = self.processor.decode(kept, skip_special_tokens=True).strip()
-
-    def generate_stream(self, job: "Job") -> None:
-        """Greedy (or sampled) ``generate`` for one streaming job, feeding ``job.streamer``."""
-        import torch
-
-        kwargs = self._kwargs(job, [job])
-        job.result.started_at = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                sequences = self.model.generate(**job.inputs, streamer=job.streamer, **kwargs)
-        except BaseException:
-            job.streamer.end()
-            raise
-        self._finish(job, sequences[0][job.prompt_len:].tolist())
+def normalize_model_name(name: str) -> str:
+    """Ollama's matching: case-insensitive, and a name without a tag means ``:latest``."""
+    name = (name or "").strip().lower()
+    if not name:
+        return ""
+    if ":" not in name.rsplit("/", 1)[-1]:
+        name += ":latest"
+    return name
 
 
 # -- scheduling ------------------------------------------------------------------------------------
@@ -440,21 +181,21 @@ _UNSET = object()
 
 
 @dataclass(eq=False)
-class Job:
-    """One request for the model worker: a generation (batched, or streamed) or a load/unload."""
+class Job(GenerationRow):
+    """One request for the model worker: a generation (a row of a batch, streamed or not) or,
+    with ``prepared`` None, a load/unload."""
 
-    inputs: dict | None
-    num_predict: int | None = None
-    temperature: float | None = None
-    seed: int | None = None
-    stream: bool = False
+    prepared: Prepared | None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    #: The streamed answer's text pieces (None: not streamed).
+    stream: TextQueue | None = None
     keep_alive: Any = _UNSET             # seconds, None = forever, _UNSET = the server's default
     deadline: float = float("inf")       # time.monotonic()
     max_new: int = 0
-    prompt_len: int = 1
-    streamer: Any = None
+    decoding: tuple = ()
+    key: tuple = ()
     cancel: threading.Event = field(default_factory=threading.Event)
-    finished: threading.Event = field(default_factory=threading.Event)
+    finished_event: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult = field(default_factory=GenerationResult)
     error: BaseException | None = None
     timed_out: bool = False
@@ -464,13 +205,27 @@ class Job:
     _started: Any = None
     _done: Any = None
 
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys can share one batched ``generate``."""
-        if self.inputs is None or self.stream:
-            return ("solo", id(self))
-        return ("batch", self.prompt_len, self.max_new, self.temperature if (self.temperature or 0) > 0 else None,
-                self.seed)
+    # GenerationRow: called by the model on the worker thread
+    def should_stop(self) -> bool:
+        if not self.cancel.is_set() and time.monotonic() > self.deadline:
+            self.timed_out = True
+            self.cancel.set()
+        return self.cancel.is_set()
+
+    def started(self, at: float) -> None:
+        self.result.started_at = at
+
+    def finished(self, text: str, tokens: int, reason: str, at: float) -> None:
+        """Record the answer; a row that was not stopped is complete now (even while the rest
+        of its batch still generates), a stopped one is settled by the worker."""
+        if self.finished_event.is_set():
+            return
+        res = self.result
+        res.text, res.eval_count, res.done_reason, res.ended_at = text, tokens, reason, at
+        if res.first_token_at is None:
+            res.first_token_at = at
+        if not self.cancel.is_set():
+            self.finish()
 
     def _call(self, fut: Any, value: Any = None, exc: BaseException | None = None) -> None:
         if fut is None or self._loop is None:
@@ -493,14 +248,14 @@ class Job:
 
     def finish(self, error: BaseException | None = None) -> None:
         """Complete the job, with ``error`` when it failed; later calls are ignored."""
-        if self.finished.is_set():
+        if self.finished_event.is_set():
             return
         self.error = error
         if self.result.ended_at is None:
             self.result.ended_at = time.perf_counter()
-        self.finished.set()
-        if error is not None and self.streamer is not None:
-            self.streamer.end()
+        self.finished_event.set()
+        if error is not None and self.stream is not None:
+            self.stream.end()
         self._call(self._started, None, error)
         self._call(self._done, self.result, error)
 
@@ -508,11 +263,12 @@ class Job:
 class Scheduler:
     """The single model worker: a bounded queue, micro-batching, timeouts and ``keep_alive``.
 
-    * Non-streaming generations that arrive within ``batch_window_s`` of the oldest waiting one
-      (or while a batch runs) and share :attr:`Job.key` run as one batched ``generate`` of up
-      to ``max_batch`` images; different settings or prompt lengths go to separate batches.
-    * Streaming generations run one at a time on the same worker (batching them would make
-      every stream wait for the slowest), in arrival order with the batches.
+    * Generations that arrive within ``batch_window_s`` of the oldest waiting one (or while a
+      batch runs) and share :attr:`Job.key` (decoding settings, ``num_predict``, ``seed``,
+      and for BLIP the prompt's token length) run as one batched ``generate`` of up to
+      ``max_batch`` images. Streamed and non-streamed requests share batches when their
+      decoding matches (streaming is greedy or sampled, never beam search); each streamed
+      row gets its words as they are generated and its final line as soon as it ends.
     * More than ``max_queue`` waiting requests (0: no limit) → :class:`Busy` (503).
     * A request past ``request_timeout_s`` (waiting plus generating) is withdrawn from the
       queue, or its generation stops at the next token → :class:`RequestTimeout` (504).
@@ -520,9 +276,9 @@ class Scheduler:
       server's default unless given), then the worker unloads it; the next request reloads it.
     """
 
-    def __init__(self, captioner: BlipCaptioner, max_batch: int = 8, batch_window_s: float = 0.01,
+    def __init__(self, model: VisionLanguageModel, max_batch: int = 8, batch_window_s: float = 0.01,
                  max_queue: int = 32, request_timeout_s: float = 120.0, keep_alive: Any = "5m") -> None:
-        self.captioner = captioner
+        self.model = model
         self.max_batch = max(1, int(max_batch))
         self.batch_window_s = max(0.0, float(batch_window_s))
         self.max_queue = int(max_queue)
@@ -549,25 +305,21 @@ class Scheduler:
         self.thread.start()
 
     # -- the request side --------------------------------------------------------------------
-    def new_job(self, inputs: dict | None, opts: tuple = (None, None, None), stream: bool = False,
-                keep_alive: Any = _UNSET) -> Job:
-        """Queue a generation (``inputs`` None = load/unload only); ``opts`` is (num_predict,
-        temperature, seed). Raises :class:`Busy` (503) when the queue is full."""
-        num_predict, temperature, seed = opts
-        job = Job(inputs, num_predict, temperature, seed, stream, keep_alive)
+    def new_job(self, prepared: Prepared | None, settings: GenerationSettings = GenerationSettings(),
+                stream: bool = False, keep_alive: Any = _UNSET) -> Job:
+        """A generation for ``prepared`` inputs (None = load/unload only), to :meth:`submit`."""
+        job = Job(prepared, settings, keep_alive=keep_alive)
         if self.request_timeout_s is not None:
             job.deadline = job.enqueued_at + self.request_timeout_s
-        if inputs is not None:
-            job.max_new = self.captioner.max_new_tokens(inputs, num_predict)
-            ids = inputs.get("input_ids")
-            # BLIP's generate drops the trailing [SEP] of the prompt and starts with [BOS].
-            job.prompt_len = ids.shape[1] - 1 if ids is not None else 1
-            job.result.prompt_tokens = job.prompt_len
+        if prepared is None:
+            job.key = ("solo", id(job))
+            return job
+        job.max_new = self.model.max_new_tokens(prepared, settings)
+        job.decoding = self.model.decoding(settings, stream)
+        job.key = self.model.batch_key(prepared, job.decoding, job.max_new, settings.seed)
+        job.result.prompt_tokens = prepared.prompt_tokens
         if stream:
-            from transformers import TextIteratorStreamer
-            wait = (self.request_timeout_s or 600) + 30
-            job.streamer = TextIteratorStreamer(self.captioner.processor.tokenizer, skip_prompt=True, timeout=wait,
-                                                skip_special_tokens=True)
+            job.stream = TextQueue(timeout_s=(self.request_timeout_s or 600) + 30)
         return job
 
     def submit(self, job: Job) -> Job:
@@ -599,6 +351,7 @@ class Scheduler:
                 job.finish(RequestError(499, "cancelled"))
 
     def _timeout_error(self, job: Job) -> RequestTimeout:
+        """The 504 for ``job`` (counted once per job)."""
         with self.cond:
             self.timeouts += 1
         return RequestTimeout(f"request timed out after {self.request_timeout_s:g} s (the limit set with "
@@ -632,7 +385,7 @@ class Scheduler:
 
     def stream_finished(self, job: Job) -> BaseException | None:
         """After a streamer ended: wait for the worker and say what went wrong, if anything."""
-        job.finished.wait()
+        job.finished_event.wait()
         if job.timed_out:
             return self._timeout_error(job)
         return job.error
@@ -667,10 +420,10 @@ class Scheduler:
         while True:
             while not self.queue and not self.stopping:
                 timeout = None
-                if self.captioner.loaded and self.expires_at is not None:
+                if self.model.loaded and self.expires_at is not None:
                     timeout = self.expires_at - time.monotonic()
                     if timeout <= 0:
-                        self.captioner.unload()
+                        self.model.unload()
                         self.unloads += 1
                         continue
                 self.cond.wait(timeout)
@@ -678,7 +431,7 @@ class Scheduler:
                 return None
             first = self.queue[0]
             key = first.key
-            if key[0] == "batch" and self.max_batch > 1:
+            if key[0] != "solo" and self.max_batch > 1:
                 end = first.enqueued_at + self.batch_window_s
                 while not self.stopping and first in self.queue:
                     n = sum(1 for j in self.queue if j.key == key)
@@ -710,8 +463,8 @@ class Scheduler:
                 with self.cond:
                     self.busy = False
                     self._touch(batch[-1].keep_alive)
-                    if batch[-1].keep_alive == 0 and not self.queue and self.captioner.loaded:
-                        self.captioner.unload()
+                    if batch[-1].keep_alive == 0 and not self.queue and self.model.loaded:
+                        self.model.unload()
                         self.unloads += 1
 
     def _work(self, batch: list[Job]) -> None:
@@ -728,7 +481,7 @@ class Scheduler:
         if not live:
             return
         first = live[0]
-        if first.inputs is None:   # load / unload request
+        if first.prepared is None:   # load / unload request
             if first.keep_alive == 0:
                 first.done_reason = "unload"
             else:
@@ -740,11 +493,9 @@ class Scheduler:
         t0 = time.perf_counter()
         for j in live:
             j.result.lock_wait_s += time.monotonic() - j.enqueued_at
+            j.result.batch_size = len(live)
             j.mark_started()
-        if first.stream:
-            self.captioner.generate_stream(first)
-        else:
-            self.captioner.generate_batch(live)
+        self.model.generate(live, first.decoding, first.max_new, first.settings.seed)
         with self.cond:
             self.batches += 1
             self.batched_requests += len(live)
@@ -760,9 +511,9 @@ class Scheduler:
                 j.finish()
 
     def _ensure_loaded(self, jobs: list[Job]) -> None:
-        if self.captioner.loaded:
+        if self.model.loaded:
             return
-        self.captioner.load_weights()
+        self.model.load_weights()
         with self.cond:
             self.loads += 1
 
@@ -776,7 +527,7 @@ class Scheduler:
                     "max_batch_size": max(sizes) if sizes else 0, "recent_batch_sizes": sizes[-50:],
                     "queued": len(self.queue), "busy": self.busy, "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "rejected": self.rejected, "timeouts": self.timeouts,
-                    "loads": self.loads, "unloads": self.unloads, "loaded": self.captioner.loaded}
+                    "loads": self.loads, "unloads": self.unloads, "loaded": self.model.loaded}
 
 
 # -- request parsing ------------------------------------------------------------------------------
@@ -832,16 +583,13 @@ def _keep_alive(body: dict) -> Any:
     return parse_keep_alive(body["keep_alive"])
 
 
-def _options(body: dict) -> tuple[int | None, float | None, int | None]:
+def _settings(body: dict, base: GenerationSettings) -> GenerationSettings:
+    """Ollama's ``options`` over the server's defaults (see :class:`GenerationSettings`)."""
     opts = _field(body, "options", (dict,), "map[string]interface {}", {})
-    def num(key, cast):
-        v = opts.get(key)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise RequestError(400, f"option {key!r} must be a number, not {_go_type(v)}")
-        return cast(v)
-    return num("num_predict", int), num("temperature", float), num("seed", int)
+    try:
+        return GenerationSettings.from_options(opts, base)
+    except ValueError as exc:
+        raise RequestError(400, str(exc)) from None
 
 
 def _decode_data_url(url: Any) -> bytes:
@@ -865,11 +613,13 @@ def _now() -> str:
 
 
 # -- the app ----------------------------------------------------------------------------------------
-def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
+def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH,
                batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_queue: int = DEFAULT_MAX_QUEUE,
-               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, keep_alive: Any = DEFAULT_KEEP_ALIVE):
-    """The FastAPI app serving ``captioner`` (already loaded) through a :class:`Scheduler`
-    (``app.state.scheduler``); the keyword arguments are the scheduler's settings."""
+               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, keep_alive: Any = DEFAULT_KEEP_ALIVE,
+               options: GenerationSettings | None = None):
+    """The FastAPI app serving ``model`` (already loaded) through a :class:`Scheduler`
+    (``app.state.scheduler``); ``options`` are the generation defaults a request's own
+    ``options`` override; the other keyword arguments are the scheduler's settings."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -878,8 +628,11 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
     from . import __version__
 
     app = FastAPI(title="vision-host serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
-    served = normalize_model_name(captioner.name)
-    scheduler = Scheduler(captioner, max_batch=max_batch, batch_window_s=batch_window_ms / 1000.0,
+    served = normalize_model_name(model.name)
+    #: Names a request may use: the served name, and the Hub id (also as Workers AI's ``@cf/…``).
+    known = {served, normalize_model_name(model.source), normalize_model_name("@cf/" + model.source)}
+    defaults = options or GenerationSettings()
+    scheduler = Scheduler(model, max_batch=max_batch, batch_window_s=batch_window_ms / 1000.0,
                           max_queue=max_queue, request_timeout_s=request_timeout_s, keep_alive=keep_alive)
     app.state.scheduler = scheduler
     app.router.on_shutdown.append(scheduler.stop)
@@ -907,17 +660,17 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
         return err(exc.status_code, str(exc.detail))
 
     def check_model(name: Any) -> None:
-        if not isinstance(name, str) or normalize_model_name(name) != served:
+        if not isinstance(name, str) or normalize_model_name(name) not in known:
             raise RequestError(404, f"model '{name or ''}' not found")
 
     def details() -> dict:
-        return {"parent_model": "", "format": "safetensors", "family": captioner.family,
-                "families": [captioner.family], "parameter_size": _param_size(captioner),
-                "quantization_level": "F16" if captioner.device == "cuda" else "F32"}
+        return {"parent_model": "", "format": "safetensors", "family": model.family,
+                "families": [model.family], "parameter_size": _param_size(model),
+                "quantization_level": "F16" if model.device == "cuda" else "F32"}
 
     def model_entry() -> dict:
-        return {"name": served, "model": served, "modified_at": captioner.loaded_at.isoformat(),
-                "size": captioner.size, "digest": "", "details": details()}
+        return {"name": served, "model": served, "modified_at": model.loaded_at.isoformat(),
+                "size": model.size, "digest": "", "details": details()}
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)
@@ -937,10 +690,10 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
         """The model while it is loaded (with ``expires_at``), and, as an extra field the
         clients ignore, ``vision_host``: the scheduler's statistics (batch sizes, queue)."""
         models = []
-        if captioner.loaded:
+        if model.loaded:
             entry = model_entry()
             entry.update(expires_at=scheduler.expires_iso(),
-                         size_vram=captioner.size if captioner.device == "cuda" else 0)
+                         size_vram=model.size if model.device == "cuda" else 0)
             models.append(entry)
         return {"models": models, "vision_host": scheduler.stats()}
 
@@ -951,10 +704,10 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
             check_model(body.get("model") or body.get("name"))
         except RequestError as exc:
             return err(exc.status, exc.message)
-        return {"license": "", "modelfile": f"# served by vision-host serve\nFROM {captioner.source}\n",
+        return {"license": "", "modelfile": f"# served by vision-host serve\nFROM {model.source}\n",
                 "parameters": "", "template": "{{ .Prompt }}", "details": details(),
-                "model_info": {"general.architecture": captioner.family, "general.basename": captioner.source},
-                "capabilities": ["completion", "vision"], "modified_at": captioner.loaded_at.isoformat()}
+                "model_info": {"general.architecture": model.family, "general.basename": model.source},
+                "capabilities": ["completion", "vision"], "modified_at": model.loaded_at.isoformat()}
 
     def metrics(res: GenerationResult) -> dict:
         end = res.ended_at or time.perf_counter()
@@ -966,7 +719,8 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
                 "eval_count": res.eval_count,
                 "eval_duration": int((end - first) * 1e9)}
 
-    async def ollama_reply(kind: str, name: str, inputs: dict | None, opts: tuple, stream: bool, keep_alive: Any):
+    async def ollama_reply(kind: str, name: str, inputs: Prepared | None, settings: GenerationSettings, stream: bool,
+                           keep_alive: Any):
         """The /api/generate or /api/chat answer (``kind`` "response" or "message")."""
         def piece_obj(text: str, done: bool) -> dict:
             obj: dict[str, Any] = {"model": name, "created_at": _now()}
@@ -977,7 +731,7 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
             obj["done"] = done
             return obj
 
-        job = scheduler.new_job(inputs, opts, stream=stream and inputs is not None, keep_alive=keep_alive)
+        job = scheduler.new_job(inputs, settings, stream=stream and inputs is not None, keep_alive=keep_alive)
         scheduler.submit(job)
         if inputs is None:   # nothing to caption: Ollama's "load" (or, with keep_alive 0, "unload") answer
             await scheduler.wait_done(job)
@@ -994,14 +748,13 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
         def lines() -> Iterator[bytes]:
             first = True
             try:
-                for piece in job.streamer:
+                for piece in job.stream:
                     if first:
                         job.result.first_token_at = job.result.first_token_at or time.perf_counter()
                         piece = piece.lstrip()
                     if not piece:
                         continue
                     first = False
-                    job.result.text += piece
                     yield (json.dumps(piece_obj(piece, False), ensure_ascii=False, separators=(",", ":"))
                            + "\n").encode()
                 problem = scheduler.stream_finished(job)
@@ -1021,19 +774,22 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
                 yield (json.dumps({"error": str(exc)}, separators=(",", ":")) + "\n").encode()
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    async def answer(kind: str, name: str, inputs, opts, stream: bool, keep_alive: Any):
+    async def answer(kind: str, name: str, inputs, settings, stream: bool, keep_alive: Any):
         try:
-            return await ollama_reply(kind, name, inputs, opts, stream, keep_alive)
+            return await ollama_reply(kind, name, inputs, settings, stream, keep_alive)
         except RequestError as exc:
             return err(exc.status, exc.message, exc)
         except Exception as exc:  # noqa: BLE001
             log.exception("generation failed")
             return err(500, str(exc))
 
-    async def prepared(image: bytes | None, prompt: str):
+    async def prepared(image: bytes | None, prompt: str, raw: bool = False, field_name: str = "images") -> Prepared:
         if image is None:
-            raise RequestError(400, f"model '{captioner.name}' captions images: add one to \"images\"")
-        return await run_in_threadpool(captioner.prepare, image, prompt)
+            raise RequestError(400, f"model '{model.name}' answers about images: add one to \"{field_name}\"")
+        try:
+            return await run_in_threadpool(model.prepare, image, prompt, raw)
+        except BadImage as exc:
+            raise RequestError(400, str(exc)) from None
 
     @app.post("/api/generate")
     async def generate(request: Request):
@@ -1044,15 +800,16 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
             prompt = _field(body, "prompt", (str,), "string", "")
             images = [_b64_image(s) for s in _field(body, "images", (list,), "[]api.ImageData", [])]
             stream = _field(body, "stream", (bool,), "bool", True)
-            opts = _options(body)
+            raw = _field(body, "raw", (bool,), "bool", False)
+            settings = _settings(body, defaults)
             keep_alive = _keep_alive(body)
             if not prompt and not images:
                 inputs = None
             else:
-                inputs = await prepared(images[-1] if images else None, prompt)
+                inputs = await prepared(images[-1] if images else None, prompt, raw)
         except RequestError as exc:
             return err(exc.status, exc.message)
-        return await answer("response", name, inputs, opts, stream, keep_alive)
+        return await answer("response", name, inputs, settings, stream, keep_alive)
 
     @app.post("/api/chat")
     async def chat(request: Request):
@@ -1064,7 +821,7 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
             check_model(name)
             messages = _field(body, "messages", (list,), "[]api.Message", [])
             stream = _field(body, "stream", (bool,), "bool", True)
-            opts = _options(body)
+            settings = _settings(body, defaults)
             keep_alive = _keep_alive(body)
             prompt, images = "", []
             for m in messages:
@@ -1077,22 +834,22 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
             inputs = None if not messages else await prepared(images[-1] if images else None, prompt)
         except RequestError as exc:
             return err(exc.status, exc.message)
-        return await answer("message", name, inputs, opts, stream, keep_alive)
+        return await answer("message", name, inputs, settings, stream, keep_alive)
 
     # -- OpenAI compatibility ----------------------------------------------------------------
     def oai_model(name: str) -> dict:
         owner = name.split("/", 1)[0] if "/" in name else "library"
-        return {"id": name, "object": "model", "created": int(captioner.loaded_at.timestamp()), "owned_by": owner}
+        return {"id": name, "object": "model", "created": int(model.loaded_at.timestamp()), "owned_by": owner}
 
     @app.get("/v1/models")
     def v1_models():
         return {"object": "list", "data": [oai_model(served)]}
 
-    @app.get("/v1/models/{model:path}")
-    def v1_model(model: str):
-        if normalize_model_name(model) != served:
-            return oai_err(404, f"model '{normalize_model_name(model)}' not found")
-        return oai_model(model)
+    @app.get("/v1/models/{model_id:path}")
+    def v1_model(model_id: str):
+        if normalize_model_name(model_id) not in known:
+            return oai_err(404, f"model '{normalize_model_name(model_id)}' not found")
+        return oai_model(model_id)
 
     @app.post("/v1/chat/completions")
     async def v1_chat(request: Request):
@@ -1113,6 +870,12 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
                 max_tokens = _field(body, "max_completion_tokens", (int,), "int", None)
             temperature = _field(body, "temperature", (int, float), "float64", None)
             seed = _field(body, "seed", (int,), "int", None)
+            top_p = _field(body, "top_p", (int, float), "float64", None)
+            try:
+                settings = GenerationSettings.from_options(
+                    {"num_predict": max_tokens, "temperature": temperature, "seed": seed, "top_p": top_p}, defaults)
+            except ValueError as exc:
+                raise RequestError(400, str(exc)) from None
             prompt, images = "", []
             for m in messages:
                 if not isinstance(m, dict):
@@ -1151,7 +914,7 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
             return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.eval_count,
                     "total_tokens": res.prompt_tokens + res.eval_count}
 
-        job = scheduler.new_job(inputs, (max_tokens, temperature, seed), stream=stream)
+        job = scheduler.new_job(inputs, settings, stream=stream)
         try:
             scheduler.submit(job)
             if stream:
@@ -1179,7 +942,7 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
         def events() -> Iterator[bytes]:
             first = True
             try:
-                for piece in job.streamer:
+                for piece in job.stream:
                     if first:
                         piece = piece.lstrip()
                     if not piece:
@@ -1207,11 +970,89 @@ def create_app(captioner: BlipCaptioner, *, max_batch: int = DEFAULT_MAX_BATCH,
             yield b"data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    # -- Cloudflare Workers AI schema ------------------------------------------------------------
+    def cf_envelope(status: int, result: Any = None, code: int = 0, message: str = "",
+                    exc: Exception | None = None) -> JSONResponse:
+        ok = status == 200
+        return JSONResponse({"result": result if ok else None, "success": ok,
+                             "errors": [] if ok else [{"code": code, "message": message}], "messages": []},
+                            status_code=status, headers=headers_of(exc))
+
+    async def workers_ai(model_id: str, request: Request):
+        """``@cf/llava-hf/llava-1.5-7b-hf``'s schema: ``image`` (the file's bytes as an array
+        of integers, as base64, or the whole request body when it is not JSON), ``prompt`` or
+        ``messages`` (exactly one), ``max_tokens`` (512), ``temperature``, ``top_p``, ``top_k``,
+        ``seed``, ``repetition_penalty``, ``raw`` → ``{"result": {"description"}, "success"}``;
+        errors in the v4 envelope (5006 bad input, 5007 no such model, 3040 busy, 3007 timeout)."""
+        if normalize_model_name(model_id) not in known:
+            return cf_envelope(400, code=5007, message=f"No such model {model_id} or task")
+        try:
+            raw_body = await request.body()
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type and content_type != "application/json" and not raw_body.lstrip().startswith(b"{"):
+                body, image = {"prompt": "Describe this image."}, raw_body   # a binary upload: the image itself
+            else:
+                try:
+                    body = json.loads(raw_body)
+                except (ValueError, UnicodeDecodeError):
+                    raise RequestError(400, "the request body is not JSON") from None
+                if not isinstance(body, dict):
+                    raise RequestError(400, "the request body is not a JSON object")
+                image = body.get("image")
+                if isinstance(image, list) and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                                   for v in image):
+                    image = bytes(image)
+                elif isinstance(image, str):
+                    try:
+                        image = base64.b64decode(image, validate=True)
+                    except (binascii.Error, ValueError):
+                        raise RequestError(400, "'image' is a string but not base64") from None
+                else:
+                    raise RequestError(400, "required properties at '/' are 'image' (an array of integers 0-255)")
+            if ("prompt" in body) == ("messages" in body):
+                raise RequestError(400, "exactly one of 'prompt' and 'messages' is required")
+            prompt = body.get("prompt")
+            if "messages" in body:
+                messages = body["messages"]
+                if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                    raise RequestError(400, "'messages' must be an array of {role, content} objects")
+                users = [m.get("content") for m in messages if m.get("role", "user") == "user"]
+                prompt = users[-1] if users else ""
+            if not isinstance(prompt, str):
+                raise RequestError(400, "'prompt' must be a string")
+            opts = {"num_predict": body.get("max_tokens", WORKERS_AI_MAX_TOKENS)}
+            for key in ("temperature", "top_p", "top_k", "seed", "repetition_penalty"):
+                opts[key] = body.get(key)
+            try:
+                settings = GenerationSettings.from_options(opts, defaults)
+            except ValueError as exc:
+                raise RequestError(400, str(exc)) from None
+            inputs = await prepared(image, prompt, bool(body.get("raw")), field_name="image")
+            job = scheduler.new_job(inputs, settings)
+            scheduler.submit(job)
+            res = await scheduler.wait_done(job)
+        except RequestError as exc:
+            code = {503: 3040, 504: 3007}.get(exc.status, 5006)
+            return cf_envelope(exc.status, code=code, message=f"{'Error: ' if code == 5006 else ''}{exc.message}",
+                               exc=exc)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("generation failed")
+            return cf_envelope(500, code=3043, message=f"Internal server error: {exc}")
+        return cf_envelope(200, {"description": res.text})
+
+    @app.post("/client/v4/accounts/{account_id}/ai/run/{model_id:path}")
+    async def workers_ai_account(account_id: str, model_id: str, request: Request):
+        return await workers_ai(model_id, request)
+
+    @app.post("/ai/run/{model_id:path}")
+    async def workers_ai_short(model_id: str, request: Request):
+        return await workers_ai(model_id, request)
+
     return app
 
 
-def _param_size(captioner: BlipCaptioner) -> str:
-    n = captioner.n_params
+def _param_size(model: VisionLanguageModel) -> str:
+    n = model.n_params
     if not n:
         return ""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -1248,18 +1089,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           log_level: str = "warning", status=sys.stderr, *, max_batch: int = DEFAULT_MAX_BATCH,
           batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_queue: int = DEFAULT_MAX_QUEUE,
-          request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, keep_alive: Any = DEFAULT_KEEP_ALIVE) -> None:
+          request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, keep_alive: Any = DEFAULT_KEEP_ALIVE,
+          options: dict | None = None) -> None:
     """Bind ``host:port`` (first, so a taken port fails fast), load the model, serve until stopped.
 
+    ``model``: alias, Hub id or ``save_pretrained`` directory (see :func:`.vlm.open_model`);
     ``max_batch``: most images in one batched ``generate``; ``batch_window_ms``: how long the
     worker waits for more requests to batch with the oldest one; ``max_queue``: waiting
     requests beyond which new ones get 503 + ``Retry-After`` (0: no limit);
     ``request_timeout_s``: limit on waiting plus generating, then 504 (0: none);
     ``keep_alive``: default idle time before the model is unloaded (``"5m"``, seconds, 0,
-    negative = never), overridden per request by Ollama's ``keep_alive``.
+    negative = never), overridden per request by Ollama's ``keep_alive``; ``options``: default
+    generation options (Ollama's names, e.g. ``{"num_beams": 5, "repeat_penalty": 1.2}``),
+    overridden per request.
 
     Raises:
-        ServeError: port taken, model not loadable, serve extra missing.
+        ServeError: port taken, model not loadable, serve extra missing, bad option.
     """
     try:
         import uvicorn
@@ -1269,17 +1114,27 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
         parse_keep_alive(keep_alive)
     except RequestError as exc:
         raise ServeError(f"--keep-alive {keep_alive}: {exc.message} (give e.g. 5m, 30s, 0 or -1)") from None
+    try:
+        defaults = GenerationSettings.from_options(options or {})
+    except ValueError as exc:
+        raise ServeError(f"--option: {exc}") from None
+    unknown = set(options or {}) - set(GenerationSettings.OPTION_NAMES)
+    if unknown:
+        raise ServeError(f"--option {sorted(unknown)[0]}: unknown (known: {', '.join(GenerationSettings.OPTION_NAMES)})")
     sock = bind_socket(host, port)
     try:
-        captioner = BlipCaptioner(model)
-        print(f"vision-host serve: loading {captioner.source} …", file=status, flush=True)
-        captioner.load()
-        app = create_app(captioner, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                         request_timeout_s=request_timeout_s, keep_alive=keep_alive)
+        try:
+            vlm = open_model(model)
+            print(f"vision-host serve: loading {vlm.source} ({vlm.family}) …", file=status, flush=True)
+            vlm.load()
+        except ModelLoadError as exc:
+            raise ServeError(str(exc)) from None
+        app = create_app(vlm, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                         request_timeout_s=request_timeout_s, keep_alive=keep_alive, options=defaults)
         shown = f"[{host}]" if ":" in host else host
-        print(f"vision-host serve: {normalize_model_name(captioner.name)} ({captioner.source}, {captioner.device}) "
-              f"loaded in {captioner.load_duration_ns / 1e9:.1f} s; Ollama API on http://{shown}:{port} "
-              f"(OpenAI API under /v1)", file=status, flush=True)
+        print(f"vision-host serve: {normalize_model_name(vlm.name)} ({vlm.source}, {vlm.family}, {vlm.device}) "
+              f"loaded in {vlm.load_duration_ns / 1e9:.1f} s; Ollama API on http://{shown}:{port} "
+              f"(OpenAI API under /v1, Workers AI under /ai/run)", file=status, flush=True)
         config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug"),
                                 timeout_graceful_shutdown=2)
         uvicorn.Server(config).run(sockets=[sock])

@@ -326,6 +326,10 @@ var reply_open = false;
 var request_started_us: u64 = 0;
 /// HTTP status of the current reply, 0 until known.
 var reply_status: u16 = 0;
+/// A complete reply's connection is kept until this time (µs) so that the server can end it
+/// itself (`[DONE]`, the end of the body) and the request counts as finished, not cancelled.
+var drain_until_us: u64 = 0;
+const drain_grace_us: u64 = std.time.us_per_s;
 /// When the last request was started or attempted (µs), null before the first.
 var last_start_us: ?u64 = null;
 /// No request starts before this time (µs); connection-failure backoff.
@@ -461,6 +465,7 @@ fn pollRequest(id: u32, now: u64) void {
         backoff_s = 0; // the server answered
         retry_at_us = 0;
     }
+    const was_open = reply_open;
     if (reply_open) {
         if (reply_status == 200 and cfg.api != .@"workers-ai") {
             var it = lines.feed(progress.body);
@@ -473,13 +478,15 @@ fn pollRequest(id: u32, now: u64) void {
         }
         if (reply_open and progress.done) finishReply();
     }
-    // A reply that ended early (complete, malformed, error line): drop the connection.
-    if (!reply_open and request_id != null) {
+    // A reply that ended early (complete, malformed, error line): drop the connection; a
+    // complete one after a short grace in which the server normally ends it.
+    if (was_open and !reply_open and health == .ok) drain_until_us = now + drain_grace_us;
+    if (!reply_open and request_id != null and (health != .ok or now >= drain_until_us)) {
         vh.fetch.cancel(request_id.?);
         request_id = null;
     }
     if (request_id) |still| {
-        if (now -| request_started_us > cfg.timeout_ms * std.time.us_per_ms) {
+        if (reply_open and now -| request_started_us > cfg.timeout_ms * std.time.us_per_ms) {
             vh.fetch.cancel(still);
             request_id = null;
             reply_open = false;
