@@ -631,6 +631,16 @@ def load_error(source: str, local: bool, exc: Exception) -> str:
         return (f"cannot load model from {source}: {first} (the directory must hold a BLIP, BLIP-2 or LLaVA model "
                 f"and its processor, saved with save_pretrained)")
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    try:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:
+        GatedRepoError = RepositoryNotFoundError = ()
+    if isinstance(exc, GatedRepoError):   # a subclass of RepositoryNotFoundError: test it first
+        return (f"cannot load model {source}: it is a gated repository on the Hugging Face Hub; accept its terms on "
+                f"its page and set HF_TOKEN (or run `hf auth login`)")
+    if isinstance(exc, RepositoryNotFoundError):
+        return (f"cannot load model {source}: the Hugging Face Hub has no repository {source} (check the id; for a "
+                f"private repository set HF_TOKEN), or pass --model DIR with a directory saved with save_pretrained")
     why = ("the Hugging Face Hub is off (HF_HUB_OFFLINE=1)" if hub_offline()
            else f"it could not be downloaded ({first})")
     return (f"cannot load model {source}: its weights are not in the local Hugging Face cache ({cache}) and {why}. "
