@@ -192,3 +192,66 @@ def test_list_flags_a_processor_importing_what_the_host_lacks(tmp_path):
 def test_models_dir_must_exist(tmp_path):
     result = _run_cli("run", "-p", "hello", "-s", str(SAMPLE_CLIP), "--models-dir", str(tmp_path / "nope"))
     assert result.returncode == 2 and "--models-dir" in result.stderr and "is not a directory" in result.stderr
+
+
+@pytest.mark.parametrize("ext", [".vtt", ".srt", ".jsonl"])
+def test_the_caption_track_holds_every_completed_caption(tmp_path, capsys, ext):
+    """--captions on real footage: one cue per completed caption, readable by real subtitle readers."""
+    server = OllamaStandin(latency_s=0.3, reply=lambda prompt, jpeg: f"caption {len(server.requests)}")
+    track, stats_path = tmp_path / "out" / f"track{ext}", tmp_path / "stats.json"
+    try:
+        rc = main(["run", "-p", "ollama", "-s", str(SAMPLE_CLIP), "--max-frames", "150", "-o", "file",
+                   "-d", str(tmp_path / "a.mp4"), "--stats", str(stats_path), "--captions", str(track),
+                   "-c", f"ollama-url={server.url}", "-c", "ollama-interval-ms=500", "-c", "ollama-model=llava"])
+    finally:
+        server.stop()
+    assert rc == 0, capsys.readouterr().err
+    completed = json.loads(stats_path.read_text())["captions"]["completed"]
+    assert completed >= 2
+    if ext == ".vtt":
+        import webvtt
+        def seconds(stamp: str) -> float:
+            h, m, sec = stamp.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        cues = [(seconds(c.start), seconds(c.end), c.text) for c in webvtt.read(str(track))]
+    elif ext == ".srt":
+        import pysrt
+        cues = [(c.start.ordinal / 1000, c.end.ordinal / 1000, c.text) for c in pysrt.open(str(track))]
+    else:
+        records = [json.loads(line) for line in track.read_text().splitlines()]
+        assert {r["model"] for r in records if r["event"] == "caption"} == {"llava"}
+        assert all(r["latency_ms"] >= 300 and r["source"].endswith("bottle-detection.mp4") for r in records
+                   if r["event"] == "caption")
+        cues = [(r["stream_time_s"], None, r["text"]) for r in records if r["event"] == "caption"]
+    assert len(cues) == completed
+    assert all(text.startswith("caption ") for _, _, text in cues)
+    starts = [start for start, _, _ in cues]
+    assert starts == sorted(starts) and 0 < starts[0] < 150 / 29.83
+    assert all(end is None or end > start for start, end, _ in cues)
+
+
+def test_captions_muxed_as_a_subtitle_stream_in_h264_segments(tmp_path, capsys):
+    """--subtitles with --segment-seconds: H.264 files, each with a mov_text stream ffprobe sees."""
+    pytest.importorskip("av")
+    import shutil
+    if shutil.which("ffprobe") is None:
+        pytest.skip("ffprobe (Debian's ffmpeg) is not installed")
+    server = OllamaStandin(latency_s=0.2)
+    try:
+        rc = main(["run", "-p", "ollama", "-s", str(SAMPLE_CLIP), "--max-frames", "180", "-o", "file",
+                   "-d", str(tmp_path / "rec.mp4"), "--subtitles", "--segment-seconds", "3",
+                   "--captions", str(tmp_path / "track.srt"), "-c", f"ollama-url={server.url}",
+                   "-c", "ollama-interval-ms=400"])
+    finally:
+        server.stop()
+    assert rc == 0, capsys.readouterr().err
+    files = sorted(tmp_path.glob("rec-*.mp4"))
+    assert [f.name for f in files] == ["rec-000.mp4", "rec-001.mp4"]
+    kinds = []
+    for f in files:
+        probe = json.loads(subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(f)],
+                                          capture_output=True, text=True, check=True).stdout)
+        kinds.append(sorted((s["codec_type"], s["codec_name"]) for s in probe["streams"]))
+    assert all(k == [("subtitle", "mov_text"), ("video", "h264")] for k in kinds), kinds
+    import pysrt
+    assert len(pysrt.open(str(tmp_path / "track.srt"))) >= 2

@@ -84,7 +84,8 @@ def parse_config_pairs(pairs: list[str], where: str = "-c") -> dict[str, str]:
 
 
 _FILE_KEYS = {
-    "main": {"source", "output", "destination", "logging", "stats", "max-frames", "pace", "capture", "cuda-enable"},
+    "main": {"source", "output", "destination", "logging", "stats", "max-frames", "pace", "capture", "cuda-enable",
+             "rtsp-transport", "captions", "codec", "segment-seconds", "subtitles", "source-retries", "source-timeout-s", "camera-size", "camera-fps", "camera-fourcc"},
     "processing": {"pipeline", "directory", "configuration", "download"},
     "sandbox": {"allow", "processor-timeout-ms", "memory-limit-mb"},
     "models": {"directory", "downloads"},
@@ -167,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", choices=["mjpeg", "file", "display"], help="where frames go (default mjpeg)")
     run.add_argument("-d", "--destination", help="mjpeg: [HOST]:PORT (default :8080 on 127.0.0.1); file: a path")
     run.add_argument("--stats", metavar="FILE", help="write a JSON summary of the run to FILE")
+    run.add_argument("--codec", choices=["h264", "mp4v"],
+                     help="-o file: H.264 through PyAV (default when installed) or OpenCV's mp4v")
+    run.add_argument("--segment-seconds", type=float, metavar="S",
+                     help="-o file: start a new file every S seconds of video (out-000.mp4, out-001.mp4, …)")
+    run.add_argument("--subtitles", action="store_true", default=None,
+                     help="-o file: mux the captions into the video as a subtitle stream (mov_text in .mp4, "
+                          "SubRip in .mkv)")
+    run.add_argument("--captions", metavar="FILE",
+                     help="write every completed caption to FILE as it happens: .vtt (WebVTT), .srt (SubRip) or "
+                          ".jsonl (JSON Lines with times, frame, source, model, latency)")
     run.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
     run.add_argument("--no-pace", dest="pace", action="store_false", default=None,
                      help="read files as fast as possible instead of at their frame rate")
@@ -181,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models-dir", metavar="DIR",
                      help="directory of model files processors may load by name (dnn, face detectors)")
     run.add_argument("--no-cache", action="store_true", help="do not use the compiled-module cache")
+    live = run.add_argument_group("live sources (cameras, rtsp://, http(s):// MJPEG or HLS)")
+    live.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (default tcp)")
+    live.add_argument("--source-retries", type=int, metavar="N",
+                      help="attempts to open, and to reopen after a drop, before giving up (default 5, 0 = forever)")
+    live.add_argument("--source-timeout-s", type=float, metavar="S",
+                      help="a stream sending no frame this long is reopened (default 5)")
+    live.add_argument("--camera-size", metavar="WxH", help="ask the webcam for this frame size, e.g. 1280x720")
+    live.add_argument("--camera-fps", type=float, metavar="FPS", help="ask the webcam for this frame rate")
+    live.add_argument("--camera-fourcc", metavar="CODE", help="ask the webcam for this pixel format, e.g. MJPG")
 
     lst = sub.add_parser("list", help="list the processors found, checking their imports")
     lst.add_argument("--processors-dir", metavar="DIR")
@@ -219,14 +239,18 @@ def _settings(args: argparse.Namespace) -> dict:
     config = dict(settings.pop("config"))
     config.update(parse_config_pairs(args.config))
     for key in ("processor", "source", "output", "destination", "stats", "max_frames", "pace", "logging",
-                "processors_dir", "processor_timeout_ms", "memory_limit_mb", "models_dir"):
+                "processors_dir", "processor_timeout_ms", "memory_limit_mb", "models_dir", "rtsp_transport",
+                "captions", "codec", "segment_seconds", "subtitles", "source_retries", "source_timeout_s", "camera_size", "camera_fps", "camera_fourcc"):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
     allow = list(settings.get("allow", [])) + list(args.allow)
     settings["allow"] = allow
     if "ollama-url" not in config:
-        config["ollama-url"] = ollama_host_url(os.environ.get("OLLAMA_HOST")) or DEFAULT_OLLAMA_URL
+        configured = ollama_host_url(os.environ.get("OLLAMA_HOST"))
+        config["ollama-url"] = configured or DEFAULT_OLLAMA_URL
+        if not configured and "ollama" in (settings.get("processor") or []) and _embedded_fallback(config):
+            config["ollama-url"] = EMBEDDED
     settings["config"] = config
     settings.setdefault("source", "0")
     settings.setdefault("output", "mjpeg")
@@ -264,6 +288,30 @@ def ollama_host_url(value: str | None) -> str | None:
 
 EMBEDDED = "embedded"
 DEFAULT_EMBEDDED_MODEL = "blip"
+
+
+def _embedded_fallback(config: dict) -> bool:
+    """No Ollama configured: use the embedded server when nothing answers on Ollama's default
+    port, the serve extra is installed and ``ollama-model`` (if given) is one it can serve
+    (an alias or a directory; an Ollama model name means the user expects Ollama)."""
+    import importlib.util
+    import socket
+
+    model = config.get("ollama-model")
+    if model:
+        from .vlm import MODEL_ALIASES
+        if model.strip().lower() not in MODEL_ALIASES and not Path(model).expanduser().is_dir():
+            return False
+    if not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "fastapi", "uvicorn")):
+        return False
+    try:
+        with socket.create_connection(("127.0.0.1", 11434), timeout=0.2):
+            return False   # something (Ollama) listens there
+    except OSError:
+        pass
+    print("vision-host: no Ollama configured (ollama-url, OLLAMA_HOST) or running on localhost:11434: "
+          "using the embedded vision server (ollama-url=embedded)", file=sys.stderr)
+    return True
 
 
 class EmbeddedServer:
@@ -342,11 +390,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             embedded.stop()
 
 
+def _live_options(settings: dict):
+    """:class:`.sources.LiveOptions` from the run settings. Raises UsageError for bad values."""
+    from .sources import LiveOptions
+
+    opts = LiveOptions()
+    if settings.get("rtsp_transport"):
+        if settings["rtsp_transport"] not in ("tcp", "udp"):
+            raise UsageError(f"rtsp-transport {settings['rtsp_transport']!r}: use tcp or udp")
+        opts.rtsp_transport = settings["rtsp_transport"]
+    if settings.get("source_retries") is not None:
+        if int(settings["source_retries"]) < 0:
+            raise UsageError("--source-retries must be 0 (forever) or more")
+        opts.retries = int(settings["source_retries"])
+    if settings.get("source_timeout_s") is not None:
+        if float(settings["source_timeout_s"]) <= 0:
+            raise UsageError("--source-timeout-s must be more than 0")
+        opts.stall_timeout_s = float(settings["source_timeout_s"])
+    if settings.get("camera_size"):
+        w, sep, h = str(settings["camera_size"]).lower().partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise UsageError(f"--camera-size {settings['camera_size']!r}: give WIDTHxHEIGHT, e.g. 1280x720")
+        opts.width, opts.height = int(w), int(h)
+    if settings.get("camera_fps"):
+        opts.fps = float(settings["camera_fps"])
+    if settings.get("camera_fourcc"):
+        if len(str(settings["camera_fourcc"])) != 4:
+            raise UsageError(f"--camera-fourcc {settings['camera_fourcc']!r}: give four characters, e.g. MJPG")
+        opts.fourcc = str(settings["camera_fourcc"])
+    return opts
+
+
 def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     from .outputs import OutputError, make_output
     from .pipeline import Pipeline, format_summary, write_stats
     from .runtime import NetworkPolicy, ProcessorLoadError, Runtime, SandboxLimits, default_cache_dir
     from .runtime.fetch import PolicyError
+    from .captions import CaptionTrackError, SubtitleStreamTrack, open_track
     from .sources import SourceError, open_source
 
     paths = [(spec, resolve_processor(spec, settings.get("processors_dir"))) for spec in settings["processor"]]
@@ -363,21 +443,35 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     log.info("processors may reach: %s", ", ".join(sorted(policy.allowed)) or "nothing")
     runtime = Runtime(config, policy, limits, None if args.no_cache else default_cache_dir(),
                       models_dir=settings.get("models_dir"))
-    source = output = None
-    processors = []
+    source = output = track = None
+    processors, tracks = [], []
     try:
         try:
             for spec, path in paths:
                 processors.append(runtime.load(path, Path(path).stem))
-            source = open_source(settings["source"], pace=bool(settings["pace"]))
-            output = make_output(settings["output"], settings.get("destination"))
+            source = open_source(settings["source"], pace=bool(settings["pace"]), live_options=_live_options(settings))
+            if settings["output"] != "file" and (settings.get("segment_seconds") or settings.get("subtitles")):
+                raise UsageError("--segment-seconds and --subtitles apply to -o file only")
+            output = make_output(settings["output"], settings.get("destination"), codec=settings.get("codec"),
+                                 segment_seconds=settings.get("segment_seconds"),
+                                 subtitles=bool(settings.get("subtitles")))
             output.open(source.width, source.height, source.fps)
-        except (ProcessorLoadError, SourceError, OutputError) as exc:
+            if settings.get("captions"):
+                track = open_track(settings["captions"])
+                tracks.append(track)
+            if settings.get("subtitles"):
+                tracks.append(SubtitleStreamTrack(output.add_subtitle))
+        except (ProcessorLoadError, SourceError, OutputError, CaptionTrackError) as exc:
             print(f"vision-host: {exc}", file=sys.stderr)
             return 1
-        print(f"vision-host: {source.describe()} → {' → '.join(p.name for p in processors)} → {output.describe()}",
-              file=sys.stderr)
-        pipeline = Pipeline(source, processors, [output], runtime, status=sys.stderr)
+        except OSError as exc:
+            print(f"vision-host: cannot write the caption track {settings['captions']}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
+        print(f"vision-host: {source.describe()} → {' → '.join(p.name for p in processors)} → {output.describe()}"
+              + (f" (captions → {track.path})" if track is not None else ""), file=sys.stderr)
+        pipeline = Pipeline(source, processors, [output], runtime, status=sys.stderr, captions=tracks,
+                            model=config.get("ollama-model"))
 
         def on_signal(signum, frame):
             pipeline.stop()
@@ -391,6 +485,8 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     finally:
         for p in processors:
             p.close()
+        for t in tracks:
+            t.close()
         if output is not None:
             output.close()
         if source is not None:

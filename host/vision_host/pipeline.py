@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+import cv2
 import numpy as np
 
+from .captions import CaptionEvent, CaptionTrack
 from .outputs import Output
 from .runtime import Processor, Runtime
 from .sources import Source
@@ -46,10 +48,15 @@ class Pipeline:
         outputs: every output gets every frame leaving the chain.
         runtime: the runtime the processors belong to (for caption statistics).
         status: stream for the one-line status (None or not a terminal: silent).
+        captions: caption tracks (files, a recording's subtitle stream) getting every completed caption (``captions/caption`` in the
+            processor store) and the source's reconnections; its times are the output video's
+            (frames written / the source's fps), so outages take no time in it.
+        model: the model named in the caption track (e.g. the ``ollama-model`` config value).
     """
 
     def __init__(self, source: Source, processors: list[Processor], outputs: list[Output],
-                 runtime: Runtime, status: TextIO | None = None):
+                 runtime: Runtime, status: TextIO | None = None, captions: list[CaptionTrack] | None = None,
+                 model: str | None = None):
         self.source = source
         self.processors = processors
         self.outputs = outputs
@@ -64,6 +71,15 @@ class Pipeline:
         self._last_out: float | None = None
         self._status_due = 0.0
         self.rss_start = rss_bytes()
+        self.captions = list(captions or [])
+        self.model = model
+        self._store_version = runtime.processor_store.version
+        self._last_caption: str | None = None
+        self._captions_completed = 0
+        self._in_gap = False
+        self._last_frame: np.ndarray | None = None
+        self._gap_frame: np.ndarray | None = None
+        self._gap_shown = 0.0
 
     def stop(self) -> None:
         """Ask the loop to finish after the current frame (thread-safe)."""
@@ -81,7 +97,15 @@ class Pipeline:
                     break
                 frame = self.source.read()
                 if frame is None:
-                    break
+                    if self.source.ended or not self.source.live:
+                        break
+                    self._show_gap()   # reconnecting: tell the viewers, keep processors and outputs
+                    continue
+                if self._in_gap:
+                    self._in_gap = False
+                    self._gap_frame = None
+                    for track in self.captions:
+                        track.resume(self.frames_out / self.source.fps)
                 self.frames_in += 1
                 self.runtime.next_frame()
                 for processor in self.processors:
@@ -92,7 +116,12 @@ class Pipeline:
                 self._last_out = now
                 for output in self.outputs:
                     output.write(frame)
+                self._last_frame = frame
                 self.frames_out += 1
+                if self.runtime.processor_store.version != self._store_version:
+                    self._caption_check()
+                for track in self.captions:
+                    track.tick(self.frames_out / self.source.fps)
                 if any(getattr(o, "closed", False) for o in self.outputs):
                     break
                 if self.status is not None and now >= self._status_due:
@@ -100,16 +129,62 @@ class Pipeline:
                     self._print_status(now)
         finally:
             self.ended = time.perf_counter()
+            for track in self.captions:
+                track.close(self.frames_out / self.source.fps)
             if self.status is not None:
                 self.status.write("\r\x1b[2K")
                 self.status.flush()
         return self.summary()
+
+    def _caption_check(self) -> None:
+        """The processor store changed: a new ``captions/caption`` goes to the caption track."""
+        self._store_version = self.runtime.processor_store.version
+        text = self.runtime.processor_store.get("captions", "caption")
+        fs = self.runtime.fetch_stats
+        if text is None or (text == self._last_caption and fs.completed == self._captions_completed):
+            return
+        self._last_caption, self._captions_completed = text, fs.completed
+        event = CaptionEvent(text=text, stream_time_s=self.frames_out / self.source.fps, wall_time=time.time(),
+                             frame_index=self.frames_out - 1, source=self.source.describe().split(" (")[0],
+                             model=self.model, latency_ms=fs.last_latency_ms)
+        for track in self.captions:
+            track.add(event)
+
+    def _show_gap(self) -> None:
+        """While a live source reconnects: the last frame with a "reconnecting" band, to the
+        live outputs (MJPEG, window) twice a second; files get nothing (no frame is invented)."""
+        from .outputs import DisplayOutput, MjpegOutput
+
+        now = time.perf_counter()
+        if not self._in_gap:
+            self._in_gap = True
+            for track in self.captions:
+                track.gap(self.frames_out / self.source.fps, self.source.state)
+        if self.status is not None and now >= self._status_due:
+            self._status_due = now + 0.5
+            self._print_status(now)
+        if self._last_frame is None or now - self._gap_shown < 0.5:
+            return
+        self._gap_shown = now
+        if self._gap_frame is None:
+            self._gap_frame = self._last_frame.copy()
+            h, w = self._gap_frame.shape[:2]
+            band = max(24, h // 12)
+            cv2.rectangle(self._gap_frame, (0, 0), (w, band), (0, 0, 160), -1)
+            text = f"reconnecting to {self.source.describe().split(' (')[0]} ..."
+            cv2.putText(self._gap_frame, text, (8, int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX,
+                        band / 40, (255, 255, 255), max(1, band // 20), cv2.LINE_AA)
+        for output in self.outputs:
+            if isinstance(output, (MjpegOutput, DisplayOutput)):
+                output.write(self._gap_frame)
 
     def _print_status(self, now: float) -> None:
         elapsed = max(now - self.started, 1e-9)
         fs = self.runtime.fetch_stats
         parts = [f"{self.frames_out / elapsed:5.1f} fps", f"{self.frames_out} frames",
                  f"{fs.completed} captions"]
+        if self.source.state != "live":
+            parts.insert(0, self.source.state.upper())
         if fs.last_latency_ms is not None:
             parts.append(f"last caption {fs.last_latency_ms / 1000:.1f} s")
         errors = [f"{p.name}: {p.last_error}" for p in self.processors if p.last_error]
@@ -125,6 +200,8 @@ class Pipeline:
         """Statistics of the run so far.
 
         Keys: ``frames_in``, ``frames_out``, ``frames_dropped`` (live sources), ``duration_s``,
+        ``reconnects``, ``source_state`` (live sources: how often the stream came back, and
+        ``live``/``reconnecting``/``ended``), ``reconnect_gaps_s`` (how long each reconnection took),
         ``fps``, ``max_frame_gap_ms`` (largest wall-clock gap between consecutive frames
         leaving the chain), ``processors`` (per name: ``calls``, ``mean_us``, ``p99_us``,
         ``errors``, ``disabled``, ``memory_bytes``), ``captions`` (``started``, ``completed``,
@@ -146,6 +223,10 @@ class Pipeline:
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "frames_dropped": self.source.frames_dropped,
+            "reconnects": self.source.reconnects,
+            "source_state": self.source.state,
+            "reconnect_gaps_s": [round((end or time.monotonic()) - start, 3)
+                                 for start, end in getattr(self.source, "gaps", [])],
             "duration_s": round(duration, 3),
             "fps": round(self.frames_out / duration, 2) if duration else 0.0,
             "max_frame_gap_ms": round(self.max_gap_s * 1000, 1),

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -42,8 +44,15 @@ class Source:
     fps = 30.0
     live = False
     frames_dropped = 0
+    #: "live", "connecting", "reconnecting" or "ended" (live sources change it as they go).
+    state = "live"
+    #: True once :meth:`read` will never return a frame again.
+    ended = False
+    reconnects = 0
 
     def read(self) -> np.ndarray | None:
+        """The next frame (H×W×3 uint8 BGR), or None: at the end (then :attr:`ended` is True),
+        or, for a live source, no frame right now (reconnecting)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -90,6 +99,7 @@ class FileSource(Source):
         else:
             ok, frame = self._cap.read(self._buffer)
             if not ok:
+                self.ended = True
                 return None
         if self._pace:
             now = time.perf_counter()
@@ -108,70 +118,188 @@ class FileSource(Source):
         return f"file {self.path} ({self.width}×{self.height} @ {self.fps:g} fps)"
 
 
+@dataclass
+class LiveOptions:
+    """How live sources are opened and kept alive.
+
+    ``rtsp_transport``: ``"tcp"`` (default: survives lossy links and firewalls) or ``"udp"``;
+    ``open_timeout_s`` / ``stall_timeout_s``: an open, or a stream sending no frame, giving up
+    after this long (s); ``retries``: attempts to open, and to reopen after a drop, before the
+    source fails (0 = forever); ``backoff_s`` … ``backoff_max_s``: the wait between attempts,
+    doubling each time, with ±``jitter`` (a fraction) so many cameras do not retry in step;
+    ``width``, ``height``, ``fps``, ``fourcc``: asked of a webcam (0 / "" = its default).
+    """
+
+    rtsp_transport: str = "tcp"
+    open_timeout_s: float = 10.0
+    stall_timeout_s: float = 5.0
+    retries: int = 5
+    backoff_s: float = 0.5
+    backoff_max_s: float = 10.0
+    jitter: float = 0.25
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    fourcc: str = ""
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt`` (1-based) of a reopen."""
+        base = min(self.backoff_max_s, self.backoff_s * 2 ** max(0, attempt - 1))
+        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+#: OpenCV reads FFmpeg's capture options from this variable at each open (``key;value|…``).
+_FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_OPEN_LOCK = threading.Lock()
+
+
 class LiveSource(Source):
-    """A camera or network stream read on a background thread keeping the newest frame.
+    """A camera or network stream read on a background thread keeping only the newest frame.
+
+    A stream that drops, stalls past ``stall_timeout_s`` or ends is reopened with backoff and
+    jitter (:class:`LiveOptions`); meanwhile :attr:`state` is ``"reconnecting"`` and
+    :meth:`read` returns None while :attr:`ended` stays False. After ``retries`` failed
+    attempts in a row (0 = never) the source ends with :attr:`last_error` saying why.
 
     Args:
-        spec: camera index ("0"), device path ("/dev/video0") or stream URL.
-        read_timeout_s: ``read()`` returns None when no frame arrives for this long.
+        spec: camera index ("0"), device path ("/dev/video0") or stream URL (rtsp://, http(s)://
+            MJPEG or HLS, rtmp://, udp://, tcp://).
+        options: see :class:`LiveOptions`.
     Raises:
-        SourceError: the camera or stream cannot be opened.
+        SourceError: the camera or stream cannot be opened within ``retries`` attempts.
     """
 
     live = True
 
-    def __init__(self, spec: str, read_timeout_s: float = 10.0, open_timeout_s: float = 10.0):
+    def __init__(self, spec: str, options: LiveOptions | None = None):
         self.spec = spec
-        self.read_timeout_s = read_timeout_s
-        if spec.isdigit():
-            self._cap = cv2.VideoCapture(int(spec))
-            what = f"no camera at index {spec}"
-        elif spec.lower().startswith(STREAM_SCHEMES):
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
-                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000)]
-            self._cap = cv2.VideoCapture(spec, cv2.CAP_FFMPEG, params)
-            what = f"cannot open stream {spec}"
-        else:
-            self._cap = cv2.VideoCapture(spec)
-            what = f"cannot open camera device {spec}"
-        ok, first = self._cap.read() if self._cap.isOpened() else (False, None)
-        if not ok:
-            self._cap.release()
-            if spec.isdigit():
-                raise SourceError(f"{what}: connect a camera, or read a video file with -s FILE "
-                                  f"or a network camera with -s rtsp://HOST/PATH")
-            raise SourceError(f"{what}: check the address, the credentials and that the camera is on")
+        self.options = options or LiveOptions()
+        self.state = "connecting"
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self.ended = False
+        self._cap = None
+        first = self._open_with_retries(initial=True)
+        if first is None:
+            raise SourceError(self.last_error or f"cannot open {spec}")
         self.height, self.width = first.shape[:2]
         self.fps = _fps_of(self._cap)
+        self.state = "live"
         self._latest: np.ndarray | None = first
-        self._seq = 1
-        self._taken = 0
-        self._ended = False
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._capture, name="vision-host-capture", daemon=True)
+        #: (start, end) of each reconnection in time.monotonic() seconds; end None while ongoing.
+        self.gaps: list[list] = []
+        self._thread = threading.Thread(target=self._capture, name=f"vision-host-capture {spec}", daemon=True)
         self._thread.start()
 
+    # -- opening ----------------------------------------------------------------------------------
+    def _open_once(self):
+        """One attempt: (capture, first frame) or (None, None) with :attr:`last_error` set."""
+        spec, opt = self.spec, self.options
+        if spec.isdigit() or not spec.lower().startswith(STREAM_SCHEMES):
+            cap = cv2.VideoCapture(int(spec) if spec.isdigit() else spec)
+            if opt.fourcc:
+                cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*opt.fourcc[:4].ljust(4)))
+            for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, opt.width), (cv2.CAP_PROP_FRAME_HEIGHT, opt.height),
+                                (cv2.CAP_PROP_FPS, opt.fps)):
+                if value:
+                    cap.set(prop, value)
+        else:
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(opt.open_timeout_s * 1000),
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(opt.stall_timeout_s * 1000)]
+            with _OPEN_LOCK:
+                saved = os.environ.get(_FFMPEG_OPTIONS_ENV)
+                if spec.lower().startswith(("rtsp://", "rtsps://")):
+                    os.environ[_FFMPEG_OPTIONS_ENV] = f"rtsp_transport;{opt.rtsp_transport}"
+                try:
+                    cap = cv2.VideoCapture(spec, cv2.CAP_FFMPEG, params)
+                finally:
+                    if saved is None:
+                        os.environ.pop(_FFMPEG_OPTIONS_ENV, None)
+                    else:
+                        os.environ[_FFMPEG_OPTIONS_ENV] = saved
+        ok, first = cap.read() if cap.isOpened() else (False, None)
+        if ok:
+            return cap, first
+        cap.release()
+        if spec.isdigit():
+            self.last_error = (f"no camera at index {spec}: connect a camera, or read a video file with -s FILE "
+                               f"or a network camera with -s rtsp://HOST/PATH")
+        elif spec.lower().startswith(STREAM_SCHEMES):
+            self.last_error = (f"cannot open stream {_redact(spec)}: check the address, the credentials and that "
+                               f"the camera is on")
+        else:
+            self.last_error = f"cannot open camera device {spec}: check that it exists and is not in use"
+        return None, None
+
+    def _open_with_retries(self, initial: bool) -> np.ndarray | None:
+        """Open (or reopen) until it works, ``retries`` attempts fail, or the source is closed."""
+        attempt = 0
+        while True:
+            attempt += 1
+            cap, first = self._open_once()
+            if cap is not None:
+                self._cap = cap
+                return first
+            retries = self.options.retries
+            if retries and attempt >= retries:
+                if retries > 1:
+                    self.last_error += f" (gave up after {attempt} attempts; set the number with --source-retries)"
+                return None
+            wait = self.options.backoff(attempt)
+            log.warning("%s; retrying in %.1f s (attempt %d%s)", self.last_error, wait, attempt + 1,
+                        f" of {retries}" if retries else "")
+            stop = getattr(self, "_stop", None)
+            if stop is not None:
+                if stop.wait(wait):
+                    return None
+            else:
+                time.sleep(wait)
+
+    # -- the capture thread ---------------------------------------------------------------------
     def _capture(self) -> None:
         while not self._stop.is_set():
             ok, frame = self._cap.read()
-            with self._cond:
-                if not ok:
-                    self._ended = True
+            if ok:
+                with self._cond:
+                    if self._latest is not None:
+                        self.frames_dropped += 1
+                    self._latest = frame
                     self._cond.notify_all()
-                    return
-                if self._latest is not None:
-                    self.frames_dropped += 1
-                self._latest = frame
-                self._seq += 1
+                continue
+            if self._stop.is_set():
+                return
+            # dropped, stalled past the read timeout, or ended: reopen
+            self._cap.release()
+            with self._cond:
+                self.state = "reconnecting"
+                self.gaps.append([time.monotonic(), None])
                 self._cond.notify_all()
+            log.warning("stream %s dropped or stalled: reconnecting", _redact(self.spec))
+            first = self._open_with_retries(initial=False)
+            with self._cond:
+                if first is None:
+                    self.ended = True
+                    self.state = "ended"
+                    self._cond.notify_all()
+                    if not self._stop.is_set():
+                        log.error("%s", self.last_error)
+                    return
+                self.reconnects += 1
+                self.state = "live"
+                self.gaps[-1][1] = time.monotonic()
+                self._latest = first
+                self._cond.notify_all()
+            log.warning("stream %s is back after %.1f s", _redact(self.spec), self.gaps[-1][1] - self.gaps[-1][0])
 
-    def read(self) -> np.ndarray | None:
+    def read(self, timeout_s: float = 0.5) -> np.ndarray | None:
+        """The newest frame (H×W×3 uint8 BGR), waiting up to ``timeout_s``; None when there is
+        none yet (reconnecting, or slower than asked) or the source has :attr:`ended`."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._latest is not None or self._ended or self._stop.is_set(),
-                                       timeout=self.read_timeout_s):
-                log.warning("no frame from %s for %g s", self.spec, self.read_timeout_s)
-                return None
+            if self._latest is None and not self.ended:
+                self._cond.wait_for(lambda: self._latest is not None or self.ended or self._stop.is_set(),
+                                    timeout=timeout_s)
             frame, self._latest = self._latest, None
             return frame
 
@@ -179,15 +307,27 @@ class LiveSource(Source):
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=5)
-        self._cap.release()
+        self._thread.join(timeout=self.options.open_timeout_s + 5)
+        if self._cap is not None:
+            self._cap.release()
 
     def describe(self) -> str:
-        return f"live {self.spec} ({self.width}×{self.height} @ {self.fps:g} fps)"
+        return f"live {_redact(self.spec)} ({self.width}×{self.height} @ {self.fps:g} fps)"
 
 
-def open_source(spec: str, pace: bool = True) -> Source:
-    """Open ``spec``: a camera index or device path, a video file, or a stream URL.
+def _redact(url: str) -> str:
+    """``url`` without a password (``rtsp://user:secret@host`` → ``rtsp://user:***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    creds, _, host = rest.partition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def open_source(spec: str, pace: bool = True, live_options: LiveOptions | None = None) -> Source:
+    """Open ``spec``: a camera index or device path, a video file, or a stream URL
+    (``live_options`` apply to cameras and streams).
 
     Raises:
         SourceError: with a sentence saying what to do.
@@ -199,5 +339,5 @@ def open_source(spec: str, pace: bool = True) -> Source:
         pass
     spec = str(spec).strip()
     if spec.isdigit() or spec.startswith("/dev/video") or spec.lower().startswith(STREAM_SCHEMES):
-        return LiveSource(spec)
+        return LiveSource(spec, live_options)
     return FileSource(spec, pace=pace)

@@ -49,6 +49,8 @@ class ProcessorStore:
     def __init__(self):
         self._data: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
+        #: Counts every change (set, delete): a reader polling once per frame compares it first.
+        self.version = 0
 
     def get(self, processor: str, key: str) -> str | None:
         """The value, or None when absent."""
@@ -59,16 +61,19 @@ class ProcessorStore:
         """Store ``value`` (overwriting)."""
         with self._lock:
             self._data.setdefault(processor, {})[key] = value
+            self.version += 1
 
     def delete(self, processor: str, key: str) -> None:
         """Remove one key; no error when absent."""
         with self._lock:
             self._data.get(processor, {}).pop(key, None)
+            self.version += 1
 
     def delete_all(self, processor: str) -> None:
         """Remove every key of ``processor``."""
         with self._lock:
             self._data.pop(processor, None)
+            self.version += 1
 
     def exists(self, processor: str) -> bool:
         """Whether ``processor`` has any key."""

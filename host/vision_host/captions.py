@@ -1,0 +1,321 @@
+"""Caption tracks written while the video runs: WebVTT, SubRip or JSON Lines.
+
+One thread (the frame loop) drives a track; it is not thread-safe. Per frame it calls
+``track.tick(stream_time_s)`` (O(1); touches the file only when a cue is due), ``track.add(event)``
+when a caption completed, ``track.gap(t, "reconnecting")`` / ``track.resume(t)`` around a source
+drop, and ``track.close(end_time_s)`` at the end. Everything written is flushed at once, so a
+crash loses nothing already on disk. WebVTT and SubRip hold one timeline: with several
+streams (``CaptionEvent.stream``), open one track per stream.
+
+Timing of WebVTT / SubRip cues (times in seconds of stream time, kept as whole ms):
+
+* caption k's cue starts when it completed and ends when caption k+1 completes, at a
+  :meth:`~CaptionTrack.gap`, at :meth:`~CaptionTrack.close`, or ``max_cue_s`` after its
+  start, whichever comes first; only one cue is ever pending.
+* every cue lasts at least ``min_cue_s``, and cues never overlap: a caption completing less
+  than ``min_cue_s`` after the previous one starts when that one's cue ends (delayed,
+  never dropped or merged). So no cue has zero or negative length.
+* a gap ends the pending cue; :meth:`~CaptionTrack.resume` (or the next caption, or
+  ``close``) then writes a ``[reason]`` cue covering the gap. JSON Lines records both ends.
+* a blank caption (nothing but whitespace) makes no cue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["CAPTION_FORMATS", "CaptionEvent", "CaptionTrack", "CaptionTrackError", "JsonLinesTrack",
+           "SrtTrack", "SubtitleStreamTrack", "VttTrack", "open_track"]
+
+
+class CaptionTrackError(ValueError):
+    """A caption track cannot be opened as asked (unknown extension, bad durations) or is closed."""
+
+
+@dataclass(frozen=True)
+class CaptionEvent:
+    """One completed caption.
+
+    Attributes:
+        text: the caption (may hold newlines; any characters).
+        stream_time_s: position in the video when it completed, seconds from the first frame.
+        wall_time: when it completed, seconds since the epoch (``time.time()``).
+        frame_index: index of the frame it completed on (0 = first frame).
+        source: the video source (``-s`` value).
+        model: the model that wrote it, if known.
+        latency_ms: request-to-completion time in ms, if known.
+        stream: which video stream (camera) it belongs to; 0 for a single source.
+    """
+
+    text: str
+    stream_time_s: float
+    wall_time: float
+    frame_index: int
+    source: str
+    model: str | None = None
+    latency_ms: float | None = None
+    stream: int = 0
+
+
+def _iso_utc(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+class CaptionTrack:
+    """Base of the track writers; build one with :func:`open_track`.
+
+    Args:
+        path: the file to write (truncated; missing parent folders are created).
+        max_cue_s: longest a caption cue stays on screen (WebVTT/SubRip), seconds.
+        min_cue_s: shortest cue (WebVTT/SubRip), seconds; at least 1 ms, at most ``max_cue_s``.
+
+    Attributes:
+        path: the file written.
+        cues_written: captions on disk so far (gap cues and records not counted).
+    """
+
+    def __init__(self, path: str | Path, *, max_cue_s: float = 10.0, min_cue_s: float = 1.0):
+        if not 0.001 <= min_cue_s <= max_cue_s:
+            raise CaptionTrackError(f"caption cue durations need 0.001 <= min_cue_s <= max_cue_s, "
+                                    f"got min_cue_s={min_cue_s}, max_cue_s={max_cue_s}")
+        self.path = Path(path)
+        self.max_cue_ms, self.min_cue_ms = _ms(max_cue_s), _ms(min_cue_s)
+        self.cues_written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", encoding="utf-8", newline="\n")
+        self._gap: tuple[int, str] | None = None  # (start ms, reason) of an open gap
+        self._write(self._header())
+
+    def _header(self) -> str:
+        return ""
+
+    def _write(self, text: str) -> None:
+        if text:
+            self._file.write(text)
+            self._file.flush()
+
+    def _check_open(self) -> None:
+        if self._file.closed:
+            raise CaptionTrackError(f"caption track {self.path} is closed")
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._file.closed
+
+    def add(self, event: CaptionEvent) -> None:
+        """Record a completed caption (an open gap ends at its time). Raises if closed."""
+        self._check_open()
+        if self._gap is not None:
+            self.resume(event.stream_time_s, event.wall_time)
+        self._caption(event)
+
+    def gap(self, stream_time_s: float, reason: str, wall_time: float | None = None) -> None:
+        """The video stops at ``stream_time_s``: the source dropped (``reason``: "reconnecting", …).
+
+        A second gap before :meth:`resume` is recorded in JSON Lines only.
+        """
+        self._check_open()
+        self._gap_started(_ms(stream_time_s), stream_time_s, reason, wall_time)
+        if self._gap is None:
+            self._gap = (_ms(stream_time_s), reason)
+
+    def resume(self, stream_time_s: float, wall_time: float | None = None) -> None:
+        """The video is back at ``stream_time_s`` after a :meth:`gap` (no-op without one)."""
+        self._check_open()
+        if self._gap is not None:
+            (start_ms, reason), self._gap = self._gap, None
+            self._gap_ended(start_ms, reason, stream_time_s, wall_time)
+
+    def tick(self, stream_time_s: float) -> None:
+        """Called every frame: writes the pending cue once it reached ``max_cue_s``. O(1)."""
+
+    def close(self, end_time_s: float | None = None) -> None:
+        """Write what is pending (ending at ``end_time_s``, the end of the video, if given) and close.
+
+        Idempotent. Without ``end_time_s`` a pending cue runs its full ``max_cue_s`` and an open
+        gap makes no cue; with it, an open gap's cue ends there (JSON Lines: just the end record).
+        """
+        if not self.closed:
+            try:
+                self._finish(end_time_s)
+            finally:
+                self._file.close()
+
+    def __enter__(self) -> CaptionTrack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # What each format writes.
+    def _caption(self, event: CaptionEvent) -> None: ...
+    def _gap_started(self, at_ms: int, stream_time_s: float, reason: str, wall_time: float | None) -> None: ...
+    def _gap_ended(self, start_ms: int, reason: str, stream_time_s: float, wall_time: float | None) -> None: ...
+    def _finish(self, end_time_s: float | None) -> None: ...
+
+
+class JsonLinesTrack(CaptionTrack):
+    """JSON Lines (https://jsonlines.org/): one UTF-8 JSON object per line, each written at once.
+
+    Captions: ``{"event": "caption", "stream_time_s", "wall_time"`` (ISO 8601 UTC with ms),
+    ``"wall_time_unix", "frame_index", "source", "model", "latency_ms", "stream", "text"}``.
+    Gaps: ``{"event": "gap", "stream_time_s", "wall_time", "wall_time_unix", "reason"}``, then
+    ``{"event": "resume", …, "reason", "gap_s"}``; ``close(end_time_s)`` adds ``{"event": "end", …}``.
+    """
+
+    def _record(self, event: str, stream_time_s: float, wall_time: float | None, **fields) -> None:
+        wall = time.time() if wall_time is None else wall_time
+        record = {"event": event, "stream_time_s": round(stream_time_s, 3), "wall_time": _iso_utc(wall),
+                  "wall_time_unix": round(wall, 3), **fields}
+        self._write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _caption(self, event: CaptionEvent) -> None:
+        latency = None if event.latency_ms is None else round(event.latency_ms, 1)
+        self._record("caption", event.stream_time_s, event.wall_time, frame_index=event.frame_index,
+                     source=event.source, model=event.model, latency_ms=latency, stream=event.stream,
+                     text=event.text)
+        self.cues_written += 1
+
+    def _gap_started(self, at_ms, stream_time_s, reason, wall_time) -> None:
+        self._record("gap", stream_time_s, wall_time, reason=reason)
+
+    def _gap_ended(self, start_ms, reason, stream_time_s, wall_time) -> None:
+        gap_s = max(0, _ms(stream_time_s) - start_ms) / 1000
+        self._record("resume", stream_time_s, wall_time, reason=reason, gap_s=gap_s)
+
+    def _finish(self, end_time_s: float | None) -> None:
+        if end_time_s is not None:
+            self._record("end", end_time_s, None)
+
+
+class _TimedTrack(CaptionTrack):
+    """Cue timing shared by WebVTT and SubRip (see the module docstring)."""
+
+    def __init__(self, path: str | Path, **durations):
+        super().__init__(path, **durations)
+        self._pending: tuple[int, str] | None = None  # (start ms, sanitized text)
+        self._due_s = float("inf")  # stream time at which the pending cue reaches max_cue_s
+        self._last_end_ms = 0
+        self._index = 0
+
+    def _sanitize(self, text: str) -> str:
+        """Cue text: no empty line, no control characters other than tab."""
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        clean = ("".join(c for c in line if c >= " " or c == "\t").strip() for line in lines)
+        return "\n".join(line for line in clean if line)
+
+    def _emit(self, start_ms: int, end_ms: int, text: str) -> None:
+        self._index += 1
+        self._last_end_ms = end_ms
+        self._write(self._cue(self._index, start_ms, end_ms, text))
+
+    def _finish_pending(self, until_ms: int | None) -> None:
+        if self._pending is None:
+            return
+        (start, text), self._pending, self._due_s = self._pending, None, float("inf")
+        end = start + self.max_cue_ms if until_ms is None else min(until_ms, start + self.max_cue_ms)
+        self._emit(start, max(end, start + self.min_cue_ms), text)
+        self.cues_written += 1
+
+    def _caption(self, event: CaptionEvent) -> None:
+        text = self._sanitize(event.text)
+        if text:
+            at_ms = _ms(event.stream_time_s)
+            self._finish_pending(at_ms)
+            start = max(at_ms, self._last_end_ms)
+            self._pending, self._due_s = (start, text), (start + self.max_cue_ms) / 1000
+
+    def tick(self, stream_time_s: float) -> None:
+        if stream_time_s >= self._due_s:
+            self._finish_pending(None)
+
+    def _gap_started(self, at_ms, stream_time_s, reason, wall_time) -> None:
+        if self._gap is None:
+            self._finish_pending(at_ms)
+
+    def _gap_ended(self, start_ms, reason, stream_time_s, wall_time) -> None:
+        start_ms, end_ms = max(start_ms, self._last_end_ms), _ms(stream_time_s)
+        if end_ms > start_ms:
+            self._emit(start_ms, end_ms, self._sanitize(f"[{reason}]") or "[gap]")
+
+    def _finish(self, end_time_s: float | None) -> None:
+        if self._gap is not None and end_time_s is not None:  # the video ended in the gap
+            (start_ms, reason), self._gap = self._gap, None
+            self._gap_ended(start_ms, reason, end_time_s, None)
+        self._finish_pending(None if end_time_s is None else _ms(end_time_s))
+
+
+def _timestamp(ms: int, separator: str) -> str:
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    seconds, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{seconds:02d}{separator}{ms:03d}"
+
+
+class VttTrack(_TimedTrack):
+    """WebVTT per the W3C spec (https://www.w3.org/TR/webvtt1/): ``WEBVTT`` header, cues
+    ``HH:MM:SS.mmm --> HH:MM:SS.mmm``, UTF-8, ``&``, ``<``, ``>`` escaped as character references
+    (so cue text never holds ``-->``)."""
+
+    def _header(self) -> str:
+        return "WEBVTT\n\n"
+
+    def _sanitize(self, text: str) -> str:
+        return super()._sanitize(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    def _cue(self, index: int, start_ms: int, end_ms: int, text: str) -> str:
+        return f"{_timestamp(start_ms, '.')} --> {_timestamp(end_ms, '.')}\n{text}\n\n"
+
+
+class SrtTrack(_TimedTrack):
+    """SubRip (.srt): cues numbered from 1, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, blank line between
+    cues, UTF-8. Text is written as it is but ``-->`` becomes ``->`` (SubRip has no escaping;
+    players may read ``<i>``-like tags)."""
+
+    def _sanitize(self, text: str) -> str:
+        return super()._sanitize(text).replace("-->", "->")
+
+    def _cue(self, index: int, start_ms: int, end_ms: int, text: str) -> str:
+        return f"{index}\n{_timestamp(start_ms, ',')} --> {_timestamp(end_ms, ',')}\n{text}\n\n"
+
+
+#: Extensions accepted by :func:`open_track` and their writers.
+CAPTION_FORMATS: dict[str, type[CaptionTrack]] = {".vtt": VttTrack, ".srt": SrtTrack, ".jsonl": JsonLinesTrack}
+
+
+def open_track(path: str | Path, *, max_cue_s: float = 10.0, min_cue_s: float = 1.0) -> CaptionTrack:
+    """Open a caption track at ``path``, its format chosen by the extension (case-insensitive).
+
+    Raises:
+        CaptionTrackError: the extension is not ``.vtt``, ``.srt`` or ``.jsonl``, or the
+            durations are invalid. OSError: the file cannot be created.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in CAPTION_FORMATS:
+        raise CaptionTrackError(f"cannot tell the caption format of {str(path)!r}: "
+                                f"name the file .vtt (WebVTT), .srt (SubRip) or .jsonl (JSON Lines)")
+    return CAPTION_FORMATS[suffix](path, max_cue_s=max_cue_s, min_cue_s=min_cue_s)
+
+
+class SubtitleStreamTrack(_TimedTrack):
+    """Cues timed as in :class:`VttTrack`, sent to a recording's subtitle stream instead of a
+    file: ``add_subtitle(start_s, end_s, text)`` (e.g. ``RecordingOutput.add_subtitle``)."""
+
+    def __init__(self, add_subtitle, *, max_cue_s: float = 10.0, min_cue_s: float = 1.0):
+        self._add_subtitle = add_subtitle
+        super().__init__(os.devnull, max_cue_s=max_cue_s, min_cue_s=min_cue_s)
+
+    def _emit(self, start_ms: int, end_ms: int, text: str) -> None:
+        self._index += 1
+        self._last_end_ms = end_ms
+        self._add_subtitle(start_ms / 1000, end_ms / 1000, text)
