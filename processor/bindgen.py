@@ -645,7 +645,7 @@ class Generator:
             names = enum_cases([n for n, _ in ty.cases])
             bits = c.disc.size * 8
             self.emit(f"pub const {zname} = extern struct {{", ind)
-            self.emit(f"tag: Tag,", ind + 1)
+            self.emit("tag: Tag,", ind + 1)
             payloads = [(n, t) for n, (_, t) in zip(names, ty.cases) if t is not None]
             if payloads:
                 self.emit("payload: extern union {", ind + 1)
@@ -676,7 +676,7 @@ class Generator:
         self.emit(f"pub const Error = error{{ {inner} }};" if len(errors) > 1 else f"pub const Error = error{{{inner}}};", ind)
         which = "`success` or an unknown value" if "success" in ty.cases else "An unknown value"
         self.emit(f"/// This case as an error; {which} (a host bug) gives error.{fallback}.", ind)
-        self.emit(f"pub fn toError(self: @This()) Error {{", ind)
+        self.emit("pub fn toError(self: @This()) Error {", ind)
         self.emit("return switch (self) {", ind + 1)
         for case, n in zip(ty.cases, names):
             if case != "success":
@@ -691,7 +691,7 @@ class Generator:
         self.emit(f"pub const {zname} = extern struct {{", ind)
         self.emit("handle: u32,", ind + 1)
         self.emit()
-        self.emit(f"/// Wraps a handle the guest was given (e.g. the frame passed to `process`).", ind + 1)
+        self.emit("/// Wraps a handle the guest was given (e.g. the frame passed to `process`).", ind + 1)
         self.emit(f"pub fn borrow(handle: u32) {zname} {{", ind + 1)
         self.emit("return .{ .handle = handle };", ind + 2)
         self.emit("}", ind + 1)

@@ -57,12 +57,13 @@ def tiny_blip(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def serve_process(model_dir: Path, log_path: Path, *args: str) -> Iterator[str]:
-    """``vision-host serve --model model_dir`` on a free port until the block ends: its base URL."""
+def serve_process(model: Path | str, log_path: Path, *args: str, env: dict | None = None) -> Iterator[str]:
+    """``vision-host serve --model model`` on a free port until the block ends: its base URL.
+    Its stdout and stderr go to ``log_path``; ``env`` defaults to :func:`_env`."""
     port = _free_port()
     log = open(log_path, "w+")
-    proc = subprocess.Popen(_serve_cmd("--model", str(model_dir), "--port", str(port), *args),
-                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    proc = subprocess.Popen(_serve_cmd("--model", str(model), "--port", str(port), *args),
+                            stdout=log, stderr=subprocess.STDOUT, env=env or _env())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

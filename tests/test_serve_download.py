@@ -27,7 +27,6 @@ from hf_hub_standin import HubStandin  # noqa: E402
 from tiny_models import WORDS, build_tiny_blip  # noqa: E402
 
 REPO_ID = "someone/tiny-blip"
-START_TIMEOUT_S = 60
 
 
 def _hub_env(tmp: Path, hub_url: str, offline: bool) -> dict:
@@ -44,36 +43,12 @@ def _hub_env(tmp: Path, hub_url: str, offline: bool) -> dict:
 def served(model: str, env: dict, log_dir: Path) -> Iterator[SimpleNamespace]:
     """``vision-host serve --model model`` with ``env`` on a free port until the block ends.
 
-    Yields a namespace with ``url`` and ``stderr()`` (what the server wrote to stderr so far).
+    Yields a namespace with ``url`` and ``stderr()`` (what the server wrote so far).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
-    port = test_serve._free_port()
-    out_path, err_path = log_dir / "stdout.log", log_dir / "stderr.log"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(test_serve._serve_cmd("--model", model, "--port", str(port)),
-                                stdout=out, stderr=err, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"vision-host serve exited with {proc.returncode}:\n{err_path.read_text()}")
-                try:
-                    if requests.get(url + "/", timeout=1).text == "Ollama is running":
-                        break
-                except (requests.ConnectionError, requests.Timeout):   # bound before the model is loaded
-                    pass
-                assert time.monotonic() < deadline, \
-                    f"vision-host serve did not start within {START_TIMEOUT_S} s:\n{err_path.read_text()}"
-                time.sleep(0.2)
-            yield SimpleNamespace(url=url, stderr=err_path.read_text)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    log = log_dir / "serve.log"
+    with test_serve.serve_process(model, log, env=env) as url:
+        yield SimpleNamespace(url=url, stderr=log.read_text)
 
 
 def _frame_jpeg() -> bytes:

@@ -170,8 +170,12 @@ class JsonLinesTrack(CaptionTrack):
     Captions: ``{"event": "caption", "stream_time_s", "wall_time"`` (ISO 8601 UTC with ms),
     ``"wall_time_unix", "frame_index", "source", "model", "latency_ms", "stream", "text"}``.
     Gaps: ``{"event": "gap", "stream_time_s", "wall_time", "wall_time_unix", "reason"}``, then
-    ``{"event": "resume", …, "reason", "gap_s"}``; ``close(end_time_s)`` adds ``{"event": "end", …}``.
+    ``{"event": "resume", …, "reason", "gap_s", "outage_s"}`` (``gap_s``: the gap in stream time,
+    0 where the video skips the outage; ``outage_s``: in wall-clock time); ``close(end_time_s)``
+    adds ``{"event": "end", …}``.
     """
+
+    _gap_wall: float | None = None
 
     def _record(self, event: str, stream_time_s: float, wall_time: float | None, **fields) -> None:
         wall = time.time() if wall_time is None else wall_time
@@ -187,11 +191,15 @@ class JsonLinesTrack(CaptionTrack):
         self.cues_written += 1
 
     def _gap_started(self, at_ms, stream_time_s, reason, wall_time) -> None:
+        if self._gap is None:
+            self._gap_wall = time.time() if wall_time is None else wall_time
         self._record("gap", stream_time_s, wall_time, reason=reason)
 
     def _gap_ended(self, start_ms, reason, stream_time_s, wall_time) -> None:
         gap_s = max(0, _ms(stream_time_s) - start_ms) / 1000
-        self._record("resume", stream_time_s, wall_time, reason=reason, gap_s=gap_s)
+        wall = time.time() if wall_time is None else wall_time
+        outage_s = None if self._gap_wall is None else round(wall - self._gap_wall, 3)
+        self._record("resume", stream_time_s, wall, reason=reason, gap_s=gap_s, outage_s=outage_s)
 
     def _finish(self, end_time_s: float | None) -> None:
         if end_time_s is not None:

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from .captions import CaptionEvent, CaptionTrack
-from .outputs import Output
+from .outputs import DisplayOutput, MjpegOutput, Output
 from .runtime import Processor, Runtime
 from .sources import Source
 
@@ -145,7 +145,7 @@ class Pipeline:
             return
         self._last_caption, self._captions_completed = text, fs.completed
         event = CaptionEvent(text=text, stream_time_s=self.frames_out / self.source.fps, wall_time=time.time(),
-                             frame_index=self.frames_out - 1, source=self.source.describe().split(" (")[0],
+                             frame_index=self.frames_out - 1, source=self.source.name,
                              model=self.model, latency_ms=fs.last_latency_ms)
         for track in self.captions:
             track.add(event)
@@ -153,8 +153,6 @@ class Pipeline:
     def _show_gap(self) -> None:
         """While a live source reconnects: the last frame with a "reconnecting" band, to the
         live outputs (MJPEG, window) twice a second; files get nothing (no frame is invented)."""
-        from .outputs import DisplayOutput, MjpegOutput
-
         now = time.perf_counter()
         if not self._in_gap:
             self._in_gap = True
@@ -171,7 +169,7 @@ class Pipeline:
             h, w = self._gap_frame.shape[:2]
             band = max(24, h // 12)
             cv2.rectangle(self._gap_frame, (0, 0), (w, band), (0, 0, 160), -1)
-            text = f"reconnecting to {self.source.describe().split(' (')[0]} ..."
+            text = f"reconnecting to {self.source.name} ..."
             cv2.putText(self._gap_frame, text, (8, int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX,
                         band / 40, (255, 255, 255), max(1, band // 20), cv2.LINE_AA)
         for output in self.outputs:

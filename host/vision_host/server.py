@@ -305,9 +305,11 @@ class Scheduler:
         self.thread.start()
 
     # -- the request side --------------------------------------------------------------------
-    def new_job(self, prepared: Prepared | None, settings: GenerationSettings = GenerationSettings(),
+    def new_job(self, prepared: Prepared | None, settings: GenerationSettings | None = None,
                 stream: bool = False, keep_alive: Any = _UNSET) -> Job:
-        """A generation for ``prepared`` inputs (None = load/unload only), to :meth:`submit`."""
+        """A generation for ``prepared`` inputs (None = load/unload only), to :meth:`submit`;
+        ``settings`` default to :class:`GenerationSettings`'s."""
+        settings = settings or GenerationSettings()
         job = Job(prepared, settings, keep_alive=keep_alive)
         if self.request_timeout_s is not None:
             job.deadline = job.enqueued_at + self.request_timeout_s
@@ -621,8 +623,8 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
     (``app.state.scheduler``); ``options`` are the generation defaults a request's own
     ``options`` override; the other keyword arguments are the scheduler's settings."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from . import __version__

@@ -58,8 +58,14 @@ class Source:
     def close(self) -> None:
         """Release the capture device or file (idempotent)."""
 
-    def describe(self) -> str:
+    @property
+    def name(self) -> str:
+        """What the user gave with ``-s`` (a stream URL without its password)."""
         return "source"
+
+    def describe(self) -> str:
+        """The name, size and frame rate, for messages."""
+        return self.name
 
 
 def _fps_of(cap: cv2.VideoCapture) -> float:
@@ -113,6 +119,10 @@ class FileSource(Source):
 
     def close(self) -> None:
         self._cap.release()
+
+    @property
+    def name(self) -> str:
+        return self.path
 
     def describe(self) -> str:
         return f"file {self.path} ({self.width}×{self.height} @ {self.fps:g} fps)"
@@ -179,7 +189,8 @@ class LiveSource(Source):
         self.last_error: str | None = None
         self.ended = False
         self._cap = None
-        first = self._open_with_retries(initial=True)
+        self._stop = threading.Event()
+        first = self._open_with_retries()
         if first is None:
             raise SourceError(self.last_error or f"cannot open {spec}")
         self.height, self.width = first.shape[:2]
@@ -187,7 +198,6 @@ class LiveSource(Source):
         self.state = "live"
         self._latest: np.ndarray | None = first
         self._cond = threading.Condition()
-        self._stop = threading.Event()
         #: (start, end) of each reconnection in time.monotonic() seconds; end None while ongoing.
         self.gaps: list[list] = []
         self._thread = threading.Thread(target=self._capture, name=f"vision-host-capture {spec}", daemon=True)
@@ -233,7 +243,7 @@ class LiveSource(Source):
             self.last_error = f"cannot open camera device {spec}: check that it exists and is not in use"
         return None, None
 
-    def _open_with_retries(self, initial: bool) -> np.ndarray | None:
+    def _open_with_retries(self) -> np.ndarray | None:
         """Open (or reopen) until it works, ``retries`` attempts fail, or the source is closed."""
         attempt = 0
         while True:
@@ -250,12 +260,8 @@ class LiveSource(Source):
             wait = self.options.backoff(attempt)
             log.warning("%s; retrying in %.1f s (attempt %d%s)", self.last_error, wait, attempt + 1,
                         f" of {retries}" if retries else "")
-            stop = getattr(self, "_stop", None)
-            if stop is not None:
-                if stop.wait(wait):
-                    return None
-            else:
-                time.sleep(wait)
+            if self._stop.wait(wait):
+                return None
 
     # -- the capture thread ---------------------------------------------------------------------
     def _capture(self) -> None:
@@ -277,7 +283,7 @@ class LiveSource(Source):
                 self.gaps.append([time.monotonic(), None])
                 self._cond.notify_all()
             log.warning("stream %s dropped or stalled: reconnecting", _redact(self.spec))
-            first = self._open_with_retries(initial=False)
+            first = self._open_with_retries()
             with self._cond:
                 if first is None:
                     self.ended = True
@@ -311,8 +317,12 @@ class LiveSource(Source):
         if self._cap is not None:
             self._cap.release()
 
+    @property
+    def name(self) -> str:
+        return _redact(self.spec)
+
     def describe(self) -> str:
-        return f"live {_redact(self.spec)} ({self.width}×{self.height} @ {self.fps:g} fps)"
+        return f"live {self.name} ({self.width}×{self.height} @ {self.fps:g} fps)"
 
 
 def _redact(url: str) -> str:

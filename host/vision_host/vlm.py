@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 log = logging.getLogger("vision_host.vlm")
 
@@ -137,6 +137,7 @@ class GenerationSettings:
 
     @property
     def sampling(self) -> bool:
+        """Whether these settings sample (``temperature`` > 0) rather than search."""
         return self.temperature is not None and self.temperature > 0
 
 
@@ -153,6 +154,7 @@ class Prepared:
 
     @property
     def length(self) -> int:
+        """L: the prompt's length in tokens (image tokens included)."""
         return int(self.tensors["input_ids"].shape[1])
 
 
@@ -168,9 +170,11 @@ class TextQueue:
         self.timeout_s = timeout_s
 
     def put(self, text: str) -> None:
+        """Add the next piece (any thread)."""
         self._queue.put(text)
 
     def end(self) -> None:
+        """No more pieces: iteration stops after those already put."""
         self._queue.put(None)
 
     def __iter__(self) -> Iterator[str]:
@@ -468,7 +472,10 @@ class Blip(VisionLanguageModel):
 
 
 class Blip2(VisionLanguageModel):
-    """BLIP-2 (OPT or Flan-T5 text model): questions in ``Question: … Answer:``."""
+    """BLIP-2 with a decoder-only text model (OPT): questions in ``Question: … Answer:``.
+
+    Raises (from :meth:`load`) ModelLoadError for the Flan-T5 (encoder-decoder) checkpoints.
+    """
 
     family = "blip-2"
     model_type = "blip-2"
@@ -480,18 +487,10 @@ class Blip2(VisionLanguageModel):
         return f"Question: {prompt} Answer:"
 
     def load(self) -> "Blip2":
-        super().load()
-        if self.config.use_decoder_only_language_model is False:
-            self.pads_prompts = False   # an encoder-decoder text model (Flan-T5) returns only the answer
-        return self
-
-    def answer_start(self, padded_length: int) -> int:
-        return padded_length if self.config.use_decoder_only_language_model else 1
-
-    def max_new_tokens(self, prepared: Prepared, settings: GenerationSettings) -> int:
-        if not self.config.use_decoder_only_language_model:
-            prepared = Prepared(prepared.tensors, 0)
-        return super().max_new_tokens(prepared, settings)
+        if self.config is not None and not getattr(self.config, "use_decoder_only_language_model", True):
+            raise ModelLoadError(f"model {self.source} is BLIP-2 with an encoder-decoder text model (Flan-T5), "
+                                 f"which vision-host serve does not run: use an OPT one, e.g. --model blip2")
+        return super().load()
 
 
 class Llava(VisionLanguageModel):
@@ -514,20 +513,20 @@ class Llava(VisionLanguageModel):
 FAMILIES: dict[str, type[VisionLanguageModel]] = {cls.model_type: cls for cls in (Blip, Blip2, Llava)}
 
 
-class GenerationRow:
-    """What :meth:`VisionLanguageModel.generate` needs of one request (see the server's Job)."""
+class GenerationRow(Protocol):
+    """What :meth:`VisionLanguageModel.generate` needs of one request (the server's ``Job``):
+    its inputs, its :class:`TextQueue` when streamed, whether to stop now (cancelled or past
+    its deadline), and where to put the start (``time.perf_counter()`` s) and the answer
+    (text, new tokens counted with the end token, ``"stop"``/``"length"``, end time)."""
 
     prepared: Prepared
     stream: TextQueue | None
 
-    def should_stop(self) -> bool:  # pragma: no cover - interface
-        raise NotImplementedError
+    def should_stop(self) -> bool: ...
 
-    def started(self, at: float) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def started(self, at: float) -> None: ...
 
-    def finished(self, text: str, tokens: int, reason: str, at: float) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def finished(self, text: str, tokens: int, reason: str, at: float) -> None: ...
 
 
 class RowStreamer:
