@@ -16,12 +16,16 @@ import cv2
 import numpy as np
 import pytest
 import requests
-
 from vision_host.outputs import (
+    OUTPUT_KINDS,
     DisplayOutput,
     FileOutput,
     MjpegOutput,
+    MjpegStreamOutput,
+    Output,
     OutputError,
+    RecordingOutput,
+    RtspOutput,
     make_output,
     parse_listen_address,
 )
@@ -451,6 +455,192 @@ def test_write_cost_microseconds(mjpeg, frames, capsys):
     assert med0 < 1000 and med1 < 1000
 
 
+# --------------------------------------------------------------------------- several streams
+
+
+@pytest.fixture
+def multi():
+    """An MJPEG output with three streams, all opened at 640×360, on a free port."""
+    out = MjpegOutput(":0", stream_names=["bottles", "negative <b>", "red"])
+    streams = [out.stream(i) for i in range(3)]
+    for s in streams:
+        s.open(640, 360, 29.83)
+    yield out, streams
+    out.close()
+
+
+RED = np.zeros((360, 640, 3), np.uint8)
+RED[:, :, 2] = 255  # BGR: solid red
+
+
+def stream_frames(frames: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """What each of three streams shows: the clip, the clip in negative, solid red."""
+    return [frames, [cv2.bitwise_not(f) for f in frames], [RED] * len(frames)]
+
+
+def test_each_stream_shows_its_own_frames(multi, frames):
+    out, streams = multi
+    shown = stream_frames(frames)
+    assert [s.describe() for s in streams] == [f"MJPEG at http://127.0.0.1:{out.port}/stream/{i}" for i in range(3)]
+    assert out.stream(1) is streams[1]
+    paths = ["stream", "stream/1.mjpg", "stream/2"]
+    clients = [StreamClient(out.url + p) for p in paths]
+    for c in clients:
+        c.start()
+        assert c.connected.wait(5)
+    assert wait_until(lambda: all(s.clients == 1 for s in streams))
+    for i in range(len(frames)):
+        for s, own in zip(streams, shown):
+            s.write(own[i])
+        time.sleep(0.01)
+    assert wait_until(lambda: all(len(c.images) >= 5 for c in clients))
+    assert wait_until(lambda: all(mad(c.images[-1], own[-1]) < 4.0 for c, own in zip(clients, shown)))
+    for index, (c, own) in enumerate(zip(clients, shown)):
+        assert c.error is None, c.error
+        for img in c.images:
+            mine = min(mad(img, f) for f in own)
+            others = min(mad(img, f) for k, other in enumerate(shown) if k != index for f in other)
+            assert mine < 4.0 and others > mine + 10.0, f"stream {index} showed another stream's frame"
+    for path, own in zip(["snapshot.jpg", "snapshot/1.jpg", "snapshot/2.jpg"], shown):
+        r = requests.get(out.url + path, timeout=5)
+        assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg"
+        assert mad(cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR), own[-1]) < 4.0
+    assert [s.frames_written for s in streams] == [len(frames)] * 3
+    assert out.frames_written == len(frames)  # MjpegOutput's own counters are stream 0's
+    out.close()
+    for c in clients:
+        assert c.ended.wait(5), "closing the output must end every stream"
+
+
+def test_index_page_shows_every_stream_with_its_name(multi):
+    out, _ = multi
+    r = requests.get(out.url, timeout=5)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    page = r.text
+    assert "<title>vision-host</title>" in page
+    for i in range(3):
+        assert f'<img src="/stream/{i}"' in page and f'href="/snapshot/{i}.jpg"' in page
+    assert "<figcaption>bottles" in page and "negative &lt;b&gt;" in page and "<b>" not in page
+    for external in ("http://", "https://", 'src="//', 'href="//', "@import"):
+        assert external not in page
+
+
+def test_unknown_stream_number_is_404_with_a_sentence(multi, mjpeg):
+    out, _ = multi
+    for path in ("stream/3", "stream/3.mjpg", "snapshot/3.jpg", "stream/99"):
+        r = requests.get(out.url + path, timeout=5)
+        assert r.status_code == 404, path
+        assert r.headers["Content-Type"].startswith("text/plain")
+        assert "this server has streams 0 to 2" in r.text
+    r = requests.get(mjpeg.url + "stream/1", timeout=5)  # a one-stream output
+    assert r.status_code == 404 and r.text == "there is no stream 1: this server has only stream 0 (/stream)\n"
+    with pytest.raises(IndexError, match="streams 0 to 2"):
+        out.stream(3)
+    with pytest.raises(ValueError):
+        MjpegOutput(":0", stream_names=[])
+
+
+def test_stalled_viewer_of_one_stream_does_not_slow_another(multi, frames):
+    out, streams = multi
+    stalled = stalled_client(out.port, "/stream/0")
+    normal = StreamClient(out.url + "stream/1")
+    normal.start()
+    mirrored = [cv2.flip(f, 1) for f in frames]
+    try:
+        assert wait_until(lambda: streams[0].clients == 1 and streams[1].clients == 1)
+        durations = []
+        for i in range(300):
+            t0 = time.perf_counter()
+            streams[0].write(frames[i % len(frames)])
+            streams[1].write(mirrored[i % len(frames)])
+            durations.append(time.perf_counter() - t0)
+            time.sleep(0.002)
+        assert normal.error is None, normal.error
+        assert max(durations) < 0.05, f"slowest pair of writes {max(durations) * 1e3:.1f} ms"
+        assert len(normal.images) >= 20, f"the other stream's viewer got only {len(normal.images)} frames"
+        assert all(min(mad(img, f) for f in mirrored) < 4.0 for img in normal.images)
+        stalled.setblocking(False)
+        received = b""
+        try:
+            while chunk := stalled.recv(1 << 20):
+                received += chunk
+        except BlockingIOError:
+            pass
+        assert received.count(b"--frame\r\n") < len(normal.images) / 2
+    finally:
+        stalled.close()
+        out.close()
+    assert normal.ended.wait(5)
+
+
+def test_closing_one_stream_keeps_the_others_and_close_joins_every_thread(frames):
+    before = set(threading.enumerate())
+    out = MjpegOutput(":0", stream_names=["a", "b"])
+    a, b = out.stream(0), out.stream(1)
+    a.open(640, 360, 30)
+    b.open(640, 360, 30)
+    viewers = [StreamClient(out.url + "stream/0"), StreamClient(out.url + "stream/1")]
+    for v in viewers:
+        v.start()
+    assert wait_until(lambda: a.clients == 1 and b.clients == 1)
+    for f in frames[:10]:
+        a.write(f)
+        b.write(f)
+        time.sleep(0.01)
+    assert wait_until(lambda: all(v.images for v in viewers))
+    a.close()
+    a.close()  # idempotent
+    assert viewers[0].ended.wait(5), "closing a stream ends its viewers"
+    with pytest.raises(RuntimeError):
+        a.write(frames[0])
+    r = requests.get(out.url + "stream/0", timeout=5)
+    assert r.status_code == 410 and "stream 0 (a) has ended" in r.text
+    assert requests.get(out.url + "snapshot/0.jpg", timeout=5).status_code == 200  # its last picture stays
+    got = len(viewers[1].images)
+    mirrored = cv2.flip(frames[5], 1)
+    for _ in range(10):
+        b.write(mirrored)
+        time.sleep(0.01)
+    assert wait_until(lambda: len(viewers[1].images) > got and mad(viewers[1].images[-1], mirrored) < 4.0)
+    assert not viewers[1].ended.is_set()
+    ours = set(viewers)
+    # server, b's encoder, b's viewer's handler (a's encoder is gone)
+    assert len(set(threading.enumerate()) - before - ours) >= 3
+    out.close()
+    assert viewers[1].ended.wait(5)
+    left = set(threading.enumerate()) - before - ours
+    assert not left, f"threads left behind: {[t.name for t in left]}"
+    with pytest.raises(RuntimeError):
+        b.write(frames[0])
+    with pytest.raises(RuntimeError):
+        out.stream(1).open(640, 360, 30)
+
+
+def test_a_stream_open_starts_the_server_and_reports_a_busy_port():
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        out = MjpegOutput(f":{port}", stream_names=["a", "b"])
+        with pytest.raises(OutputError, match=f"port {port} on 127.0.0.1 is in use"):
+            out.stream(1).open(640, 360, 30)
+        out.close()
+    finally:
+        blocker.close()
+    out = MjpegOutput(":0", stream_names=["a", "b"])
+    out.start()  # the server alone: clients of a stream not opened yet wait, its snapshot is 503
+    try:
+        assert requests.get(out.url + "snapshot/1.jpg", timeout=5).status_code == 503
+        out.stream(1).open(640, 360, 30)
+        out.stream(1).write(RED)
+        r = requests.get(out.url + "snapshot/1.jpg", timeout=5)
+        assert r.status_code == 200
+        assert mad(cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR), RED) < 4.0
+    finally:
+        out.close()
+
+
 # --------------------------------------------------------------------------- file
 
 
@@ -553,5 +743,35 @@ def test_make_output_kinds_and_unknown_kind():
     assert isinstance(out, MjpegOutput) and (out.host, out.port) == ("127.0.0.1", 8080)
     assert isinstance(make_output("MJPEG", ":0"), MjpegOutput)
     with pytest.raises(OutputError) as info:
+        make_output("ftp", None)
+    assert str(info.value) == "unknown output 'ftp': use -o with one of mjpeg, file, display, rtsp"
+    assert OUTPUT_KINDS == ("mjpeg", "file", "display", "rtsp")
+
+
+def test_make_output_rtsp_destinations():
+    pytest.importorskip("av", reason="PyAV is not installed")
+    with pytest.raises(OutputError, match=r"add -d rtsp://127\.0\.0\.1:8554/vision"):
         make_output("rtsp", None)
-    assert str(info.value) == "unknown output 'rtsp': use -o with one of mjpeg, file, display"
+    with pytest.raises(OutputError) as info:
+        make_output("rtsp", "http://u:pw@127.0.0.1:8554/vision")
+    msg = str(info.value)
+    assert "-o rtsp needs an rtsp:// or rtsps:// address" in msg and "pw" not in msg
+    out = make_output("RTSP", "rtsps://127.0.0.1:8322/vision")
+    assert isinstance(out, RtspOutput) and not out.closed  # nothing is connected before open()
+
+
+def test_rtsp_without_pyav_names_the_install_command(monkeypatch):
+    from vision_host import outputs
+
+    monkeypatch.setattr(outputs, "_import_av", lambda: None)
+    with pytest.raises(OutputError) as info:
+        make_output("rtsp", "rtsp://127.0.0.1:8554/vision")
+    assert "pip install 'vision-host[record]'" in str(info.value)
+
+
+def test_live_view_marks_the_outputs_that_get_reconnecting_frames():
+    assert Output.live_view is False
+    assert MjpegOutput.live_view and MjpegStreamOutput.live_view and DisplayOutput.live_view
+    assert not FileOutput.live_view and not RecordingOutput.live_view and not RtspOutput.live_view
+    out = MjpegOutput(":0", stream_names=["a", "b"])
+    assert all(out.stream(i).live_view for i in range(2))

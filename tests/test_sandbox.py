@@ -202,3 +202,37 @@ def test_a_hard_wall_clock_cap_still_stops_a_call_spent_in_host_functions(runtim
     assert p.process(real_frame) is real_frame
     assert time.perf_counter() - started < 1.0
     assert "call ran for over 50 ms including host functions" in p.last_error
+
+
+def _bad_pointer_logger(address: int) -> bytes:
+    """A processor whose every call passes ``address`` (out of bounds) to logging.info."""
+    return module(f"""
+(module
+  (import "wasmvision:platform/logging" "info" (func $info (param i32 i32)))
+  (memory (export "memory") 1)
+  (func (export "process") (param i32) (result i32)
+    (call $info (i32.const {address}) (i32.const 16)) (local.get 0)))""")
+
+
+def test_streams_on_threads_each_get_their_own_host_function_errors(runtime_factory, real_frame):
+    """Two processors failing at once on two threads (two streams): each call reports its own
+    ABI error, never the other thread's (wasmtime-py keeps the last host exception in one global)."""
+    import threading
+
+    runtime = runtime_factory(limits=SandboxLimits(max_consecutive_failures=1_000_000))
+    other = runtime.add_stream("1")
+    processors = [runtime.load_bytes(_bad_pointer_logger(0x7FFF0000), "a"),
+                  runtime.load_bytes(_bad_pointer_logger(0x7FFE0000), "b", stream=other)]
+    frame = real_frame[:32, :32].copy()
+
+    def hammer(p):
+        for _ in range(3000):
+            p.process(frame)
+    threads = [threading.Thread(target=hammer, args=(p,)) for p in processors]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p, own in zip(processors, ("2147418112", "2147352576"), strict=True):
+        assert p.stats.errors == 3000
+        assert all(own in kind for kind in p._errors_by_kind), (p.name, list(p._errors_by_kind))

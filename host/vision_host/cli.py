@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -85,12 +87,15 @@ def parse_config_pairs(pairs: list[str], where: str = "-c") -> dict[str, str]:
 
 _FILE_KEYS = {
     "main": {"source", "output", "destination", "logging", "stats", "max-frames", "pace", "capture", "cuda-enable",
-             "rtsp-transport", "captions", "codec", "segment-seconds", "subtitles", "source-retries", "source-timeout-s", "camera-size", "camera-fps", "camera-fourcc"},
+             "rtsp-transport", "captions", "codec", "segment-seconds", "subtitles", "source-retries",
+             "source-timeout-s", "camera-size", "camera-fps", "camera-fourcc", "max-vision-requests"},
     "processing": {"pipeline", "directory", "configuration", "download"},
     "sandbox": {"allow", "processor-timeout-ms", "memory-limit-mb"},
     "models": {"directory", "downloads"},
     "server": {"mcp-enable", "mcp-port"},
 }
+#: Keys of a ``[[source]]`` table (one per stream).
+_STREAM_KEYS = {"url", "name", "destination", "captions", "config"}
 
 
 def load_run_file(path: str) -> dict:
@@ -112,6 +117,9 @@ def load_run_file(path: str) -> dict:
         raise UsageError(f"run file {path} is not valid TOML: {exc}") from None
     settings: dict = {"config": {}}
     for table, value in doc.items():
+        if table == "source" and isinstance(value, list):
+            settings["streams"] = [_stream_table(item, n, path) for n, item in enumerate(value)]
+            continue
         if table == "config":
             if isinstance(value, dict):
                 settings["config"].update({k: str(v) for k, v in value.items()})
@@ -140,6 +148,90 @@ def load_run_file(path: str) -> dict:
     return settings
 
 
+def _stream_table(item, n: int, path: str) -> "StreamSpec":
+    """One ``[[source]]`` table of a run file. Raises UsageError for unknown or missing keys."""
+    where = f"[[source]] number {n + 1} in {path}"
+    if not isinstance(item, dict):
+        raise UsageError(f"{where} must be a table")
+    unknown = set(item) - _STREAM_KEYS
+    if unknown:
+        raise UsageError(f"unknown key {sorted(unknown)[0]!r} in {where}: known keys are {', '.join(sorted(_STREAM_KEYS))}")
+    if "url" not in item:
+        raise UsageError(f"{where} has no url: give what -s takes (camera index, device, file or stream URL)")
+    config = item.get("config", {})
+    if not isinstance(config, dict):
+        raise UsageError(f"config in {where} must be a table of processor settings")
+    return StreamSpec(str(item["url"]), str(item.get("name", n)), item.get("destination"), item.get("captions"),
+                      {k: str(v) for k, v in config.items()})
+
+
+@dataclass
+class StreamSpec:
+    """One stream of a run: where its frames come from and where its results go.
+
+    Attributes:
+        url: what ``-s`` takes: camera index, device path, video file or stream URL.
+        name: how messages, ``/stream/N`` captions and per-stream file names call it
+            (letters, digits, ``.``, ``_``, ``-``; default its index).
+        destination: its own ``-d`` (file path or ``rtsp://`` URL); None = derived from ``-d``.
+        captions: its own caption track; None = derived from ``--captions``.
+        config: processor settings laid over the run's ``-c`` settings for this stream.
+    """
+
+    url: str
+    name: str
+    destination: str | None = None
+    captions: str | None = None
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def per_stream_path(path: str, name: str) -> str:
+    """``out.mp4`` → ``out-NAME.mp4``; a URL or a name without suffix gets ``-NAME`` appended."""
+    if "://" in path:
+        return f"{path.rstrip('/')}-{name}"
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{name}{p.suffix}"))
+
+
+def _stream_specs(settings: dict) -> list[StreamSpec]:
+    """The run's streams: ``-s`` (repeatable) or the run file's ``[[source]]`` tables, or the
+    file's ``[main] source``. With several, ``-d`` (file, rtsp) and ``--captions`` are derived
+    per stream with :func:`per_stream_path` unless a table gives its own.
+
+    Raises:
+        UsageError: duplicate or unusable names, or a destination/captions path shared by two streams.
+    """
+    import re
+    sources = settings.get("source")
+    if isinstance(sources, list) and sources:
+        specs = [StreamSpec(str(url), str(n)) for n, url in enumerate(sources)]
+    elif settings.get("streams"):
+        specs = list(settings["streams"])
+    else:
+        specs = [StreamSpec(str(sources if sources not in (None, []) else "0"), "0")]
+    names = [s.name for s in specs]
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise UsageError(f"stream name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if len(set(names)) != len(names):
+        raise UsageError(f"two streams are named {next(n for n in names if names.count(n) > 1)!r}: give each its own name")
+    several = len(specs) > 1
+    for spec in specs:
+        if spec.destination is None and settings.get("destination"):
+            if not several:
+                spec.destination = settings["destination"]
+            elif settings.get("output") in ("file", "rtsp"):
+                spec.destination = per_stream_path(settings["destination"], spec.name)
+        if spec.captions is None and settings.get("captions"):
+            spec.captions = per_stream_path(settings["captions"], spec.name) if several else settings["captions"]
+    for what in ("destination", "captions"):
+        used = [getattr(s, what) for s in specs if getattr(s, what)]
+        if len(set(used)) != len(used):
+            raise UsageError(f"two streams write the same {what} {next(u for u in used if used.count(u) > 1)}: "
+                             f"give each [[source]] its own")
+    return specs
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -163,10 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
                      help="processor setting, repeatable (e.g. ollama-model=llava)")
     run.add_argument("-f", "--file", metavar="RUN.toml", help="TOML file with the same settings")
-    run.add_argument("-s", "--source", help="0 (first camera, the default), a device path, a video file, "
-                                            "rtsp://… or http(s)://… stream")
-    run.add_argument("-o", "--output", choices=["mjpeg", "file", "display"], help="where frames go (default mjpeg)")
-    run.add_argument("-d", "--destination", help="mjpeg: [HOST]:PORT (default :8080 on 127.0.0.1); file: a path")
+    run.add_argument("-s", "--source", action="append", metavar="SOURCE",
+                     help="0 (first camera, the default), a device path, a video file, rtsp://… or http(s)://… "
+                          "stream; repeat for several streams, each with its own processors and outputs")
+    run.add_argument("-o", "--output", choices=["mjpeg", "file", "rtsp", "display"],
+                     help="where frames go (default mjpeg): a browser, a video file, an RTSP server, a window")
+    run.add_argument("-d", "--destination",
+                     help="mjpeg: [HOST]:PORT (default :8080 on 127.0.0.1); file: a path; rtsp: rtsp://HOST:PORT/PATH "
+                          "(with several streams, file and rtsp destinations get -NAME appended per stream)")
     run.add_argument("--stats", metavar="FILE", help="write a JSON summary of the run to FILE")
     run.add_argument("--codec", choices=["h264", "mp4v"],
                      help="-o file: H.264 through PyAV (default when installed) or OpenCV's mp4v")
@@ -192,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models-dir", metavar="DIR",
                      help="directory of model files processors may load by name (dnn, face detectors)")
     run.add_argument("--no-cache", action="store_true", help="do not use the compiled-module cache")
+    run.add_argument("--max-vision-requests", type=_positive_int, metavar="N",
+                     help="caption requests running at once across all streams, served round-robin with one per "
+                          "stream at most (default 2)")
     live = run.add_argument_group("live sources (cameras, rtsp://, http(s):// MJPEG or HLS)")
     live.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (default tcp)")
     live.add_argument("--source-retries", type=int, metavar="N",
@@ -240,7 +339,8 @@ def _settings(args: argparse.Namespace) -> dict:
     config.update(parse_config_pairs(args.config))
     for key in ("processor", "source", "output", "destination", "stats", "max_frames", "pace", "logging",
                 "processors_dir", "processor_timeout_ms", "memory_limit_mb", "models_dir", "rtsp_transport",
-                "captions", "codec", "segment_seconds", "subtitles", "source_retries", "source_timeout_s", "camera_size", "camera_fps", "camera_fourcc"):
+                "captions", "codec", "segment_seconds", "subtitles", "source_retries", "source_timeout_s", "camera_size",
+                "camera_fps", "camera_fourcc", "max_vision_requests"):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
@@ -252,21 +352,26 @@ def _settings(args: argparse.Namespace) -> dict:
         if not configured and "ollama" in (settings.get("processor") or []) and _embedded_fallback(config):
             config["ollama-url"] = EMBEDDED
     settings["config"] = config
-    settings.setdefault("source", "0")
     settings.setdefault("output", "mjpeg")
     settings.setdefault("logging", "warn")
     settings.setdefault("pace", True)
     if settings.get("models_dir") and not Path(settings["models_dir"]).is_dir():
         raise UsageError(f"--models-dir {settings['models_dir']} is not a directory: create it and put the "
                          f"model files processors load by name there")
-    if settings["output"] not in ("mjpeg", "file", "display"):
-        raise UsageError(f"unknown output {settings['output']!r}: use mjpeg, file or display")
+    if settings["output"] not in ("mjpeg", "file", "display", "rtsp"):
+        raise UsageError(f"unknown output {settings['output']!r}: use mjpeg, file, rtsp or display")
     if settings["logging"] not in LOG_LEVELS:
         raise UsageError(f"unknown logging level {settings['logging']!r}: use error, warn, info or debug")
     if not settings.get("processor"):
         raise UsageError("no processor given: add -p NAME (e.g. -p ollama), repeatable")
-    if settings["output"] == "file" and not settings.get("destination"):
-        raise UsageError("-o file needs -d PATH.mp4 for the video file to write")
+    streams = settings["streams"] = _stream_specs(settings)
+    if settings["output"] in ("file", "rtsp") and not all(s.destination for s in streams):
+        raise UsageError("-o file needs -d PATH.mp4 for the video file to write" if settings["output"] == "file"
+                         else "-o rtsp needs -d rtsp://HOST:PORT/PATH of the RTSP server to publish to")
+    if settings["output"] != "file" and (settings.get("segment_seconds") or settings.get("subtitles")):
+        raise UsageError("--segment-seconds and --subtitles apply to -o file only")
+    if settings["output"] == "display" and len(streams) > 1:
+        raise UsageError("-o display shows one stream; with several sources use -o mjpeg (every stream on one page)")
     return settings
 
 
@@ -421,14 +526,88 @@ def _live_options(settings: dict):
     return opts
 
 
+class _StreamRun:
+    """One stream of a run: opens its source, output and caption tracks, runs its
+    :class:`.pipeline.Pipeline`, and closes what it opened. With several streams each runs on
+    its own thread (stream 0 on the main one); a stream that cannot open is reported and the
+    others go on."""
+
+    def __init__(self, spec: StreamSpec, settings: dict, processors: list, runtime, stream, mjpeg=None):
+        self.spec, self.settings, self.processors, self.runtime, self.stream = spec, settings, processors, runtime, stream
+        self.mjpeg = mjpeg
+        self.pipeline = None
+        self.stats: dict | None = None
+        self.error: str | None = None
+        self.stop_requested = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def stop(self) -> None:
+        """Ask the stream to end after its current frame (also before its pipeline exists)."""
+        self.stop_requested.set()
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+    def run(self, status=None) -> None:
+        """Open, run to the end, close; sets :attr:`stats`, or :attr:`error` when opening failed."""
+        from .captions import CaptionTrackError, SubtitleStreamTrack, open_track
+        from .outputs import OutputError, make_output
+        from .pipeline import Pipeline
+        from .runtime import ProcessorLoadError
+        from .sources import SourceError, open_source
+
+        settings, spec = self.settings, self.spec
+        source = output = None
+        tracks = []
+        try:
+            try:
+                source = open_source(spec.url, pace=bool(settings["pace"]), live_options=_live_options(settings))
+                if self.mjpeg is not None:
+                    output = self.mjpeg.stream(self.stream.index)
+                else:
+                    output = make_output(settings["output"], spec.destination, codec=settings.get("codec"),
+                                         segment_seconds=settings.get("segment_seconds"),
+                                         subtitles=bool(settings.get("subtitles")))
+                output.open(source.width, source.height, source.fps)
+                if spec.captions:
+                    tracks.append(open_track(spec.captions))
+                if settings.get("subtitles"):
+                    tracks.append(SubtitleStreamTrack(output.add_subtitle))
+            except (ProcessorLoadError, SourceError, OutputError, CaptionTrackError) as exc:
+                self.error = str(exc)
+                return
+            except OSError as exc:
+                self.error = f"cannot write the caption track {spec.captions}: {exc.strerror}"
+                return
+            print(f"vision-host: {self._label()}{source.describe()} → {' → '.join(p.name for p in self.processors)} → "
+                  f"{output.describe()}" + (f" (captions → {tracks[0].path})" if spec.captions else ""), file=sys.stderr)
+            self.pipeline = Pipeline(source, self.processors, [output], self.runtime, status=status, captions=tracks,
+                                     model=self.stream.config.get("ollama-model"), stream=self.stream)
+            if self.stop_requested.is_set():
+                self.pipeline.stop()
+            try:
+                self.stats = self.pipeline.run(settings.get("max_frames"))
+            except KeyboardInterrupt:
+                self.stats = self.pipeline.summary()
+                raise
+        finally:
+            for t in tracks:
+                t.close()
+            if output is not None:
+                output.close()
+            if source is not None:
+                source.close()
+
+    def _label(self) -> str:
+        return f"[{self.spec.name}] " if len(self.runtime.streams) > 1 else ""
+
+
 def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
-    from .outputs import OutputError, make_output
-    from .pipeline import Pipeline, format_summary, write_stats
+    from .outputs import MjpegOutput, OutputError
+    from .pipeline import format_summary, write_stats
     from .runtime import NetworkPolicy, ProcessorLoadError, Runtime, SandboxLimits, default_cache_dir
     from .runtime.fetch import PolicyError
-    from .captions import CaptionTrackError, SubtitleStreamTrack, open_track
-    from .sources import SourceError, open_source
 
+    specs: list[StreamSpec] = settings["streams"]
     paths = [(spec, resolve_processor(spec, settings.get("processors_dir"))) for spec in settings["processor"]]
     limits = SandboxLimits()
     if settings.get("processor_timeout_ms"):
@@ -438,64 +617,95 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     config = settings["config"]
     try:
         policy = NetworkPolicy.from_config(config, settings["allow"])
+        for spec in specs:   # a stream's own *-url settings are destinations too
+            own = NetworkPolicy.from_config({**config, **spec.config})
+            policy.allowed |= own.allowed
+            policy.credentials.update(own.credentials)
     except PolicyError as exc:
         raise UsageError(str(exc)) from None
+    if settings.get("max_vision_requests"):
+        policy.max_frame_requests = int(settings["max_vision_requests"])
     log.info("processors may reach: %s", ", ".join(sorted(policy.allowed)) or "nothing")
     runtime = Runtime(config, policy, limits, None if args.no_cache else default_cache_dir(),
                       models_dir=settings.get("models_dir"))
-    source = output = track = None
-    processors, tracks = [], []
+    streams = [runtime.streams[0]] + [runtime.add_stream(s.name, s.config) for s in specs[1:]]
+    streams[0].name = specs[0].name
+    streams[0].config.update(specs[0].config)     # after the others copied the run's config
+    runs: list[_StreamRun] = []
+    chains: list[list] = []
+    mjpeg = None
     try:
         try:
-            for spec, path in paths:
-                processors.append(runtime.load(path, Path(path).stem))
-            source = open_source(settings["source"], pace=bool(settings["pace"]), live_options=_live_options(settings))
-            if settings["output"] != "file" and (settings.get("segment_seconds") or settings.get("subtitles")):
-                raise UsageError("--segment-seconds and --subtitles apply to -o file only")
-            output = make_output(settings["output"], settings.get("destination"), codec=settings.get("codec"),
-                                 segment_seconds=settings.get("segment_seconds"),
-                                 subtitles=bool(settings.get("subtitles")))
-            output.open(source.width, source.height, source.fps)
-            if settings.get("captions"):
-                track = open_track(settings["captions"])
-                tracks.append(track)
-            if settings.get("subtitles"):
-                tracks.append(SubtitleStreamTrack(output.add_subtitle))
-        except (ProcessorLoadError, SourceError, OutputError, CaptionTrackError) as exc:
+            for stream in streams:
+                chains.append([])
+                for _, path in paths:
+                    chains[-1].append(runtime.load(path, Path(path).stem, stream))
+            if settings["output"] == "mjpeg" and len(specs) > 1:
+                mjpeg = MjpegOutput(settings.get("destination") or ":8080", stream_names=[s.name for s in specs])
+                mjpeg.start()
+                print(f"vision-host: {len(specs)} streams on {mjpeg.url}", file=sys.stderr)
+        except (ProcessorLoadError, OutputError) as exc:
             print(f"vision-host: {exc}", file=sys.stderr)
             return 1
-        except OSError as exc:
-            print(f"vision-host: cannot write the caption track {settings['captions']}: {exc.strerror}",
-                  file=sys.stderr)
-            return 1
-        print(f"vision-host: {source.describe()} → {' → '.join(p.name for p in processors)} → {output.describe()}"
-              + (f" (captions → {track.path})" if track is not None else ""), file=sys.stderr)
-        pipeline = Pipeline(source, processors, [output], runtime, status=sys.stderr, captions=tracks,
-                            model=config.get("ollama-model"))
+        runs = [_StreamRun(spec, settings, chain, runtime, stream, mjpeg)
+                for spec, chain, stream in zip(specs, chains, streams, strict=True)]
 
         def on_signal(signum, frame):
-            pipeline.stop()
+            for r in runs:
+                r.stop()
         previous = signal.signal(signal.SIGTERM, on_signal)
         try:
-            stats = pipeline.run(settings.get("max_frames"))
+            for r in runs[1:]:
+                r.thread = threading.Thread(target=r.run, name=f"vision-host-stream {r.spec.name}", daemon=True)
+                r.thread.start()
+            if len(runs) == 1:
+                runs[0].run(status=sys.stderr)
+            else:
+                runs[0].thread = threading.Thread(target=runs[0].run, name=f"vision-host-stream {specs[0].name}",
+                                                  daemon=True)
+                runs[0].thread.start()
+                _wait_for_streams(runs)
         except KeyboardInterrupt:
-            stats = pipeline.summary()
+            for r in runs:
+                r.stop()
         finally:
+            for r in runs:
+                if r.thread is not None:
+                    r.thread.join()
             signal.signal(signal.SIGTERM, previous)
     finally:
-        for p in processors:
-            p.close()
-        for t in tracks:
-            t.close()
-        if output is not None:
-            output.close()
-        if source is not None:
-            source.close()
+        for chain in chains:
+            for p in chain:
+                p.close()
+        if mjpeg is not None:
+            mjpeg.close()
         runtime.close()
-    if settings.get("stats"):
-        write_stats(Path(settings["stats"]), stats)
-    print(format_summary(stats), file=sys.stderr)
-    return 0
+    failed = [r for r in runs if r.error]
+    for r in failed:
+        print(f"vision-host: {r._label()}{r.error}", file=sys.stderr)
+    done = [r for r in runs if r.stats is not None]
+    if settings.get("stats") and done:
+        write_stats(Path(settings["stats"]), done[0].stats if len(runs) == 1 else
+                    {"streams": [r.stats for r in done], "failed_streams": {r.spec.name: r.error for r in failed}})
+    for r in done:
+        print((f"stream {r.spec.name}: " if len(runs) > 1 else "") + format_summary(r.stats), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _wait_for_streams(runs: list[_StreamRun]) -> None:
+    """Wait on the main thread (so Ctrl-C reaches us) until every stream has ended, printing
+    one status line for all of them twice a second when stderr is a terminal."""
+    tty = sys.stderr.isatty()
+    while any(r.thread.is_alive() for r in runs):
+        for r in runs:
+            r.thread.join(0.5 / len(runs))
+        if tty:
+            line = " | ".join(r.pipeline.status_text(short=True) for r in runs if r.pipeline is not None)
+            sys.stderr.write("\r\x1b[2K" + line[:200])
+            sys.stderr.flush()
+    if tty:
+        sys.stderr.write("\r\x1b[2K")
+        sys.stderr.flush()
 
 
 def cmd_list(args: argparse.Namespace) -> int:

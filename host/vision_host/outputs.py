@@ -1,4 +1,4 @@
-"""Where processed frames go: an MJPEG web stream, a video file, or a window.
+"""Where processed frames go: MJPEG web streams, a video file, a window, or an RTSP server.
 
 Every output follows the same life cycle, driven by the pipeline thread::
 
@@ -14,6 +14,11 @@ Every output follows the same life cycle, driven by the pipeline thread::
 ``out.add_subtitle(start_s, end_s, text)``, at any time between ``open()``
 and ``close()``, and can roll to a new file every N seconds of video.
 
+:class:`MjpegOutput` can serve several streams from one HTTP server:
+``MjpegOutput(":8080", stream_names=["cam A", "cam B"]).stream(1)`` is the
+:class:`Output` for ``/stream/1``. :class:`RtspOutput` re-publishes the video
+as H.264 to an RTSP server and reconnects by itself when the server drops.
+
 Errors meant for the person running vision-host are raised as
 :class:`OutputError`, whose message is a sentence saying what to do.
 Programming mistakes (write() before open(), a frame that is not H×W×3
@@ -24,11 +29,14 @@ from __future__ import annotations
 
 import abc
 import atexit
+import collections
 import errno
 import functools
+import html
 import logging
 import math
 import os
+import re
 import select
 import socket
 import socketserver
@@ -45,15 +53,19 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
+from .sources import _redact
+
 __all__ = [
     "OUTPUT_KINDS",
     "DisplayOutput",
     "FILE_CODECS",
     "FileOutput",
     "MjpegOutput",
+    "MjpegStreamOutput",
     "Output",
     "OutputError",
     "RecordingOutput",
+    "RtspOutput",
     "make_output",
     "parse_listen_address",
 ]
@@ -61,7 +73,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Output kinds accepted by :func:`make_output` (the CLI's ``-o`` values).
-OUTPUT_KINDS = ("mjpeg", "file", "display")
+OUTPUT_KINDS = ("mjpeg", "file", "display", "rtsp")
 #: Codecs of ``-o file``: H.264 through PyAV (:class:`RecordingOutput`) or mp4v through OpenCV (:class:`FileOutput`).
 FILE_CODECS = ("h264", "mp4v")
 
@@ -76,16 +88,17 @@ _SNAPSHOT_TIMEOUT_S = 5.0
 _STREAM_SNDBUF = 128 * 1024
 
 
-# MJPEG outputs still open. At interpreter exit they are closed before Python
-# kills daemon threads: a daemon thread caught inside cv2.imencode() when the
-# interpreter finalizes aborts the whole process ("terminate called without an
-# active exception"), so the encoder must be stopped and joined first.
-_LIVE_MJPEG: "weakref.WeakSet[MjpegOutput]" = weakref.WeakSet()
+# Outputs with threads (MJPEG, RTSP) still open. At interpreter exit they are
+# closed before Python kills daemon threads: a daemon thread caught inside
+# cv2.imencode() or an FFmpeg encoder when the interpreter finalizes aborts the
+# whole process ("terminate called without an active exception"), so encoders
+# must be stopped and joined first.
+_LIVE_OUTPUTS: weakref.WeakSet[Output] = weakref.WeakSet()
 
 
 @atexit.register
 def _close_live_outputs() -> None:
-    for out in list(_LIVE_MJPEG):
+    for out in list(_LIVE_OUTPUTS):
         try:
             out.close()
         except Exception:  # noqa: BLE001 - best effort at exit
@@ -113,9 +126,14 @@ class Output(abc.ABC):
         closed: True once the output takes no more frames: after ``close()``,
             or when the user closed the display window. The pipeline should
             stop when it turns True.
+        live_view: True for outputs someone watches live (MJPEG streams, the
+            display window): while a live source reconnects, the pipeline
+            keeps showing them a "reconnecting" frame; recordings and
+            re-published streams do not get it. A class attribute.
     """
 
     closed: bool = False
+    live_view: bool = False
 
     @abc.abstractmethod
     def open(self, width: int, height: int, fps: float) -> None:
@@ -259,6 +277,48 @@ img { max-width: 100vw; max-height: calc(100vh - 2em); object-fit: contain; }
 </html>
 """
 
+_GRID_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>vision-host</title>
+<style>
+html, body {{ margin: 0; background: #111; color: #ddd; font: 14px sans-serif; }}
+main {{ display: grid; gap: 8px; padding: 8px; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); }}
+figure {{ margin: 0; display: flex; flex-direction: column; align-items: center; }}
+img {{ width: 100%; height: auto; object-fit: contain; background: #000; }}
+figcaption {{ padding: 4px; }}
+a {{ color: #8af; }}
+</style>
+</head>
+<body>
+<main>
+{figures}
+</main>
+</body>
+</html>
+"""
+
+_GRID_FIGURE = """<figure>
+<img src="/stream/{index}" alt="{name}">
+<figcaption>{name} &middot; <a href="/snapshot/{index}.jpg">snapshot</a></figcaption>
+</figure>"""
+
+
+def _index_page(names: list[str]) -> bytes:
+    """The page at ``/``: one stream as it always was, several as a captioned grid."""
+    if len(names) == 1:
+        return _INDEX_HTML
+    figures = "\n".join(
+        _GRID_FIGURE.format(index=i, name=html.escape(name, quote=True)) for i, name in enumerate(names)
+    )
+    return _GRID_HTML.format(figures=figures).encode("utf-8")
+
+
+_STREAM_ROUTE = re.compile(r"/stream(?:/(\d{1,6}))?(?:\.mjpg)?")
+_SNAPSHOT_ROUTE = re.compile(r"/snapshot(?:/(\d{1,6}))?\.jpg")
+
 
 class _MjpegHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -290,23 +350,47 @@ class _MjpegHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _send_text(self, status: int, text: str) -> None:
+        self._send_body(status, "text/plain; charset=utf-8", (text + "\n").encode("utf-8"))
+
+    def _channel(self, number: str | None) -> _MjpegChannel | None:
+        """The channel a route names (no number = stream 0); sends a 404 and returns None when there is none."""
+        channels = self.server.owner._channels
+        index = int(number) if number is not None else 0
+        if index < len(channels):
+            return channels[index]
+        last = len(channels) - 1
+        self._send_text(
+            HTTPStatus.NOT_FOUND,
+            f"there is no stream {index}: this server has streams 0 to {last} (see / for all of them)"
+            if last else f"there is no stream {index}: this server has only stream 0 (/stream)",
+        )
+        return None
+
     def do_GET(self) -> None:
         owner = self.server.owner
         path = urlsplit(self.path).path
-        if path in ("/stream", "/stream.mjpg"):
-            owner._serve_stream(self)
-        elif path == "/snapshot.jpg":
-            jpeg = owner._snapshot()
+        if match := _STREAM_ROUTE.fullmatch(path):
+            channel = self._channel(match.group(1))
+            if channel is None:
+                return
+            if channel.finished:
+                self._send_text(HTTPStatus.GONE, f"stream {channel.index} ({channel.name}) has ended")
+                return
+            channel.serve_stream(self)
+        elif match := _SNAPSHOT_ROUTE.fullmatch(path):
+            channel = self._channel(match.group(1))
+            if channel is None:
+                return
+            jpeg = channel.snapshot()
             if jpeg is None:
-                self._send_body(
-                    HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", b"no frame has been written yet\n"
-                )
+                self._send_text(HTTPStatus.SERVICE_UNAVAILABLE, "no frame has been written yet")
             else:
                 self._send_body(HTTPStatus.OK, "image/jpeg", jpeg)
         elif path in ("/", "/index.html"):
-            self._send_body(HTTPStatus.OK, "text/html; charset=utf-8", _INDEX_HTML)
+            self._send_body(HTTPStatus.OK, "text/html; charset=utf-8", owner._index_html)
         else:
-            self._send_body(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
+            self._send_text(HTTPStatus.NOT_FOUND, "not found")
 
 
 def _peer_gone(sock: socket.socket) -> bool:
@@ -320,92 +404,396 @@ def _peer_gone(sock: socket.socket) -> bool:
         return True
 
 
+class _MjpegChannel:
+    """One stream of an :class:`MjpegOutput`: its frame buffers, newest JPEG, encoder thread and clients.
+
+    Triple buffer: ``back`` is owned by ``write()``, ``work`` by the encoder
+    thread, ``pending`` is handed between them under ``cond``. The encoder
+    encodes only while a client of this channel or a snapshot waits.
+    """
+
+    def __init__(self, index: int, name: str, quality: int) -> None:
+        self.index = index
+        self.name = name
+        self.quality = quality
+        self.cond = threading.Condition()
+        self.opened = False  # sized by open(); write() allowed
+        self.finished = False  # closed: takes no more frames, its clients' streams have ended
+        self.stopping = False  # the encoder and every client of this channel must end
+        self.back: np.ndarray | None = None
+        self.pending: np.ndarray | None = None
+        self.work: np.ndarray | None = None
+        self.frame_seq = 0  # sequence number of the frame in `pending` (0 = none yet)
+        self.jpeg: bytes | None = None
+        self.jpeg_seq = 0  # frame sequence number that `jpeg` shows
+        self.snapshot_waiters = 0
+        self.clients = 0
+        self.frames_written = 0
+        self.frames_encoded = 0
+        self.encoder_thread: threading.Thread | None = None
+
+    def open(self, width: int, height: int) -> None:
+        shape = (max(int(height), 1), max(int(width), 1), 3)
+        self.back = np.zeros(shape, np.uint8)
+        self.pending = np.zeros(shape, np.uint8)
+        self.work = np.zeros(shape, np.uint8)
+        self.opened = True
+        self.encoder_thread = threading.Thread(
+            target=self._encode_loop, name=f"vision-host-mjpeg-encoder-{self.index}", daemon=True
+        )
+        self.encoder_thread.start()
+
+    def write(self, frame: np.ndarray) -> None:
+        back = self.back
+        if back is None or back.shape != frame.shape:
+            back = self.back = np.empty_like(frame)
+        np.copyto(back, frame)
+        with self.cond:
+            self.back, self.pending = self.pending, back
+            self.frame_seq += 1
+            self.frames_written += 1
+            self.cond.notify_all()
+
+    def stop(self, finished: bool) -> None:
+        """End the encoder and this channel's client streams; join the encoder thread."""
+        with self.cond:
+            self.stopping = True
+            self.finished = self.finished or finished
+            self.cond.notify_all()
+        if self.encoder_thread is not None:
+            self.encoder_thread.join()
+
+    def _encode_loop(self) -> None:
+        params = [cv2.IMWRITE_JPEG_QUALITY, self.quality]
+        while True:
+            with self.cond:
+                while not self.stopping and not (
+                    self.frame_seq > self.jpeg_seq and (self.clients > 0 or self.snapshot_waiters > 0)
+                ):
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                self.pending, self.work = self.work, self.pending
+                seq = self.frame_seq
+                work = self.work
+            assert work is not None
+            ok, buf = cv2.imencode(".jpg", work, params)  # releases the GIL
+            if not ok:  # pragma: no cover - imencode of a valid uint8 image does not fail
+                log.warning("JPEG encoding failed for frame %d of stream %d", seq, self.index)
+                continue
+            jpeg = buf.tobytes()
+            with self.cond:
+                self.jpeg, self.jpeg_seq = jpeg, seq
+                self.frames_encoded += 1
+                self.cond.notify_all()
+
+    def snapshot(self) -> bytes | None:
+        """Newest frame as JPEG, encoding it if needed; None before the first frame."""
+        with self.cond:
+            if self.frame_seq == 0:
+                return None
+            target = self.frame_seq
+            if self.jpeg_seq < target and not self.stopping:
+                self.snapshot_waiters += 1
+                self.cond.notify_all()
+                try:
+                    self.cond.wait_for(lambda: self.jpeg_seq >= target or self.stopping, timeout=_SNAPSHOT_TIMEOUT_S)
+                finally:
+                    self.snapshot_waiters -= 1
+            return self.jpeg
+
+    def serve_stream(self, handler: _MjpegHandler) -> None:
+        handler.close_connection = True
+        conn = handler.connection
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _STREAM_SNDBUF)
+        except OSError:  # pragma: no cover - best effort
+            pass
+        handler.send_response(HTTPStatus.OK)
+        handler.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
+        handler.send_header("Cache-Control", "no-cache, no-store, must-revalidate")
+        handler.send_header("Pragma", "no-cache")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        sent_seq = 0
+        with self.cond:
+            self.clients += 1
+            self.cond.notify_all()  # the encoder may have a frame waiting for a viewer
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(
+                        lambda: self.stopping or (self.jpeg is not None and self.jpeg_seq != sent_seq),
+                        timeout=_CLIENT_POLL_S,
+                    )
+                    if self.stopping:
+                        return
+                    jpeg, seq = self.jpeg, self.jpeg_seq
+                if jpeg is None or seq == sent_seq:
+                    if _peer_gone(conn):
+                        return
+                    continue
+                part = b"".join(
+                    (
+                        b"--" + _BOUNDARY.encode() + b"\r\n",
+                        b"Content-Type: image/jpeg\r\n",
+                        b"Content-Length: %d\r\n\r\n" % len(jpeg),
+                        jpeg,
+                        b"\r\n",
+                    )
+                )
+                handler.wfile.write(part)  # blocks only this client's thread
+                sent_seq = seq
+        except OSError:  # BrokenPipeError, ConnectionResetError, or shutdown by close()
+            return
+        finally:
+            with self.cond:
+                self.clients -= 1
+
+
+class MjpegStreamOutput(Output):
+    """One stream of a multi-stream :class:`MjpegOutput`; get it with :meth:`MjpegOutput.stream`.
+
+    Same life cycle and costs as :class:`MjpegOutput`, for the channel
+    ``index`` only: :meth:`open` sizes this channel's buffers, starts its
+    encoder thread and starts the shared HTTP server if it is not running yet;
+    :meth:`write` copies an H×W×3 uint8 BGR frame into this channel (never
+    blocks on the network or on encoding); :meth:`close` marks only this
+    channel finished (its viewers' streams end, ``/stream/N`` answers 410,
+    its last JPEG stays available at ``/snapshot/N.jpg``) while the server
+    keeps serving the other streams. :meth:`MjpegOutput.close` stops everything.
+
+    Attributes:
+        index: the stream number N in ``/stream/N``.
+        name: the caption shown on the page.
+        url: ``http://host:port/stream/N``.
+        frames_written, frames_encoded, clients: as in :class:`MjpegOutput`, for this stream.
+    """
+
+    live_view = True
+
+    def __init__(self, owner: MjpegOutput, channel: _MjpegChannel) -> None:
+        self._owner = owner
+        self._channel = channel
+        self.index = channel.index
+        self.name = channel.name
+        self.closed = False
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/stream/N`` (the port is known once the server started)."""
+        return f"{self._owner.url}stream/{self.index}"
+
+    @property
+    def frames_written(self) -> int:
+        return self._channel.frames_written
+
+    @property
+    def frames_encoded(self) -> int:
+        return self._channel.frames_encoded
+
+    @property
+    def clients(self) -> int:
+        return self._channel.clients
+
+    def describe(self) -> str:
+        """E.g. ``MJPEG at http://127.0.0.1:8080/stream/1``."""
+        return f"MJPEG at {self.url}"
+
+    def open(self, width: int, height: int, fps: float) -> None:
+        """Size this stream's buffers for ``width``×``height`` px (other sizes are accepted too; ``fps`` unused).
+
+        Starts the shared server first when it is not running (see :meth:`MjpegOutput.start`).
+
+        Raises:
+            OutputError: the server cannot listen (port in use, ...).
+            RuntimeError: this stream is already open, or the :class:`MjpegOutput` was closed.
+        """
+        channel = self._channel
+        if channel.opened or channel.finished:
+            raise RuntimeError(f"MJPEG stream {self.index} was opened already")
+        self._owner.start()
+        channel.open(width, height)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Copy ``frame`` (H×W×3 uint8 BGR) into this stream's buffer and wake its encoder.
+
+        Raises:
+            ValueError: not an H×W×3 uint8 array.
+            RuntimeError: before :meth:`open` or after :meth:`close`.
+        """
+        channel = self._channel
+        if not channel.opened or channel.stopping:
+            raise RuntimeError(f"MJPEG stream {self.index}: write() needs open() first and no close() before it")
+        _check_frame(frame)
+        channel.write(frame)
+
+    def close(self) -> None:
+        """Mark this stream finished and join its encoder thread; the server keeps serving the others. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._channel.stop(finished=True)
+
+
 class MjpegOutput(Output):
-    """Serve frames as an MJPEG stream over HTTP (watch it in any browser).
+    """Serve frames as MJPEG streams over HTTP (watch them in any browser).
 
-    Endpoints (HTTP/1.1, stdlib :class:`http.server.ThreadingHTTPServer`):
+    One HTTP server (stdlib :class:`http.server.ThreadingHTTPServer`, HTTP/1.1)
+    serves one or more streams ("channels"), numbered 0, 1, … in the order of
+    ``stream_names``. :meth:`open`/:meth:`write`/:meth:`close` of this object
+    drive stream 0; :meth:`stream` gives an :class:`Output` for any stream.
 
-    * ``GET /`` — a self-contained HTML page titled ``vision-host`` showing ``<img src="/stream">``.
-    * ``GET /stream`` and ``GET /stream.mjpg`` — ``multipart/x-mixed-replace; boundary=frame``;
-      each part is ``--frame``, ``Content-Type: image/jpeg``, ``Content-Length: N``,
-      a blank line, N bytes of JPEG and CRLF. The connection closes when the output closes.
-    * ``GET /snapshot.jpg`` — the newest frame as one JPEG; 503 before the first frame.
-    * anything else — 404.
+    Endpoints:
 
-    Cost to the pipeline: :meth:`write` copies the frame into a buffer owned
-    by this object (≈10–60 µs for 640×360) and notifies; it never touches the
-    network and never encodes. One encoder thread JPEG-encodes only the newest
-    frame and only while at least one stream client is connected or a snapshot
-    is waiting, so frames are skipped when encoding falls behind. Each client
-    has its own thread that always sends the newest JPEG it has not sent yet:
-    a slow or stalled viewer gets fewer frames and delays nobody (its kernel
+    * ``GET /`` — a self-contained HTML page titled ``vision-host``: with one
+      stream ``<img src="/stream">``, with several a grid of every stream, each
+      captioned with its name.
+    * ``GET /stream``, ``/stream.mjpg`` (stream 0), ``/stream/N``, ``/stream/N.mjpg``
+      (stream N) — ``multipart/x-mixed-replace; boundary=frame``; each part is
+      ``--frame``, ``Content-Type: image/jpeg``, ``Content-Length: N``, a blank
+      line, N bytes of JPEG and CRLF. The connection closes when the stream or
+      the output closes; a closed stream answers 410.
+    * ``GET /snapshot.jpg`` (stream 0), ``/snapshot/N.jpg`` — the newest frame
+      as one JPEG; 503 before the first frame.
+    * a stream number that does not exist — 404 with a text body naming the valid ones;
+      anything else — 404.
+
+    Cost to the pipeline: ``write()`` copies the frame into a buffer owned by
+    its stream (≈10–60 µs for 640×360) and notifies; it never touches the
+    network and never encodes. Each stream has one encoder thread that
+    JPEG-encodes only its newest frame and only while at least one client of
+    that stream is connected or a snapshot of it is waiting, so frames are
+    skipped when encoding falls behind. Each client has its own thread that
+    always sends the newest JPEG it has not sent yet: a slow or stalled viewer
+    gets fewer frames and delays nobody, on its stream or another (its kernel
     send buffer is capped at 128 KiB so it does not queue seconds of stale
-    frames either). Clients that
-    hang up are noticed on the next send (broken pipe) or within 0.5 s while
-    idle, and removed.
+    frames either). Clients that hang up are noticed on the next send (broken
+    pipe) or within 0.5 s while idle, and removed.
 
     Args:
         destination: listen address, see :func:`parse_listen_address`; default
             ``":8080"`` = 127.0.0.1 port 8080. A bare port never binds all
             interfaces: give ``0.0.0.0:8080`` for that. Port 0 picks a free port.
         quality: JPEG quality 1..100 (default 80).
+        stream_names: one caption per stream; default one stream named ``"0"``.
 
     Attributes:
         host: the address listened on, e.g. ``"127.0.0.1"``.
-        port: the port actually bound (after :meth:`open`; useful with port 0).
-        url: ``http://host:port/`` (after :meth:`open`).
-        frames_written: frames given to :meth:`write`.
-        frames_encoded: JPEGs produced by the encoder thread.
-        clients: stream clients currently connected.
+        port: the port actually bound (after :meth:`start`/:meth:`open`; useful with port 0).
+        url: ``http://host:port/`` (after :meth:`start`/:meth:`open`).
+        stream_names: the captions, one per stream.
+        frames_written: frames given to :meth:`write` (stream 0).
+        frames_encoded: JPEGs produced for stream 0.
+        clients: stream-0 clients currently connected.
 
     Raises:
         OutputError: from the constructor for an unreadable address or a
-            quality outside 1..100; from :meth:`open` when the port is in use,
-            not permitted, or the host is not an address of this machine.
+            quality outside 1..100; from :meth:`start`/:meth:`open` when the
+            port is in use, not permitted, or the host is not an address of
+            this machine.
+        ValueError: ``stream_names`` is empty or holds something that is not a string.
     """
 
-    def __init__(self, destination: str | None = ":8080", quality: int = 80) -> None:
+    live_view = True
+
+    def __init__(
+        self, destination: str | None = ":8080", quality: int = 80, stream_names: list[str] | None = None
+    ) -> None:
         self.host, self._requested_port = parse_listen_address(destination)
         if not 1 <= int(quality) <= 100:
             raise OutputError(f"JPEG quality {quality} is out of range: give a number from 1 to 100")
+        names = ["0"] if stream_names is None else list(stream_names)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"stream_names must be a non-empty list of strings, got {stream_names!r}")
         self.quality = int(quality)
         self.port: int = self._requested_port
-        self.frames_written = 0
-        self.frames_encoded = 0
-        self.clients = 0
+        self.stream_names = names
         self.closed = False
-
-        self._cond = threading.Condition()
-        self._opened = False
+        self._lock = threading.Lock()  # start()/close() and the connection set
+        self._started = False
         self._stopping = False
-        # Triple buffer: _back is owned by write(), _work by the encoder,
-        # _pending is handed between them under _cond.
-        self._back: np.ndarray | None = None
-        self._pending: np.ndarray | None = None
-        self._work: np.ndarray | None = None
-        self._frame_seq = 0  # sequence number of the frame in _pending (0 = none yet)
-        self._jpeg: bytes | None = None
-        self._jpeg_seq = 0  # frame sequence number that _jpeg shows
-        self._snapshot_waiters = 0
+        self._opened = False  # open() (stream 0 through this object) was called
+        self._channels = [_MjpegChannel(i, name, self.quality) for i, name in enumerate(names)]
+        self._streams = [MjpegStreamOutput(self, c) for c in self._channels]
+        self._index_html = _index_page(names)
         self._connections: set[socket.socket] = set()
         self._server: _MjpegHTTPServer | None = None
         self._server_thread: threading.Thread | None = None
-        self._encoder_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        """``http://host:port/`` of the page; the stream is at ``url + "stream"``."""
+        """``http://host:port/`` of the page; stream 0 is at ``url + "stream"``, stream N at ``url + "stream/N"``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
+
+    @property
+    def frames_written(self) -> int:
+        return self._channels[0].frames_written
+
+    @property
+    def frames_encoded(self) -> int:
+        return self._channels[0].frames_encoded
+
+    @property
+    def clients(self) -> int:
+        return self._channels[0].clients
 
     def describe(self) -> str:
         """E.g. ``MJPEG at http://127.0.0.1:8080/``."""
         return f"MJPEG at {self.url}"
 
+    def stream(self, index: int) -> MjpegStreamOutput:
+        """The :class:`Output` for stream ``index`` (the same object on every call).
+
+        Its ``open()`` starts the shared server when needed; stream 0's is the
+        channel this object's own :meth:`open`/:meth:`write` use, so use one or
+        the other for stream 0.
+
+        Raises:
+            IndexError: ``index`` is not in 0..len(stream_names)-1.
+        """
+        if not 0 <= index < len(self._streams):
+            raise IndexError(f"no MJPEG stream {index}: this output has streams 0 to {len(self._streams) - 1}")
+        return self._streams[index]
+
     # ---------------------------------------------------------------- life cycle
 
+    def start(self) -> None:
+        """Bind the port and start the HTTP server thread; idempotent.
+
+        Called by :meth:`open` and by each stream's ``open()``; call it
+        yourself to fail early on a busy port before any stream opens. Until a
+        stream is opened its clients wait and its snapshot answers 503.
+
+        Raises:
+            OutputError: port in use ("port 8080 on 127.0.0.1 is in use: pick
+                another with -d :8081"), permission denied, or unknown host.
+            RuntimeError: after :meth:`close`.
+        """
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("MjpegOutput was closed: make a new one")
+            if self._started:
+                return
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            try:
+                server = _MjpegHTTPServer((self.host, self._requested_port), self, family)
+            except OSError as e:
+                raise self._bind_error(e) from e
+            self._server = server
+            self.port = server.server_address[1]
+            self._server_thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="vision-host-mjpeg-server",
+                daemon=True,
+            )
+            self._server_thread.start()
+            self._started = True
+            _LIVE_OUTPUTS.add(self)
+        log.info("serving %s", self.describe())
+
     def open(self, width: int, height: int, fps: float) -> None:
-        """Bind the port and start the server and encoder threads.
+        """Start the server (:meth:`start`) and open stream 0.
 
         ``width``/``height`` (px) size the frame buffers; frames of another
         size are accepted too. ``fps`` is not used (the stream runs at the rate
@@ -418,26 +806,8 @@ class MjpegOutput(Output):
         """
         if self._opened:
             raise RuntimeError("MjpegOutput.open() called twice")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        try:
-            server = _MjpegHTTPServer((self.host, self._requested_port), self, family)
-        except OSError as e:
-            raise self._bind_error(e) from e
-        self._server = server
-        self.port = server.server_address[1]
-        shape = (max(int(height), 1), max(int(width), 1), 3)
-        self._back = np.zeros(shape, np.uint8)
-        self._pending = np.zeros(shape, np.uint8)
-        self._work = np.zeros(shape, np.uint8)
+        self._streams[0].open(width, height, fps)
         self._opened = True
-        self._encoder_thread = threading.Thread(target=self._encode_loop, name="vision-host-mjpeg-encoder", daemon=True)
-        self._server_thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="vision-host-mjpeg-server", daemon=True
-        )
-        self._encoder_thread.start()
-        self._server_thread.start()
-        _LIVE_MJPEG.add(self)
-        log.info("serving %s", self.describe())
 
     def _bind_error(self, e: OSError) -> OutputError:
         where = f"port {self._requested_port} on {self.host}"
@@ -462,7 +832,7 @@ class MjpegOutput(Output):
         return OutputError(f"cannot listen on {where} ({e.strerror or e}): pick another with -d :{suggestion}")
 
     def write(self, frame: np.ndarray) -> None:
-        """Copy ``frame`` (H×W×3 uint8 BGR) into the output's buffer and wake the encoder.
+        """Copy ``frame`` (H×W×3 uint8 BGR) into stream 0's buffer and wake its encoder.
 
         Never blocks on the network or on JPEG encoding; costs one frame copy
         plus a lock round trip.
@@ -473,34 +843,29 @@ class MjpegOutput(Output):
         """
         if not self._opened or self._stopping:
             raise RuntimeError("MjpegOutput.write() needs open() first and no close() before it")
-        _check_frame(frame)
-        back = self._back
-        if back is None or back.shape != frame.shape:
-            back = self._back = np.empty_like(frame)
-        np.copyto(back, frame)
-        with self._cond:
-            self._back, self._pending = self._pending, back
-            self._frame_seq += 1
-            self.frames_written += 1
-            self._cond.notify_all()
+        self._streams[0].write(frame)
 
     def close(self) -> None:
-        """Stop serving: end every client connection and join all threads.
+        """Stop serving every stream: end every client connection and join all threads.
 
         Idempotent. When it returns no thread started by this output is left.
         """
-        if self.closed:
-            return
-        self.closed = True
-        if not self._opened:
-            return
-        with self._cond:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            started = self._started
             self._stopping = True
-            self._cond.notify_all()
+        for stream in self._streams:
+            stream.closed = True
+        for channel in self._channels:  # wakes every client and encoder; joins the encoders
+            channel.stop(finished=False)
+        if not started:
+            return
         server = self._server
         assert server is not None
         server.shutdown()  # stops serve_forever(); returns once its loop has exited
-        with self._cond:
+        with self._lock:
             conns = list(self._connections)
         for conn in conns:  # wakes handlers blocked in send() to a stalled client or reading keep-alive
             try:
@@ -511,42 +876,15 @@ class MjpegOutput(Output):
         stuck = server.join_handlers(timeout_s=5.0)
         if stuck:  # pragma: no cover - every handler wakes up on the socket shutdown above
             log.warning("MJPEG client threads still running after close(): %s", [t.name for t in stuck])
-        for t in (self._server_thread, self._encoder_thread):
-            if t is not None:
-                t.join()
-        _LIVE_MJPEG.discard(self)
+        if self._server_thread is not None:
+            self._server_thread.join()
+        _LIVE_OUTPUTS.discard(self)
         log.info("MJPEG server at %s stopped", self.url)
-
-    # ---------------------------------------------------------------- encoder
-
-    def _encode_loop(self) -> None:
-        params = [cv2.IMWRITE_JPEG_QUALITY, self.quality]
-        while True:
-            with self._cond:
-                while not self._stopping and not (
-                    self._frame_seq > self._jpeg_seq and (self.clients > 0 or self._snapshot_waiters > 0)
-                ):
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                self._pending, self._work = self._work, self._pending
-                seq = self._frame_seq
-                work = self._work
-            assert work is not None
-            ok, buf = cv2.imencode(".jpg", work, params)  # releases the GIL
-            if not ok:  # pragma: no cover - imencode of a valid uint8 image does not fail
-                log.warning("JPEG encoding failed for frame %d", seq)
-                continue
-            jpeg = buf.tobytes()
-            with self._cond:
-                self._jpeg, self._jpeg_seq = jpeg, seq
-                self.frames_encoded += 1
-                self._cond.notify_all()
 
     # ---------------------------------------------------------------- HTTP side
 
     def _track_connection(self, conn: socket.socket) -> None:
-        with self._cond:
+        with self._lock:
             self._connections.add(conn)
             stopping = self._stopping
         if stopping:
@@ -556,73 +894,8 @@ class MjpegOutput(Output):
                 pass
 
     def _untrack_connection(self, conn: socket.socket) -> None:
-        with self._cond:
+        with self._lock:
             self._connections.discard(conn)
-
-    def _snapshot(self) -> bytes | None:
-        """Newest frame as JPEG, encoding it if needed; None before the first frame."""
-        with self._cond:
-            if self._frame_seq == 0:
-                return None
-            target = self._frame_seq
-            if self._jpeg_seq < target:
-                self._snapshot_waiters += 1
-                self._cond.notify_all()
-                try:
-                    self._cond.wait_for(
-                        lambda: self._jpeg_seq >= target or self._stopping, timeout=_SNAPSHOT_TIMEOUT_S
-                    )
-                finally:
-                    self._snapshot_waiters -= 1
-            return self._jpeg
-
-    def _serve_stream(self, handler: _MjpegHandler) -> None:
-        handler.close_connection = True
-        conn = handler.connection
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _STREAM_SNDBUF)
-        except OSError:  # pragma: no cover - best effort
-            pass
-        handler.send_response(HTTPStatus.OK)
-        handler.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
-        handler.send_header("Cache-Control", "no-cache, no-store, must-revalidate")
-        handler.send_header("Pragma", "no-cache")
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        sent_seq = 0
-        with self._cond:
-            self.clients += 1
-            self._cond.notify_all()  # the encoder may have a frame waiting for a viewer
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(
-                        lambda: self._stopping or (self._jpeg is not None and self._jpeg_seq != sent_seq),
-                        timeout=_CLIENT_POLL_S,
-                    )
-                    if self._stopping:
-                        return
-                    jpeg, seq = self._jpeg, self._jpeg_seq
-                if jpeg is None or seq == sent_seq:
-                    if _peer_gone(conn):
-                        return
-                    continue
-                part = b"".join(
-                    (
-                        b"--" + _BOUNDARY.encode() + b"\r\n",
-                        b"Content-Type: image/jpeg\r\n",
-                        b"Content-Length: %d\r\n\r\n" % len(jpeg),
-                        jpeg,
-                        b"\r\n",
-                    )
-                )
-                handler.wfile.write(part)  # blocks only this client's thread
-                sent_seq = seq
-        except OSError:  # BrokenPipeError, ConnectionResetError, or shutdown by close()
-            return
-        finally:
-            with self._cond:
-                self.clients -= 1
 
 
 # --------------------------------------------------------------------------- file
@@ -1040,6 +1313,408 @@ class RecordingOutput(FileOutput):
                     s.container.close()
 
 
+# --------------------------------------------------------------------------- RTSP publishing (PyAV)
+
+_RTSP_SCHEMES = ("rtsp://", "rtsps://")
+_RTSP_ADVICE = "start the RTSP server (e.g. mediamtx) or check -d"
+_RTP_TIME_BASE = Fraction(1, 90000)  # RTP's 90 kHz video clock
+
+
+class RtspOutput(Output):
+    """Publish frames as a live H.264 stream to an RTSP server (e.g. mediamtx) through PyAV.
+
+    The stream is pushed with RTSP ANNOUNCE/RECORD over TCP (FFmpeg's rtsp
+    muxer, ``rtsp_transport=tcp``), encoded by libx264 (preset ``veryfast``,
+    tune ``zerolatency``: no B-frames, no lookahead; CRF 23; yuv420p; a
+    keyframe every ``keyframe_interval_s`` seconds, so a viewer joining late
+    waits at most that long). Timestamps are the wall-clock times
+    :meth:`write` was called (90 kHz clock), so frames dropped on the way leave
+    gaps instead of speeding the video up. yuv420p needs an even size: an
+    odd-sized frame loses its last column and/or row; frames of another size
+    than :meth:`open`'s are resized first.
+
+    Threads: :meth:`write` never encodes and never touches the network. It
+    copies the frame into one of a few preallocated buffers and queues it; the
+    queue holds at most ``queue_frames`` frames and drops the oldest when the
+    encoder falls behind (counted in :attr:`frames_dropped`). One
+    encoder/sender thread converts, encodes and sends.
+
+    Connection: :meth:`open` connects synchronously (the first RTSP handshake
+    happens there, bounded by ``timeout_s``) so a wrong address fails at once
+    with :class:`OutputError`. When the server goes away later (killed, network
+    drop, stops reading for ``timeout_s``), the sender logs one error naming
+    the URL (password shown as ``***``), and reconnects in the background with
+    backoff ``backoff_s``, doubling up to ``backoff_max_s`` (1, 2, 4, 8, 10,
+    10 … s). Meanwhile :meth:`write` drops every frame at once (counted, not
+    queued). Each new connection starts a new encoder, so it begins with a
+    keyframe. Before each reconnection attempt a plain socket asks the server
+    for its RTSP ``OPTIONS`` (``timeout_s``): PyAV runs FFmpeg's handshake
+    holding Python's interpreter lock, so it is started only once the server
+    answers, which keeps a dead or unreachable server from stalling other
+    threads.
+
+    :meth:`close` sends the frames still queued, flushes the encoder, ends the
+    session (RTSP TEARDOWN) and joins the thread; with a stalled server it can
+    take up to about twice ``timeout_s``.
+
+    Args:
+        url: ``rtsp://[user:password@]host[:port]/path`` or ``rtsps://…``.
+        keyframe_interval_s: seconds between keyframes (default 1).
+        timeout_s: limit for connecting and for each network write, in seconds (default 2).
+        queue_frames: frames that may wait for the encoder (1 or more; default 2).
+        backoff_s, backoff_max_s: first and longest wait between reconnection attempts, in seconds.
+
+    Attributes:
+        url: the address given.
+        encoded_size: ``(width, height)`` px sent (after :meth:`open`).
+        fps: the nominal frame rate given to :meth:`open` (30 when unknown).
+        connected: True while a session with the server is up.
+        frames_written: frames given to :meth:`write`.
+        frames_sent: frames encoded and handed to the server.
+        frames_dropped: frames not sent: replaced in the queue, lost with a
+            connection, or written while disconnected.
+        reconnects: successful reconnections after a loss.
+
+    Raises:
+        OutputError: from the constructor when PyAV is not installed or the
+            address is not rtsp:// or rtsps://; from :meth:`open` when the
+            server cannot be reached or refuses the stream.
+        ValueError: a numeric argument out of range.
+    """
+
+    PRESET = "veryfast"
+    CRF = 23
+    live_view = False
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        keyframe_interval_s: float = 1.0,
+        timeout_s: float = 2.0,
+        queue_frames: int = 2,
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 10.0,
+    ) -> None:
+        self.url = (url or "").strip()
+        if not self.url.lower().startswith(_RTSP_SCHEMES):
+            raise OutputError(
+                f"cannot publish to {_redact(self.url)!r}: -o rtsp needs an rtsp:// or rtsps:// address,"
+                " e.g. -d rtsp://127.0.0.1:8554/vision"
+            )
+        self._av = _import_av()
+        if self._av is None:
+            raise OutputError(f"cannot publish to {_redact(self.url)}: {_NO_PYAV_ADVICE}")
+        if not (keyframe_interval_s > 0 and timeout_s > 0 and queue_frames >= 1 and 0 < backoff_s <= backoff_max_s):
+            raise ValueError(
+                "RtspOutput needs keyframe_interval_s > 0, timeout_s > 0, queue_frames >= 1 and"
+                f" 0 < backoff_s <= backoff_max_s; got {keyframe_interval_s}, {timeout_s}, {queue_frames},"
+                f" {backoff_s}, {backoff_max_s}"
+            )
+        self.keyframe_interval_s = float(keyframe_interval_s)
+        self.timeout_s = float(timeout_s)
+        self.queue_frames = int(queue_frames)
+        self.backoff_s = float(backoff_s)
+        self.backoff_max_s = float(backoff_max_s)
+        self.fps = 0.0
+        self.size: tuple[int, int] = (0, 0)  # (width, height) given to open()
+        self.encoded_size: tuple[int, int] = (0, 0)
+        self.connected = False
+        self.frames_written = 0
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self.reconnects = 0
+        self.closed = False
+        self._opened = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[np.ndarray, float]] = collections.deque()
+        self._free: list[np.ndarray] = []  # buffers neither queued nor being encoded
+        self._container = None
+        self._stream = None
+        self._t0: float | None = None  # write() time of the first frame sent on this connection
+        self._last_pts = -1
+        self._thread: threading.Thread | None = None
+
+    def describe(self) -> str:
+        """E.g. ``RTSP rtsp://127.0.0.1:8554/vision (H.264, 29.83 fps)``; any password shown as ``***``."""
+        fps = f", {self.fps:.2f} fps" if self.fps else ""
+        return f"RTSP {_redact(self.url)} (H.264{fps})"
+
+    # ---------------------------------------------------------------- life cycle
+
+    def open(self, width: int, height: int, fps: float) -> None:
+        """Connect to the server and start publishing ``width``×``height`` px at nominal ``fps`` frames/s.
+
+        The first connection is made here, synchronously, within about
+        ``timeout_s`` seconds.
+
+        Raises:
+            OutputError: the server cannot be reached or refuses the stream, e.g.
+                "cannot publish to rtsp://127.0.0.1:8554/vision: connection refused;
+                start the RTSP server (e.g. mediamtx) or check -d".
+            ValueError: ``width`` or ``height`` below 2.
+            RuntimeError: already opened.
+        """
+        if self._opened or self.closed:
+            raise RuntimeError("RtspOutput.open() called twice")
+        if width < 2 or height < 2:
+            raise ValueError(f"H.264 needs frames of at least 2x2 px, got {width}x{height}")
+        try:
+            fps = float(fps)
+        except (TypeError, ValueError):
+            fps = 0.0
+        self.fps = fps if math.isfinite(fps) and fps > 0 else 30.0
+        self.size = (int(width), int(height))
+        self.encoded_size = (self.size[0] - self.size[0] % 2, self.size[1] - self.size[1] % 2)
+        problem = self._probe()
+        if problem is None:
+            try:
+                self._connect()
+            except OutputError as exc:
+                problem = str(exc)
+        if problem is not None:
+            raise OutputError(f"cannot publish to {_redact(self.url)}: {problem}; {_RTSP_ADVICE}")
+        w, h = self.encoded_size
+        self._free = [np.empty((h, w, 3), np.uint8) for _ in range(self.queue_frames + 2)]
+        self._opened = True
+        self.connected = True
+        self._thread = threading.Thread(target=self._run, name="vision-host-rtsp-sender", daemon=True)
+        self._thread.start()
+        _LIVE_OUTPUTS.add(self)
+        log.info("publishing %s", self.describe())
+
+    def write(self, frame: np.ndarray) -> None:
+        """Queue one H×W×3 uint8 BGR frame for the sender thread; never waits on encoding or the network.
+
+        Costs one frame copy (plus a resize when the size differs from
+        :meth:`open`'s). While disconnected the frame is dropped without a copy.
+
+        Raises:
+            ValueError: not an H×W×3 uint8 array.
+            RuntimeError: before :meth:`open` or after :meth:`close`.
+        """
+        if not self._opened or self._stopping:
+            raise RuntimeError("RtspOutput.write() needs open() first and no close() before it")
+        _check_frame(frame)
+        now = time.monotonic()
+        with self._cond:
+            self.frames_written += 1
+            if not self.connected:
+                self.frames_dropped += 1
+                return
+            buf = self._free.pop()  # never empty: queue_frames + 2 buffers, at most queue_frames + 1 in use
+        w, h = self.encoded_size
+        if frame.shape[0] == self.size[1] and frame.shape[1] == self.size[0]:
+            np.copyto(buf, frame[:h, :w])
+        else:
+            cv2.resize(frame, (w, h), dst=buf, interpolation=cv2.INTER_AREA)
+        with self._cond:
+            if not self.connected:  # lost while copying
+                self._free.append(buf)
+                self.frames_dropped += 1
+                return
+            if len(self._queue) >= self.queue_frames:
+                old, _ = self._queue.popleft()
+                self._free.append(old)
+                self.frames_dropped += 1
+            self._queue.append((buf, now))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Send what is queued, end the RTSP session and join the sender thread. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self._opened:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        _LIVE_OUTPUTS.discard(self)
+        log.info(
+            "stopped publishing to %s: %d frames sent, %d dropped, %d reconnects",
+            _redact(self.url), self.frames_sent, self.frames_dropped, self.reconnects,
+        )
+
+    # ---------------------------------------------------------------- connection
+
+    def _address(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        default = 322 if parts.scheme.lower() == "rtsps" else 554
+        return parts.hostname or "", port or default
+
+    def _probe(self) -> str | None:
+        """Ask the server for its RTSP OPTIONS with a plain socket (the GIL is free meanwhile).
+
+        Returns None when it answers, else why not (e.g. ``"connection refused"``).
+        For rtsps:// only the TCP connection is tried.
+        """
+        host, port = self._address()
+        if not host:
+            return "the address has no host"
+        try:
+            with socket.create_connection((host, port), timeout=self.timeout_s) as sock:
+                if self.url.lower().startswith("rtsps://"):
+                    return None
+                parts = urlsplit(self.url)
+                target = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+                sock.sendall(f"OPTIONS {target} RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: vision-host\r\n\r\n".encode())
+                answer = sock.recv(16)
+        except socket.gaierror:
+            return f"the host name {host!r} is unknown"
+        except ConnectionRefusedError:
+            return "connection refused"
+        except TimeoutError:
+            return f"no answer from {host}:{port} within {self.timeout_s:g} s"
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        if not answer.startswith(b"RTSP/"):
+            return f"{host}:{port} does not answer as an RTSP server"
+        return None
+
+    def _connect(self) -> None:
+        """Open the PyAV container and H.264 stream, and do the RTSP handshake (ANNOUNCE, SETUP, RECORD).
+
+        Raises:
+            OutputError: with the reason only (the caller adds the URL and the advice).
+        """
+        av = self._av
+        options = {"rtsp_transport": "tcp", "timeout": str(round(self.timeout_s * 1e6))}  # timeout in µs
+        container = None
+        try:
+            container = av.open(self.url, mode="w", format="rtsp", container_options=options)
+            rate = Fraction(self.fps).limit_denominator(1001)
+            gop = max(1, round(self.fps * self.keyframe_interval_s))
+            stream = container.add_stream(
+                "libx264",
+                rate=rate,
+                options={"preset": self.PRESET, "tune": "zerolatency", "crf": str(self.CRF), "g": str(gop)},
+            )
+            stream.width, stream.height = self.encoded_size
+            stream.pix_fmt = "yuv420p"
+            stream.time_base = _RTP_TIME_BASE
+            ctx = stream.codec_context
+            ctx.time_base = _RTP_TIME_BASE
+            ctx.colorspace = ctx.color_primaries = ctx.color_trc = _BT601
+            ctx.color_range = _MPEG_RANGE
+            container.start_encoding()  # opens the encoder and does the RTSP handshake
+        except (OSError, av.FFmpegError) as exc:
+            if container is not None:
+                try:
+                    container.close()
+                except (OSError, av.FFmpegError):
+                    pass
+            raise OutputError(_av_reason(exc)) from None
+        self._container, self._stream = container, stream
+        self._t0, self._last_pts = None, -1
+
+    def _disconnect(self, flush: bool) -> None:
+        """Close the current session; with ``flush``, send the encoder's last frames first."""
+        av = self._av
+        container, stream = self._container, self._stream
+        self._container = self._stream = None
+        if container is None:
+            return
+        try:
+            if flush:
+                container.mux(stream.encode(None))
+        except (OSError, av.FFmpegError) as exc:
+            log.warning("RTSP %s: the last frames were not sent (%s)", _redact(self.url), _av_reason(exc))
+        try:
+            container.close()  # RTSP TEARDOWN, closes the sockets
+        except (OSError, av.FFmpegError):
+            pass
+
+    # ---------------------------------------------------------------- sender thread
+
+    def _run(self) -> None:
+        av = self._av
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:  # stopping, nothing left to send
+                    break
+                buf, t = self._queue.popleft()
+            try:
+                self._send(buf, t)
+            except (OSError, av.FFmpegError) as exc:
+                with self._cond:
+                    self.connected = False
+                    lost = 1 + len(self._queue)
+                    self._free.extend(b for b, _ in self._queue)
+                    self._queue.clear()
+                    self._free.append(buf)
+                    self.frames_dropped += lost
+                log.error(
+                    "lost the RTSP connection to %s (%s): reconnecting (every %g s at first, then up to %g s apart);"
+                    " frames are dropped until it is back",
+                    _redact(self.url), _av_reason(exc), self.backoff_s, self.backoff_max_s,
+                )
+                self._disconnect(flush=False)
+                self._reconnect()
+                continue
+            with self._cond:
+                self._free.append(buf)
+                self.frames_sent += 1
+        self._disconnect(flush=True)
+        with self._cond:
+            self.connected = False
+
+    def _send(self, buf: np.ndarray, t: float) -> None:
+        if self._t0 is None:
+            self._t0 = t
+        pts = max(round((t - self._t0) / _RTP_TIME_BASE), self._last_pts + 1)
+        self._last_pts = pts
+        frame = self._av.VideoFrame.from_ndarray(buf, format="bgr24")  # a copy: buf is free again after this
+        frame.pts = pts
+        frame.time_base = _RTP_TIME_BASE
+        self._container.mux(self._stream.encode(frame))
+
+    def _reconnect(self) -> None:
+        """Try to reconnect with backoff until it works or close() is called."""
+        delay = self.backoff_s
+        lost_at = time.monotonic()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping, timeout=delay)
+                if self._stopping:
+                    return
+            problem = self._probe()
+            if problem is None:
+                try:
+                    self._connect()
+                except OutputError as exc:
+                    problem = str(exc)
+            if problem is None:
+                with self._cond:
+                    self.connected = True
+                    self.reconnects += 1
+                log.warning("publishing to %s again after %.1f s", _redact(self.url), time.monotonic() - lost_at)
+                return
+            delay = min(delay * 2, self.backoff_max_s)
+            log.warning("cannot publish to %s yet (%s); next try in %g s", _redact(self.url), problem, delay)
+
+
+def _av_reason(exc: BaseException) -> str:
+    """A short reason from a PyAV/OS error, e.g. ``"connection refused"``."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+        return "the server closed the connection"
+    if isinstance(exc, TimeoutError):
+        return "the server stopped answering"
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return reason[:1].lower() + reason[1:]
+
+
 # --------------------------------------------------------------------------- display
 
 _DISPLAY_ADVICE = "use -o mjpeg to watch in a browser or -o file -d out.mp4"
@@ -1064,6 +1739,8 @@ class DisplayOutput(Output):
             "cannot open a window: no display (DISPLAY unset); use -o mjpeg to
             watch in a browser or -o file -d out.mp4".
     """
+
+    live_view = True
 
     def __init__(self, window_name: str = "vision-host") -> None:
         self.window_name = window_name or "vision-host"
@@ -1159,14 +1836,17 @@ def make_output(
       is ``h264`` when PyAV is installed, else ``mp4v``. Without PyAV, asking
       for ``h264`` falls back to ``mp4v`` with a warning (logged once).
     * ``display``: ``destination`` is the window title (default ``vision-host``).
+    * ``rtsp``: ``destination`` is the ``rtsp://`` or ``rtsps://`` address to
+      publish H.264 to (:class:`RtspOutput`, needs PyAV).
 
     Nothing is opened here; call ``open()`` on the result.
 
     Raises:
         OutputError: unknown kind or codec (the message lists the valid ones),
             missing file path, an unreadable MJPEG address, segments or
-            subtitles asked for without PyAV or with ``mp4v``, or a file
-            extension the H.264 recorder does not write.
+            subtitles asked for without PyAV or with ``mp4v``, a file
+            extension the H.264 recorder does not write, or an rtsp
+            destination that is missing, not rtsp:// or rtsps://, or without PyAV.
     """
     global _warned_no_pyav
     kind_norm = (kind or "").strip().lower()
@@ -1193,4 +1873,8 @@ def make_output(
         return RecordingOutput(destination, segment_seconds=segment_seconds, subtitles=subtitles)
     if kind_norm == "display":
         return DisplayOutput(destination or "vision-host")
+    if kind_norm == "rtsp":
+        if not destination:
+            raise OutputError("-o rtsp needs the server address to publish to: add -d rtsp://127.0.0.1:8554/vision")
+        return RtspOutput(destination)
     raise OutputError(f"unknown output {kind!r}: use -o with one of {', '.join(OUTPUT_KINDS)}")

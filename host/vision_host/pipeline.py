@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from .captions import CaptionEvent, CaptionTrack
-from .outputs import DisplayOutput, MjpegOutput, Output
+from .outputs import Output
 from .runtime import Processor, Runtime
 from .sources import Source
 
@@ -52,12 +52,15 @@ class Pipeline:
             processor store) and the source's reconnections; its times are the output video's
             (frames written / the source's fps), so outages take no time in it.
         model: the model named in the caption track (e.g. the ``ollama-model`` config value).
+        stream: the stream these processors belong to (default: the runtime's stream 0); its
+            processor store and caption statistics are the ones read here.
     """
 
     def __init__(self, source: Source, processors: list[Processor], outputs: list[Output],
                  runtime: Runtime, status: TextIO | None = None, captions: list[CaptionTrack] | None = None,
-                 model: str | None = None):
+                 model: str | None = None, stream=None):
         self.source = source
+        self.stream = stream or runtime.streams[0]
         self.processors = processors
         self.outputs = outputs
         self.runtime = runtime
@@ -73,7 +76,7 @@ class Pipeline:
         self.rss_start = rss_bytes()
         self.captions = list(captions or [])
         self.model = model
-        self._store_version = runtime.processor_store.version
+        self._store_version = self.stream.processor_store.version
         self._last_caption: str | None = None
         self._captions_completed = 0
         self._in_gap = False
@@ -107,7 +110,7 @@ class Pipeline:
                     for track in self.captions:
                         track.resume(self.frames_out / self.source.fps)
                 self.frames_in += 1
-                self.runtime.next_frame()
+                self.stream.next_frame()
                 for processor in self.processors:
                     frame = processor.process(frame)
                 now = time.perf_counter()
@@ -118,7 +121,7 @@ class Pipeline:
                     output.write(frame)
                 self._last_frame = frame
                 self.frames_out += 1
-                if self.runtime.processor_store.version != self._store_version:
+                if self.stream.processor_store.version != self._store_version:
                     self._caption_check()
                 for track in self.captions:
                     track.tick(self.frames_out / self.source.fps)
@@ -138,9 +141,9 @@ class Pipeline:
 
     def _caption_check(self) -> None:
         """The processor store changed: a new ``captions/caption`` goes to the caption track."""
-        self._store_version = self.runtime.processor_store.version
-        text = self.runtime.processor_store.get("captions", "caption")
-        fs = self.runtime.fetch_stats
+        self._store_version = self.stream.processor_store.version
+        text = self.stream.processor_store.get("captions", "caption")
+        fs = self.stream.fetch_stats
         if text is None or (text == self._last_caption and fs.completed == self._captions_completed):
             return
         self._last_caption, self._captions_completed = text, fs.completed
@@ -173,12 +176,23 @@ class Pipeline:
             cv2.putText(self._gap_frame, text, (8, int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX,
                         band / 40, (255, 255, 255), max(1, band // 20), cv2.LINE_AA)
         for output in self.outputs:
-            if isinstance(output, (MjpegOutput, DisplayOutput)):
+            if output.live_view:
                 output.write(self._gap_frame)
 
     def _print_status(self, now: float) -> None:
-        elapsed = max(now - self.started, 1e-9)
-        fs = self.runtime.fetch_stats
+        line = self.status_text(now)
+        self.status.write("\r\x1b[2K" + line[: 200])
+        self.status.flush()
+
+    def status_text(self, now: float | None = None, short: bool = False) -> str:
+        """The status line: fps, frames, captions, last caption latency and last error
+        (``short``: the stream's name, fps and captions, for one stream of several)."""
+        now = time.perf_counter() if now is None else now
+        elapsed = max(now - self.started, 1e-9) if self.started else 1e-9
+        fs = self.stream.fetch_stats
+        if short:
+            state = "" if self.source.state == "live" else f" {self.source.state.upper()}"
+            return f"{self.stream.name}: {self.frames_out / elapsed:4.1f} fps {fs.completed} captions{state}"
         parts = [f"{self.frames_out / elapsed:5.1f} fps", f"{self.frames_out} frames",
                  f"{fs.completed} captions"]
         if self.source.state != "live":
@@ -190,21 +204,21 @@ class Pipeline:
             errors.append(f"server: {fs.last_error}")
         if errors:
             parts.append("last error: " + errors[-1])
-        line = " | ".join(parts)
-        self.status.write("\r\x1b[2K" + line[: 200])
-        self.status.flush()
+        return " | ".join(parts)
 
     def summary(self) -> dict:
         """Statistics of the run so far.
 
-        Keys: ``frames_in``, ``frames_out``, ``frames_dropped`` (live sources), ``duration_s``,
-        ``reconnects``, ``source_state`` (live sources: how often the stream came back, and
-        ``live``/``reconnecting``/``ended``), ``reconnect_gaps_s`` (how long each reconnection took),
-        ``fps``, ``max_frame_gap_ms`` (largest wall-clock gap between consecutive frames
+        Keys: ``stream`` (its name), ``source`` (the source, password redacted), ``frames_in``,
+        ``frames_out``, ``frames_dropped`` (live sources), ``duration_s``, ``reconnects``,
+        ``source_state`` (live sources: how often the stream came back, and
+        ``live``/``reconnecting``/``ended``), ``reconnect_gaps_s`` (how long each reconnection
+        took), ``fps``, ``max_frame_gap_ms`` (largest wall-clock gap between consecutive frames
         leaving the chain), ``processors`` (per name: ``calls``, ``mean_us``, ``p99_us``,
         ``errors``, ``disabled``, ``memory_bytes``), ``captions`` (``started``, ``completed``,
-        ``failed``, ``latency_ms_p50``, ``latency_ms_p95``, ``last``), ``rss_bytes_start``,
-        ``rss_bytes_end``.
+        ``failed``, ``latency_ms_p50``, ``latency_ms_p95``, ``wait_ms_p50`` and ``wait_ms_max``
+        (ms a frame request waited for its turn at the vision server, see
+        :class:`.runtime.fetch.FairShare`), ``last``), ``rss_bytes_start``, ``rss_bytes_end``.
         """
         end = self.ended or time.perf_counter()
         duration = max(end - self.started, 1e-9) if self.started else 0.0
@@ -215,9 +229,12 @@ class Pipeline:
             while key in processors:
                 key, n = f"{p.name}#{n}", n + 1
             processors[key] = {**p.stats.summary(), "disabled": p.disabled, "memory_bytes": p.memory_bytes}
-        fs = self.runtime.fetch_stats
+        fs = self.stream.fetch_stats
         latencies = list(fs.latencies_ms)
+        waits = list(fs.waits_ms)
         return {
+            "stream": self.stream.name,
+            "source": self.source.name,
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "frames_dropped": self.source.frames_dropped,
@@ -235,7 +252,9 @@ class Pipeline:
                 "failed": fs.failed,
                 "latency_ms_p50": _percentile(latencies, 50),
                 "latency_ms_p95": _percentile(latencies, 95),
-                "last": self.runtime.processor_store.get("captions", "caption"),
+                "wait_ms_p50": _percentile(waits, 50),
+                "wait_ms_max": round(max(waits), 1) if waits else None,
+                "last": self.stream.processor_store.get("captions", "caption"),
             },
             "rss_bytes_start": self.rss_start,
             "rss_bytes_end": rss_bytes(),

@@ -5,6 +5,13 @@ frame rate by default so a recording behaves like a live camera (``pace=False`` 
 as possible; no frame is ever skipped). Live sources (cameras, ``rtsp://``, ``http(s)://``)
 are read on their own thread that keeps only the newest frame, so a slow processor chain
 never builds a backlog; the frames it had to skip are counted in ``frames_dropped``.
+
+HTTP sources: a camera-style MJPEG stream (``multipart/x-mixed-replace``) opens as-is (FFmpeg
+picks its ``mpjpeg`` demuxer from the Content-Type). An HLS URL (path ending in ``.m3u8``) is
+live when its playlist has no ``#EXT-X-ENDLIST``: its frames are released at the pace of their
+timestamps (FFmpeg hands over a whole segment at once), and after a stall it is only reopened
+once the playlist changes again. A VOD playlist (with ``#EXT-X-ENDLIST``) is a recording: it is
+read like a file (:class:`FileSource`: every frame, paced, then it ends).
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import os
 import random
 import threading
 import time
+import urllib.parse
+import urllib.request
+from base64 import b64encode
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,18 +86,32 @@ def _fps_of(cap: cv2.VideoCapture) -> float:
 class FileSource(Source):
     """A video file, read in order; paced at ``fps`` when ``pace`` is set.
 
+    ``path`` may also be an http(s) URL of a recording (:func:`open_source` gives a VOD HLS
+    playlist here): it is read the same way and ends at its end; ``open_timeout_s`` /
+    ``read_timeout_s`` bound the open and each read (s). A connection lost midway ends it too,
+    with :attr:`last_error` saying so.
+
     Raises:
-        SourceError: the file is missing or OpenCV cannot decode it.
+        SourceError: the file is missing or OpenCV cannot decode it (or the URL cannot be opened).
     """
 
-    def __init__(self, path: str, pace: bool = True):
+    last_error: str | None = None
+
+    def __init__(self, path: str, pace: bool = True, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0):
         self.path = path
-        if not Path(path).is_file():
+        self._url = path.lower().startswith(STREAM_SCHEMES)
+        if self._url:
+            self._cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
+                                                                cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000)])
+        elif not Path(path).is_file():
             raise SourceError(f"video file {path} does not exist: check the path given to -s")
-        self._cap = cv2.VideoCapture(path)
+        else:
+            self._cap = cv2.VideoCapture(path)
         ok, first = self._cap.read() if self._cap.isOpened() else (False, None)
         if not ok:
             self._cap.release()
+            if self._url:
+                raise SourceError(f"cannot open recording {_redact(path)}: check the address and that the server is up")
             raise SourceError(f"cannot decode video file {path}: is it a video OpenCV's FFmpeg can read "
                               f"(mp4, mkv, avi, …)?")
         self.height, self.width = first.shape[:2]
@@ -106,6 +130,10 @@ class FileSource(Source):
             ok, frame = self._cap.read(self._buffer)
             if not ok:
                 self.ended = True
+                if self._url and self.frame_count and self._index < self.frame_count - 1:
+                    self.last_error = (f"recording {_redact(self.path)} ended after {self._index} of "
+                                       f"{self.frame_count} frames: the connection was lost")
+                    log.warning("%s", self.last_error)
                 return None
         if self._pace:
             now = time.perf_counter()
@@ -122,10 +150,11 @@ class FileSource(Source):
 
     @property
     def name(self) -> str:
-        return self.path
+        return _redact(self.path)
 
     def describe(self) -> str:
-        return f"file {self.path} ({self.width}×{self.height} @ {self.fps:g} fps)"
+        kind = "recording" if self._url else "file"
+        return f"{kind} {self.name} ({self.width}×{self.height} @ {self.fps:g} fps)"
 
 
 @dataclass
@@ -168,8 +197,21 @@ class LiveSource(Source):
 
     A stream that drops, stalls past ``stall_timeout_s`` or ends is reopened with backoff and
     jitter (:class:`LiveOptions`); meanwhile :attr:`state` is ``"reconnecting"`` and
-    :meth:`read` returns None while :attr:`ended` stays False. After ``retries`` failed
-    attempts in a row (0 = never) the source ends with :attr:`last_error` saying why.
+    :meth:`read` returns None while :attr:`ended` stays False. :attr:`state` turns
+    ``"reconnecting"`` as soon as no frame has come for ``stall_timeout_s``, even while FFmpeg
+    still waits on the old connection (its HLS reader retries the playlist a few times before
+    giving up, which can take 2–3× the timeout). After ``retries`` failed attempts in a row
+    (0 = never) the source ends with :attr:`last_error` saying why.
+
+    HTTP MJPEG (``multipart/x-mixed-replace``, e.g. an IP camera's ``/video.mjpg``) needs no
+    option. Live HLS (``….m3u8`` without ``#EXT-X-ENDLIST``): FFmpeg delivers a whole segment at
+    once, so frames are released at the pace of their timestamps (else a slow reader would see
+    one frame per segment); reading starts about three segments behind the live edge, and
+    ``stall_timeout_s`` must exceed the segment duration (a warning says so). After a stall
+    the playlist is reopened only once it has changed: a playlist that stopped growing (the
+    encoder died) fails each attempt with a message saying so instead of replaying its last
+    segments. A VOD playlist (with ``#EXT-X-ENDLIST``) is not live: :func:`open_source` reads
+    it as a :class:`FileSource`; given to this class directly it is reopened when it ends.
 
     Args:
         spec: camera index ("0"), device path ("/dev/video0") or stream URL (rtsp://, http(s)://
@@ -190,12 +232,20 @@ class LiveSource(Source):
         self.ended = False
         self._cap = None
         self._stop = threading.Event()
+        self._hls = _is_hls(spec)
+        #: HLS: the media playlist's text when the stream dropped (reopen once it differs).
+        self._stalled_playlist: str | None = None
+        self._anchor: tuple[float, float] | None = None   # HLS pacing: (wall s, stream s)
+        self._last_frame_t = 0.0
+        self._after_stall = False
         first = self._open_with_retries()
         if first is None:
             raise SourceError(self.last_error or f"cannot open {spec}")
         self.height, self.width = first.shape[:2]
         self.fps = _fps_of(self._cap)
         self.state = "live"
+        if self._hls:
+            self._check_segment_length()
         self._latest: np.ndarray | None = first
         self._cond = threading.Condition()
         #: (start, end) of each reconnection in time.monotonic() seconds; end None while ongoing.
@@ -203,10 +253,43 @@ class LiveSource(Source):
         self._thread = threading.Thread(target=self._capture, name=f"vision-host-capture {spec}", daemon=True)
         self._thread.start()
 
+    @property
+    def state(self) -> str:
+        """``"connecting"``, ``"live"``, ``"reconnecting"`` (also while stalled: no frame for
+        ``stall_timeout_s``) or ``"ended"``."""
+        if (self._state == "live" and self._last_frame_t
+                and time.monotonic() - self._last_frame_t > self.options.stall_timeout_s):
+            return "reconnecting"
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+
+    def _check_segment_length(self) -> None:
+        try:
+            target = _hls_target_duration(_fetch_hls_playlist(self.spec, self.options.open_timeout_s))
+        except (OSError, ValueError):
+            return
+        if target and target >= self.options.stall_timeout_s:
+            log.warning("HLS stream %s has %g s segments, not shorter than the stall timeout (%g s): it may be "
+                        "taken for stalled between segments; raise --source-timeout-s above %g",
+                        _redact(self.spec), target, self.options.stall_timeout_s, 2 * target)
+
     # -- opening ----------------------------------------------------------------------------------
     def _open_once(self):
         """One attempt: (capture, first frame) or (None, None) with :attr:`last_error` set."""
         spec, opt = self.spec, self.options
+        if self._stalled_playlist is not None:
+            try:
+                playlist = _fetch_hls_playlist(spec, opt.open_timeout_s)
+            except (OSError, ValueError) as exc:
+                self.last_error = f"cannot read HLS playlist {_redact(spec)} ({exc}): check the address and the server"
+                return None, None
+            if playlist == self._stalled_playlist:
+                self.last_error = (f"HLS playlist {_redact(spec)} has not changed since the stream stalled: "
+                                   f"check that the encoder writing it is running")
+                return None, None
         if spec.isdigit() or not spec.lower().startswith(STREAM_SCHEMES):
             cap = cv2.VideoCapture(int(spec) if spec.isdigit() else spec)
             if opt.fourcc:
@@ -230,6 +313,15 @@ class LiveSource(Source):
                     else:
                         os.environ[_FFMPEG_OPTIONS_ENV] = saved
         ok, first = cap.read() if cap.isOpened() else (False, None)
+        if ok and self._after_stall:
+            # many MJPEG servers greet a new client with their last frame: after a stall, only a
+            # second frame shows that the stream moves again (else it would flap live/reconnecting)
+            ok, first = cap.read()
+            if not ok:
+                cap.release()
+                self.last_error = (f"stream {_redact(spec)} answers but sends no new frame: check that the camera "
+                                   f"or encoder behind it is running")
+                return None, None
         if ok:
             return cap, first
         cap.release()
@@ -251,6 +343,10 @@ class LiveSource(Source):
             cap, first = self._open_once()
             if cap is not None:
                 self._cap = cap
+                self._stalled_playlist = None
+                self._after_stall = False
+                self._anchor = (time.monotonic(), cap.get(cv2.CAP_PROP_POS_MSEC) / 1000)
+                self._last_frame_t = time.monotonic()
                 return first
             retries = self.options.retries
             if retries and attempt >= retries:
@@ -268,7 +364,10 @@ class LiveSource(Source):
         while not self._stop.is_set():
             ok, frame = self._cap.read()
             if ok:
+                if self._hls and self._pace_hls():
+                    return
                 with self._cond:
+                    self._last_frame_t = time.monotonic()
                     if self._latest is not None:
                         self.frames_dropped += 1
                     self._latest = frame
@@ -278,9 +377,17 @@ class LiveSource(Source):
                 return
             # dropped, stalled past the read timeout, or ended: reopen
             self._cap.release()
+            now = time.monotonic()
+            self._after_stall = now - self._last_frame_t >= 0.9 * self.options.stall_timeout_s
+            if self._hls:
+                try:
+                    self._stalled_playlist = _fetch_hls_playlist(self.spec, self.options.open_timeout_s)
+                except (OSError, ValueError):
+                    self._stalled_playlist = None
             with self._cond:
                 self.state = "reconnecting"
-                self.gaps.append([time.monotonic(), None])
+                # a stall began when it was first reported (stall_timeout_s after the last frame)
+                self.gaps.append([min(now, self._last_frame_t + self.options.stall_timeout_s), None])
                 self._cond.notify_all()
             log.warning("stream %s dropped or stalled: reconnecting", _redact(self.spec))
             first = self._open_with_retries()
@@ -298,6 +405,18 @@ class LiveSource(Source):
                 self._latest = first
                 self._cond.notify_all()
             log.warning("stream %s is back after %.1f s", _redact(self.spec), self.gaps[-1][1] - self.gaps[-1][0])
+
+    def _pace_hls(self) -> bool:
+        """Hold the frame just read until its timestamp is due (HLS hands over whole segments).
+        Re-anchors when the stream is over 1 s late or jumps ahead by over 5 s. True if closed."""
+        pos = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000
+        now = time.monotonic()
+        if self._anchor is None:
+            self._anchor = (now, pos)
+        due = self._anchor[0] + pos - self._anchor[1]
+        if due < now - 1.0 or due > now + 5.0:
+            self._anchor, due = (now, pos), now
+        return due > now and self._stop.wait(due - now)
 
     def read(self, timeout_s: float = 0.5) -> np.ndarray | None:
         """The newest frame (H×W×3 uint8 BGR), waiting up to ``timeout_s``; None when there is
@@ -335,9 +454,55 @@ def _redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
 
 
+def _is_hls(spec: str) -> bool:
+    """An http(s) URL whose path ends in ``.m3u8`` (an HLS playlist)."""
+    parts = urllib.parse.urlsplit(spec)
+    return parts.scheme.lower() in ("http", "https") and parts.path.lower().endswith(".m3u8")
+
+
+def _fetch_hls_playlist(url: str, timeout_s: float) -> str:
+    """The text of the HLS media playlist at ``url``; of a master playlist, its first variant.
+
+    Credentials in the URL are sent as HTTP basic auth. Raises OSError (network, HTTP status)
+    or ValueError (not a playlist)."""
+    for _ in range(2):
+        parts = urllib.parse.urlsplit(url)
+        request = urllib.request.Request(urllib.parse.urlunsplit(
+            parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))))
+        if parts.username is not None:
+            auth = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            request.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            text = response.read(4 << 20).decode("utf-8", "replace").lstrip("\ufeff")
+        if not text.startswith("#EXTM3U"):
+            raise ValueError("not an HLS playlist")
+        lines = [line.strip() for line in text.splitlines()]
+        variant = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("#EXT-X-STREAM-INF")), None)
+        if variant is None:
+            return text
+        url = urllib.parse.urljoin(url, variant)
+    raise ValueError("a master playlist that points to another master playlist")
+
+
+def _hls_target_duration(playlist: str) -> float:
+    """``#EXT-X-TARGETDURATION`` of a media playlist in seconds (0 when absent)."""
+    for line in playlist.splitlines():
+        if line.startswith("#EXT-X-TARGETDURATION:"):
+            try:
+                return float(line.split(":", 1)[1])
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
 def open_source(spec: str, pace: bool = True, live_options: LiveOptions | None = None) -> Source:
     """Open ``spec``: a camera index or device path, a video file, or a stream URL
     (``live_options`` apply to cameras and streams).
+
+    An HLS URL (``….m3u8``) whose playlist ends with ``#EXT-X-ENDLIST`` (VOD) is a recording,
+    not a live stream: it is read like a file (:class:`FileSource`: every frame, paced at its
+    frame rate unless ``pace`` is False, and the source ends at its end instead of reconnecting).
+    A live playlist, MJPEG over HTTP and every other stream URL give a :class:`LiveSource`.
 
     Raises:
         SourceError: with a sentence saying what to do.
@@ -348,6 +513,14 @@ def open_source(spec: str, pace: bool = True, live_options: LiveOptions | None =
     except AttributeError:
         pass
     spec = str(spec).strip()
+    if _is_hls(spec):
+        opts = live_options or LiveOptions()
+        try:
+            vod = "#EXT-X-ENDLIST" in _fetch_hls_playlist(spec, opts.open_timeout_s)
+        except (OSError, ValueError):
+            vod = False     # unreachable for now: LiveSource retries and says why
+        if vod:
+            return FileSource(spec, pace=pace, open_timeout_s=opts.open_timeout_s, read_timeout_s=opts.stall_timeout_s)
     if spec.isdigit() or spec.startswith("/dev/video") or spec.lower().startswith(STREAM_SCHEMES):
         return LiveSource(spec, live_options)
     return FileSource(spec, pace=pace)

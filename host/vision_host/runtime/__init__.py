@@ -4,7 +4,8 @@ memory (:mod:`.abi`), resource handles (:mod:`.handles`), and one module per imp
 interface: :mod:`.platform` (wasmvision:platform), :mod:`.cv`, :mod:`.objdetect`, :mod:`.dnn`,
 :mod:`.features2d` (wasm:cv), :mod:`.fetch` and :mod:`.overlay` (vision-host:platform)."""
 
-from .engine import Processor, ProcessorLoadError, Runtime, SandboxLimits, default_cache_dir
+from .engine import Processor, ProcessorLoadError, Runtime, SandboxLimits, StreamContext, default_cache_dir
 from .fetch import NetworkPolicy
 
-__all__ = ["NetworkPolicy", "Processor", "ProcessorLoadError", "Runtime", "SandboxLimits", "default_cache_dir"]
+__all__ = ["NetworkPolicy", "Processor", "ProcessorLoadError", "Runtime", "SandboxLimits", "StreamContext",
+           "default_cache_dir"]

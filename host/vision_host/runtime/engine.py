@@ -29,7 +29,7 @@ import wasmtime
 from . import overlay as _overlay
 from .abi import AbiError, GuestMemory
 from .canon import build_host_functions, build_legacy_functions
-from .fetch import FetchClient, FetchError, FetchStats, NetworkPolicy
+from .fetch import FairShare, FetchClient, FetchError, FetchStats, NetworkPolicy
 from .handles import HandleTable
 from .platform import ProcessorStore
 
@@ -119,9 +119,43 @@ def _type_text(ty) -> str:
     return f"({', '.join(map(str, ty.params))}) -> ({', '.join(map(str, ty.results))})"
 
 
+class StreamContext:
+    """What the processors of one video stream share: their config, the ``processor-store``
+    and ``frame-store``, the frame sequence number, caption statistics, and the stream's lane
+    in the vision server's round-robin share (:class:`.fetch.FairShare`).
+
+    Each stream of a run (one per source) has its own processor instances, so one camera's
+    captions never leak into another's store.
+
+    Args:
+        index: the stream's number (0, 1, …): its lane and its ``/stream/N``.
+        name: what messages and caption tracks call the stream.
+        config: the run's ``-c`` settings with this stream's own settings laid over them (used
+            as given, not copied: stream 0 shares the runtime's dict).
+    """
+
+    def __init__(self, index: int, name: str, config: dict[str, str]):
+        self.index = index
+        self.name = name
+        self.config = config
+        self.processor_store = ProcessorStore()
+        self.frame_store = ProcessorStore()
+        self.frame_seq = 0
+        self.fetch_stats = FetchStats()
+
+    def next_frame(self) -> int:
+        """Start a new frame (the pipeline calls this once per frame); returns its sequence
+        number. ``frame-store`` data older than the previous frame is dropped."""
+        self.frame_seq += 1
+        self.frame_store.prune_before(self.frame_seq - 1)
+        return self.frame_seq
+
+
 class Runtime:
-    """Shared state of one run: the engine, its epoch ticker, the module cache, the config,
-    the processor store, the HTTP worker pool and caption statistics.
+    """Shared state of one run: the engine, its epoch ticker, the module cache, the network
+    policy, the HTTP worker pool, the fair share of the vision server, and the streams
+    (:class:`StreamContext`; stream 0 always exists and is what :attr:`processor_store`,
+    :attr:`fetch_stats` and :meth:`next_frame` refer to).
 
     Args:
         config: ``-c key=value`` settings, visible to processors through ``get-config``.
@@ -139,10 +173,8 @@ class Runtime:
         self.limits = limits or SandboxLimits()
         self.cache_dir = cache_dir
         self.models_dir = Path(models_dir) if models_dir else None
-        self.processor_store = ProcessorStore()
-        self.frame_store = ProcessorStore()
-        self.frame_seq = 0
-        self.fetch_stats = FetchStats()
+        self.streams = [StreamContext(0, "0", self.config)]
+        self.fair_share = FairShare(self.policy.max_frame_requests)
         self.println = println or (lambda text: print(text, flush=True))
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="vision-host-http")
         cfg = wasmtime.Config()
@@ -160,12 +192,36 @@ class Runtime:
         while not self._stop.wait(EPOCH_TICK_S):
             self.engine.increment_epoch()
 
+    def add_stream(self, name: str, config: dict[str, str] | None = None) -> StreamContext:
+        """A new stream (index = the number of streams so far) with the run's config and
+        ``config`` laid over it; load its processors with ``load(..., stream=it)``."""
+        stream = StreamContext(len(self.streams), name, {**self.config, **(config or {})})
+        self.streams.append(stream)
+        return stream
+
+    @property
+    def processor_store(self) -> ProcessorStore:
+        """Stream 0's ``processor-store``."""
+        return self.streams[0].processor_store
+
+    @property
+    def frame_store(self) -> ProcessorStore:
+        """Stream 0's ``frame-store``."""
+        return self.streams[0].frame_store
+
+    @property
+    def frame_seq(self) -> int:
+        """Stream 0's frame sequence number."""
+        return self.streams[0].frame_seq
+
+    @property
+    def fetch_stats(self) -> FetchStats:
+        """Stream 0's caption-request statistics."""
+        return self.streams[0].fetch_stats
+
     def next_frame(self) -> int:
-        """Start a new frame (the pipeline calls this once per frame); returns its sequence
-        number. ``frame-store`` data older than the previous frame is dropped."""
-        self.frame_seq += 1
-        self.frame_store.prune_before(self.frame_seq - 1)
-        return self.frame_seq
+        """Stream 0's :meth:`StreamContext.next_frame`."""
+        return self.streams[0].next_frame()
 
     def ticks(self, ms: float) -> int:
         """Epoch ticks covering ``ms`` milliseconds (at least 1)."""
@@ -233,8 +289,9 @@ class Runtime:
             problems.append("does not export its `memory`")
         return problems
 
-    def load(self, path: Path, name: str | None = None) -> "Processor":
-        """Compile (or fetch from the cache), check and instantiate the processor at ``path``.
+    def load(self, path: Path, name: str | None = None, stream: StreamContext | None = None) -> "Processor":
+        """Compile (or fetch from the cache), check and instantiate the processor at ``path``
+        for ``stream`` (default stream 0).
 
         Raises:
             ProcessorLoadError: unreadable file, invalid module, wrong imports/exports, or a
@@ -246,15 +303,16 @@ class Runtime:
             wasm = path.read_bytes()
         except OSError as exc:
             raise ProcessorLoadError(f"cannot read processor {path}: {exc.strerror}") from None
-        return self.load_bytes(wasm, name, str(path))
+        return self.load_bytes(wasm, name, str(path), stream)
 
-    def load_bytes(self, wasm: bytes, name: str, origin: str = "<bytes>") -> "Processor":
+    def load_bytes(self, wasm: bytes, name: str, origin: str = "<bytes>",
+                   stream: StreamContext | None = None) -> "Processor":
         """Like :meth:`load` for a module already in memory (``origin`` names it in errors)."""
         module = self.compile(wasm, origin)
         problems = self.check_imports(module, origin)
         if problems:
             raise ProcessorLoadError(f"processor {name} ({origin}) cannot run here: " + "; ".join(problems))
-        return Processor(self, name, Path(origin), module)
+        return Processor(self, name, Path(origin), module, stream or self.streams[0])
 
     def close(self) -> None:
         """Stop the ticker and the HTTP workers (requests in flight are abandoned)."""
@@ -304,12 +362,13 @@ class ProcessorStats:
 class InstanceContext:
     """What host functions see of the processor calling them (passed as their first argument)."""
 
-    def __init__(self, runtime: Runtime, name: str):
+    def __init__(self, runtime: Runtime, name: str, stream: StreamContext):
         self.name = name
         self.runtime = runtime
-        self.config = runtime.config
-        self.processor_store = runtime.processor_store
-        self.frame_store = runtime.frame_store
+        self.stream = stream
+        self.config = stream.config
+        self.processor_store = stream.processor_store
+        self.frame_store = stream.frame_store
         self.models_dir = runtime.models_dir
         self.println = runtime.println
         self.log = logging.getLogger(f"vision_host.processor.{name}")
@@ -318,7 +377,7 @@ class InstanceContext:
         self.mats = self.table(MAT_RESOURCE)
         self.frame_handle = 0          # handle of the frame being processed, and its sequence
         self.frame_number = 0
-        self.fetch = FetchClient(runtime.policy, runtime.pool, runtime.fetch_stats)
+        self.fetch = FetchClient(runtime.policy, runtime.pool, stream.fetch_stats, runtime.fair_share, stream.index)
         self.memory: GuestMemory | None = None
         self._logged: set[str] = set()
 
@@ -354,8 +413,10 @@ class Processor:
         ProcessorLoadError: instantiation or ``_initialize`` trapped or timed out.
     """
 
-    def __init__(self, runtime: Runtime, name: str, path: Path, module: wasmtime.Module):
+    def __init__(self, runtime: Runtime, name: str, path: Path, module: wasmtime.Module,
+                 stream: StreamContext | None = None):
         self.runtime = runtime
+        self.stream = stream = stream or runtime.streams[0]
         self.name = name
         self.path = path
         self.stats = ProcessorStats()
@@ -364,7 +425,7 @@ class Processor:
         self._consecutive = 0
         self._suspect = False
         self._errors_by_kind: dict[str, int] = {}
-        self.ctx = ctx = InstanceContext(runtime, name)
+        self.ctx = ctx = InstanceContext(runtime, name, stream)
         self._callbacks: list = []     # C callbacks of the linked host functions, kept alive
         self._in_call = False          # deadline accounting of the current process call (s)
         self._budget_s = self._hard_s = self._guest_s = 0.0
@@ -462,7 +523,7 @@ class Processor:
         ctx = self.ctx
         mats = ctx.mats
         handle = mats.insert(frame)
-        ctx.frame_handle, ctx.frame_number = handle, self.runtime.frame_seq
+        ctx.frame_handle, ctx.frame_number = handle, self.stream.frame_seq
         ctx.memory.reset_arena()
         limits = self.runtime.limits
         self.store.set_epoch_deadline(self.runtime.ticks(limits.call_timeout_ms))
@@ -471,10 +532,12 @@ class Processor:
         self._call_started = self._resumed = started
         self._guest_s = 0.0
         self._in_call = True
+        _HOST_EXCEPTION.value = None
         try:
             out_handle = self._process(self.store, handle)
             result = mats.get(out_handle)
         except Exception as exc:  # noqa: BLE001 - traps, timeouts and ABI errors alike
+            exc = _host_exception(exc)
             self._in_call = False
             self.stats.add((time.perf_counter() - started) * 1e6)
             mats.discard(handle)
@@ -549,6 +612,7 @@ def _define(linker: wasmtime.Linker, spec, impl, keep: list) -> None:
                 setattr(raw[0], result, value)
             return 0
         except BaseException as exc:   # noqa: BLE001 - re-raised by wasmtime-py on return
+            _HOST_EXCEPTION.value = exc
             _wasmtime_func.LAST_EXCEPTION = exc
             return ctypes.cast(Trap("python exception")._consume(), ctypes.c_void_p).value
 
@@ -561,6 +625,22 @@ def _define(linker: wasmtime.Linker, spec, impl, keep: list) -> None:
                               c_callback, None, _NO_FINALIZER)
     if error:
         raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+#: The exception a host function raised on this thread, by the unchecked callback. wasmtime-py
+#: keeps it in one global for all threads, which streams on other threads may overwrite
+#: before it is re-raised; this copy is per thread.
+_HOST_EXCEPTION = threading.local()
+
+
+def _host_exception(raised: BaseException) -> BaseException:
+    """The exception that really ended a call on this thread: the host function's own when
+    one raised (``raised`` may then be another thread's, or a bare trap), else ``raised``."""
+    own = getattr(_HOST_EXCEPTION, "value", None)
+    if own is None:
+        return raised
+    _HOST_EXCEPTION.value = None
+    return own
 
 
 def _maybe(exports, name: str):

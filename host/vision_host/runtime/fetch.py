@@ -67,6 +67,9 @@ class NetworkPolicy:
         connect_timeout_s / read_timeout_s: seconds to connect, and between received bytes.
         max_response_bytes: replies longer than this are cut off with ``response-too-large``.
         max_in_flight: non-blocking requests one processor may have running at once.
+        max_frame_requests: frame (caption) requests running at once across all streams;
+            each stream has at most one running, and waiting streams are served round-robin
+            (:class:`FairShare`).
     """
 
     allowed: set[str] = field(default_factory=set)
@@ -74,6 +77,7 @@ class NetworkPolicy:
     read_timeout_s: float = 60.0
     max_response_bytes: int = 8 * 1024 * 1024
     max_in_flight: int = 4
+    max_frame_requests: int = 2
     credentials: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -129,6 +133,7 @@ class _Request:
     url: str
     is_image: bool
     started: float
+    dispatched: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     status: int = 0
     body: bytearray = field(default_factory=bytearray)
@@ -147,6 +152,8 @@ class FetchStats:
         self.completed = 0
         self.failed = 0
         self.latencies_ms: deque[float] = deque(maxlen=keep)
+        #: ms each frame request waited for its turn in the :class:`FairShare` before it was sent.
+        self.waits_ms: deque[float] = deque(maxlen=keep)
         self.last_latency_ms: float | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
@@ -166,19 +173,81 @@ class FetchStats:
                 self.last_error = why
 
 
+class FairShare:
+    """Round-robin admission of frame (caption) requests from several streams to the vision
+    servers: at most one request per stream runs at once, at most ``limit`` in all, and when
+    a slot frees the next waiting stream after the one served last gets it. A busy stream
+    therefore waits at most one round of the others and cannot starve them.
+
+    Requests are queued per stream (lane) and started on the caller's worker pool; while
+    queued, ``poll`` reports status 0 and no bytes (the processor simply sees no answer yet).
+
+    Args:
+        limit: frame requests running at once across all streams (≥ 1).
+    Attributes:
+        order: lanes in the order their requests were started (the newest 4096), for checks.
+    """
+
+    def __init__(self, limit: int = 2):
+        self.limit = max(1, int(limit))
+        self.order: deque[int] = deque(maxlen=4096)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, deque] = {}
+        self._busy: set[int] = set()
+        self._last = -1
+
+    def submit(self, lane: int, start) -> None:
+        """Queue ``start()`` (which must end by calling :meth:`done` with ``lane``, once)."""
+        with self._lock:
+            self._waiting.setdefault(lane, deque()).append(start)
+            ready = self._admit()
+        for run in ready:
+            run()
+
+    def done(self, lane: int) -> None:
+        """A request of ``lane`` finished: free its slot and start whoever is next."""
+        with self._lock:
+            self._busy.discard(lane)
+            ready = self._admit()
+        for run in ready:
+            run()
+
+    @property
+    def running(self) -> int:
+        """Requests running now."""
+        return len(self._busy)
+
+    def _admit(self) -> list:
+        ready = []
+        while len(self._busy) < self.limit:
+            lanes = sorted(lane for lane, q in self._waiting.items() if q and lane not in self._busy)
+            if not lanes:
+                break
+            lane = next((lane for lane in lanes if lane > self._last), lanes[0])
+            self._busy.add(lane)
+            self._last = lane
+            self.order.append(lane)
+            ready.append(self._waiting[lane].popleft())
+        return ready
+
+
 class FetchClient:
     """Runs one processor's HTTP requests on a shared worker pool under a :class:`NetworkPolicy`.
 
     Args:
         policy: destinations and limits.
         pool: the run's worker threads (shared by every processor).
-        stats: where caption-request counts go (shared by the run).
+        stats: where caption-request counts go (shared by the stream's processors).
+        fair_share: admission of frame requests across streams (default: one of its own).
+        lane: this processor's stream index in ``fair_share``.
     """
 
     def __init__(self, policy: NetworkPolicy, pool: concurrent.futures.ThreadPoolExecutor,
-                 stats: FetchStats | None = None):
+                 stats: FetchStats | None = None, fair_share: FairShare | None = None, lane: int = 0):
         self.policy = policy
         self.stats = stats or FetchStats()
+        self.fair_share = fair_share or FairShare(policy.max_frame_requests)
+        self.lane = lane
         self._pool = pool
         self._requests: dict[int, _Request] = {}
         self._next_id = 1
@@ -210,7 +279,12 @@ class FetchClient:
         if is_image:
             with self.stats._lock:
                 self.stats.started += 1
-        self._pool.submit(self._run, req, method, content_type, make_body)
+        if is_image:   # frame requests take turns at the vision server
+            lane = self.lane
+            self.fair_share.submit(lane, lambda: self._pool.submit(self._run_shared, req, method, content_type,
+                                                                   make_body, lane))
+        else:
+            self._pool.submit(self._run, req, method, content_type, make_body)
         return req.id
 
     def poll(self, request_id: int) -> tuple[int, bool, bytes]:
@@ -280,6 +354,17 @@ class FetchClient:
             session.trust_env = False  # no proxies or .netrc from the environment
             self._local.session = session
         return session
+
+    def _run_shared(self, req: _Request, method: str, content_type: str, make_body, lane: int) -> None:
+        """A frame request's turn has come (see :class:`FairShare`)."""
+        try:
+            req.dispatched = time.monotonic()
+            with self.stats._lock:
+                self.stats.waits_ms.append((req.dispatched - req.started) * 1000.0)
+            if not req.cancelled:
+                self._run(req, method, content_type, make_body)
+        finally:
+            self.fair_share.done(lane)
 
     def _run(self, req: _Request, method: str, content_type: str, make_body) -> None:
         try:
@@ -425,5 +510,5 @@ def _cancel(ctx, request_id):
     ctx.fetch.cancel(request_id)
 
 
-__all__ = ["FetchClient", "FetchError", "FetchErrorResult", "FetchStats", "NetworkPolicy", "PolicyError",
+__all__ = ["FairShare", "FetchClient", "FetchError", "FetchErrorResult", "FetchStats", "NetworkPolicy", "PolicyError",
            "frame_jpeg_body", "url_destination"]
