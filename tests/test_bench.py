@@ -7,6 +7,8 @@ Without ``--benchmark-enable`` (the default in CI) each body runs once, as a smo
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 
 import cv2
@@ -181,3 +183,70 @@ def test_serve_batched_vs_unbatched(benchmark, family, tmp_path, real_frame):
     print(f"\n{family}: batched {batched}\n{family}: unbatched {unbatched}")
     assert batched["requests"] == unbatched["requests"] == _CLIENTS * _REQUESTS_PER_CLIENT
     assert batched["mean_batch_size"] > 1 and unbatched["mean_batch_size"] == 1
+
+
+def _viewer_run(url: str, port: int, stats_path, viewers: int, frames: int) -> dict:
+    """``-p ollama`` on the paced clip with ``viewers`` open pages (each: the MJPEG stream and
+    the event stream, read as fast as they come); returns the run's stats."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import requests
+
+    proc = subprocess.Popen([sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", str(SAMPLE_CLIP),
+                             "-d", f":{port}", "--max-frames", str(frames), "--stats", str(stats_path),
+                             "-c", f"ollama-url={url}", "-c", "ollama-interval-ms=500"],
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    stop = threading.Event()
+    received = [0] * viewers
+
+    def page(i: int, path: str) -> None:
+        while not stop.is_set():
+            try:
+                with requests.get(f"http://127.0.0.1:{port}{path}", stream=True, timeout=5) as resp:
+                    for chunk in resp.iter_content(65536):
+                        received[i] += len(chunk)
+                        if stop.is_set():
+                            return
+            except requests.RequestException:
+                time.sleep(0.05)
+    threads = [threading.Thread(target=page, args=(i, path), daemon=True)
+               for i in range(viewers) for path in ("/stream/0", "/api/events")]
+    for t in threads:
+        t.start()
+    try:
+        proc.wait(120)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(10)
+    stats = json.loads(stats_path.read_text())
+    stats["viewer_bytes"] = sum(received)
+    return stats
+
+
+def test_twenty_viewers_cost_under_five_percent_of_the_fps(benchmark, standin, tmp_path):
+    """The paced clip (29.8 fps, 450 frames) with no viewer, then with 20 open pages."""
+    frames = 450
+    alone = _viewer_run(standin.url, _free_port(), tmp_path / "alone.json", 0, frames)
+    watched = benchmark.pedantic(_viewer_run, args=(standin.url, _free_port(), tmp_path / "watched.json", 20, frames),
+                                 rounds=1, iterations=1)
+    drop = 1 - watched["fps"] / alone["fps"]
+    benchmark.extra_info.update(fps_alone=alone["fps"], fps_20_viewers=watched["fps"], fps_drop=round(drop, 4),
+                                max_frame_gap_ms_alone=alone["max_frame_gap_ms"],
+                                max_frame_gap_ms_20_viewers=watched["max_frame_gap_ms"],
+                                viewer_megabytes=round(watched["viewer_bytes"] / 1e6, 1))
+    print(f"\nno viewer: {alone['fps']} fps, largest gap {alone['max_frame_gap_ms']} ms; 20 viewers: {watched['fps']} "
+          f"fps, largest gap {watched['max_frame_gap_ms']} ms, {watched['viewer_bytes'] / 1e6:.0f} MB sent to them")
+    assert watched["frames_out"] == alone["frames_out"] == frames
+    assert watched["viewer_bytes"] > 20 * 1_000_000        # the pages really watched
+    assert drop < 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -271,12 +271,12 @@ def test_mjpeg_serves_every_stream_and_ctrl_c_stops_them_all(tmp_path, media_dir
         deadline = time.monotonic() + 20
         while True:
             try:
-                page = requests.get(f"http://127.0.0.1:{port}/", timeout=2).text
+                state = requests.get(f"http://127.0.0.1:{port}/api/state", timeout=2).json()
                 break
             except requests.ConnectionError:
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
                 time.sleep(0.2)
-        assert page.count("/stream/") >= 2
+        assert [(s["name"], s["mjpeg"]) for s in state["streams"]] == [("0", "/stream/0"), ("1", "/stream/1")]
         assert _mjpeg_frame(f"http://127.0.0.1:{port}/stream/0").shape == (360, 640, 3)
         assert _mjpeg_frame(f"http://127.0.0.1:{port}/stream/1").shape == (432, 768, 3)
         assert requests.get(f"http://127.0.0.1:{port}/stream/2", timeout=5).status_code == 404

@@ -69,7 +69,7 @@ def test_mjpeg_output_serves_the_annotated_stream_and_stops_on_sigint(tmp_path):
             except requests.ConnectionError:
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
                 time.sleep(0.2)
-        assert "<img" in page.text
+        assert "<title>vision-host" in page.text and "EventSource" in page.text   # the viewer page
         with requests.get(f"http://127.0.0.1:{port}/stream", stream=True, timeout=5) as resp:
             assert resp.headers["Content-Type"].startswith("multipart/x-mixed-replace")
             data = b""

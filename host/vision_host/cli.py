@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models-dir", metavar="DIR",
                      help="directory of model files processors may load by name (dnn, face detectors)")
     run.add_argument("--no-cache", action="store_true", help="do not use the compiled-module cache")
+    run.add_argument("--token", metavar="TOKEN",
+                     help="mjpeg: every request to the viewer needs ?token=TOKEN (or Authorization: Bearer); "
+                          "bound beyond 127.0.0.1 a random one is made and printed when none is given "
+                          "(also $VISION_HOST_TOKEN)")
     run.add_argument("--max-vision-requests", type=_positive_int, metavar="N",
                      help="caption requests running at once across all streams, served round-robin with one per "
                           "stream at most (default 2)")
@@ -340,7 +344,7 @@ def _settings(args: argparse.Namespace) -> dict:
     for key in ("processor", "source", "output", "destination", "stats", "max_frames", "pace", "logging",
                 "processors_dir", "processor_timeout_ms", "memory_limit_mb", "models_dir", "rtsp_transport",
                 "captions", "codec", "segment_seconds", "subtitles", "source_retries", "source_timeout_s", "camera_size",
-                "camera_fps", "camera_fourcc", "max_vision_requests"):
+                "camera_fps", "camera_fourcc", "max_vision_requests", "token"):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
@@ -532,9 +536,9 @@ class _StreamRun:
     its own thread (stream 0 on the main one); a stream that cannot open is reported and the
     others go on."""
 
-    def __init__(self, spec: StreamSpec, settings: dict, processors: list, runtime, stream, mjpeg=None):
+    def __init__(self, spec: StreamSpec, settings: dict, processors: list, runtime, stream, mjpeg=None, viewer=None):
         self.spec, self.settings, self.processors, self.runtime, self.stream = spec, settings, processors, runtime, stream
-        self.mjpeg = mjpeg
+        self.mjpeg, self.viewer = mjpeg, viewer
         self.pipeline = None
         self.stats: dict | None = None
         self.error: str | None = None
@@ -572,16 +576,21 @@ class _StreamRun:
                     tracks.append(open_track(spec.captions))
                 if settings.get("subtitles"):
                     tracks.append(SubtitleStreamTrack(output.add_subtitle))
+                if self.viewer is not None:
+                    tracks.append(self.viewer.caption_feed(self.stream.index))
             except (ProcessorLoadError, SourceError, OutputError, CaptionTrackError) as exc:
                 self.error = str(exc)
                 return
             except OSError as exc:
                 self.error = f"cannot write the caption track {spec.captions}: {exc.strerror}"
                 return
+            where = f"the viewer at {self.mjpeg.url}" if len(self.runtime.streams) == 1 and self.mjpeg else output.describe()
             print(f"vision-host: {self._label()}{source.describe()} → {' → '.join(p.name for p in self.processors)} → "
-                  f"{output.describe()}" + (f" (captions → {tracks[0].path})" if spec.captions else ""), file=sys.stderr)
+                  f"{where}" + (f" (captions → {tracks[0].path})" if spec.captions else ""), file=sys.stderr)
             self.pipeline = Pipeline(source, self.processors, [output], self.runtime, status=status, captions=tracks,
                                      model=self.stream.config.get("ollama-model"), stream=self.stream)
+            if self.viewer is not None:
+                self.viewer.attach(self.stream.index, self.pipeline)
             if self.stop_requested.is_set():
                 self.pipeline.stop()
             try:
@@ -633,21 +642,21 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     streams[0].config.update(specs[0].config)     # after the others copied the run's config
     runs: list[_StreamRun] = []
     chains: list[list] = []
-    mjpeg = None
+    mjpeg = viewer = None
     try:
         try:
             for stream in streams:
                 chains.append([])
                 for _, path in paths:
                     chains[-1].append(runtime.load(path, Path(path).stem, stream))
-            if settings["output"] == "mjpeg" and len(specs) > 1:
+            if settings["output"] == "mjpeg":
                 mjpeg = MjpegOutput(settings.get("destination") or ":8080", stream_names=[s.name for s in specs])
                 mjpeg.start()
-                print(f"vision-host: {len(specs)} streams on {mjpeg.url}", file=sys.stderr)
+                viewer = _start_viewer(runtime, mjpeg, settings.get("token"))
         except (ProcessorLoadError, OutputError) as exc:
             print(f"vision-host: {exc}", file=sys.stderr)
             return 1
-        runs = [_StreamRun(spec, settings, chain, runtime, stream, mjpeg)
+        runs = [_StreamRun(spec, settings, chain, runtime, stream, mjpeg, viewer)
                 for spec, chain, stream in zip(specs, chains, streams, strict=True)]
 
         def on_signal(signum, frame):
@@ -677,6 +686,8 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
         for chain in chains:
             for p in chain:
                 p.close()
+        if viewer is not None:
+            viewer.close()
         if mjpeg is not None:
             mjpeg.close()
         runtime.close()
@@ -690,6 +701,30 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     for r in done:
         print((f"stream {r.spec.name}: " if len(runs) > 1 else "") + format_summary(r.stats), file=sys.stderr)
     return 1 if failed else 0
+
+
+def _start_viewer(runtime, mjpeg, token: str | None):
+    """The live viewer on ``mjpeg``'s address. Bound beyond loopback it always needs a token:
+    ``--token``, ``$VISION_HOST_TOKEN``, or a random one printed here."""
+    import secrets
+
+    from .viewer import Viewer, is_loopback
+
+    token = token or os.environ.get("VISION_HOST_TOKEN") or None
+    if token is None and not is_loopback(mjpeg.host):
+        token = secrets.token_urlsafe(18)
+    viewer = Viewer(runtime, mjpeg, token)
+    shown = mjpeg.url.replace("://0.0.0.0:", f"://{_this_host()}:").replace("://[::]:", f"://{_this_host()}:")
+    if token:
+        print(f"vision-host: viewer at {shown}?token={token} (every request needs the token)", file=sys.stderr)
+    else:
+        print(f"vision-host: viewer at {shown}", file=sys.stderr)
+    return viewer
+
+
+def _this_host() -> str:
+    import socket
+    return socket.gethostname() or "127.0.0.1"
 
 
 def _wait_for_streams(runs: list[_StreamRun]) -> None:

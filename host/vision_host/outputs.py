@@ -370,6 +370,9 @@ class _MjpegHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         owner = self.server.owner
         path = urlsplit(self.path).path
+        viewer = owner.viewer
+        if viewer is not None and (not viewer.authorized(self) or viewer.handle_get(self, path)):
+            return
         if match := _STREAM_ROUTE.fullmatch(path):
             channel = self._channel(match.group(1))
             if channel is None:
@@ -391,6 +394,15 @@ class _MjpegHandler(BaseHTTPRequestHandler):
             self._send_body(HTTPStatus.OK, "text/html; charset=utf-8", owner._index_html)
         else:
             self._send_text(HTTPStatus.NOT_FOUND, "not found")
+
+    def do_POST(self) -> None:
+        viewer = self.server.owner.viewer
+        path = urlsplit(self.path).path
+        if viewer is not None and (not viewer.authorized(self) or viewer.handle_post(self, path)):
+            return
+        self.close_connection = True      # the unread body must not be taken for the next request
+        self._send_text(HTTPStatus.METHOD_NOT_ALLOWED if viewer is None else HTTPStatus.NOT_FOUND,
+                        "not found" if viewer is not None else "this server only serves GET")
 
 
 def _peer_gone(sock: socket.socket) -> bool:
@@ -423,7 +435,8 @@ class _MjpegChannel:
         self.back: np.ndarray | None = None
         self.pending: np.ndarray | None = None
         self.work: np.ndarray | None = None
-        self.frame_seq = 0  # sequence number of the frame in `pending` (0 = none yet)
+        self.frame_seq = 0  # sequence number of the newest frame (in `pending`, or in `work` once taken)
+        self.work_seq = 0  # sequence number of the frame in `work`
         self.jpeg: bytes | None = None
         self.jpeg_seq = 0  # frame sequence number that `jpeg` shows
         self.snapshot_waiters = 0
@@ -474,7 +487,7 @@ class _MjpegChannel:
                 if self.stopping:
                     return
                 self.pending, self.work = self.work, self.pending
-                seq = self.frame_seq
+                seq = self.work_seq = self.frame_seq
                 work = self.work
             assert work is not None
             ok, buf = cv2.imencode(".jpg", work, params)  # releases the GIL
@@ -486,6 +499,14 @@ class _MjpegChannel:
                 self.jpeg, self.jpeg_seq = jpeg, seq
                 self.frames_encoded += 1
                 self.cond.notify_all()
+
+    def latest_frame(self) -> np.ndarray | None:
+        """A copy of the newest frame written (H×W×3 uint8 BGR), None before the first."""
+        with self.cond:
+            if self.frame_seq == 0:
+                return None
+            newest = self.work if self.work_seq == self.frame_seq else self.pending
+            return newest.copy()    # the encoder only reads `work`
 
     def snapshot(self) -> bytes | None:
         """Newest frame as JPEG, encoding it if needed; None before the first frame."""
@@ -717,6 +738,9 @@ class MjpegOutput(Output):
         self._channels = [_MjpegChannel(i, name, self.quality) for i, name in enumerate(names)]
         self._streams = [MjpegStreamOutput(self, c) for c in self._channels]
         self._index_html = _index_page(names)
+        #: The live viewer (:class:`.viewer.Viewer`) answering ``/``, ``/api/…`` and
+        #: ``/snapshot….png`` and checking the access token; None: the plain page only.
+        self.viewer = None
         self._connections: set[socket.socket] = set()
         self._server: _MjpegHTTPServer | None = None
         self._server_thread: threading.Thread | None = None
@@ -742,6 +766,10 @@ class MjpegOutput(Output):
     def describe(self) -> str:
         """E.g. ``MJPEG at http://127.0.0.1:8080/``."""
         return f"MJPEG at {self.url}"
+
+    def latest_frame(self, index: int) -> np.ndarray | None:
+        """A copy of stream ``index``'s newest frame (H×W×3 uint8 BGR), None before the first."""
+        return self._channels[index].latest_frame()
 
     def stream(self, index: int) -> MjpegStreamOutput:
         """The :class:`Output` for stream ``index`` (the same object on every call).

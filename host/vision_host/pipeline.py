@@ -51,7 +51,8 @@ class Pipeline:
         captions: caption tracks (files, a recording's subtitle stream) getting every completed caption (``captions/caption`` in the
             processor store) and the source's reconnections; its times are the output video's
             (frames written / the source's fps), so outages take no time in it.
-        model: the model named in the caption track (e.g. the ``ollama-model`` config value).
+        model: the model named in the caption track when the processor does not store one as
+            ``captions/model`` (the ``ollama`` processor does).
         stream: the stream these processors belong to (default: the runtime's stream 0); its
             processor store and caption statistics are the ones read here.
     """
@@ -69,6 +70,8 @@ class Pipeline:
         self.frames_in = 0
         self.frames_out = 0
         self.max_gap_s = 0.0
+        #: Wall-clock gap between the last two frames leaving the chain (s), None before two.
+        self.last_gap_s: float | None = None
         self.started = 0.0
         self.ended = 0.0
         self._last_out: float | None = None
@@ -115,7 +118,8 @@ class Pipeline:
                     frame = processor.process(frame)
                 now = time.perf_counter()
                 if self._last_out is not None:
-                    self.max_gap_s = max(self.max_gap_s, now - self._last_out)
+                    self.last_gap_s = now - self._last_out
+                    self.max_gap_s = max(self.max_gap_s, self.last_gap_s)
                 self._last_out = now
                 for output in self.outputs:
                     output.write(frame)
@@ -149,7 +153,8 @@ class Pipeline:
         self._last_caption, self._captions_completed = text, fs.completed
         event = CaptionEvent(text=text, stream_time_s=self.frames_out / self.source.fps, wall_time=time.time(),
                              frame_index=self.frames_out - 1, source=self.source.name,
-                             model=self.model, latency_ms=fs.last_latency_ms)
+                             model=self.stream.processor_store.get("captions", "model") or self.model,
+                             latency_ms=fs.last_latency_ms)
         for track in self.captions:
             track.add(event)
 

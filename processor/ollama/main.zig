@@ -42,8 +42,9 @@
 //! processor reads it there) and logged. A line {"error":"…"} reports a failure.
 //! HTTP 404 means the model is not pulled; other non-200 replies carry {"error":"…"}.
 //!
-//! Config (read once, on the first frame; an invalid value is reported once with
-//! logging.error and replaced by the default):
+//! Config (read on the first frame, and again on the next frame whenever the stream's config
+//! changes while running, e.g. from the viewer: vision-host:platform/config-watch; an invalid
+//! value is reported once with logging.error and replaced by the default):
 //!   ollama-url               http://localhost:11434  (http(s) base URL; a trailing / is dropped)
 //!   ollama-api               generate  generate | chat | openai | workers-ai (the wire protocol, above)
 //!   ollama-model             llava
@@ -57,6 +58,8 @@
 //!   ollama-caption-placement bottom top | bottom
 //!   ollama-font-scale        0.6    0.1–10 (1.0 ≈ 22 px tall)
 //!   ollama-max-lines         3      1–50 (the last lines are kept)
+//!   ollama-paused            false  true: start no new request (one in flight still finishes);
+//!                                   the last caption stays on screen
 //!
 //! On screen: while a reply streams, its partial caption; otherwise the last complete
 //! caption. Before the first caption nothing is drawn (no overlay call) unless there is a
@@ -109,10 +112,16 @@ const Config = struct {
     placement: vh.overlay.Placement = .bottom,
     font_scale: f32 = 0.6,
     max_lines: u64 = 3,
+    paused: bool = false,
 };
 
 var cfg: Config = .{};
 var configured = false;
+/// config-watch version the current `cfg` was read at.
+var config_version: u64 = 0;
+/// Config values `cfg` points into (freed when the config is read again).
+var held: [8][]u8 = undefined;
+var held_len: usize = 0;
 /// "{url}/api/generate".
 var generate_url: []const u8 = "";
 /// The request body with the `%IMAGE%` placeholder (see the file comment).
@@ -174,6 +183,7 @@ fn readApi(key: []const u8, default: Api) Api {
     };
 }
 
+/// A non-empty text setting without surrounding blanks, kept until the config is read again.
 fn readText(key: []const u8, default: []const u8) []const u8 {
     const value = vh.config.get(key) orelse return default;
     const text = trimmed(value);
@@ -182,7 +192,25 @@ fn readText(key: []const u8, default: []const u8) []const u8 {
         vh.free(value);
         return default;
     }
+    hold(value);
     return text;
+}
+
+/// Keeps `value` until the next `configure` (cfg holds views into it).
+fn hold(value: []u8) void {
+    std.debug.assert(held_len < held.len);
+    held[held_len] = value;
+    held_len += 1;
+}
+
+fn readBool(key: []const u8, default: bool) bool {
+    const value = vh.config.get(key) orelse return default;
+    defer vh.free(value);
+    const v = trimmed(value);
+    if (std.ascii.eqlIgnoreCase(v, "true") or std.mem.eql(u8, v, "1")) return true;
+    if (std.ascii.eqlIgnoreCase(v, "false") or std.mem.eql(u8, v, "0")) return false;
+    reportInvalid(key, value, "true or false", @as([]const u8, if (default) "true" else "false"));
+    return default;
 }
 
 fn validUrl(url: []const u8) bool {
@@ -205,11 +233,19 @@ fn readUrl(key: []const u8, default: []const u8) []const u8 {
         vh.free(value);
         return default;
     }
-    return url; // a view into `value`, kept for the life of the instance
+    hold(value);
+    return url; // a view into `value`, kept until the config is read again
 }
 
 fn configure() void {
+    const first = !configured;
     configured = true;
+    for (held[0..held_len]) |value| vh.free(value);
+    held_len = 0;
+    if (!first) {
+        vh.allocator.free(generate_url);
+        vh.allocator.free(template);
+    }
     const d: Config = .{};
     cfg = .{
         .url = readUrl("ollama-url", d.url),
@@ -224,10 +260,15 @@ fn configure() void {
         .placement = readPlacement("ollama-caption-placement", d.placement),
         .font_scale = readScale("ollama-font-scale", d.font_scale),
         .max_lines = readInt("ollama-max-lines", d.max_lines, 1, 50, null, "an integer 1-50"),
+        .paused = readBool("ollama-paused", d.paused),
     };
     generate_url = buildGenerateUrl() catch @panic("out of memory building the request URL");
     template = buildTemplate() catch @panic("out of memory building the request body");
-    vh.log.infof("ollama: captions from model {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.url, cfg.interval_ms });
+    if (cfg.paused) {
+        vh.log.infof("ollama: captions paused (ollama-paused=true)", .{});
+    } else {
+        vh.log.infof("ollama: captions from model {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.url, cfg.interval_ms });
+    }
 }
 
 fn buildGenerateUrl() error{OutOfMemory}![]const u8 {
@@ -390,7 +431,7 @@ fn setOk() void {
 // ==========================================================================================
 
 fn timeToStart(now: u64) bool {
-    if (stopped or request_id != null) return false;
+    if (stopped or cfg.paused or request_id != null) return false;
     if (now < retry_at_us) return false;
     const last = last_start_us orelse return true;
     return now -| last >= cfg.interval_ms * std.time.us_per_ms;
@@ -686,6 +727,8 @@ fn completeCaption() void {
     partial.clear();
     vh.log.infof("caption: {s}", .{caption.slice()});
     if (store == null) store = vh.datastore.Store.init();
+    // the model first: a reader of captions/caption finds the model that wrote it
+    store.?.set("captions", "model", cfg.model) catch {};
     store.?.set("captions", "caption", caption.slice()) catch |err| {
         if (!store_failed_logged) {
             store_failed_logged = true;
@@ -739,7 +782,11 @@ fn drawOverlay(frame: u32) void {
 // ==========================================================================================
 
 export fn process(frame: u32) u32 {
-    if (!configured) configure();
+    const version = vh.config.version();
+    if (!configured or version != config_version) {
+        config_version = version;
+        configure();
+    }
     const now = vh.time.nowUs();
     if (request_id) |id| pollRequest(id, now);
     if (timeToStart(now)) startRequest(frame, now);

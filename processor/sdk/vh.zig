@@ -244,6 +244,13 @@ pub const config = struct {
         @memcpy(buf[0..value.len], value);
         return buf[0..value.len];
     }
+
+    /// A number that grows whenever this stream's config values change while it runs
+    /// (`vision-host:platform/config-watch`): compare it once per frame and read your keys
+    /// again when it moved. 0 at start.
+    pub fn version() u64 {
+        return own.@"config-watch".version();
+    }
 };
 
 /// Typed config settings for processors: each reads key `key` once when called; a value

@@ -2,7 +2,7 @@
 //! Regenerate with `python processor/bindgen.py` (processor/build.py does it before
 //! every build; `build.py --check` fails when this file is stale).
 //!
-//! 209 imported functions of 13 interfaces (worlds: imports, processor).
+//! 210 imported functions of 14 interfaces (worlds: imports, processor).
 //! Per interface: its types (canonical memory layout), `raw` (the core-wasm imports
 //! with their flattened signatures) and typed wrappers; resources are handle structs
 //! whose methods wrap `[constructor]`, `[method]`, `[static]` and `[resource-drop]`.
@@ -2486,6 +2486,23 @@ pub const vision_host_platform = struct {
             pub extern "vision-host:platform/fetch" fn start(method_ptr: u32, method_len: u32, url_ptr: u32, url_len: u32, content_type_ptr: u32, content_type_len: u32, body_ptr: u32, body_len: u32, ret: u32) void;
             pub extern "vision-host:platform/fetch" fn poll(id: u32, ret: u32) void;
             pub extern "vision-host:platform/fetch" fn cancel(id: u32) void;
+        };
+    };
+
+    /// Interface `vision-host:platform/config-watch` (imported by world processor).
+    pub const @"config-watch" = struct {
+        /// The message of the last call that failed with an `error-result` string.
+        pub const lastError = canon.lastError;
+
+        /// A number that grows whenever one of this stream's config values changes (0 at start).
+        ///
+        /// WIT: `version: func() -> u64`
+        pub fn version() u64 {
+            return raw.version();
+        }
+        /// The core-wasm imports (canonical-ABI lowered signatures).
+        pub const raw = struct {
+            pub extern "vision-host:platform/config-watch" fn version() u64;
         };
     };
 

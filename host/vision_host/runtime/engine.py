@@ -119,6 +119,11 @@ def _type_text(ty) -> str:
     return f"({', '.join(map(str, ty.params))}) -> ({', '.join(map(str, ty.results))})"
 
 
+def is_locked_key(key: str) -> bool:
+    """Config keys that may not change at run time: they decide what processors may reach."""
+    return key.endswith("-url") or key.endswith("-api-key-env")
+
+
 class StreamContext:
     """What the processors of one video stream share: their config, the ``processor-store``
     and ``frame-store``, the frame sequence number, caption statistics, and the stream's lane
@@ -138,10 +143,40 @@ class StreamContext:
         self.index = index
         self.name = name
         self.config = config
+        #: Grows with every :meth:`set_config` (``vision-host:platform/config-watch.version``).
+        self.config_version = 0
         self.processor_store = ProcessorStore()
         self.frame_store = ProcessorStore()
         self.frame_seq = 0
         self.fetch_stats = FetchStats()
+        self._config_lock = threading.Lock()
+
+    def set_config(self, values: dict[str, str]) -> dict[str, str]:
+        """Change config values while the stream runs; processors that watch
+        ``config-watch.version`` read them on their next frame. An empty value removes the key
+        (the processor's default applies). Returns a copy of the new config.
+
+        Raises:
+            ValueError: a key that widens the sandbox (``*-url``, ``*-api-key-env``: the network
+                allow-list is fixed at start), a key that is not lowercase letters, digits and
+                ``-``, or a value that is not a string of at most 4096 characters.
+        """
+        for key, value in values.items():
+            if not isinstance(key, str) or not key or len(key) > 100 or not all(c.islower() or c.isdigit() or c == "-" for c in key):
+                raise ValueError(f"config key {key!r}: use lowercase letters, digits and '-' (e.g. ollama-prompt)")
+            if is_locked_key(key):
+                raise ValueError(f"{key} cannot change while running: the network allow-list is fixed at start; "
+                                 f"restart with -c {key}=…")
+            if not isinstance(value, str) or len(value) > 4096:
+                raise ValueError(f"config value of {key}: give a string of at most 4096 characters")
+        with self._config_lock:
+            for key, value in values.items():
+                if value == "":
+                    self.config.pop(key, None)
+                else:
+                    self.config[key] = value
+            self.config_version += 1
+            return dict(self.config)
 
     def next_frame(self) -> int:
         """Start a new frame (the pipeline calls this once per frame); returns its sequence

@@ -104,6 +104,11 @@ def _get_config(ctx, key):
     return value
 
 
+@implements("vision-host:platform/config-watch", "version")
+def _config_version(ctx):
+    return ctx.stream.config_version
+
+
 # -- logging ---------------------------------------------------------------------------
 def _logger(level: int):
     def log_message(ctx, message):
