@@ -240,7 +240,7 @@ def test_index_page_is_self_contained_and_unknown_paths_404(mjpeg):
     assert r.status_code == 200
     assert r.headers["Content-Type"].startswith("text/html")
     assert "<title>vision-host</title>" in r.text
-    assert '<img src="/stream"' in r.text
+    assert '<img src="/stream/0"' in r.text
     for external in ("http://", "https://", 'src="//', "href=\"//", "@import"):
         assert external not in r.text
     assert requests.get(mjpeg.url + "nope", timeout=5).status_code == 404

@@ -10,7 +10,6 @@ drop its clients, and point the output at ports where nothing (or nothing useful
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -27,29 +26,14 @@ import pytest
 av = pytest.importorskip("av", reason="PyAV is not installed (pip install 'vision-host[record]')")
 
 from conftest import SAMPLE_CLIP  # noqa: E402
+from test_rtsp import SERVER, SYSTEM_PYTHON, _free_port, _gst_rtsp_available  # noqa: E402
 from vision_host.outputs import OutputError, RtspOutput, make_output  # noqa: E402
 
-SYSTEM_PYTHON = "/usr/bin/python3"
-SERVER = Path(__file__).with_name("rtsp_server.py")
 BOX = (slice(100, 200), slice(120, 320))  # rows, columns of the drawn annotation
-
-
-def _gst_rtsp_available() -> bool:
-    if not os.path.exists(SYSTEM_PYTHON):
-        return False
-    code = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", code], capture_output=True, check=False)
-    return probe.returncode == 0
 
 
 pytestmark = pytest.mark.skipif(not _gst_rtsp_available(),
                                 reason="gst-rtsp-server and python3-gi are not installed (.ci/run installs them)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RecordServer:

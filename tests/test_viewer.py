@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 
 import cv2
@@ -18,46 +14,20 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import REPO, SAMPLE_CLIP
+from conftest import SAMPLE_CLIP
 from ollama_standin import OllamaStandin
+from run_process import RunProcess, free_port, wait_for
 from vision_host.viewer import _MAX_BACKLOG, _Subscriber, is_loopback
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Run:
-    """``vision-host run -p ollama`` on the clip in a child process, its viewer on a free port."""
+class Run(RunProcess):
+    """``vision-host run -p ollama`` on the clip, its viewer on a free port, serving."""
 
     def __init__(self, server: OllamaStandin, *extra: str, bind: str = "127.0.0.1"):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", str(SAMPLE_CLIP),
-             "-d", f"{bind}:{self.port}", "-c", f"ollama-url={server.url}", "-c", "ollama-interval-ms=500",
-             "--logging", "info", *extra],
-            stderr=subprocess.PIPE, text=True, cwd=REPO)
-        self.stderr_lines: list[str] = []
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        deadline = time.monotonic() + 20
-        while not any("viewer at" in line for line in self.stderr_lines):
-            assert time.monotonic() < deadline and self.proc.poll() is None, "".join(self.stderr_lines)
-            time.sleep(0.05)
-
-    def _read_stderr(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        port = free_port()
+        super().__init__(["-p", "ollama", "-s", str(SAMPLE_CLIP), "-d", f"{bind}:{port}",
+                          "-c", f"ollama-url={server.url}", "-c", "ollama-interval-ms=500", *extra], port)
+        self.wait_until_serving()
 
 
 @pytest.fixture
@@ -74,19 +44,9 @@ def run(standin):
     r.stop()
 
 
-def _wait(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_state_reports_the_stream_its_processors_and_captions(run, standin):
-    state = _wait(lambda: (s := requests.get(run.base + "/api/state", timeout=5).json())["streams"][0]["captions"]
-                  ["completed"] >= 1 and s, what="a caption")
+    state = wait_for(lambda: (s := requests.get(run.base + "/api/state", timeout=5).json())["streams"][0]["captions"]
+                     ["completed"] >= 1 and s, 10, "a caption")
     stream = state["streams"][0]
     assert stream["name"] == "0" and stream["state"] == "live" and stream["mjpeg"] == "/stream/0"
     assert stream["source"].endswith("bottle-detection.mp4")
@@ -99,8 +59,8 @@ def test_state_reports_the_stream_its_processors_and_captions(run, standin):
 
 
 def test_captions_history_lists_completed_captions_oldest_first(run):
-    captions = _wait(lambda: requests.get(run.base + "/api/captions", timeout=5).json()["captions"][1:] and
-                     requests.get(run.base + "/api/captions", timeout=5).json()["captions"], what="two captions")
+    captions = wait_for(lambda: len(c := requests.get(run.base + "/api/captions", timeout=5).json()["captions"]) >= 2
+                        and c, 10, "two captions")
     assert [c["id"] for c in captions] == sorted(c["id"] for c in captions)
     first = captions[0]
     assert first["stream"] == 0 and first["stream_name"] == "0" and first["text"].startswith("a 640x360 scene")
@@ -111,12 +71,12 @@ def test_captions_history_lists_completed_captions_oldest_first(run):
 
 
 def test_a_prompt_changed_through_the_api_reaches_the_server_in_the_next_request(run, standin):
-    _wait(lambda: standin.requests, what="a first request")
+    wait_for(lambda: standin.requests, 10, "a first request")
     reply = requests.post(run.base + "/api/config", json={"set": {"ollama-prompt": "Count the bottles."}}, timeout=5)
     assert reply.status_code == 200, reply.text
     assert reply.json()["config"]["ollama-prompt"] == "Count the bottles."
     changed_at = len(standin.requests)
-    _wait(lambda: len(standin.requests) >= changed_at + 2, what="two requests after the change")
+    wait_for(lambda: len(standin.requests) >= changed_at + 2, 10, "two requests after the change")
     # the first may have left before the change arrived; every later one has the new prompt
     later = [r.body["prompt"] for r in standin.requests[changed_at + 1:]]
     assert later and all(p == "Count the bottles." for p in later), later
@@ -125,14 +85,14 @@ def test_a_prompt_changed_through_the_api_reaches_the_server_in_the_next_request
 
 
 def test_pausing_captions_stops_requests_and_resuming_brings_them_back(run, standin):
-    _wait(lambda: standin.requests, what="a first request")
+    wait_for(lambda: standin.requests, 10, "a first request")
     assert requests.post(run.base + "/api/config", json={"set": {"ollama-paused": "true"}}, timeout=5).ok
     time.sleep(1.0)                                    # the request in flight may still finish
     paused_at = len(standin.requests)
     time.sleep(2.5)
     assert len(standin.requests) == paused_at
     assert requests.post(run.base + "/api/config", json={"set": {"ollama-paused": "false"}}, timeout=5).ok
-    _wait(lambda: len(standin.requests) > paused_at, what="requests after resuming")
+    wait_for(lambda: len(standin.requests) > paused_at, 10, "requests after resuming")
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -179,8 +139,8 @@ def test_events_stream_state_every_second_and_each_caption(run):
 
 
 def test_snapshot_png_is_the_annotated_frame(run):
-    _wait(lambda: requests.get(run.base + "/api/state", timeout=5).json()["streams"][0]["captions"]["completed"],
-          what="a caption")
+    wait_for(lambda: requests.get(run.base + "/api/state", timeout=5).json()["streams"][0]["captions"]["completed"],
+             10, "a caption")
     reply = requests.get(run.base + "/snapshot/0.png", timeout=5)
     assert reply.headers["Content-Type"] == "image/png"
     png = cv2.imdecode(np.frombuffer(reply.content, np.uint8), cv2.IMREAD_COLOR)
@@ -192,7 +152,7 @@ def test_snapshot_png_is_the_annotated_frame(run):
 def test_beyond_loopback_every_request_needs_the_printed_token(standin):
     run = Run(standin, bind="0.0.0.0")
     try:
-        line = next(line for line in run.stderr_lines if "viewer at" in line)
+        line = next(line for line in run.lines if "viewer at" in line)
         token = re.search(r"\?token=([\w-]+)", line).group(1)
         for path in ("/", "/api/state", "/api/captions", "/api/events", "/stream/0", "/snapshot/0.png",
                      "/snapshot.jpg"):
@@ -214,7 +174,7 @@ def test_a_given_token_is_required_on_loopback_too(standin):
     try:
         assert requests.get(run.base + "/api/state", timeout=5).status_code == 401
         assert requests.get(run.base + "/api/state?token=s3cret", timeout=5).ok
-        assert not any("s3cret" in line and "viewer at" not in line for line in run.stderr_lines)
+        assert not any("s3cret" in line and "viewer at" not in line for line in run.lines)
     finally:
         run.stop()
 

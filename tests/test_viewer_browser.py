@@ -14,11 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,8 +22,9 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import REPO, SAMPLE_CLIP
+from conftest import SAMPLE_CLIP
 from ollama_standin import OllamaStandin, default_caption
+from run_process import RunProcess, free_port, wait_for
 
 try:
     from playwright.sync_api import sync_playwright
@@ -42,12 +38,6 @@ CAPTION = re.compile(r"a 640x360 scene with mean brightness \d+")
 NEW_PROMPT = "Count the bottles on the table, in five words."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _save_artifact(path: Path) -> Path | None:
     """Copy ``path`` into ``$VISION_HOST_ARTIFACTS`` when it is set; returns the copy."""
     folder = os.environ.get("VISION_HOST_ARTIFACTS")
@@ -55,58 +45,6 @@ def _save_artifact(path: Path) -> Path | None:
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(path, Path(folder) / path.name))
-
-
-class _Run:
-    """``python -m vision_host run …`` as a subprocess whose stderr is read on a thread."""
-
-    def __init__(self, args: list[str], port: int):
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "vision_host", "run", *args],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.extend(part for part in line.split("\r") if part.strip())
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_until_serving(self, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                requests.get(self.base + "/api/state", timeout=2)
-                return
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline and self.proc.poll() is None, self.stderr
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._reader.join(timeout=5)
-
-
-def _wait(condition, timeout_s: float, what: str, interval_s: float = 0.05):
-    """Poll ``condition()`` until it returns something truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(interval_s)
 
 
 def _local_only(urls: list[str], base: str) -> list[str]:
@@ -142,8 +80,8 @@ def captioned_run(browser):
 
     standin.reply = reply
     standin.replies = replies
-    port = _free_port()
-    run = _Run(["-p", "ollama", "-s", str(SAMPLE_CLIP), "-d", f":{port}",
+    port = free_port()
+    run = RunProcess(["-p", "ollama", "-s", str(SAMPLE_CLIP), "-d", f":{port}",
                 "-c", f"ollama-url={standin.url}", "-c", "ollama-interval-ms=1000"], port)
     try:
         run.wait_until_serving()
@@ -225,7 +163,7 @@ def test_a_prompt_and_a_model_changed_in_the_page_reach_the_next_requests(page, 
     page.click("#apply-prompt")
     assert "prompt applied" in _wait_status(page)
     applied = time.monotonic()
-    later = _wait(lambda: _generate_requests(standin, applied + 0.2), 5, "a caption request after the change")
+    later = wait_for(lambda: _generate_requests(standin, applied + 0.2), 5, "a caption request after the change")
     assert later[0].body["prompt"] == NEW_PROMPT
     assert requests.get(captioned_run.base + "/api/config?stream=0", timeout=5).json()["config"]["ollama-prompt"] \
         == NEW_PROMPT
@@ -234,7 +172,7 @@ def test_a_prompt_and_a_model_changed_in_the_page_reach_the_next_requests(page, 
     page.press("#model", "Enter")
     assert "model applied" in _wait_status(page)
     applied = time.monotonic()
-    later = _wait(lambda: _generate_requests(standin, applied + 0.2), 5, "a caption request after the model change")
+    later = wait_for(lambda: _generate_requests(standin, applied + 0.2), 5, "a caption request after the model change")
     assert later[0].body["model"] == "moondream"
     assert later[0].body["prompt"] == NEW_PROMPT
     # the controls keep what the server holds
@@ -257,7 +195,7 @@ def test_pause_stops_caption_requests_and_resume_brings_them_back(page, captione
     page.uncheck("#pause")
     assert "resume applied" in _wait_status(page)
     resumed = time.monotonic()
-    _wait(lambda: _generate_requests(standin, resumed), 3, "a caption request after resuming")
+    wait_for(lambda: _generate_requests(standin, resumed), 3, "a caption request after resuming")
     assert not page.is_checked("#pause")
 
 
@@ -289,12 +227,12 @@ def test_full_page_screenshot(page, captioned_run, tmp_path):
 # -- beyond loopback: the token ------------------------------------------------------------------
 def test_a_non_loopback_bind_needs_the_printed_token_and_the_page_works_with_it(browser, tmp_path):
     standin = OllamaStandin(latency_s=0.3)
-    port = _free_port()
-    run = _Run(["-p", "ollama", "-s", str(SAMPLE_CLIP), "-s", str(SAMPLE_CLIP), "-d", f"0.0.0.0:{port}",
+    port = free_port()
+    run = RunProcess(["-p", "ollama", "-s", str(SAMPLE_CLIP), "-s", str(SAMPLE_CLIP), "-d", f"0.0.0.0:{port}",
                 "-c", f"ollama-url={standin.url}", "-c", "ollama-interval-ms=1000"], port)
     context = None
     try:
-        found = _wait(lambda: re.search(rf"http://\S+:{port}/\?token=(\S+)", run.stderr), 30,
+        found = wait_for(lambda: re.search(rf"http://\S+:{port}/\?token=(\S+)", run.stderr), 30,
                       "the viewer's address with its token on stderr")
         token = found.group(1)
         run.wait_until_serving()

@@ -258,25 +258,6 @@ class _MjpegHTTPServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
-_INDEX_HTML = b"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>vision-host</title>
-<style>
-html, body { margin: 0; height: 100%; background: #111; color: #ddd; font: 14px sans-serif; }
-body { display: flex; flex-direction: column; align-items: center; justify-content: center; }
-img { max-width: 100vw; max-height: calc(100vh - 2em); object-fit: contain; }
-</style>
-</head>
-<body>
-<img src="/stream" alt="vision-host live stream">
-<div><a href="/snapshot.jpg" style="color:#8af">snapshot</a></div>
-</body>
-</html>
-"""
-
 _GRID_HTML = """<!doctype html>
 <html lang="en">
 <head>
@@ -307,9 +288,7 @@ _GRID_FIGURE = """<figure>
 
 
 def _index_page(names: list[str]) -> bytes:
-    """The page at ``/``: one stream as it always was, several as a captioned grid."""
-    if len(names) == 1:
-        return _INDEX_HTML
+    """The plain page at ``/`` when no viewer is attached: every stream in a captioned grid."""
     figures = "\n".join(
         _GRID_FIGURE.format(index=i, name=html.escape(name, quote=True)) for i, name in enumerate(names)
     )
@@ -667,9 +646,11 @@ class MjpegOutput(Output):
 
     Endpoints:
 
-    * ``GET /`` — a self-contained HTML page titled ``vision-host``: with one
-      stream ``<img src="/stream">``, with several a grid of every stream, each
-      captioned with its name.
+    * ``GET /`` — a self-contained HTML page titled ``vision-host``: a grid of
+      every stream, each captioned with its name. With :attr:`viewer` set, the
+      viewer answers ``/``, ``/api/…`` and ``/snapshot….png`` instead (and
+      checks its token on every request, see :mod:`.viewer`).
+    * ``POST`` — only the viewer's ``/api/config``; 405 without a viewer.
     * ``GET /stream``, ``/stream.mjpg`` (stream 0), ``/stream/N``, ``/stream/N.mjpg``
       (stream N) — ``multipart/x-mixed-replace; boundary=frame``; each part is
       ``--frame``, ``Content-Type: image/jpeg``, ``Content-Length: N``, a blank
