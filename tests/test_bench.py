@@ -250,3 +250,92 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_vision_host_bench_quick_json(tmp_path):
+    """``vision-host bench --quick --json`` runs every scenario and its figures hang together."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vision_host", "bench", "--quick", "--json", "--soak-frames", "2000",
+                           "--latency-ms", "1000"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["clip"] == "bottle-detection.mp4" and r["machine"]["cores"] >= 1
+    assert r["fps"] > 0 and r["opencv_fps"] > 0 and r["fps_ratio_vs_opencv"] == pytest.approx(r["fps"] / r["opencv_fps"],
+                                                                                                rel=0.01)
+    # the non-blocking design keeps frames coming; the blocking one stops them for the server's second
+    assert r["nonblocking"]["max_frame_gap_ms"] < 200 <= 1000 <= r["blocking"]["max_frame_gap_ms"]
+    assert r["nonblocking"]["caption_requests"] >= 1 and r["blocking"]["caption_requests"] >= 1
+    assert set(r["processor_overhead_us"]) == {"hello", "blur", "ollama"}
+    assert all(0 < us < 100_000 for us in r["processor_overhead_us"].values())
+    assert set(r["caption_overhead_ms"]) == {"1920x1080", "640x360"}
+    assert r["payload_bytes"]["default_max_side"] < r["payload_bytes"]["full_resolution"]
+    assert 0 < r["startup_ms"]["warm"] and 0 < r["startup_ms"]["cold"] < 30_000
+    soak = r["soak"]
+    assert soak["frames"] == 2000 and soak["errors"] == 0 and soak["captions"] >= 1
+    assert soak["guest_memory_bytes_end"] == soak["guest_memory_bytes_start"]
+    from vision_host.bench import format_table
+    assert "| `fps_ratio_vs_opencv` |" in format_table(r)
+
+
+# -- hot paths --------------------------------------------------------------------------------
+def test_frame_handoff(benchmark, runtime_factory, real_frame):
+    """A frame into a processor and back with no work (``process`` returns its handle): the
+    host's per-frame cost of the boundary (handle in, deadline armed, handle out)."""
+    from wat import module
+    p = runtime_factory().load_bytes(module(
+        '(module (memory (export "memory") 1) (func (export "process") (param i32) (result i32) (local.get 0)))'),
+        "identity")
+    assert benchmark(p.process, real_frame) is real_frame
+
+
+def test_put_text(benchmark, runtime_factory, real_frame):
+    """``wasm:cv/cv.put-text`` of a 40-character line on a 640×360 frame, through the boundary."""
+    from guest_call import Guest
+    guest = Guest(runtime_factory(), [("wasm:cv/cv", "put-text")])
+    handle = guest.processor.ctx.mats.insert(real_frame.copy())
+    text = "a 640x360 scene with mean brightness 87"
+    benchmark(guest.call, "wasm:cv/cv", "put-text", handle, text, (10, 300), 0, 1.0, (255, 255, 255, 0), 2)
+
+
+def test_jpeg_encode_and_base64(benchmark, real_frame):
+    """What a caption request costs the host before sending: downscale (on the pipeline thread)
+    and JPEG + base64 into the body template (on a worker), for the 640×360 clip frame."""
+    from vision_host.runtime.fetch import frame_jpeg_body
+    template = b'{"images":["%IMAGE%"],"model":"llava","prompt":"Describe.","stream":true}'
+    body = benchmark(lambda: frame_jpeg_body(real_frame, 672, 80, template)())
+    assert body.startswith(b'{"images":["/9j/')
+
+
+def test_ndjson_reply_parsing_in_the_processor(benchmark, runtime_factory, real_frame):
+    """The ``ollama`` processor's share of a streamed reply: a frame's ``process`` call while
+    a 200-line NDJSON reply (Ollama's /api/generate pieces) has arrived since the last poll."""
+    from vision_host.bench import LatencyServer
+
+    server = LatencyServer(0.0)
+    try:
+        import vision_host.bench as bench
+        words = " ".join(f"word{i}" for i in range(200))
+        cfg = {"ollama-url": server.url, "ollama-interval-ms": "0"}
+        rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
+        p = rt.load(REPO / "wasm" / "ollama.wasm")
+        old, bench.BENCH_CAPTION = bench.BENCH_CAPTION, words
+        frame = real_frame.copy()
+
+        def one_reply():
+            done = rt.fetch_stats.completed
+            p.process(frame)                       # starts the request
+            deadline = time.monotonic() + 5
+            while rt.fetch_stats.completed == done and time.monotonic() < deadline:
+                time.sleep(0.001)                  # the whole reply arrives meanwhile
+            started = time.perf_counter()
+            p.process(frame)                       # parses all 200 lines at once
+            return time.perf_counter() - started
+        times = [one_reply() for _ in range(3)]
+        benchmark.pedantic(one_reply, rounds=20, iterations=1)
+        benchmark.extra_info["parse_call_us_median"] = round(sorted(times)[1] * 1e6, 1)
+        assert rt.processor_store.get("captions", "caption") == words
+    finally:
+        bench.BENCH_CAPTION = old
+        server.stop()

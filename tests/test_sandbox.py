@@ -236,3 +236,22 @@ def test_streams_on_threads_each_get_their_own_host_function_errors(runtime_fact
     for p, own in zip(processors, ("2147418112", "2147352576"), strict=True):
         assert p.stats.errors == 3000
         assert all(own in kind for kind in p._errors_by_kind), (p.name, list(p._errors_by_kind))
+
+
+def test_a_host_function_that_waited_can_still_return_a_string(runtime_factory, real_frame):
+    """A blocking ``post-image`` that takes 100 ms (five times the 20 ms guest budget) returns
+    its text through the guest's allocator: that re-entry must not count the wait as guest
+    time (wasmVision's processors block like this)."""
+    from vision_host.bench import BENCH_CAPTION, WASM, LatencyServer
+
+    server = LatencyServer(0.1)
+    try:
+        cfg = {"ollama-url": server.url, "ollama-interval-ms": "0"}
+        p = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg)).load(WASM / "ollama-blocking.wasm")
+        started = time.perf_counter()
+        p.process(real_frame.copy())
+        assert time.perf_counter() - started >= 0.1
+        assert p.last_error is None and p.stats.errors == 0
+        assert p.runtime.processor_store.get("captions", "caption") == BENCH_CAPTION
+    finally:
+        server.stop()

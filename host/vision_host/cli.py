@@ -305,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--camera-fps", type=float, metavar="FPS", help="ask the webcam for this frame rate")
     live.add_argument("--camera-fourcc", metavar="CODE", help="ask the webcam for this pixel format, e.g. MJPG")
 
+    bench = sub.add_parser("bench", help="measure speed on a real clip: pipeline vs OpenCV, blocking vs non-blocking "
+                                         "captions, processor and caption overheads, start-up, a soak")
+    bench.add_argument("-s", "--source", metavar="FILE", help="the clip (default: the one the project ships)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bench.add_argument("--latency-ms", type=float, default=2000, metavar="MS",
+                       help="the local vision server's latency for the blocking comparison (default 2000)")
+    bench.add_argument("--soak-frames", type=_positive_int, default=50_000, metavar="N",
+                       help="frames of the memory soak (default 50000)")
+    bench.add_argument("--quick", action="store_true", help="shorter scenarios, rougher figures")
+
     lst = sub.add_parser("list", help="list the processors found, checking their imports")
     lst.add_argument("--processors-dir", metavar="DIR")
     sub.add_parser("info", help="print the video capture and writer backends, and the runtime's versions")
@@ -336,6 +346,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Numeric settings (also from run files, where TOML may give any type): name → (type, least value).
+_NUMBERS = {"processor_timeout_ms": (float, 1), "memory_limit_mb": (int, 1), "max_frames": (int, 1),
+            "segment_seconds": (float, 0.1), "source_retries": (int, 0), "source_timeout_s": (float, 0.001),
+            "camera_fps": (float, 0.001), "max_vision_requests": (int, 1)}
+
+
+def _check_numbers(settings: dict) -> None:
+    """Turn numeric settings into numbers. Raises UsageError naming the key and what it takes."""
+    for key, (kind, least) in _NUMBERS.items():
+        value = settings.get(key)
+        if value is None:
+            continue
+        name = key.replace("_", "-")
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            number = kind(value)
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"{name} = {value!r}: give a {'whole ' if kind is int else ''}number "
+                             f"of at least {least:g}") from None
+        if number < least:
+            raise UsageError(f"{name} = {value!r}: give a number of at least {least:g}")
+        settings[key] = number
+
+
 def _settings(args: argparse.Namespace) -> dict:
     """Merge the run file (if any) under the command-line flags, and apply defaults."""
     settings = load_run_file(args.file) if args.file else {"config": {}}
@@ -348,6 +385,7 @@ def _settings(args: argparse.Namespace) -> dict:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    _check_numbers(settings)
     allow = list(settings.get("allow", [])) + list(args.allow)
     settings["allow"] = allow
     if "ollama-url" not in config:
@@ -543,6 +581,9 @@ class _StreamRun:
         self.stats: dict | None = None
         self.error: str | None = None
         self.stop_requested = threading.Event()
+        #: Set when :meth:`run` has returned. Waited on instead of ``Thread.join``: a join that
+        #: Ctrl-C interrupts can leave the thread marked stopped while it still runs (CPython < 3.13).
+        self.done = threading.Event()
         self.thread: threading.Thread | None = None
 
     def stop(self) -> None:
@@ -552,7 +593,14 @@ class _StreamRun:
             self.pipeline.stop()
 
     def run(self, status=None) -> None:
-        """Open, run to the end, close; sets :attr:`stats`, or :attr:`error` when opening failed."""
+        """Open, run to the end, close; sets :attr:`stats`, or :attr:`error` when opening failed,
+        and then :attr:`done`."""
+        try:
+            self._run(status)
+        finally:
+            self.done.set()
+
+    def _run(self, status=None) -> None:
         from .captions import CaptionTrackError, SubtitleStreamTrack, open_track
         from .outputs import OutputError, make_output
         from .pipeline import Pipeline
@@ -680,7 +728,7 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
         finally:
             for r in runs:
                 if r.thread is not None:
-                    r.thread.join()
+                    r.done.wait()
             signal.signal(signal.SIGTERM, previous)
     finally:
         for chain in chains:
@@ -729,11 +777,12 @@ def _this_host() -> str:
 
 def _wait_for_streams(runs: list[_StreamRun]) -> None:
     """Wait on the main thread (so Ctrl-C reaches us) until every stream has ended, printing
-    one status line for all of them twice a second when stderr is a terminal."""
+    one status line for all of them four times a second when stderr is a terminal."""
+    import time
+
     tty = sys.stderr.isatty()
-    while any(r.thread.is_alive() for r in runs):
-        for r in runs:
-            r.thread.join(0.5 / len(runs))
+    while not all(r.done.is_set() for r in runs):
+        time.sleep(0.25)
         if tty:
             line = " | ".join(r.pipeline.status_text(short=True) for r in runs if r.pipeline is not None)
             sys.stderr.write("\r\x1b[2K" + line[:200])
@@ -823,6 +872,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_CLIP = REPO_WASM_DIR.parent / "media" / "bottle-detection.mp4"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``vision-host bench``: see :mod:`.bench`."""
+    import json
+
+    from .bench import format_table, run_bench
+
+    clip = Path(args.source) if args.source else DEFAULT_CLIP
+    if not clip.is_file():
+        raise UsageError(f"no clip at {clip}: give one with -s FILE" if args.source else
+                         "the shipped clip is not installed with the package: give one with -s FILE")
+    result = run_bench(str(clip), latency_ms=args.latency_ms, soak_frames=args.soak_frames, quick=args.quick,
+                       progress=lambda text: print(f"vision-host bench: {text} …", file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``vision-host``; returns the exit status."""
     parser = build_parser()
@@ -836,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         if args.command == "version":
             print(f"vision-host {__version__}")
             return 0

@@ -72,6 +72,8 @@ class Pipeline:
         self.max_gap_s = 0.0
         #: Wall-clock gap between the last two frames leaving the chain (s), None before two.
         self.last_gap_s: float | None = None
+        #: time.time() when the first frame left the chain (start-up measurements), else None.
+        self.first_frame_unix: float | None = None
         self.started = 0.0
         self.ended = 0.0
         self._last_out: float | None = None
@@ -124,6 +126,8 @@ class Pipeline:
                 for output in self.outputs:
                     output.write(frame)
                 self._last_frame = frame
+                if not self.frames_out:
+                    self.first_frame_unix = time.time()
                 self.frames_out += 1
                 if self.stream.processor_store.version != self._store_version:
                     self._caption_check()
@@ -223,7 +227,8 @@ class Pipeline:
         ``errors``, ``disabled``, ``memory_bytes``), ``captions`` (``started``, ``completed``,
         ``failed``, ``latency_ms_p50``, ``latency_ms_p95``, ``wait_ms_p50`` and ``wait_ms_max``
         (ms a frame request waited for its turn at the vision server, see
-        :class:`.runtime.fetch.FairShare`), ``last``), ``rss_bytes_start``, ``rss_bytes_end``.
+        :class:`.runtime.fetch.FairShare`), ``last``), ``first_frame_unix`` (when the first frame
+        left the chain, Unix time in s), ``rss_bytes_start``, ``rss_bytes_end``.
         """
         end = self.ended or time.perf_counter()
         duration = max(end - self.started, 1e-9) if self.started else 0.0
@@ -261,6 +266,7 @@ class Pipeline:
                 "wait_ms_max": round(max(waits), 1) if waits else None,
                 "last": self.stream.processor_store.get("captions", "caption"),
             },
+            "first_frame_unix": self.first_frame_unix,
             "rss_bytes_start": self.rss_start,
             "rss_bytes_end": rss_bytes(),
         }

@@ -367,6 +367,8 @@ var reply_open = false;
 var request_started_us: u64 = 0;
 /// HTTP status of the current reply, 0 until known.
 var reply_status: u16 = 0;
+/// Lines of the current 200 reply handled so far.
+var reply_lines: usize = 0;
 /// A complete reply's connection is kept until this time (µs) so that the server can end it
 /// itself (`[DONE]`, the end of the body) and the request counts as finished, not cancelled.
 var drain_until_us: u64 = 0;
@@ -454,6 +456,7 @@ fn startRequest(frame: u32, now: u64) void {
     reply_open = true;
     request_started_us = now;
     reply_status = 0;
+    reply_lines = 0;
     lines.reset();
     partial.clear();
     error_body.clear();
@@ -634,6 +637,14 @@ fn handleItem(item: json.LineSplitter.Item) void {
         .line => |l| l,
         .too_long => return malformed(),
     };
+    // A 200 reply that is a web page (a proxy's error page, a login page, a web UI at that
+    // address): "malformed reply" would not tell the user that the URL points elsewhere.
+    // Only the first line: markup after valid lines is a broken stream, not a page.
+    const first_line = reply_lines == 0;
+    reply_lines += 1;
+    if (first_line and std.mem.startsWith(u8, std.mem.trimStart(u8, line, " \t\r\xef\xbb\xbf"), "<")) {
+        return fail("{s} answered with an HTML page, not the {s} API: check ollama-url and ollama-api", .{ cfg.url, @tagName(cfg.api) });
+    }
     switch (cfg.api) {
         .generate, .chat => handleNdjsonLine(line),
         .openai => handleSseLine(line),

@@ -50,6 +50,10 @@ class GuestMemory:
         self._memory = memory
         self._realloc = realloc
         self._malloc = malloc
+        #: Called before the host calls into the guest's allocator from inside a host function,
+        #: so the call's epoch deadline covers guest time only (a host function that waited,
+        #: e.g. a blocking HTTP call, must not make the allocation look like a runaway guest).
+        self.rearm = None
         self._free = free
         self._blocks: list[list[int]] = []   # [ptr, size] of arena blocks (malloc guests)
         self._block = 0                       # index of the block being filled
@@ -98,6 +102,8 @@ class GuestMemory:
         if size == 0:
             return align  # canonical ABI: a zero-length list may use any aligned pointer
         if self._realloc is not None:
+            if self.rearm is not None:
+                self.rearm()
             ptr = self._realloc(self._store, 0, 0, align, size)
         elif self._malloc is not None:
             return self._arena_alloc(size, align)
@@ -135,6 +141,8 @@ class GuestMemory:
             self._block += 1
             self._used = 0
         cap = max(ARENA_BLOCK, 2 * (self._blocks[-1][1] if self._blocks else 0), size + align)
+        if self.rearm is not None:
+            self.rearm()
         ptr = self._malloc(self._store, cap)
         if not isinstance(ptr, int) or ptr <= 0:
             raise AbiError(f"the processor's malloc returned an unusable pointer ({ptr}) for {cap} bytes")

@@ -286,9 +286,13 @@ class Runtime:
         try:
             module = wasmtime.Module(self.engine, wasm)
         except wasmtime.WasmtimeError as exc:
-            first = str(exc).strip().splitlines()
-            raise ProcessorLoadError(f"{origin} is not a valid WebAssembly module: "
-                                     f"{' '.join(first[:3])}. Rebuild it (python processor/build.py)") from None
+            # wasmtime's text is "failed to parse WebAssembly module\n\nCaused by:\n    <cause>":
+            # keep the cause (e.g. "unexpected end-of-file (at offset 0x3c)" for a truncated
+            # file), which the first lines alone never reach.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "Caused by:"]
+            raise ProcessorLoadError(f"{origin} is not a valid WebAssembly module ({': '.join(lines[:3])}): "
+                                     f"the file is truncated or corrupt; rebuild it (python processor/build.py) "
+                                     f"or copy it again") from None
         if cached is not None:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -486,6 +490,7 @@ class Processor:
             memory = exports["memory"]
             ctx.memory = GuestMemory(store, memory, _maybe(exports, "cabi_realloc"), _maybe(exports, "malloc"),
                                      _maybe(exports, "free"))
+            ctx.memory.rearm = self._rearm
             for start in ("_initialize", "_start"):
                 func = _maybe(exports, start)
                 if func is not None:
@@ -501,7 +506,7 @@ class Processor:
     def _timed(self, impl):
         """``impl`` bound to this instance, with the time it takes kept out of the guest's
         deadline: on return the epoch deadline is reset to the guest time left."""
-        ctx, store, runtime = self.ctx, self.store, self.runtime
+        ctx = self.ctx
         perf_counter = time.perf_counter
 
         def call(*args):
@@ -516,9 +521,15 @@ class Processor:
                 return impl(ctx, *args)
             finally:
                 self._resumed = perf_counter()
-                left_ms = (self._budget_s - self._guest_s) * 1000.0
-                store.set_epoch_deadline(runtime.ticks(left_ms) if left_ms > 0 else 1)
+                self._rearm()
         return call
+
+    def _rearm(self) -> None:
+        """Set the epoch deadline to the guest time left in the current call (host functions
+        run outside it; before re-entering the guest, e.g. its allocator, it must be re-armed)."""
+        if self._in_call:
+            left_ms = (self._budget_s - self._guest_s) * 1000.0
+            self.store.set_epoch_deadline(self.runtime.ticks(left_ms) if left_ms > 0 else 1)
 
     def _run_start(self, func, which: str) -> None:
         try:
@@ -593,6 +604,14 @@ class Processor:
 
     def _failed(self, exc: BaseException) -> None:
         why = _describe(exc, self.runtime.limits.call_timeout_ms)
+        cap = self.runtime.limits.memory_limit_bytes
+        if isinstance(exc, wasmtime.Trap) and self.memory_bytes >= 0.75 * cap:
+            # A guest whose allocation failed (memory.grow refused past the cap) usually traps
+            # with its own message (an `unreachable`, an out-of-memory panic) that does not say
+            # so; a trap with memory near the cap very likely is that: say it. (The request
+            # that failed may have been larger than what is left, hence "near".)
+            why += (f"; its memory is near its {cap / 2**20:g} MiB cap (raise it with --memory-limit-mb "
+                    f"if the processor needs more)")
         self.stats.errors += 1
         self._consecutive += 1
         self._suspect = True
@@ -604,6 +623,10 @@ class Processor:
                       "" if count == 1 else f" ({count} times so far)")
         if self._consecutive >= self.runtime.limits.max_consecutive_failures:
             self.disabled = True
+            # It is never called again: release the mats (and other host objects) it held,
+            # or a processor disabled for leaking them would keep them for the whole run.
+            for table in self.ctx._tables.values():
+                table.drop_from(0)
             log.error("processor %s disabled after %d failed calls in a row (last: %s); the video goes on "
                       "without it", self.name, self._consecutive, why)
 
@@ -697,8 +720,26 @@ def _describe(exc: BaseException, timeout_ms: float | None = None) -> str:
             return (f"call exceeded its {timeout_ms:g} ms deadline (time in the processor's own code) "
                     f"and was interrupted" if timeout_ms
                     else "call exceeded its deadline and was interrupted")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "trap"
-        return f"trapped ({first})"
+        return f"trapped ({_trap_cause(str(exc))})"
     if isinstance(exc, wasmtime.ExitTrap):
         return f"called proc_exit({exc.code})"
     return f"failed: {type(exc).__name__}: {exc}"
+
+
+def _trap_cause(text: str) -> str:
+    """The sentence of a wasmtime trap's text that says what happened.
+
+    wasmtime formats a trap as "error while executing at wasm backtrace:", the frames, then
+    "Caused by:" and the cause ("wasm trap: wasm `unreachable` instruction executed"); the
+    first line alone says nothing, so the cause is taken, with the innermost frame (which
+    names the function when the module has a name section) after it.
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if "Caused by:" in lines:
+        at = lines.index("Caused by:")
+        cause = "; ".join(lines[at + 1:]) or "trap"
+        frames = [line for line in lines[1:at] if line[:1].isdigit()]
+        if frames:
+            cause += f" in {frames[0].split(' - ', 1)[-1]}"
+        return cause
+    return lines[0] if lines else "trap"

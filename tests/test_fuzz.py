@@ -1,0 +1,329 @@
+"""Property-based fuzzing of the sandbox boundary (hypothesis), bounded in time for CI.
+
+(a) Every host function the runtime links (``HOST_FUNCTIONS``: the canonical ABI lowering
+    of every WIT function) is called from inside a real ``Processor.process`` call with
+    random core arguments: pointers (in memory, at its edge, far outside), lengths, handles
+    (the frame's, dropped ones, unknown ones), enum cases, floats (NaN, ±inf). Each call must
+    either succeed or fail as a clean processor error: ``process`` returns the input frame,
+    ``last_error`` says what happened, nothing raises out of ``process``, nothing hangs, and
+    a failed call leaves no mat behind.
+(b) Random bytes, in random chunkings, as a vision server's streamed reply to the real
+    ``ollama`` processor (``wasm/ollama.wasm``): the processor never traps, never disables,
+    and the video goes on (every frame comes back).
+
+The examples are derandomized (the same in every CI run; ``HYPOTHESIS_SEED``-free) and
+counted so that this file runs in well under 60 s; ``VISION_HOST_FUZZ_EXAMPLES=N`` scales
+part (a) up for a longer local run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import wasmtime
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import REPO
+from vision_host.runtime import NetworkPolicy, SandboxLimits
+from vision_host.runtime.engine import HOST_FUNCTIONS, Runtime
+
+OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
+FUNCTIONS = sorted(HOST_FUNCTIONS)
+EXAMPLES = int(os.environ.get("VISION_HOST_FUZZ_EXAMPLES", "3000"))
+_WAT = {"i": "i32", "I": "i64", "f": "f32", "F": "f64"}
+_LOAD = {"i": ("i32.load", 0), "I": ("i64.load", 0), "f": ("f32.load", 0), "F": ("f64.load", 0)}
+#: Guest address of the argument slots (8 bytes each) the fuzzer writes before each call.
+ARGS_AT = 64
+#: Where the driver's bump allocator starts (reset before every call).
+HEAP_AT = 4096
+PAGES = 4
+MEMORY = PAGES * 65536
+
+
+def fuzz_driver() -> bytes:
+    """A processor importing every host function. ``process`` calls the one whose index is
+    in the exported global ``which`` with core arguments read from the 8-byte slots at
+    :data:`ARGS_AT` (written by the test), drops its result and returns the frame. It has a
+    bump ``cabi_realloc`` (heap reset by the test through the ``heap`` global) that traps
+    when memory cannot grow."""
+    imports, wrappers, names = [], [], []
+    for i, key in enumerate(FUNCTIONS):
+        spec = HOST_FUNCTIONS[key]
+        params = " ".join(_WAT[c] for c in spec.params)
+        results = " ".join(_WAT[c] for c in spec.results)
+        sig = (f"(param {params})" if params else "") + (f" (result {results})" if results else "")
+        imports.append(f'(import "{spec.module}" "{spec.name}" (func $h{i} {sig}))')
+        loads = " ".join(f"({_LOAD[c][0]} (i32.const {ARGS_AT + 8 * j}))" for j, c in enumerate(spec.params))
+        call = f"(call $h{i} {loads})"
+        wrappers.append(f"(func $w{i} {'(drop ' + call + ')' if spec.results else call})")
+        names.append(f"$w{i}")
+    return wasmtime.wat2wasm(f"""
+(module
+  {' '.join(imports)}
+  (type $void (func))
+  (memory (export "memory") {PAGES})
+  (table {len(names)} funcref)
+  (elem (i32.const 0) {' '.join(names)})
+  (global $which (export "which") (mut i32) (i32.const 0))
+  (global $heap (export "heap") (mut i32) (i32.const {HEAP_AT}))
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+    (local $p i32) (local $end i32)
+    (if (i32.eqz (local.get 2)) (then (local.set 2 (i32.const 1))))
+    (local.set $p (i32.and (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
+                           (i32.sub (i32.const 0) (local.get 2))))
+    (local.set $end (i32.add (local.get $p) (local.get 3)))
+    (if (i32.lt_u (local.get $end) (local.get $p)) (then unreachable))
+    (if (i32.gt_u (local.get $end) (i32.mul (memory.size) (i32.const 65536)))
+      (then (if (i32.eq (memory.grow (i32.shr_u (i32.add (i32.sub (local.get $end)
+                                                  (i32.mul (memory.size) (i32.const 65536)))
+                                          (i32.const 65535)) (i32.const 16))) (i32.const -1))
+              (then unreachable))))
+    (global.set $heap (local.get $end))
+    (local.get $p))
+  {' '.join(wrappers)}
+  (func (export "process") (param i32) (result i32)
+    (call_indirect (type $void) (global.get $which))
+    (local.get 0))
+)""")
+
+
+# -- (a) random core arguments into every host function -----------------------------------
+FRAME = "frame"          # placeholder for the handle of the frame being processed
+DROPPED = "dropped"      # a handle that existed and was dropped
+
+
+def _i32():
+    return st.one_of(
+        st.sampled_from([0, 1, 2, 3, 4, 7, 8, 16, -1, 0x7FFF_FFFF, -0x8000_0000, FRAME, FRAME, DROPPED]),
+        st.integers(0, 64),                                        # small: lengths, enum cases, handles
+        st.integers(0, MEMORY + 64),                               # pointers into (and just past) memory
+        st.integers(MEMORY - 64, MEMORY + 8),                      # at the edge of memory
+        st.integers(-0x8000_0000, 0x7FFF_FFFF),                    # anything
+    )
+
+
+def _f32():
+    return st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True),
+                     st.sampled_from([0.0, 1.0, -1.0, 3.0, 255.0, 1e9]))
+
+
+_ARG = {"i": _i32(), "I": st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.integers(0, 1 << 33),
+                                    st.sampled_from([0, 1, -1])),
+        "f": _f32(), "F": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1.5]))}
+
+
+@st.composite
+def host_calls(draw):
+    """(function index, core arguments) for one random host call."""
+    index = draw(st.integers(0, len(FUNCTIONS) - 1))
+    spec = HOST_FUNCTIONS[FUNCTIONS[index]]
+    args = [draw(_ARG[c]) for c in spec.params]
+    fill = draw(st.binary(max_size=256))                            # what memory holds at the heap
+    return index, args, fill
+
+
+class _Fuzzer:
+    """One runtime and driver processor, rebuilt when its memory has grown large."""
+
+    def __init__(self):
+        self.wasm = fuzz_driver()
+        # The hard cap on one call (host functions included) is lower than the default, so
+        # a host function looping on absurd sizes shows up as a timeout, not a stuck test.
+        self.runtime = Runtime({}, NetworkPolicy(), SandboxLimits(
+            call_hard_timeout_ms=500, memory_limit_bytes=64 * 1024 * 1024, max_consecutive_failures=1 << 30,
+            max_live_mats=256))
+        self.frame = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        self.processor = None
+        self.new_processor()
+
+    def new_processor(self):
+        if self.processor is not None:
+            self.processor.close()
+        self.processor = self.runtime.load_bytes(self.wasm, "fuzz")
+        self.processor.ctx.mats.insert(np.zeros((2, 2, 3), np.uint8))     # handle 1 …
+        self.processor.ctx.mats.discard(1)                                 # … dropped
+
+    def call(self, index: int, args: list, fill: bytes):
+        p = self.processor
+        if p.memory_bytes > 32 * 1024 * 1024 or len(p.ctx.mats) > 128:
+            self.new_processor()
+            p = self.processor
+        frame_handle = p.ctx.mats._next           # the handle `process` will give the frame
+        spec = HOST_FUNCTIONS[FUNCTIONS[index]]
+        raw = bytearray()
+        for c, a in zip(spec.params, args):
+            a = frame_handle if a == FRAME else 1 if a == DROPPED else a
+            fmt = {"i": "<i", "I": "<q", "f": "<f", "F": "<d"}[c]
+            if c == "i":
+                a = ((a + 0x8000_0000) & 0xFFFF_FFFF) - 0x8000_0000
+            import struct
+            try:
+                raw += struct.pack(fmt, a).ljust(8, b"\0")
+            except OverflowError:                 # a double beyond f32: store ±inf
+                raw += struct.pack(fmt, float("inf") if a > 0 else float("-inf")).ljust(8, b"\0")
+        mem = p.ctx.memory
+        mem.write(ARGS_AT, bytes(raw))
+        mem.write(HEAP_AT, fill)
+        p.exports["which"].set_value(p.store, index)
+        p.exports["heap"].set_value(p.store, HEAP_AT + 512)
+        p.last_error = None
+        errors_before, mats_before = p.stats.errors, len(p.ctx.mats)
+        started = time.perf_counter()
+        out = p.process(self.frame)               # must never raise
+        elapsed = time.perf_counter() - started
+        assert not p.disabled
+        assert elapsed < 5.0, f"{FUNCTIONS[index]} took {elapsed:.1f} s"
+        if p.stats.errors > errors_before:         # a clean failure: frame back, a sentence, no new mats
+            assert out is self.frame
+            assert isinstance(p.last_error, str) and p.last_error
+            assert len(p.ctx.mats) == mats_before, (FUNCTIONS[index], p.last_error)
+        else:
+            assert isinstance(out, np.ndarray) and out.ndim >= 2
+        return out
+
+    def close(self):
+        self.processor.close()
+        self.runtime.close()
+
+
+@pytest.fixture(scope="module")
+def fuzzer():
+    f = _Fuzzer()
+    yield f
+    f.close()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck), print_blob=True)
+@given(call=host_calls())
+def test_random_arguments_into_every_host_function_fail_cleanly(fuzzer, call):
+    """Random pointers, lengths, handles and numbers into every host function, from inside
+    ``process``: success or a clean processor error, never a host crash, hang or mat leak."""
+    fuzzer.call(*call)
+
+
+def test_every_host_function_is_reached_with_the_frame_and_with_garbage(fuzzer):
+    """Deterministic sweep: each of the host functions once with the frame handle and small
+    numbers, once with out-of-bounds pointers (the fuzz above samples; this covers all)."""
+    for index, key in enumerate(FUNCTIONS):
+        spec = HOST_FUNCTIONS[key]
+        fuzzer.call(index, [FRAME if c == "i" and j == 0 else 1 if c in "iI" else 1.0
+                            for j, c in enumerate(spec.params)], b"\x01" * 64)
+        fuzzer.call(index, [MEMORY - 2 if c == "i" else -1 if c == "I" else float("nan")
+                            for c in spec.params], b"\xff" * 64)
+
+
+# -- (b) random bytes as the vision server's reply to the ollama processor ------------------
+class _ScriptedServer:
+    """An HTTP server on 127.0.0.1 answering every POST with the status and body chunks set
+    in :attr:`script` (chunked transfer encoding, one HTTP chunk per given chunk)."""
+
+    def __init__(self):
+        self.script: tuple[int, list[bytes]] = (200, [])
+        #: Replies sent so far.
+        self.served = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status, chunks = outer.script
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/x-ndjson")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for chunk in chunks:
+                        if chunk:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.write(b"0\r\n\r\n")
+                    outer.served += 1
+                except OSError:
+                    pass
+                self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    server = _ScriptedServer()
+    yield server
+    server.stop()
+
+
+_PIECES = [b'{"response":"', b'","done":false}\n', b'{"done":true}\n', b'{"error":"', b'"}\n', b"\n", b"\\",
+           b"\\u", b"\\ud800", b"\xff", b"\xc3", b"\xe2\x82", b'"', b"{", b"}", b"[", b"]", b"null", b"1e999",
+           b"data: ", b"[DONE]", b"<html>", b"\x00", b"\r\n"]
+
+
+@st.composite
+def replies(draw):
+    """(status, chunks): NDJSON-ish fragments and raw bytes, cut at random places."""
+    status = draw(st.sampled_from([200, 200, 200, 200, 404, 500, 503, 301, 204]))
+    parts = draw(st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=64),
+                                    st.text(max_size=32).map(lambda s: s.encode())), max_size=24))
+    body = b"".join(parts)
+    cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=8)))
+    chunks, last = [], 0
+    for cut in cuts + [len(body)]:
+        chunks.append(body[last:cut])
+        last = cut
+    return status, chunks
+
+
+@pytest.fixture(scope="module")
+def ollama(scripted):
+    cfg = {"ollama-url": scripted.url, "ollama-interval-ms": "0", "ollama-timeout-ms": "1000"}
+    runtime = Runtime(cfg, NetworkPolicy.from_config(cfg), SandboxLimits(), None)
+    yield runtime, runtime.load(OLLAMA_WASM)
+    runtime.close()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck), print_blob=True)
+@given(reply=replies())
+def test_random_server_replies_never_trap_the_ollama_processor(scripted, ollama, reply, real_frame):
+    """Random bytes and chunkings as the streamed reply: the processor reads each through
+    to its end (or gives up on it) without trapping, and every frame comes back."""
+    runtime, p = ollama
+    scripted.script = reply
+    frame = real_frame[:120, :160].copy()
+    # Requests run one at a time: once as many have ended as had started when the script was
+    # set, plus one, a request that read this reply has ended.
+    wanted = runtime.fetch_stats.started + 1
+    finished = lambda: runtime.fetch_stats.completed + runtime.fetch_stats.failed   # noqa: E731
+    served = scripted.served
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        out = p.process(frame)
+        assert isinstance(out, np.ndarray) and out.shape == frame.shape
+        if finished() >= wanted and scripted.served > served:
+            break
+        time.sleep(0.002)
+    else:
+        raise AssertionError("the reply was not read through in 3 s")
+    assert p.stats.errors == 0, p.last_error
+    assert not p.disabled
+    assert p.ctx.fetch.in_flight <= 1
+    assert len(p.ctx.mats) == 0
