@@ -699,7 +699,6 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
                     chains[-1].append(runtime.load(path, Path(path).stem, stream))
             if settings["output"] == "mjpeg":
                 mjpeg = MjpegOutput(settings.get("destination") or ":8080", stream_names=[s.name for s in specs])
-                mjpeg.start()
                 viewer = _start_viewer(runtime, mjpeg, settings.get("token"))
         except (ProcessorLoadError, OutputError) as exc:
             print(f"vision-host: {exc}", file=sys.stderr)
@@ -752,8 +751,13 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
 
 
 def _start_viewer(runtime, mjpeg, token: str | None):
-    """The live viewer on ``mjpeg``'s address. Bound beyond loopback it always needs a token:
-    ``--token``, ``$VISION_HOST_TOKEN``, or a random one printed here."""
+    """Start ``mjpeg``'s server with the live viewer attached (so no request ever meets the
+    plain server). Bound beyond loopback it always needs a token: ``--token``,
+    ``$VISION_HOST_TOKEN``, or a random one printed here.
+
+    Raises:
+        OutputError: the port cannot be bound.
+    """
     import secrets
 
     from .viewer import Viewer, is_loopback
@@ -762,6 +766,11 @@ def _start_viewer(runtime, mjpeg, token: str | None):
     if token is None and not is_loopback(mjpeg.host):
         token = secrets.token_urlsafe(18)
     viewer = Viewer(runtime, mjpeg, token)
+    try:
+        mjpeg.start()
+    except Exception:
+        viewer.close()
+        raise
     shown = mjpeg.url.replace("://0.0.0.0:", f"://{_this_host()}:").replace("://[::]:", f"://{_this_host()}:")
     if token:
         print(f"vision-host: viewer at {shown}?token={token} (every request needs the token)", file=sys.stderr)
