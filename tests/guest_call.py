@@ -45,6 +45,24 @@ class GuestErr(Exception):
         self.value = value
 
 
+#: A bump ``cabi_realloc`` over the global ``$heap`` that grows memory as far as an allocation
+#: needs and traps when it cannot (or when the end would wrap around); alignment 0 counts as 1.
+BUMP_REALLOC = """(func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+    (local $p i32) (local $end i32)
+    (if (i32.eqz (local.get 2)) (then (local.set 2 (i32.const 1))))
+    (local.set $p (i32.and (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
+                           (i32.sub (i32.const 0) (local.get 2))))
+    (local.set $end (i32.add (local.get $p) (local.get 3)))
+    (if (i32.lt_u (local.get $end) (local.get $p)) (then unreachable))
+    (if (i32.gt_u (local.get $end) (i32.mul (memory.size) (i32.const 65536)))
+      (then (if (i32.eq (memory.grow (i32.shr_u (i32.add (i32.sub (local.get $end)
+                                                  (i32.mul (memory.size) (i32.const 65536)))
+                                          (i32.const 65535)) (i32.const 16))) (i32.const -1))
+              (then unreachable))))
+    (global.set $heap (local.get $end))
+    (local.get $p))"""
+
+
 def driver_bytes(functions) -> bytes:
     """A driver processor for ``functions`` ((module, name) pairs) with a bump allocator that
     grows memory as far as an allocation needs."""
@@ -62,18 +80,7 @@ def driver_bytes(functions) -> bytes:
   {' '.join(imports)}
   (memory (export "memory") 2)
   (global $heap (mut i32) (i32.const 4096))
-  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
-    (local $p i32) (local $end i32)
-    (local.set $p (i32.and (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
-                           (i32.sub (i32.const 0) (local.get 2))))
-    (local.set $end (i32.add (local.get $p) (local.get 3)))
-    (if (i32.gt_u (local.get $end) (i32.mul (memory.size) (i32.const 65536)))
-      (then (if (i32.eq (memory.grow (i32.shr_u (i32.add (i32.sub (local.get $end)
-                                                  (i32.mul (memory.size) (i32.const 65536)))
-                                          (i32.const 65535)) (i32.const 16))) (i32.const -1))
-              (then unreachable))))
-    (global.set $heap (local.get $end))
-    (local.get $p))
+  {BUMP_REALLOC}
   (func (export "process") (param i32) (result i32) (local.get 0))
   {' '.join(wrappers)}
 )""")

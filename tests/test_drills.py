@@ -61,13 +61,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from conftest import REPO, SAMPLE_CLIP
 from ollama_standin import OllamaStandin
+from reply_server import ReplyServer
 from vision_host.outputs import Output
 from vision_host.pipeline import Pipeline, rss_bytes
 from vision_host.runtime import NetworkPolicy, ProcessorLoadError, Runtime, SandboxLimits
@@ -338,46 +338,6 @@ def test_the_cli_refuses_a_broken_wasm_with_the_same_sentence_and_no_traceback(t
 
 
 # -- 3. vision servers that misbehave -------------------------------------------------------
-class ReplyServer:
-    """An HTTP/1.1 server on 127.0.0.1 answering every request with ``status``,
-    ``content_type`` and the body ``chunks`` (chunked transfer encoding)."""
-
-    def __init__(self, status: int, content_type: str, chunks):
-        self.served = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", content_type)
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    for chunk in chunks:
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    self.wfile.write(b"0\r\n\r\n")
-                    outer.served += 1
-                except OSError:          # the host hung up (e.g. past its size cap)
-                    self.close_connection = True
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join()
-
-
 def _closed_port_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

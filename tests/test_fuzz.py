@@ -19,9 +19,7 @@ part (a) up for a longer local run.
 from __future__ import annotations
 
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -30,6 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
+from guest_call import BUMP_REALLOC
+from reply_server import ReplyServer
 from vision_host.runtime import NetworkPolicy, SandboxLimits
 from vision_host.runtime.engine import HOST_FUNCTIONS, Runtime
 
@@ -72,20 +72,7 @@ def fuzz_driver() -> bytes:
   (elem (i32.const 0) {' '.join(names)})
   (global $which (export "which") (mut i32) (i32.const 0))
   (global $heap (export "heap") (mut i32) (i32.const {HEAP_AT}))
-  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
-    (local $p i32) (local $end i32)
-    (if (i32.eqz (local.get 2)) (then (local.set 2 (i32.const 1))))
-    (local.set $p (i32.and (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
-                           (i32.sub (i32.const 0) (local.get 2))))
-    (local.set $end (i32.add (local.get $p) (local.get 3)))
-    (if (i32.lt_u (local.get $end) (local.get $p)) (then unreachable))
-    (if (i32.gt_u (local.get $end) (i32.mul (memory.size) (i32.const 65536)))
-      (then (if (i32.eq (memory.grow (i32.shr_u (i32.add (i32.sub (local.get $end)
-                                                  (i32.mul (memory.size) (i32.const 65536)))
-                                          (i32.const 65535)) (i32.const 16))) (i32.const -1))
-              (then unreachable))))
-    (global.set $heap (local.get $end))
-    (local.get $p))
+  {BUMP_REALLOC}
   {' '.join(wrappers)}
   (func (export "process") (param i32) (result i32)
     (call_indirect (type $void) (global.get $which))
@@ -220,54 +207,9 @@ def test_every_host_function_is_reached_with_the_frame_and_with_garbage(fuzzer):
 
 
 # -- (b) random bytes as the vision server's reply to the ollama processor ------------------
-class _ScriptedServer:
-    """An HTTP server on 127.0.0.1 answering every POST with the status and body chunks set
-    in :attr:`script` (chunked transfer encoding, one HTTP chunk per given chunk)."""
-
-    def __init__(self):
-        self.script: tuple[int, list[bytes]] = (200, [])
-        #: Replies sent so far.
-        self.served = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, chunks = outer.script
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/x-ndjson")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    for chunk in chunks:
-                        if chunk:
-                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    self.wfile.write(b"0\r\n\r\n")
-                    outer.served += 1
-                except OSError:
-                    pass
-                self.close_connection = True
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def scripted():
-    server = _ScriptedServer()
+    server = ReplyServer()
     yield server
     server.stop()
 
@@ -307,7 +249,7 @@ def test_random_server_replies_never_trap_the_ollama_processor(scripted, ollama,
     """Random bytes and chunkings as the streamed reply: the processor reads each through
     to its end (or gives up on it) without trapping, and every frame comes back."""
     runtime, p = ollama
-    scripted.script = reply
+    scripted.status, scripted.chunks = reply
     frame = real_frame[:120, :160].copy()
     # Requests run one at a time: once as many have ended as had started when the script was
     # set, plus one, a request that read this reply has ended.

@@ -406,6 +406,7 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown logging level {settings['logging']!r}: use error, warn, info or debug")
     if not settings.get("processor"):
         raise UsageError("no processor given: add -p NAME (e.g. -p ollama), repeatable")
+    settings["live_options"] = _live_options(settings)    # checked here, once, not in each stream's thread
     streams = settings["streams"] = _stream_specs(settings)
     if settings["output"] in ("file", "rtsp") and not all(s.destination for s in streams):
         raise UsageError("-o file needs -d PATH.mp4 for the video file to write" if settings["output"] == "file"
@@ -546,21 +547,17 @@ def _live_options(settings: dict):
         if settings["rtsp_transport"] not in ("tcp", "udp"):
             raise UsageError(f"rtsp-transport {settings['rtsp_transport']!r}: use tcp or udp")
         opts.rtsp_transport = settings["rtsp_transport"]
-    if settings.get("source_retries") is not None:
-        if int(settings["source_retries"]) < 0:
-            raise UsageError("--source-retries must be 0 (forever) or more")
-        opts.retries = int(settings["source_retries"])
+    if settings.get("source_retries") is not None:      # ranges checked by _check_numbers
+        opts.retries = settings["source_retries"]
     if settings.get("source_timeout_s") is not None:
-        if float(settings["source_timeout_s"]) <= 0:
-            raise UsageError("--source-timeout-s must be more than 0")
-        opts.stall_timeout_s = float(settings["source_timeout_s"])
+        opts.stall_timeout_s = settings["source_timeout_s"]
     if settings.get("camera_size"):
         w, sep, h = str(settings["camera_size"]).lower().partition("x")
         if not (sep and w.isdigit() and h.isdigit()):
             raise UsageError(f"--camera-size {settings['camera_size']!r}: give WIDTHxHEIGHT, e.g. 1280x720")
         opts.width, opts.height = int(w), int(h)
     if settings.get("camera_fps"):
-        opts.fps = float(settings["camera_fps"])
+        opts.fps = settings["camera_fps"]
     if settings.get("camera_fourcc"):
         if len(str(settings["camera_fourcc"])) != 4:
             raise UsageError(f"--camera-fourcc {settings['camera_fourcc']!r}: give four characters, e.g. MJPG")
@@ -612,7 +609,7 @@ class _StreamRun:
         tracks = []
         try:
             try:
-                source = open_source(spec.url, pace=bool(settings["pace"]), live_options=_live_options(settings))
+                source = open_source(spec.url, pace=bool(settings["pace"]), live_options=settings["live_options"])
                 if self.mjpeg is not None:
                     output = self.mjpeg.stream(self.stream.index)
                 else:
@@ -633,7 +630,7 @@ class _StreamRun:
                 self.error = f"cannot write the caption track {spec.captions}: {exc.strerror}"
                 return
             where = f"the viewer at {self.mjpeg.url}" if len(self.runtime.streams) == 1 and self.mjpeg else output.describe()
-            print(f"vision-host: {self._label()}{source.describe()} → {' → '.join(p.name for p in self.processors)} → "
+            print(f"vision-host: {self.label}{source.describe()} → {' → '.join(p.name for p in self.processors)} → "
                   f"{where}" + (f" (captions → {tracks[0].path})" if spec.captions else ""), file=sys.stderr)
             self.pipeline = Pipeline(source, self.processors, [output], self.runtime, status=status, captions=tracks,
                                      model=self.stream.config.get("ollama-model"), stream=self.stream)
@@ -654,7 +651,9 @@ class _StreamRun:
             if source is not None:
                 source.close()
 
-    def _label(self) -> str:
+    @property
+    def label(self) -> str:
+        """``[NAME] `` before this stream's messages when the run has several, else empty."""
         return f"[{self.spec.name}] " if len(self.runtime.streams) > 1 else ""
 
 
@@ -740,7 +739,7 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
         runtime.close()
     failed = [r for r in runs if r.error]
     for r in failed:
-        print(f"vision-host: {r._label()}{r.error}", file=sys.stderr)
+        print(f"vision-host: {r.label}{r.error}", file=sys.stderr)
     done = [r for r in runs if r.stats is not None]
     if settings.get("stats") and done:
         write_stats(Path(settings["stats"]), done[0].stats if len(runs) == 1 else

@@ -324,11 +324,6 @@ class Viewer:
             with self._lock:
                 self._subscribers.remove(sub)
 
-    @property
-    def subscribers(self) -> int:
-        """Event streams open now."""
-        return len(self._subscribers)
-
 
 class _CaptionFeed:
     """A pipeline's caption track that feeds the viewer (captions only; gaps are in the state)."""

@@ -218,11 +218,6 @@ class FairShare:
         for run in ready:
             run()
 
-    @property
-    def running(self) -> int:
-        """Requests running now."""
-        return len(self._busy)
-
     def _admit(self) -> list:
         ready = []
         while len(self._busy) < self.limit:
