@@ -1,8 +1,11 @@
-"""Shared fixtures: paths to real footage, a runtime, and host-function drivers."""
+"""Common fixtures: paths to real footage, a runtime, and host-function drivers."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,16 +24,57 @@ from vision_host.runtime import NetworkPolicy, Runtime, SandboxLimits  # noqa: E
 from wat import driver_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MEDIA = REPO.parent / "shared" / "media"
-SAMPLE_CLIP = REPO / "media" / "bottle-detection.mp4"
+#: Real camera footage the repository ships (media/README.md): every test input is in the
+#: repository or made by the tests.
+MEDIA = REPO / "media"
+SAMPLE_CLIP = MEDIA / "bottle-detection.mp4"   # 640×360, 1189 frames at 29.83 fps
+CAR_CLIP = MEDIA / "car-detection.mp4"         # 768×432, 120 frames at 12.5 fps
+PEOPLE_CLIP = MEDIA / "person-detection.mp4"   # 768×432, 31 frames at 10 fps
+
+#: Debian packages that some tests need, by what they provide. A test whose package is missing
+#: skips with :func:`missing_system_package`'s reason, and the run ends with one line naming
+#: every package to install (:func:`pytest_terminal_summary`).
+SYSTEM_PACKAGES = {
+    "ffmpeg": "ffmpeg",
+    "ffprobe": "ffmpeg",
+    "rtsp-server": "python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good "
+                   "gstreamer1.0-plugins-bad",
+    "chromium": "chromium",
+}
+_APT_HINT = re.compile(r"\(apt-get install ([^)]+)\)")
 
 
-@pytest.fixture(scope="session")
-def media_dir() -> Path:
-    """The shared real-footage folder (../shared/media); skips when absent."""
-    if not MEDIA.is_dir():
-        pytest.skip("../shared/media is not present")
-    return MEDIA
+def missing_system_package(what: str) -> str:
+    """The skip reason for a test that needs ``what`` (a key of :data:`SYSTEM_PACKAGES`)."""
+    return f"{what} is not installed (apt-get install {SYSTEM_PACKAGES[what]})"
+
+
+def has_gst_rtsp_server() -> bool:
+    """Whether the system Python has GStreamer's RTSP server through python3-gi (the RTSP tests' server)."""
+    if not Path("/usr/bin/python3").exists():
+        return False
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
+                            "from gi.repository import GstRtspServer"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason=missing_system_package("ffmpeg"))
+needs_ffprobe = pytest.mark.skipif(shutil.which("ffprobe") is None, reason=missing_system_package("ffprobe"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """End the run with one line naming the Debian packages whose absence skipped tests."""
+    packages: dict[str, None] = {}
+    skipped = 0
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if found := _APT_HINT.search(reason):
+            skipped += 1
+            packages.update(dict.fromkeys(found.group(1).split()))
+    if packages:
+        terminalreporter.write_line(
+            f"{skipped} tests skipped for missing system packages; to run them: "
+            f"sudo apt-get install -y --no-install-recommends {' '.join(packages)}", yellow=True)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import SAMPLE_CLIP
+from conftest import SAMPLE_CLIP, missing_system_package
 from vision_host.outputs import MjpegOutput
 from vision_host.sources import (
     FileSource,
@@ -234,7 +234,7 @@ def test_an_http_url_that_never_answers_fails_after_its_retries_with_the_passwor
 # ------------------------------------------------------------------------------------------ HLS
 
 FFMPEG = shutil.which("ffmpeg")
-needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not on PATH (apt-get install ffmpeg)")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason=missing_system_package("ffmpeg"))
 
 
 class HlsServer:

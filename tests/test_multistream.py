@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import MEDIA, REPO, SAMPLE_CLIP
+from conftest import CAR_CLIP, REPO, SAMPLE_CLIP, missing_system_package
 from ollama_standin import OllamaStandin
 from vision_host.cli import UsageError, _settings, build_parser, main, per_stream_path
 from vision_host.runtime.fetch import FairShare
 from test_rtsp import RtspServer, _free_port, _gst_rtsp_available
 
-CAR_CLIP = MEDIA / "car-detection.mp4"   # 768×432 @ 12.5 fps, beside the shipped 640×360 clip
 
 
 # -- the fair share ---------------------------------------------------------------------------
@@ -138,7 +137,7 @@ def test_display_shows_one_stream_only(tmp_path):
 
 
 # -- end to end on real clips ---------------------------------------------------------------
-def test_two_files_get_their_own_processors_recordings_and_caption_tracks(tmp_path, media_dir):
+def test_two_files_get_their_own_processors_recordings_and_caption_tracks(tmp_path):
     """The 640×360 and the 768×432 clip in one run: each stream's recording has its own size
     and its caption track only captions of its own frames (the stand-in names the size)."""
     server = OllamaStandin(latency_s=0.2)
@@ -202,7 +201,7 @@ def test_four_rtsp_streams_share_a_slow_vision_server_fairly_at_full_frame_rate(
     requests at once: every stream gets captions in turn, none waits more than one round of
     the others, and each stream's fps matches a one-camera run within 10 %."""
     if not _gst_rtsp_available():
-        pytest.skip("gst-rtsp-server and python3-gi are not installed (.ci/run installs them)")
+        pytest.skip(missing_system_package("rtsp-server"))
     names = ["cam0", "cam1", "cam2", "cam3"]
     rtsp_server = RtspServer({f"/{n}": SAMPLE_CLIP for n in names}).start()
     server = OllamaStandin(latency_s=1.0)
@@ -262,7 +261,7 @@ def _mjpeg_frame(url: str) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(data[start:data.index(b"\xff\xd9", start) + 2], np.uint8), cv2.IMREAD_COLOR)
 
 
-def test_mjpeg_serves_every_stream_and_ctrl_c_stops_them_all(tmp_path, media_dir):
+def test_mjpeg_serves_every_stream_and_ctrl_c_stops_them_all(tmp_path):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vision_host", "run", "-p", "hello", "-s", str(SAMPLE_CLIP),
                              "-s", str(CAR_CLIP), "-d", f":{port}", "--stats", str(tmp_path / "s.json")],

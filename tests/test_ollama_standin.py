@@ -8,7 +8,6 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import cv2
 import httpx
@@ -19,7 +18,7 @@ import requests
 
 from ollama_standin import default_caption, ollama_standin  # noqa: F401 - ollama_standin is a fixture
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+from conftest import MEDIA
 
 
 def first_frame_jpeg(name: str, index: int = 0) -> bytes:

@@ -30,15 +30,12 @@ from vision_host.outputs import (
     parse_listen_address,
 )
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
-BOTTLE = MEDIA / "bottle-detection.mp4"  # 640x360, 29.83 fps
+from conftest import SAMPLE_CLIP as BOTTLE  # 640x360, 29.83 fps
 
 
 @pytest.fixture(scope="module")
 def frames() -> list[np.ndarray]:
     """The first 30 frames of bottle-detection.mp4 (360×640×3 uint8 BGR)."""
-    if not BOTTLE.exists():
-        pytest.fail(f"test media missing: {BOTTLE}")
     cap = cv2.VideoCapture(str(BOTTLE))
     out = []
     while len(out) < 30:

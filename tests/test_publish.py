@@ -10,7 +10,6 @@ drop its clients, and point the output at ports where nothing (or nothing useful
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import statistics
@@ -25,7 +24,7 @@ import pytest
 
 av = pytest.importorskip("av", reason="PyAV is not installed (pip install 'vision-host[record]')")
 
-from conftest import SAMPLE_CLIP  # noqa: E402
+from conftest import SAMPLE_CLIP, missing_system_package, needs_ffprobe  # noqa: E402
 from test_rtsp import SERVER, SYSTEM_PYTHON, _free_port, _gst_rtsp_available  # noqa: E402
 from vision_host.outputs import OutputError, RtspOutput, make_output  # noqa: E402
 
@@ -33,7 +32,7 @@ BOX = (slice(100, 200), slice(120, 320))  # rows, columns of the drawn annotatio
 
 
 pytestmark = pytest.mark.skipif(not _gst_rtsp_available(),
-                                reason="gst-rtsp-server and python3-gi are not installed (.ci/run installs them)")
+                                reason=missing_system_package("rtsp-server"))
 
 
 class RecordServer:
@@ -177,7 +176,7 @@ def check_recording(path: Path, clip_frames: list[np.ndarray], at_least: int) ->
     return count
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+@needs_ffprobe
 def test_published_frames_are_recorded_with_their_annotation(server, clip, tmp_path, capsys):
     frames, fps = clip
     out = make_output("rtsp", server.url())
@@ -252,7 +251,7 @@ def test_a_server_that_never_answers_fails_open_within_the_timeout():
         assert time.monotonic() - t0 < 2
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+@needs_ffprobe
 def test_killed_server_never_blocks_write_and_the_output_reconnects_when_it_is_back(clip, tmp_path, caplog):
     frames, fps = clip
     server = RecordServer(tmp_path / "before.ts").start()
@@ -294,7 +293,7 @@ def test_killed_server_never_blocks_write_and_the_output_reconnects_when_it_is_b
     assert "secret" not in log_text
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+@needs_ffprobe
 def test_dropped_connection_reconnects_into_a_new_session(server, clip, tmp_path):
     """The server survives but drops its publisher (SIGUSR1): the output starts a new session, a new file."""
     frames, fps = clip
@@ -318,7 +317,7 @@ def test_dropped_connection_reconnects_into_a_new_session(server, clip, tmp_path
 
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+@needs_ffprobe
 def test_run_republishes_the_annotated_video(server, tmp_path):
     """``vision-host run -o rtsp``: the ``hello`` processor's overlay reaches the RTSP server."""
     from vision_host.cli import main

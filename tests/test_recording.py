@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import time
 from fractions import Fraction
@@ -20,10 +19,10 @@ import pytest
 
 av = pytest.importorskip("av")
 
+from conftest import SAMPLE_CLIP as BOTTLE, needs_ffprobe  # noqa: E402
 from vision_host import outputs  # noqa: E402
 from vision_host.outputs import FileOutput, OutputError, RecordingOutput, make_output  # noqa: E402
 
-BOTTLE = Path(__file__).resolve().parents[1] / "media" / "bottle-detection.mp4"
 N_FRAMES = 150
 
 
@@ -291,7 +290,7 @@ def test_add_subtitle_needs_subtitles_and_finite_times(tmp_path):
         out.add_subtitle(float("nan"), 1, "x")
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+@needs_ffprobe
 def test_ffprobe_sees_h264_and_the_subtitle_stream(tmp_path, clip):
     frames, fps = clip
     path = tmp_path / "probe.mp4"

@@ -19,22 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE_CLIP
+from conftest import REPO, SAMPLE_CLIP, has_gst_rtsp_server, missing_system_package
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SERVER = Path(__file__).with_name("rtsp_server.py")
 
 
-def _gst_rtsp_available() -> bool:
-    if not os.path.exists(SYSTEM_PYTHON):
-        return False
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
-                            "from gi.repository import GstRtspServer"], capture_output=True)
-    return probe.returncode == 0
+_gst_rtsp_available = has_gst_rtsp_server
 
 
 pytestmark = pytest.mark.skipif(not _gst_rtsp_available(),
-                                reason="gst-rtsp-server and python3-gi are not installed (.ci/run installs them)")
+                                reason=missing_system_package("rtsp-server"))
 
 
 def _free_port() -> int:

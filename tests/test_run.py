@@ -9,13 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import requests
 
-from conftest import REPO, SAMPLE_CLIP
+from conftest import REPO, SAMPLE_CLIP, missing_system_package
 from ollama_standin import OllamaStandin
 from vision_host.cli import load_run_file, main
 
@@ -55,11 +56,17 @@ def test_captions_appear_after_the_first_answer_and_the_video_never_stalls(tmp_p
     assert all(captioned[first:]), "the caption stays until the next replaces it"
 
 
+def _ignore_sigint() -> None:
+    """What a shell's ``command &`` does to a background job: SIGINT ignored, inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_mjpeg_output_serves_the_annotated_stream_and_stops_on_sigint(tmp_path):
+    """Started as `vision-host run … &` would be (SIGINT ignored), `kill -INT` still stops it cleanly."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vision_host", "run", "-p", "hello", "-s", str(SAMPLE_CLIP),
                              "-d", f":{port}", "--stats", str(tmp_path / "s.json")],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, preexec_fn=_ignore_sigint)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -98,6 +105,10 @@ def _run_cli(*args, env=None):
 @pytest.mark.parametrize("args, status, message", [
     (["run", "-p", "nosuch"], 2, "unknown processor 'nosuch': known processors are"),
     (["run", "-p", "hello", "-c", "ollama-model"], 2, "is not key=value"),
+    (["run", "-p", "hello", "-c", "ollama-model", "llava"], 2,
+     "vision-host run: error: -c ollama-model llava: write each setting as one KEY=VALUE word, "
+     "e.g. -c ollama-model=llava"),
+    (["run", "-p", "hello", "--no-such-flag"], 2, "vision-host run: error: unrecognized arguments: --no-such-flag"),
     (["run", "-p", "hello", "-s", "0"], 1, "no camera at index 0: connect a camera, or read a video file with -s FILE"),
     (["run", "-p", "hello", "-s", "missing.mp4"], 1, "video file missing.mp4 does not exist"),
     (["run", "-p", "hello", "-o", "file", "-s", str(SAMPLE_CLIP)], 2, "-o file needs -d PATH.mp4"),
@@ -235,7 +246,7 @@ def test_captions_muxed_as_a_subtitle_stream_in_h264_segments(tmp_path, capsys):
     pytest.importorskip("av")
     import shutil
     if shutil.which("ffprobe") is None:
-        pytest.skip("ffprobe (Debian's ffmpeg) is not installed")
+        pytest.skip(missing_system_package("ffprobe"))
     server = OllamaStandin(latency_s=0.2)
     try:
         rc = main(["run", "-p", "ollama", "-s", str(SAMPLE_CLIP), "--max-frames", "180", "-o", "file",
@@ -255,3 +266,69 @@ def test_captions_muxed_as_a_subtitle_stream_in_h264_segments(tmp_path, capsys):
     assert all(k == [("subtitle", "mov_text"), ("video", "h264")] for k in kinds), kinds
     import pysrt
     assert len(pysrt.open(str(tmp_path / "track.srt"))) >= 2
+
+
+def test_run_help_lists_the_ollama_settings_and_the_embedded_server():
+    result = _run_cli("run", "--help")
+    assert result.returncode == 0
+    for key in ("ollama-model=NAME", "ollama-url=embedded", "ollama-prompt=TEXT", "ollama-interval-ms=MS",
+                "ollama-api=API", "ollama-overlay", "-p blur -p ollama"):
+        assert key in result.stdout, key
+
+
+@pytest.mark.parametrize("api, named", [("generate", "Ollama"), ("openai", "the OpenAI-compatible server")])
+def test_a_file_run_with_no_caption_completed_ends_non_zero_and_says_why(tmp_path, api, named):
+    """Nothing listens at the server's address: the video is written, and the run says no caption
+    completed, naming the server as configured, with exit status 1."""
+    url = f"http://127.0.0.1:{_free_port()}"
+    out, stats = tmp_path / "out.mp4", tmp_path / "stats.json"
+    result = _run_cli("run", "-p", "ollama", "-s", str(SAMPLE_CLIP), "--max-frames", "30", "--no-pace",
+                      "-o", "file", "-d", str(out), "--stats", str(stats),
+                      "-c", f"ollama-url={url}", "-c", f"ollama-api={api}")
+    assert result.returncode == 1, result.stderr
+    line = next(x for x in result.stderr.splitlines() if "no caption completed" in x)
+    assert f"{named} at {url}" in line
+    assert ("Start Ollama" in line) == (api == "generate")
+    assert json.loads(stats.read_text())["frames_out"] == 30 and out.stat().st_size > 0
+
+
+def test_captions_after_ollama_means_ollama_draws_nothing_itself():
+    from vision_host.cli import _settings, build_parser
+
+    def config(*args):
+        return _settings(build_parser().parse_args(["run", "-s", str(SAMPLE_CLIP), *args]))["config"]
+    assert config("-p", "ollama", "-p", "captions")["ollama-overlay"] == "false"
+    assert "ollama-overlay" not in config("-p", "ollama")
+    assert "ollama-overlay" not in config("-p", "captions", "-p", "ollama")
+    assert config("-p", "ollama", "-p", "captions", "-c", "ollama-overlay=true")["ollama-overlay"] == "true"
+
+
+def test_the_summary_tells_the_captions_processor_from_the_caption_requests():
+    from vision_host.pipeline import format_summary
+
+    proc = {"calls": 3, "mean_us": 10.0, "p99_us": 20.0, "errors": 0, "disabled": False}
+    text = format_summary({"frames_out": 3, "duration_s": 0.1, "fps": 30.0, "max_frame_gap_ms": 33.0,
+                           "processors": {"ollama": proc, "captions": proc},
+                           "captions": {"started": 1, "completed": 1, "failed": 0, "latency_ms_p50": 5.0,
+                                        "last": "a bottle"}})
+    lines = text.splitlines()
+    assert "  processor captions: 3 calls, mean 10 µs, p99 20 µs, 0 errors" in lines
+    assert sum(line.lstrip().startswith("captions:") for line in lines) == 1
+
+
+def test_bench_default_clip_ships_inside_the_package():
+    """`vision-host bench` without -s works from a wheel: its clip is package data."""
+    import fnmatch
+    try:
+        import tomllib
+    except ModuleNotFoundError:   # Python 3.10
+        import tomli as tomllib
+
+    import vision_host
+    from vision_host.cli import DEFAULT_CLIP
+
+    package = Path(vision_host.__file__).resolve().parent
+    assert DEFAULT_CLIP.is_file()
+    inside = DEFAULT_CLIP.relative_to(package)      # raises if the clip is not in the package
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vision_host"]
+    assert any(fnmatch.fnmatch(str(inside), pattern) for pattern in data), (inside, data)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import SAMPLE_CLIP
+from conftest import SAMPLE_CLIP, missing_system_package
 from ollama_standin import OllamaStandin, default_caption
 from run_process import RunProcess, free_port, wait_for
 
@@ -58,7 +58,7 @@ def browser():
     if sync_playwright is None:
         pytest.skip("playwright is not installed (pip install playwright)")
     if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
+        pytest.skip(missing_system_package("chromium"))
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

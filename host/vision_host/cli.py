@@ -32,6 +32,10 @@ class UsageError(Exception):
     """Bad flags, config or file: the message says what to fix."""
 
 
+class EmbeddedServerError(Exception):
+    """The embedded vision server could not start: the message says what to do (exit status 1)."""
+
+
 # -- processors --------------------------------------------------------------------------
 def processor_dirs(extra: str | None = None) -> list[Path]:
     """Directories searched for ``NAME.wasm``, in order: the project's ``wasm/``, then
@@ -242,6 +246,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+RUN_EPILOG = """\
+the ollama processor's settings (-c KEY=VALUE; the README lists them all):
+  ollama-url=URL           the vision server (default $OLLAMA_HOST, else http://localhost:11434);
+                           ollama-url=embedded starts vision-host serve for the run (pip install
+                           'vision-host[serve]'), as happens when no Ollama is configured or running
+                           and ollama-model is unset, blip, blip-base, blip2, a Hub id or a directory
+  ollama-model=NAME        llava (default), bakllava, moondream, … (an Ollama model name means Ollama)
+  ollama-api=API           generate (default), chat, openai, workers-ai
+  ollama-prompt=TEXT       the question asked about each frame
+  ollama-interval-ms=MS    least time between two requests (default 3000)
+  ollama-api-key-env=VAR   environment variable holding the server's API key
+  ollama-image-max-side=PX, ollama-jpeg-quality=Q, ollama-max-tokens=N, ollama-timeout-ms=MS,
+  ollama-caption-placement=top|bottom, ollama-font-scale=S, ollama-max-lines=N,
+  ollama-overlay=true|false, ollama-paused=true|false, ollama-server-name=TEXT
+
+examples:
+  vision-host run -p ollama -c ollama-model=bakllava                  webcam → http://127.0.0.1:8080/
+  vision-host run -p ollama -s clip.mp4 -o file -d annotated.mp4      caption a recording
+  vision-host run -p blur -p ollama                                   processors run in the order given
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vision-host", description=(
         "Run WebAssembly frame processors over live video, e.g. "
@@ -249,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vision-host {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="capture frames, process them, send them to an output")
+    run = sub.add_parser("run", help="capture frames, process them, send them to an output",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RUN_EPILOG)
     run.add_argument("-p", "--processor", action="append", metavar="NAME|PATH",
                      help="processor to run, repeatable, chained in order (name from wasm/ or a .wasm path)")
     run.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
@@ -319,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--processors-dir", metavar="DIR")
     sub.add_parser("info", help="print the video capture and writer backends, and the runtime's versions")
     sub.add_parser("version", help="print the version")
+    parser.commands = dict(sub.choices)
 
     srv = sub.add_parser("serve", help="serve a vision model (BLIP, BLIP-2, LLaVA-1.5) over Ollama's API, "
                                        "OpenAI's under /v1 and Workers AI's under /ai/run")
@@ -393,6 +421,10 @@ def _settings(args: argparse.Namespace) -> dict:
         config["ollama-url"] = configured or DEFAULT_OLLAMA_URL
         if not configured and "ollama" in (settings.get("processor") or []) and _embedded_fallback(config):
             config["ollama-url"] = EMBEDDED
+    names = [Path(p).stem for p in settings.get("processor") or []]
+    if "ollama" in names and "captions" in names[names.index("ollama") + 1:]:
+        # wasmVision's layout: the captions processor draws what ollama stores, so ollama draws nothing.
+        config.setdefault("ollama-overlay", "false")
     settings["config"] = config
     settings.setdefault("output", "mjpeg")
     settings.setdefault("logging", "warn")
@@ -438,18 +470,35 @@ EMBEDDED = "embedded"
 DEFAULT_EMBEDDED_MODEL = "blip"
 
 
+#: ``vision-host serve`` aliases that are also models of Ollama's library: such a name means Ollama.
+OLLAMA_LIBRARY_ALIASES = frozenset({"llava"})
+
+
+def serves_unambiguously(model: str) -> bool:
+    """Whether ``ollama-model`` can only mean the embedded server: a ``serve`` alias that no
+    Ollama library model has (``blip``, ``blip-base``, ``blip2``), a directory, or a Hugging
+    Face Hub id (``owner/name``, no ``:tag``). ``llava``, ``bakllava``, ``moondream``, … mean Ollama."""
+    from .vlm import MODEL_ALIASES
+
+    name = model.strip()
+    if name.lower() in MODEL_ALIASES:
+        return name.lower() not in OLLAMA_LIBRARY_ALIASES
+    if Path(name).expanduser().is_dir():
+        return True
+    owner, slash, repo = name.partition("/")
+    return bool(slash and owner and repo and "/" not in repo and ":" not in name and owner.lower() != "hf.co")
+
+
 def _embedded_fallback(config: dict) -> bool:
     """No Ollama configured: use the embedded server when nothing answers on Ollama's default
-    port, the serve extra is installed and ``ollama-model`` (if given) is one it can serve
-    (an alias or a directory; an Ollama model name means the user expects Ollama)."""
+    port, the serve extra is installed and ``ollama-model`` (if given) can only mean it
+    (:func:`serves_unambiguously`; an Ollama model name means the user expects Ollama)."""
     import importlib.util
     import socket
 
     model = config.get("ollama-model")
-    if model:
-        from .vlm import MODEL_ALIASES
-        if model.strip().lower() not in MODEL_ALIASES and not Path(model).expanduser().is_dir():
-            return False
+    if model and not serves_unambiguously(model):
+        return False
     if not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "fastapi", "uvicorn")):
         return False
     try:
@@ -464,13 +513,17 @@ def _embedded_fallback(config: dict) -> bool:
 
 class EmbeddedServer:
     """``ollama-url=embedded``: ``vision-host serve`` in a child process on a free loopback
-    port, for machines with no vision server. The video starts at once; the ``ollama``
-    processor shows "cannot reach …" and retries until the model has loaded.
+    port, for machines with no vision server. :meth:`start` waits until the server answers
+    (its model loaded, downloaded first if need be, with the server's own progress output), so
+    a model that cannot load stops the run before any frame is written.
 
     Args:
         model: ``--model`` of the server (alias, Hub id or directory).
+    Attributes:
+        name: the model's name as the server reports it (``blip:latest``).
+        label: how messages name this server (``the embedded vision server (blip:latest)``).
     Raises (from :meth:`start`):
-        UsageError: the model name cannot be served, or the server exits at start-up.
+        UsageError: the model name cannot be served.
     """
 
     def __init__(self, model: str):
@@ -480,27 +533,43 @@ class EmbeddedServer:
         except ModelLoadError as exc:
             raise UsageError(str(exc)) from None
         self.model = model
+        self.label = f"the embedded vision server ({self.name})"
         self.proc = None
         self.url = ""
 
-    def start(self, wait_s: float = 1.5) -> str:
-        """Start the server; returns its base URL. Waits ``wait_s`` for an early failure."""
+    def start(self, poll_s: float = 0.1) -> str:
+        """Start the server and wait until it answers Ollama's ``GET /api/version`` (checked
+        every ``poll_s`` s; as long as loading takes, Ctrl-C stops it); returns its base URL.
+
+        Raises:
+            EmbeddedServerError: the server exited before answering (its message is above).
+        """
         import socket
         import subprocess
         import time
+
+        import requests
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "vision_host", "serve", "--model", self.model,
                                       "--host", "127.0.0.1", "--port", str(port)], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
+        print(f"vision-host: starting {self.label}; the video starts when it has loaded the model …",
+              file=sys.stderr, flush=True)
+        while True:
             if self.proc.poll() is not None:
-                raise UsageError(f"the embedded vision server (vision-host serve --model {self.model}) exited "
-                                 f"with status {self.proc.returncode}; its message is above")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
+                raise EmbeddedServerError(
+                    f"{self.label} could not start (vision-host serve --model {self.model} exited with status "
+                    f"{self.proc.returncode}; its message is above): nothing was run. Fix what it says, give "
+                    f"another model with -c ollama-model=…, or point -c ollama-url= at a running server")
+            try:
+                if requests.get(self.url + "/api/version", timeout=1).ok:
+                    return self.url
+            except requests.RequestException:
+                pass
+            time.sleep(poll_s)
 
     def stop(self) -> None:
         """Stop the server process (terminate, then kill after 5 s)."""
@@ -524,15 +593,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``vision-host run``: returns the exit status."""
     settings = _settings(args)
     _setup_logging(settings["logging"])
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and `kill -INT` stop the run cleanly even when started in the background
+        # (`vision-host run … &`), where the shell hands it SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config = settings["config"]
     embedded = None
-    if config.get("ollama-url", "").strip().lower() == EMBEDDED:
-        embedded = EmbeddedServer(config.get("ollama-model") or DEFAULT_EMBEDDED_MODEL)
-        config["ollama-url"] = embedded.start()
-        config["ollama-model"] = embedded.name
-        print(f"vision-host: embedded vision server for {embedded.name} at {config['ollama-url']}", file=sys.stderr)
     try:
+        if config.get("ollama-url", "").strip().lower() == EMBEDDED:
+            embedded = EmbeddedServer(config.get("ollama-model") or DEFAULT_EMBEDDED_MODEL)
+            config["ollama-url"] = embedded.start()
+            config["ollama-model"] = embedded.name
+            config.setdefault("ollama-server-name", embedded.label)
+            print(f"vision-host: embedded vision server for {embedded.name} at {config['ollama-url']}",
+                  file=sys.stderr)
         return _run_pipeline(args, settings)
+    except EmbeddedServerError as exc:
+        print(f"vision-host: {exc}", file=sys.stderr)
+        return 1
     finally:
         if embedded is not None:
             embedded.stop()
@@ -744,9 +822,41 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     if settings.get("stats") and done:
         write_stats(Path(settings["stats"]), done[0].stats if len(runs) == 1 else
                     {"streams": [r.stats for r in done], "failed_streams": {r.spec.name: r.error for r in failed}})
+    status = 1 if failed else 0
     for r in done:
-        print((f"stream {r.spec.name}: " if len(runs) > 1 else "") + format_summary(r.stats), file=sys.stderr)
-    return 1 if failed else 0
+        prefix = f"stream {r.spec.name}: " if len(runs) > 1 else ""
+        print(prefix + format_summary(r.stats), file=sys.stderr)
+        for problem in _run_problems(r.stats, r.stream.fetch_stats.last_error, r.stream.config):
+            print(f"vision-host: {r.label}{problem}", file=sys.stderr)
+            status = 1
+    return status
+
+
+#: How messages name the vision server of each ``ollama-api`` (the ollama processor's own words).
+SERVER_NAMES = {"generate": "Ollama", "chat": "Ollama", "openai": "the OpenAI-compatible server",
+                "workers-ai": "Workers AI"}
+
+
+def _run_problems(stats: dict, last_error: str | None, config: dict) -> list[str]:
+    """Sentences for what spoiled a stream's run, each making the exit status 1: a file that
+    could not be read to its end, or caption requests made and none completed."""
+    problems = []
+    if stats.get("source_error"):
+        problems.append(stats["source_error"])
+    captions = stats["captions"]
+    if captions["started"] and not captions["completed"]:
+        api = config.get("ollama-api", "generate")
+        server = config.get("ollama-server-name") or SERVER_NAMES.get(api, "Ollama")
+        failed = captions["failed"]
+        why = (f"{failed} request{'s' * (failed > 1)} to {server} at {config.get('ollama-url')} failed"
+               + (f" (last error: {last_error})" if last_error else "")) if failed else \
+              f"{server} at {config.get('ollama-url')} had not answered when the run ended"
+        hint = ""
+        if api in ("generate", "chat") and "ollama-server-name" not in config:
+            hint = (f" Start Ollama (`ollama serve`, then `ollama pull {config.get('ollama-model') or 'llava'}`), "
+                    f"or caption with the embedded server: -c ollama-url=embedded")
+        problems.append(f"no caption completed: {why}.{hint}")
+    return problems
 
 
 def _start_viewer(runtime, mjpeg, token: str | None):
@@ -880,7 +990,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_CLIP = REPO_WASM_DIR.parent / "media" / "bottle-detection.mp4"
+#: The real clip ``vision-host bench`` runs on by default (``media/``, linked into the package and
+#: shipped in the wheel with its attribution).
+DEFAULT_CLIP = Path(__file__).resolve().parent / "media" / "bottle-detection.mp4"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -902,7 +1014,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``vision-host``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser.commands.get(args.command, parser)
+        loose = [c for c in getattr(args, "config", None) or [] if "=" not in c]
+        if loose:
+            command.error(f"-c {loose[0]} {extra[0]}: write each setting as one KEY=VALUE word, "
+                          f"e.g. -c {loose[0]}={extra[0]}")
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
             return cmd_run(args)
