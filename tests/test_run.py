@@ -332,3 +332,47 @@ def test_bench_default_clip_ships_inside_the_package():
     inside = DEFAULT_CLIP.relative_to(package)      # raises if the clip is not in the package
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vision_host"]
     assert any(fnmatch.fnmatch(str(inside), pattern) for pattern in data), (inside, data)
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGHUP], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGINT]],
+                         ids=["hup", "int-int", "term-int"])
+def test_a_stop_signal_finalizes_the_recording_and_writes_the_stats(tmp_path, signals):
+    """SIGHUP (the terminal closed) stops a run like SIGTERM, and a second Ctrl-C while it
+    finishes does not spoil the file: the MP4 is complete and the stats are written."""
+    out, stats = tmp_path / "out.mp4", tmp_path / "s.json"
+    proc = subprocess.Popen([sys.executable, "-m", "vision_host", "run", "-p", "hello", "-s", str(SAMPLE_CLIP),
+                             "-o", "file", "-d", str(out), "--stats", str(stats)],
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint)
+    try:
+        line = proc.stderr.readline()
+        assert "→ hello →" in line, line + proc.stderr.read()
+        deadline = time.monotonic() + 30
+        while not out.exists() or out.stat().st_size < 50_000:   # frames are being written
+            assert time.monotonic() < deadline and proc.poll() is None, "the recording does not grow"
+            time.sleep(0.05)
+        for sig in signals:
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(stats.read_text())
+    assert 0 < summary["frames_out"] < 1189
+    written = cv2.VideoCapture(str(out))
+    assert written.isOpened(), "the MP4 has no index (moov): it was not finalized"
+    assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == summary["frames_out"]
+
+
+def test_processors_that_are_not_regular_files_are_refused_with_a_sentence(tmp_path):
+    """A FIFO named NAME.wasm would block the run forever; a directory named x.wasm broke `list`."""
+    os.mkfifo(tmp_path / "fifo.wasm")
+    (tmp_path / "dir.wasm").mkdir()
+    result = _run_cli("run", "-p", "fifo", "--processors-dir", str(tmp_path), "-s", str(SAMPLE_CLIP))
+    assert result.returncode == 2 and "is a FIFO (named pipe), not a .wasm file" in result.stderr, result.stderr
+    result = _run_cli("run", "-p", str(tmp_path / "dir.wasm"), "-s", str(SAMPLE_CLIP))
+    assert result.returncode == 2 and "is a directory, not a .wasm file" in result.stderr, result.stderr
+    result = _run_cli("list", "--processors-dir", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "dir.wasm is a directory" in result.stdout and "fifo.wasm is a FIFO" in result.stdout
+    assert "hello" in result.stdout   # the others are still listed

@@ -49,7 +49,8 @@ def processor_dirs(extra: str | None = None) -> list[Path]:
 
 
 def known_processors(extra: str | None = None) -> dict[str, Path]:
-    """Processor names found in :func:`processor_dirs` (first directory wins)."""
+    """Processor names found in :func:`processor_dirs` (first directory wins): every
+    ``NAME.wasm`` entry, regular file or not (:func:`not_a_regular_file` tells)."""
     found: dict[str, Path] = {}
     for d in processor_dirs(extra):
         if d.is_dir():
@@ -58,19 +59,41 @@ def known_processors(extra: str | None = None) -> dict[str, Path]:
     return found
 
 
+def not_a_regular_file(path: Path) -> str | None:
+    """None for a regular file (a link to one included), else what ``path`` is instead, as a
+    sentence: reading a FIFO would block the run forever, reading a directory fails."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file")
+    return f"{path} is {kind}, not a .wasm file: remove it or give the path of a processor file"
+
+
 def resolve_processor(spec: str, extra_dir: str | None = None) -> Path:
     """Path of processor ``spec``: a ``.wasm`` path, or a name looked up in :func:`processor_dirs`.
 
     Raises:
-        UsageError: no such file or name (the message lists the known names).
+        UsageError: no such file or name (the message lists the known names), or the path is
+            not a regular file (a FIFO, a directory, a device).
     """
     if spec.endswith(".wasm") or os.sep in spec or "/" in spec:
         path = Path(spec).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"processor file {spec} does not exist")
+        if problem := not_a_regular_file(path):
+            raise UsageError(f"processor {problem}")
         return path
     known = known_processors(extra_dir)
     if spec in known:
+        if problem := not_a_regular_file(known[spec]):
+            raise UsageError(f"processor {spec}: {problem}")
         return known[spec]
     names = ", ".join(known) or "none"
     raise UsageError(f"unknown processor {spec!r}: known processors are {names} "
@@ -735,6 +758,10 @@ class _StreamRun:
         return f"[{self.spec.name}] " if len(self.runtime.streams) > 1 else ""
 
 
+#: Signals that stop a run cleanly (files finalized, stats written); SIGHUP as when the terminal closes.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     from .outputs import MjpegOutput, OutputError
     from .pipeline import format_summary, write_stats
@@ -783,10 +810,24 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
         runs = [_StreamRun(spec, settings, chain, runtime, stream, mjpeg, viewer)
                 for spec, chain, stream in zip(specs, chains, streams, strict=True)]
 
+        stopping: list[int] = []
+
         def on_signal(signum, frame):
+            """Ctrl-C, SIGTERM, SIGHUP: the streams finish their frame, files are finalized and
+            the stats written; a second signal only says that this is under way."""
+            if stopping:
+                try:
+                    print("\nvision-host: stopping: finishing the files and the stats …", file=sys.stderr, flush=True)
+                except OSError:   # the terminal is gone (SIGHUP)
+                    pass
+                return
+            stopping.append(signum)
             for r in runs:
                 r.stop()
-        previous = signal.signal(signal.SIGTERM, on_signal)
+            if runs[0].thread is None and runs[0].pipeline is None:
+                raise KeyboardInterrupt   # still opening the source: nothing to finish yet
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS} if main_thread else {}
         try:
             for r in runs[1:]:
                 r.thread = threading.Thread(target=r.run, name=f"vision-host-stream {r.spec.name}", daemon=True)
@@ -805,7 +846,8 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
             for r in runs:
                 if r.thread is not None:
                     r.done.wait()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         for chain in chains:
             for p in chain:
@@ -921,11 +963,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     bad = 0
     with Runtime(cache_dir=None) as runtime:
         for name, path in found.items():
-            try:
-                module = runtime.compile(path.read_bytes(), str(path))
-                problems = runtime.check_imports(module, str(path))
-            except ProcessorLoadError as exc:
-                problems = [str(exc)]
+            if problem := not_a_regular_file(path):
+                problems = [problem]
+            else:
+                try:
+                    module = runtime.compile(path.read_bytes(), str(path))
+                    problems = runtime.check_imports(module, str(path))
+                except ProcessorLoadError as exc:
+                    problems = [str(exc)]
+                except OSError as exc:
+                    problems = [f"cannot read {path}: {exc.strerror}"]
             bad += bool(problems)
             print(f"{name:16} {path}  {'ok' if not problems else 'CANNOT RUN: ' + '; '.join(problems)}")
     return 1 if bad else 0
