@@ -868,6 +868,8 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
     for r in done:
         prefix = f"stream {r.spec.name}: " if len(runs) > 1 else ""
         print(prefix + format_summary(r.stats), file=sys.stderr)
+        if r.stats.get("source_error"):    # the summary says it: a file that could not be read to its end
+            status = 1
         for problem in _run_problems(r.stats, r.stream.fetch_stats.last_error, r.stream.config):
             print(f"vision-host: {r.label}{problem}", file=sys.stderr)
             status = 1
@@ -880,11 +882,9 @@ SERVER_NAMES = {"generate": "Ollama", "chat": "Ollama", "openai": "the OpenAI-co
 
 
 def _run_problems(stats: dict, last_error: str | None, config: dict) -> list[str]:
-    """Sentences for what spoiled a stream's run, each making the exit status 1: a file that
-    could not be read to its end, or caption requests made and none completed."""
+    """Sentences for what spoiled a stream's run beyond what its summary says, each making the
+    exit status 1: caption requests made and none completed."""
     problems = []
-    if stats.get("source_error"):
-        problems.append(stats["source_error"])
     captions = stats["captions"]
     if captions["started"] and not captions["completed"]:
         api = config.get("ollama-api", "generate")

@@ -219,7 +219,11 @@ class Pipeline:
         """Statistics of the run so far.
 
         Keys: ``stream`` (its name), ``source`` (the source, password redacted), ``frames_in``,
-        ``frames_out``, ``frames_dropped`` (live sources), ``duration_s``, ``reconnects``,
+        ``frames_out``, ``frames_dropped`` (live sources), ``frames_undecodable`` (frames of a
+        damaged file that could not be decoded and were skipped, a missing tail included; 0 for
+        live sources), ``source_error`` (a sentence when the file could not be read to its end,
+        e.g. truncated, or a recording whose connection was lost; else None), ``duration_s``,
+        ``reconnects``,
         ``source_state`` (live sources: how often the stream came back, and
         ``live``/``reconnecting``/``ended``), ``reconnect_gaps_s`` (how long each reconnection
         took), ``fps``, ``max_frame_gap_ms`` (largest wall-clock gap between consecutive frames
@@ -248,6 +252,8 @@ class Pipeline:
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "frames_dropped": self.source.frames_dropped,
+            "frames_undecodable": getattr(self.source, "frames_undecodable", 0),
+            "source_error": getattr(self.source, "source_error", None),
             "reconnects": self.source.reconnects,
             "source_state": self.source.state,
             "reconnect_gaps_s": [round((end or time.monotonic()) - start, 3)
@@ -280,12 +286,17 @@ def write_stats(path: Path, stats: dict) -> None:
 
 
 def format_summary(stats: dict) -> str:
-    """A few human-readable lines summarising ``stats`` for the end of a run."""
+    """A few human-readable lines summarising ``stats`` for the end of a run (with a line for
+    ``frames_undecodable`` when non-zero and one for ``source_error`` when set)."""
     lines = [f"{stats['frames_out']} frames in {stats['duration_s']:.1f} s ({stats['fps']:.1f} fps), "
              f"largest gap between frames {stats['max_frame_gap_ms']:.0f} ms"]
+    if stats.get("frames_undecodable"):
+        lines.append(f"  source: {stats['frames_undecodable']} frames could not be decoded and were skipped")
+    if stats.get("source_error"):
+        lines.append(f"  source error: {stats['source_error']}")
     for name, p in stats["processors"].items():
         state = " (disabled)" if p["disabled"] else ""
-        lines.append(f"  {name}: {p['calls']} calls, mean {p['mean_us']:.0f} µs, p99 {p['p99_us']:.0f} µs, "
+        lines.append(f"  processor {name}: {p['calls']} calls, mean {p['mean_us']:.0f} µs, p99 {p['p99_us']:.0f} µs, "
                      f"{p['errors']} errors{state}")
     c = stats["captions"]
     if c["started"]:

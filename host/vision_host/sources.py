@@ -2,7 +2,9 @@
 
 Every source yields H×W×3 uint8 BGR frames. A file is read frame by frame, paced at its own
 frame rate by default so a recording behaves like a live camera (``pace=False`` reads as fast
-as possible; no frame is ever skipped). Live sources (cameras, ``rtsp://``, ``http(s)://``)
+as possible; no frame is ever skipped). A file damaged in the middle is read past the damage: the
+frames FFmpeg cannot decode are skipped and counted in ``frames_undecodable``, and a file whose
+end cannot be read (truncated, or damaged to its end) says so in ``source_error``. Live sources (cameras, ``rtsp://``, ``http(s)://``)
 are read on their own thread that keeps only the newest frame, so a slow processor chain
 never builds a backlog; the frames it had to skip are counted in ``frames_dropped``.
 
@@ -47,6 +49,9 @@ class Source:
         fps: nominal frame rate (frames/s; 30 when the source does not say).
         live: True for cameras and streams.
         frames_dropped: frames skipped to stay real-time (live sources only).
+        frames_undecodable: frames of a file that could not be decoded and were skipped
+            (:class:`FileSource` only; 0 elsewhere).
+        source_error: a sentence when a file could not be read to its end, else None.
     """
 
     width = 0
@@ -54,6 +59,8 @@ class Source:
     fps = 30.0
     live = False
     frames_dropped = 0
+    frames_undecodable = 0
+    source_error: str | None = None
     #: "live", "connecting", "reconnecting" or "ended" (live sources change it as they go).
     state = "live"
     #: True once :meth:`read` will never return a frame again.
@@ -83,13 +90,33 @@ def _fps_of(cap: cv2.VideoCapture) -> float:
     return float(fps) if fps and 1.0 <= fps <= 240.0 else 30.0
 
 
+#: Frames of a file's end that may be missing without :attr:`FileSource.source_error` being set
+#: (OpenCV estimates the frame count of some containers from their duration).
+_TAIL_SLACK = 2
+
+
 class FileSource(Source):
     """A video file, read in order; paced at ``fps`` when ``pace`` is set.
+
+    A damaged stretch in the middle of a file does not end it: a failed read is followed by more
+    reads (FFmpeg's decoder goes on with the next packet each time) until a frame comes again, at
+    most as many as the frames still to come (``frame_count``) plus a small margin, so the end of
+    the file and a damaged tail cost a few microseconds per read, never an endless loop. The
+    frames lost are counted in :attr:`frames_undecodable` (during the run: the failed reads; at the
+    end, when ``frame_count`` is known: the frames it lists that were never decoded), and a warning
+    is logged once, when the first damage is met, with its frame index. Pacing keeps to the
+    file's time line: a skipped stretch is a pause, as with a camera. When the end of the file
+    cannot be read (it is truncated, or damaged to its end), the source ends with
+    :attr:`source_error` (and :attr:`last_error`) saying up to which frame it could be read.
 
     ``path`` may also be an http(s) URL of a recording (:func:`open_source` gives a VOD HLS
     playlist here): it is read the same way and ends at its end; ``open_timeout_s`` /
     ``read_timeout_s`` bound the open and each read (s). A connection lost midway ends it too,
-    with :attr:`last_error` saying so.
+    with :attr:`last_error` and :attr:`source_error` saying so (a recording is not read past a
+    failed read: each further one could wait ``read_timeout_s``).
+
+    Attributes:
+        frame_count: frames the file says it holds (0 when it does not say).
 
     Raises:
         SourceError: the file is missing or OpenCV cannot decode it (or the URL cannot be opened).
@@ -116,7 +143,10 @@ class FileSource(Source):
                               f"(mp4, mkv, avi, …)?")
         self.height, self.width = first.shape[:2]
         self.fps = _fps_of(self._cap)
-        self.frame_count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.frame_count = max(0, int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0))  # raw streams say < 0
+        #: frames/s of the file's timestamps (0: unknown), and the largest frame position decoded so far
+        self._pos_fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        self._max_pos = 0
         self._pending = first
         self._buffer = np.empty_like(first)
         self._pace = pace
@@ -124,26 +154,80 @@ class FileSource(Source):
         self._index = 0
 
     def read(self) -> np.ndarray | None:
+        """The next frame (H×W×3 uint8 BGR; the same buffer is reused, so copy it to keep it),
+        past any damaged stretch, or None at the end of the file (then :attr:`ended` is True,
+        and :attr:`source_error` is set when the end could not be read)."""
         if self._pending is not None:
             frame, self._pending = self._pending, None
+        elif self.ended:
+            return None
         else:
-            ok, frame = self._cap.read(self._buffer)
-            if not ok:
-                self.ended = True
-                if self._url and self.frame_count and self._index < self.frame_count - 1:
-                    self.last_error = (f"recording {_redact(self.path)} ended after {self._index} of "
-                                       f"{self.frame_count} frames: the connection was lost")
-                    log.warning("%s", self.last_error)
+            frame = self._next_frame()
+            if frame is None:
                 return None
         if self._pace:
             now = time.perf_counter()
             if self._start is None:
                 self._start = now
-            due = self._start + self._index / self.fps
+            due = self._start + (self._index + self.frames_undecodable) / self.fps
             if due > now:
                 time.sleep(due - now)
         self._index += 1
         return frame
+
+    def _next_frame(self) -> np.ndarray | None:
+        """The next decodable frame, or None at the end (which :meth:`_end_of_file` examines)."""
+        ok, frame = self._cap.read(self._buffer)
+        if ok:
+            self._note_position()
+            return frame
+        if self._url:
+            self.ended = True
+            if self.frame_count and self._index < self.frame_count - 1:
+                self.source_error = self.last_error = (f"recording {_redact(self.path)} ended after {self._index} of "
+                                                       f"{self.frame_count} frames: the connection was lost")
+                log.warning("%s", self.last_error)
+            return None
+        # The end of the file, or a packet FFmpeg could not decode: each further read tries the
+        # next packet, and at the end each fails at once (microseconds). A damaged stretch takes at
+        # least one read per packet, so the frames still to come bound the reads it can need.
+        limit = (max(self.frame_count - self._index, 0) if self.frame_count else int(60 * self.fps)) + 64
+        for failed in range(1, limit + 1):
+            ok, frame = self._cap.read(self._buffer)
+            if ok:
+                if not self.frames_undecodable:
+                    log.warning("video file %s is damaged at frame %d: skipping the frames that cannot be decoded "
+                                "and reading on (the summary counts them)",
+                                self.name, self._index)
+                self.frames_undecodable += failed
+                self._note_position()
+                return frame
+        self._end_of_file()
+        return None
+
+    def _note_position(self) -> None:
+        """Track the largest frame position (from the frame's timestamp) decoded so far."""
+        if self._pos_fps > 0:
+            self._max_pos = max(self._max_pos, round(self._cap.get(cv2.CAP_PROP_POS_MSEC) * self._pos_fps / 1000))
+
+    def _end_of_file(self) -> None:
+        """No frame comes any more: end, and set :attr:`source_error` when the frames that never
+        came are the file's tail (truncated, or damaged to its end) rather than its end."""
+        self.ended = True
+        total = self.frame_count
+        if not total:
+            return
+        missing = total - self._index            # frames the file lists that were never decoded
+        # the tail: past the last frame position decoded (or, without timestamps, past the frames
+        # read and skipped)
+        tail = total - 1 - self._max_pos if self._max_pos > 0 else missing - self.frames_undecodable
+        if missing > _TAIL_SLACK and tail > _TAIL_SLACK:
+            self.source_error = self.last_error = (
+                f"video file {self.name} could not be read past frame {total - tail} of {total}: "
+                f"the rest of the file is damaged or missing")
+            log.warning("%s", self.source_error)
+        if self.frames_undecodable or self.source_error:
+            self.frames_undecodable = max(self.frames_undecodable, missing)
 
     def close(self) -> None:
         self._cap.release()
