@@ -376,3 +376,33 @@ def test_processors_that_are_not_regular_files_are_refused_with_a_sentence(tmp_p
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "dir.wasm is a directory" in result.stdout and "fifo.wasm is a FIFO" in result.stdout
     assert "hello" in result.stdout   # the others are still listed
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("rtsp://admin:secret@192.0.2.1/s", "rtsp://admin:***@192.0.2.1/s"),
+    ("rtsp://admin:p@ss-secret@192.0.2.1:554/s", "rtsp://admin:***@192.0.2.1:554/s"),
+    ("rtsp://admin:pa/ss@secret@192.0.2.1/s", "rtsp://admin:***@192.0.2.1/s"),
+    ("rtsp://admin:pa?ss#x@192.0.2.1/s", "rtsp://admin:***@192.0.2.1/s"),
+    ("http://TOKEN@192.0.2.1/video.mjpg", "http://***@192.0.2.1/video.mjpg"),
+    ("rtsp://192.0.2.1/s?user=a", "rtsp://192.0.2.1/s?user=a"),
+    ("clip.mp4", "clip.mp4"),
+])
+def test_credentials_in_stream_urls_are_hidden_as_ffmpeg_splits_them(url, shown):
+    from vision_host.sources import redact_url
+    assert redact_url(url) == shown
+
+
+def test_a_password_with_at_and_slash_never_reaches_the_messages(tmp_path):
+    port = _free_port()      # nothing listens: the run fails to open the stream and says so
+    for password in ("p@ss-secret", "pa/ss-secret"):
+        result = _run_cli("run", "-p", "hello", "-s", f"rtsp://admin:{password}@127.0.0.1:{port}/cam",
+                          "--source-retries", "1", "--logging", "debug", "--stats", str(tmp_path / "s.json"))
+        assert result.returncode == 1, result.stderr
+        assert "ss-secret" not in result.stderr + result.stdout
+        assert f"rtsp://admin:***@127.0.0.1:{port}/cam" in result.stderr
+
+
+def test_a_url_setting_with_credentials_is_refused():
+    result = _run_cli("run", "-p", "ollama", "-s", str(SAMPLE_CLIP), "-c", "ollama-url=http://u:secret@127.0.0.1:9/")
+    assert result.returncode == 2, result.stderr
+    assert "secret" not in result.stderr and "ollama-api-key-env" in result.stderr

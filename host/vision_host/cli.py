@@ -437,6 +437,7 @@ def _settings(args: argparse.Namespace) -> dict:
         if value is not None:
             settings[key] = value
     _check_numbers(settings)
+    _refuse_url_credentials(config)
     allow = list(settings.get("allow", [])) + list(args.allow)
     settings["allow"] = allow
     if "ollama-url" not in config:
@@ -463,6 +464,8 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError("no processor given: add -p NAME (e.g. -p ollama), repeatable")
     settings["live_options"] = _live_options(settings)    # checked here, once, not in each stream's thread
     streams = settings["streams"] = _stream_specs(settings)
+    for spec in streams:
+        _refuse_url_credentials(spec.config)
     if settings["output"] in ("file", "rtsp") and not all(s.destination for s in streams):
         raise UsageError("-o file needs -d PATH.mp4 for the video file to write" if settings["output"] == "file"
                          else "-o rtsp needs -d rtsp://HOST:PORT/PATH of the RTSP server to publish to")
@@ -471,6 +474,19 @@ def _settings(args: argparse.Namespace) -> dict:
     if settings["output"] == "display" and len(streams) > 1:
         raise UsageError("-o display shows one stream; with several sources use -o mjpeg (every stream on one page)")
     return settings
+
+
+def _refuse_url_credentials(config: dict) -> None:
+    """Refuse ``*-url`` settings with a userinfo (``http://user:pass@host``): the host never
+    sends it, and it would be shown wherever the URL is. Raises UsageError."""
+    from .sources import redact_url
+
+    for key, value in config.items():
+        if key.endswith("-url") and redact_url(value) != value:
+            prefix = key[: -len("-url")]
+            raise UsageError(f"{key}={redact_url(value)}: credentials in the URL are not sent to the server; "
+                             f"put the API key in an environment variable and name it with "
+                             f"-c {prefix}-api-key-env=VARIABLE")
 
 
 def ollama_host_url(value: str | None) -> str | None:

@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
-from .sources import _redact
+from .sources import redact_url
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -1408,12 +1408,12 @@ class RtspOutput(Output):
         self.url = (url or "").strip()
         if not self.url.lower().startswith(_RTSP_SCHEMES):
             raise OutputError(
-                f"cannot publish to {_redact(self.url)!r}: -o rtsp needs an rtsp:// or rtsps:// address,"
+                f"cannot publish to {redact_url(self.url)!r}: -o rtsp needs an rtsp:// or rtsps:// address,"
                 " e.g. -d rtsp://127.0.0.1:8554/vision"
             )
         self._av = _import_av()
         if self._av is None:
-            raise OutputError(f"cannot publish to {_redact(self.url)}: {_NO_PYAV_ADVICE}")
+            raise OutputError(f"cannot publish to {redact_url(self.url)}: {_NO_PYAV_ADVICE}")
         if not (keyframe_interval_s > 0 and timeout_s > 0 and queue_frames >= 1 and 0 < backoff_s <= backoff_max_s):
             raise ValueError(
                 "RtspOutput needs keyframe_interval_s > 0, timeout_s > 0, queue_frames >= 1 and"
@@ -1448,7 +1448,7 @@ class RtspOutput(Output):
     def describe(self) -> str:
         """E.g. ``RTSP rtsp://127.0.0.1:8554/vision (H.264, 29.83 fps)``; any password shown as ``***``."""
         fps = f", {self.fps:.2f} fps" if self.fps else ""
-        return f"RTSP {_redact(self.url)} (H.264{fps})"
+        return f"RTSP {redact_url(self.url)} (H.264{fps})"
 
     # ---------------------------------------------------------------- life cycle
 
@@ -1483,7 +1483,7 @@ class RtspOutput(Output):
             except OutputError as exc:
                 problem = str(exc)
         if problem is not None:
-            raise OutputError(f"cannot publish to {_redact(self.url)}: {problem}; {_RTSP_ADVICE}")
+            raise OutputError(f"cannot publish to {redact_url(self.url)}: {problem}; {_RTSP_ADVICE}")
         w, h = self.encoded_size
         self._free = [np.empty((h, w, 3), np.uint8) for _ in range(self.queue_frames + 2)]
         self._opened = True
@@ -1545,7 +1545,7 @@ class RtspOutput(Output):
         _LIVE_OUTPUTS.discard(self)
         log.info(
             "stopped publishing to %s: %d frames sent, %d dropped, %d reconnects",
-            _redact(self.url), self.frames_sent, self.frames_dropped, self.reconnects,
+            redact_url(self.url), self.frames_sent, self.frames_dropped, self.reconnects,
         )
 
     # ---------------------------------------------------------------- connection
@@ -1635,7 +1635,7 @@ class RtspOutput(Output):
             if flush:
                 container.mux(stream.encode(None))
         except (OSError, av.FFmpegError) as exc:
-            log.warning("RTSP %s: the last frames were not sent (%s)", _redact(self.url), _av_reason(exc))
+            log.warning("RTSP %s: the last frames were not sent (%s)", redact_url(self.url), _av_reason(exc))
         try:
             container.close()  # RTSP TEARDOWN, closes the sockets
         except (OSError, av.FFmpegError):
@@ -1665,7 +1665,7 @@ class RtspOutput(Output):
                 log.error(
                     "lost the RTSP connection to %s (%s): reconnecting (every %g s at first, then up to %g s apart);"
                     " frames are dropped until it is back",
-                    _redact(self.url), _av_reason(exc), self.backoff_s, self.backoff_max_s,
+                    redact_url(self.url), _av_reason(exc), self.backoff_s, self.backoff_max_s,
                 )
                 self._disconnect(flush=False)
                 self._reconnect()
@@ -1706,10 +1706,10 @@ class RtspOutput(Output):
                 with self._cond:
                     self.connected = True
                     self.reconnects += 1
-                log.warning("publishing to %s again after %.1f s", _redact(self.url), time.monotonic() - lost_at)
+                log.warning("publishing to %s again after %.1f s", redact_url(self.url), time.monotonic() - lost_at)
                 return
             delay = min(delay * 2, self.backoff_max_s)
-            log.warning("cannot publish to %s yet (%s); next try in %g s", _redact(self.url), problem, delay)
+            log.warning("cannot publish to %s yet (%s); next try in %g s", redact_url(self.url), problem, delay)
 
 
 def _av_reason(exc: BaseException) -> str:

@@ -138,7 +138,7 @@ class FileSource(Source):
         if not ok:
             self._cap.release()
             if self._url:
-                raise SourceError(f"cannot open recording {_redact(path)}: check the address and that the server is up")
+                raise SourceError(f"cannot open recording {redact_url(path)}: check the address and that the server is up")
             raise SourceError(f"cannot decode video file {path}: is it a video OpenCV's FFmpeg can read "
                               f"(mp4, mkv, avi, …)?")
         self.height, self.width = first.shape[:2]
@@ -184,7 +184,7 @@ class FileSource(Source):
         if self._url:
             self.ended = True
             if self.frame_count and self._index < self.frame_count - 1:
-                self.source_error = self.last_error = (f"recording {_redact(self.path)} ended after {self._index} of "
+                self.source_error = self.last_error = (f"recording {redact_url(self.path)} ended after {self._index} of "
                                                        f"{self.frame_count} frames: the connection was lost")
                 log.warning("%s", self.last_error)
             return None
@@ -234,7 +234,7 @@ class FileSource(Source):
 
     @property
     def name(self) -> str:
-        return _redact(self.path)
+        return redact_url(self.path)
 
     def describe(self) -> str:
         kind = "recording" if self._url else "file"
@@ -358,7 +358,7 @@ class LiveSource(Source):
         if target and target >= self.options.stall_timeout_s:
             log.warning("HLS stream %s has %g s segments, not shorter than the stall timeout (%g s): it may be "
                         "taken for stalled between segments; raise --source-timeout-s above %g",
-                        _redact(self.spec), target, self.options.stall_timeout_s, 2 * target)
+                        redact_url(self.spec), target, self.options.stall_timeout_s, 2 * target)
 
     # -- opening ----------------------------------------------------------------------------------
     def _open_once(self):
@@ -368,10 +368,10 @@ class LiveSource(Source):
             try:
                 playlist = _fetch_hls_playlist(spec, opt.open_timeout_s)
             except (OSError, ValueError) as exc:
-                self.last_error = f"cannot read HLS playlist {_redact(spec)} ({exc}): check the address and the server"
+                self.last_error = f"cannot read HLS playlist {redact_url(spec)} ({exc}): check the address and the server"
                 return None, None
             if playlist == self._stalled_playlist:
-                self.last_error = (f"HLS playlist {_redact(spec)} has not changed since the stream stalled: "
+                self.last_error = (f"HLS playlist {redact_url(spec)} has not changed since the stream stalled: "
                                    f"check that the encoder writing it is running")
                 return None, None
         if spec.isdigit() or not spec.lower().startswith(STREAM_SCHEMES):
@@ -403,7 +403,7 @@ class LiveSource(Source):
             ok, first = cap.read()
             if not ok:
                 cap.release()
-                self.last_error = (f"stream {_redact(spec)} answers but sends no new frame: check that the camera "
+                self.last_error = (f"stream {redact_url(spec)} answers but sends no new frame: check that the camera "
                                    f"or encoder behind it is running")
                 return None, None
         if ok:
@@ -413,7 +413,7 @@ class LiveSource(Source):
             self.last_error = (f"no camera at index {spec}: connect a camera, or read a video file with -s FILE "
                                f"or a network camera with -s rtsp://HOST/PATH")
         elif spec.lower().startswith(STREAM_SCHEMES):
-            self.last_error = (f"cannot open stream {_redact(spec)}: check the address, the credentials and that "
+            self.last_error = (f"cannot open stream {redact_url(spec)}: check the address, the credentials and that "
                                f"the camera is on")
         else:
             self.last_error = f"cannot open camera device {spec}: check that it exists and is not in use"
@@ -473,7 +473,7 @@ class LiveSource(Source):
                 # a stall began when it was first reported (stall_timeout_s after the last frame)
                 self.gaps.append([min(now, self._last_frame_t + self.options.stall_timeout_s), None])
                 self._cond.notify_all()
-            log.warning("stream %s dropped or stalled: reconnecting", _redact(self.spec))
+            log.warning("stream %s dropped or stalled: reconnecting", redact_url(self.spec))
             first = self._open_with_retries()
             with self._cond:
                 if first is None:
@@ -488,7 +488,7 @@ class LiveSource(Source):
                 self.gaps[-1][1] = time.monotonic()
                 self._latest = first
                 self._cond.notify_all()
-            log.warning("stream %s is back after %.1f s", _redact(self.spec), self.gaps[-1][1] - self.gaps[-1][0])
+            log.warning("stream %s is back after %.1f s", redact_url(self.spec), self.gaps[-1][1] - self.gaps[-1][0])
 
     def _pace_hls(self) -> bool:
         """Hold the frame just read until its timestamp is due (HLS hands over whole segments).
@@ -522,20 +522,33 @@ class LiveSource(Source):
 
     @property
     def name(self) -> str:
-        return _redact(self.spec)
+        return redact_url(self.spec)
 
     def describe(self) -> str:
         return f"live {self.name} ({self.width}×{self.height} @ {self.fps:g} fps)"
 
 
-def _redact(url: str) -> str:
-    """``url`` without a password (``rtsp://user:secret@host`` → ``rtsp://user:***@host``)."""
+def redact_url(url: str) -> str:
+    """``url`` with its credentials hidden (``rtsp://user:secret@host`` → ``rtsp://user:***@host``).
+
+    The userinfo is split off the way FFmpeg splits it (``av_url_split``): the authority ends at
+    the first ``/``, ``?`` or ``#`` after ``scheme://``, and the userinfo runs to the *last* ``@``
+    in it, so a password holding ``@`` is hidden whole. A password holding ``/``, ``?`` or ``#``
+    (which FFmpeg itself would misread) is hidden up to the last ``@`` of the whole URL: more is
+    hidden rather than any of it shown. A userinfo without ``:`` (a token) becomes ``***``.
+    """
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    if not sep:
         return url
-    creds, _, host = rest.partition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if at < 0:
+        at = rest.rfind("@")
+    if at < 0:
+        return url
+    userinfo, host = rest[:at], rest[at + 1:]
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
 
 
 def _is_hls(spec: str) -> bool:
