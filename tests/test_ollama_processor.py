@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import CAR_CLIP, REPO
 from ollama_standin import OllamaStandin
 from vision_host.runtime import NetworkPolicy
 
@@ -68,10 +68,10 @@ def test_streams_a_caption_into_the_store_and_onto_the_frame(runtime_factory, st
     assert rt.fetch_stats.completed >= 1
 
 
-def test_one_request_in_flight_and_the_current_frame_is_sent(runtime_factory, standin, media_dir):
+def test_one_request_in_flight_and_the_current_frame_is_sent(runtime_factory, standin):
     standin.latency_s = 0.5
     rt, p = _processor(runtime_factory, standin.url, ollama_interval_ms=0, ollama_image_max_side=320)
-    cap = cv2.VideoCapture(str(media_dir / "car-detection.mp4"))
+    cap = cv2.VideoCapture(str(CAR_CLIP))
     frames = [cap.read()[1] for _ in range(40)]
     started = time.monotonic()
     i = 0
@@ -109,7 +109,7 @@ def test_unicode_caption_survives_and_is_drawn(runtime_factory, standin, real_fr
     ("model", lambda s: None, "model mistral not found: run `ollama pull mistral`"),
     ("http500", lambda s: setattr(s, "failure", "http500"), "server error 500: llama runner process has terminated"),
     ("malformed", lambda s: setattr(s, "failure", "malformed"), "malformed reply from"),
-    ("midstream", lambda s: setattr(s, "failure", "midstream_error"), "Ollama error: llama runner"),
+    ("midstream", lambda s: setattr(s, "failure", "midstream_error"), "error from Ollama: llama runner"),
     ("reset", lambda s: setattr(s, "failure", "reset"), "connection"),
 ])
 def test_server_failures_are_shown_and_logged_once(runtime_factory, standin, real_frame, caplog,
@@ -210,7 +210,8 @@ def test_other_protocols_report_unknown_models_and_server_errors(runtime_factory
     rt, p = _processor(runtime_factory, standin.url, ollama_api=api, ollama_model="nosuch")
     with caplog.at_level(logging.WARNING):
         _run_until(p, real_frame, lambda: any("nosuch" in r.getMessage() for r in caplog.records))
-    expected = "model nosuch not found" + (": run `ollama pull nosuch`" if api == "chat" else f" at {standin.url}")
+    expected = "model nosuch not found" + (": run `ollama pull nosuch`" if api == "chat"
+                                          else f" on the OpenAI-compatible server at {standin.url}")
     assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     # A runner error after streaming began: Ollama's /api sends {"error": …} as the last
     # NDJSON line; its /v1 just ends the SSE stream without a finish_reason or [DONE].
@@ -318,3 +319,169 @@ def test_workers_ai_unknown_model_reads_the_envelope_error(runtime_factory, work
                        ollama_api_key_env="VH_TEST_CF_TOKEN")
     with caplog.at_level(logging.WARNING):
         _run_until(p, real_frame, lambda: any("No such model @cf/nosuch" in r.getMessage() for r in caplog.records))
+
+
+# -- how messages name the server (`ollama-server-name`) -------------------------------------
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _processor_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "vision_host.processor.ollama"]
+
+
+@pytest.mark.parametrize("api, name, expected", [
+    ("generate", None, "Ollama"),
+    ("chat", None, "Ollama"),
+    ("openai", None, "the OpenAI-compatible server"),
+    ("workers-ai", None, "Workers AI"),
+    ("openai", "the embedded vision server (blip)", "the embedded vision server (blip)"),
+    ("generate", "vLLM on the GPU box", "vLLM on the GPU box"),
+])
+def test_messages_name_the_server_as_configured(runtime_factory, real_frame, caplog, api, name, expected):
+    """The status text and the log name the server after `ollama-server-name`, else after
+    `ollama-api`; never "Ollama" for a server that is not one."""
+    url = _closed_port_url()
+    extra = {"ollama_api": api, **({"ollama_server_name": name} if name else {})}
+    rt, p = _processor(runtime_factory, url, **extra)
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+        out = _run_until(p, real_frame, lambda: "retrying in" in caplog.text, timeout_s=5)
+    messages = _processor_messages(caplog)
+    assert f"cannot reach {expected} at {url}, retrying in 1 s" in messages, messages
+    assert not np.array_equal(out, real_frame), "the problem is shown on the video"
+    if expected != "Ollama":
+        assert not [m for m in messages if "Ollama" in m], messages
+
+
+def test_a_timeout_names_the_configured_server(runtime_factory, standin, real_frame, caplog):
+    standin.failure = "hang"
+    name = "the embedded vision server (blip)"
+    rt, p = _processor(runtime_factory, standin.url, ollama_timeout_ms=1000, ollama_server_name=f"  {name} ")
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+        _run_until(p, real_frame, lambda: "timed out" in caplog.text, timeout_s=5)
+    messages = _processor_messages(caplog)
+    assert f"{name} at {standin.url} timed out" in messages, messages
+    assert not [m for m in messages if "Ollama" in m], messages
+
+
+def test_recovery_names_the_configured_server(runtime_factory, real_frame, caplog):
+    url = _closed_port_url()
+    rt, p = _processor(runtime_factory, url, ollama_api="chat", ollama_server_name="the lab server")
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+        _run_until(p, real_frame, lambda: "retrying in 1 s" in caplog.text, timeout_s=5)
+        server = OllamaStandin(port=int(url.rsplit(":", 1)[1]))    # the server comes up where it looks
+        try:
+            _run_until(p, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None, timeout_s=8)
+        finally:
+            server.stop()
+    messages = _processor_messages(caplog)
+    assert f"the lab server at {url} is answering again (model llava)" in messages, messages
+    assert not [m for m in messages if "Ollama" in m], messages
+
+
+def test_a_missing_model_on_a_named_server_gets_no_ollama_pull_hint(runtime_factory, standin, real_frame, caplog):
+    rt, p = _processor(runtime_factory, standin.url, ollama_model="mistral",
+                       ollama_server_name="the embedded vision server (blip)")
+    with caplog.at_level(logging.WARNING, logger="vision_host.processor.ollama"):
+        _run_until(p, real_frame, lambda: "not found" in caplog.text)
+    assert f"model mistral not found on the embedded vision server (blip) at {standin.url}" in \
+        _processor_messages(caplog)
+    assert "ollama pull" not in caplog.text
+
+
+def test_the_server_name_can_change_while_running(runtime_factory, real_frame, caplog):
+    url = _closed_port_url()
+    rt, p = _processor(runtime_factory, url)
+    with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+        _run_until(p, real_frame, lambda: "retrying in 1 s" in caplog.text, timeout_s=5)
+        rt.streams[0].set_config({"ollama-server-name": "the lab server"})
+        _run_until(p, real_frame, lambda: "cannot reach the lab server" in caplog.text, timeout_s=5)
+    assert f"cannot reach the lab server at {url}, retrying in 2 s" in _processor_messages(caplog)
+
+
+# -- `ollama-overlay` ----------------------------------------------------------------------
+def test_overlay_false_draws_nothing_but_stores_captions_and_keeps_asking(runtime_factory, standin, real_frame):
+    """wasmVision's layout (`-p ollama -p captions`): ollama only stores the caption, the
+    `captions` processor draws it; `ollama-overlay` changes live."""
+    standin.reply = lambda prompt, jpeg: f"caption number {len(standin.requests)}"
+    rt, p = _processor(runtime_factory, standin.url, ollama_overlay="false")
+    store = rt.processor_store
+    drawn = []
+
+    def two_captions():
+        drawn.append(not np.array_equal(p.process(real_frame.copy()), real_frame))
+        return (store.get("captions", "caption") or "").endswith("2")
+    _run_until(p, real_frame, two_captions)
+    assert not any(drawn), "ollama-overlay=false must leave every frame untouched"
+    assert store.get("captions", "model") == "llava"
+
+    rt.streams[0].set_config({"ollama-overlay": "true"})          # live, like every other key
+    out = p.process(real_frame.copy())
+    assert (np.abs(out[-40:].astype(int) - real_frame[-40:]).mean()) > 10      # the band is back
+    rt.streams[0].set_config({"ollama-overlay": "FALSE "})
+    assert np.array_equal(p.process(real_frame.copy()), real_frame)
+
+
+def test_an_invalid_overlay_value_is_reported_and_the_default_used(runtime_factory, standin, real_frame, caplog):
+    standin.reply = lambda prompt, jpeg: "Bottles stand proud"
+    with caplog.at_level(logging.ERROR, logger="vision_host.processor.ollama"):
+        rt, p = _processor(runtime_factory, standin.url, ollama_overlay="maybe")
+        _run_until(p, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None)
+    assert 'config ollama-overlay="maybe" is invalid (expected true or false); using the default true' in caplog.text
+    out = p.process(real_frame.copy())
+    assert not np.array_equal(out, real_frame)
+
+
+# -- the settings in force, in the processor store ----------------------------------------
+DEFAULT_PROMPT = "Describe what is in this picture in highly complimentary terms using 6 words or less."
+
+
+def _in_force(rt) -> dict[str, str]:
+    store = rt.processor_store
+    return {key: store.get("ollama", key) for key in store.keys("ollama")}
+
+
+def test_the_settings_in_force_are_stored_at_start_and_after_each_change(runtime_factory, standin, real_frame,
+                                                                         caplog):
+    cfg = {"ollama-url": standin.url}
+    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
+    p = rt.load(OLLAMA_WASM)
+    p.process(real_frame.copy())
+    assert _in_force(rt) == {"url": standin.url, "api": "generate", "server-name": "Ollama", "model": "llava",
+                             "prompt": DEFAULT_PROMPT, "interval-ms": "3000", "paused": "false", "overlay": "true"}
+
+    rt.streams[0].set_config({"ollama-model": " bakllava ", "ollama-interval-ms": "1500", "ollama-paused": "true",
+                              "ollama-prompt": "How many bottles?", "ollama-api": "openai",
+                              "ollama-overlay": "false"})
+    assert _in_force(rt)["model"] == "llava", "read again on the next frame, not before"
+    p.process(real_frame.copy())
+    assert _in_force(rt) == {"url": standin.url, "api": "openai", "server-name": "the OpenAI-compatible server",
+                             "model": "bakllava", "prompt": "How many bottles?", "interval-ms": "1500",
+                             "paused": "true", "overlay": "false"}
+
+    # removed keys fall back to the defaults; invalid values are reported and the default is in force
+    with caplog.at_level(logging.ERROR, logger="vision_host.processor.ollama"):
+        rt.streams[0].set_config({"ollama-model": "", "ollama-interval-ms": "soon", "ollama-paused": "",
+                                  "ollama-prompt": "", "ollama-api": "", "ollama-overlay": "",
+                                  "ollama-server-name": "the lab server"})
+        p.process(real_frame.copy())
+    assert "ollama-interval-ms" in caplog.text
+    assert _in_force(rt) == {"url": standin.url, "api": "generate", "server-name": "the lab server",
+                             "model": "llava", "prompt": DEFAULT_PROMPT, "interval-ms": "3000", "paused": "false",
+                             "overlay": "true"}
+
+
+def test_with_the_captions_processor_after_it_one_caption_is_drawn(runtime_factory, standin, real_frame):
+    """`-p ollama -p captions` with ollama-overlay=false (what the CLI sets for that chain):
+    the caption appears once, drawn by `captions` at the top; the bottom stays untouched."""
+    standin.reply = lambda prompt, jpeg: "What a stunning row of bottles"
+    rt, ollama = _processor(runtime_factory, standin.url, ollama_overlay="false")
+    captions = rt.load(REPO / "wasm" / "captions.wasm")
+
+    _run_until(ollama, real_frame, lambda: rt.processor_store.get("captions", "caption") is not None)
+    out = captions.process(ollama.process(real_frame.copy()))
+    changed = np.any(out != real_frame, axis=2)
+    rows = np.nonzero(changed.any(axis=1))[0]
+    assert rows.size and rows.max() < 40, f"drawn on rows {rows.min()}-{rows.max()}: only the top caption expected"

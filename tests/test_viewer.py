@@ -59,6 +59,33 @@ def test_state_reports_the_stream_its_processors_and_captions(run, standin):
     assert stream["config"]["ollama-url"] == standin.url
 
 
+DEFAULT_PROMPT = "Describe what is in this picture in highly complimentary terms using 6 words or less."
+
+
+def _stream0(run) -> dict:
+    return requests.get(run.base + "/api/state", timeout=5).json()["streams"][0]
+
+
+def test_state_shows_the_settings_in_force_with_the_processors_own_defaults(run, standin):
+    """Keys nobody set still have a value in force (the ollama processor's defaults, which
+    live in its Zig source): /api/state's `in_force` carries what the processor stored."""
+    stream = wait_for(lambda: (s := _stream0(run))["in_force"] and s, 10, "the settings in force")
+    assert "ollama-model" not in stream["config"] and "ollama-prompt" not in stream["config"]
+    in_force = stream["in_force"]
+    assert in_force["ollama-model"] == "llava" and in_force["ollama-prompt"] == DEFAULT_PROMPT
+    assert in_force["ollama-interval-ms"] == "500" and in_force["ollama-paused"] == "false"
+    assert in_force["ollama-url"] == standin.url and in_force["ollama-server-name"] == "Ollama"
+
+    # a key removed through the API is back at the processor's default; a set one is in force
+    reply = requests.post(run.base + "/api/config", json={"set": {"ollama-interval-ms": "", "ollama-model": "moondream",
+                                                                  "ollama-paused": "true"}}, timeout=5)
+    assert reply.status_code == 200, reply.text
+    in_force = wait_for(lambda: (f := _stream0(run)["in_force"])["ollama-interval-ms"] == "3000" and f, 10,
+                        "the default interval in force")
+    assert in_force["ollama-model"] == "moondream" and in_force["ollama-paused"] == "true"
+    assert "ollama-interval-ms" not in _stream0(run)["config"]
+
+
 def test_captions_history_lists_completed_captions_oldest_first(run):
     captions = wait_for(lambda: len(c := requests.get(run.base + "/api/captions", timeout=5).json()["captions"]) >= 2
                         and c, 10, "two captions")

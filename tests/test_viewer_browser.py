@@ -36,6 +36,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CAPTION = re.compile(r"a 640x360 scene with mean brightness \d+")
 NEW_PROMPT = "Count the bottles on the table, in five words."
+DEFAULT_PROMPT = "Describe what is in this picture in highly complimentary terms using 6 words or less."
 
 
 def _save_artifact(path: Path) -> Path | None:
@@ -152,6 +153,30 @@ def test_a_caption_appears_in_the_history_when_the_vision_server_answers(page, c
     assert ids == sorted(ids, reverse=True) and len(ids) == len(set(ids)), "newest first, each once"
 
 
+def test_the_fields_show_the_values_in_force_when_nobody_set_them(page, captioned_run):
+    """The run sets no model and no prompt: the fields show the ollama processor's own
+    defaults (they live in its Zig source; it reports them in the state's `in_force`), not
+    "default"; the interval given with -c shows as given; a removed key shows its default."""
+    page.wait_for_function("document.querySelector('#model').value !== ''")
+    assert page.input_value("#model") == "llava"
+    assert page.get_attribute("#model", "data-source") == "processor"
+    assert "not set" in page.get_attribute("#model", "title")
+    assert page.input_value("#prompt") == DEFAULT_PROMPT
+    assert page.input_value("#interval") == "1000"
+    assert page.get_attribute("#interval", "data-source") == "config"
+    assert not page.is_checked("#pause")
+
+    base = captioned_run.base
+    try:
+        assert requests.post(base + "/api/config", json={"set": {"ollama-interval-ms": ""}}, timeout=5).ok
+        page.wait_for_function("document.querySelector('#interval').value === '3000'")
+        assert page.get_attribute("#interval", "data-source") == "processor"
+    finally:
+        assert requests.post(base + "/api/config", json={"set": {"ollama-interval-ms": "1000"}}, timeout=5).ok
+    page.wait_for_function("document.querySelector('#interval').value === '1000'")
+    assert not page.errors
+
+
 def test_a_prompt_and_a_model_changed_in_the_page_reach_the_next_requests(page, captioned_run):
     standin = captioned_run.standin
     page.fill("#prompt", "x" * 5000)              # the server refuses it: its sentence is shown
@@ -179,6 +204,7 @@ def test_a_prompt_and_a_model_changed_in_the_page_reach_the_next_requests(page, 
     page.wait_for_timeout(1200)   # a state event or two
     assert page.input_value("#prompt") == NEW_PROMPT
     assert page.input_value("#model") == "moondream"
+    assert page.get_attribute("#model", "data-source") == "config"
     assert all(r.body["prompt"] == NEW_PROMPT for r in _generate_requests(standin, applied + 0.2))
 
 

@@ -32,11 +32,11 @@ import numpy as np
 import pytest
 import wasmtime
 
+from conftest import PEOPLE_CLIP
 from vision_host.runtime import Runtime, SandboxLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 WASM = ROOT / "wasm"
-PEOPLE_CLIP = ROOT.parent / "shared" / "media" / "one-by-one-person-detection.mp4"
 FACE_CASCADE = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
 
 #: Generous per-call deadline: KAZE or HOG on a full frame take 100+ ms in the host.
@@ -423,19 +423,16 @@ def face_frame() -> np.ndarray:
     """A frame of the people clip where OpenCV's frontal-face cascade finds a "face" (the
     clip's people turn their backs to the camera: what the cascade finds on them is what
     faceblur must blur, true face or not)."""
-    if not PEOPLE_CLIP.exists():
-        pytest.skip(f"{PEOPLE_CLIP} is not present")
     cap = cv2.VideoCapture(str(PEOPLE_CLIP))
     cc = cv2.CascadeClassifier(FACE_CASCADE)
     try:
-        for index in (240, 225, 330, 435, 795):
-            cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+        while True:
             ok, frame = cap.read()
-            if ok and len(cc.detectMultiScale(frame)):
+            assert ok, f"no frame of {PEOPLE_CLIP} has a face for OpenCV's cascade"
+            if len(cc.detectMultiScale(frame)):
                 return frame
     finally:
         cap.release()
-    pytest.skip("no frame of the people clip has a face for OpenCV")
 
 
 @pytest.mark.parametrize("which", ["bottles", "people"])
@@ -680,13 +677,20 @@ def test_gaussianblur_bad_config_logged_once_and_default_used(run, real_frame, c
 CAPTION = "a person walks past a white table in an office with a wooden floor and a grey pillar"
 
 
-def caption_expected(frame, text, words=10, size=0.6, line_height=20, color=(0, 0, 0)):
+def caption_expected(frame, text, words=10, size=0.6, line_height=20, color=(0, 0, 0), outline=True):
+    """What the captions processor draws, made with OpenCV here: each line at x = 10 px,
+    over a 6 px thick outline in the contrasting colour (white around dark text, black around
+    light) unless ``outline`` is false (wasmVision's plain text)."""
     out = frame.copy()
     words_ = text.split()
+    b, g, r = color
+    halo = (255, 255, 255) if 0.299 * r + 0.587 * g + 0.114 * b < 128 else (0, 0, 0)
     for i in range(0, len(words_), words):
         y = line_height * (i // words + 1)
-        cv2.putText(out, " ".join(words_[i:i + words]), (10, y), cv2.FONT_HERSHEY_SIMPLEX, size, color, 2,
-                    cv2.LINE_AA)
+        line = " ".join(words_[i:i + words])
+        if outline:
+            cv2.putText(out, line, (10, y), cv2.FONT_HERSHEY_SIMPLEX, size, halo, 6, cv2.LINE_AA)
+        cv2.putText(out, line, (10, y), cv2.FONT_HERSHEY_SIMPLEX, size, color, 2, cv2.LINE_AA)
     return out
 
 
@@ -707,13 +711,48 @@ def test_captions_draws_the_stored_caption(run, real_frame):
 
 def test_captions_bad_config_uses_defaults(run, real_frame, caplog):
     cfg = {"caption-words-per-line": "0", "caption-size": "big", "caption-line-height": "-3",
-           "caption-color": "mauve"}
+           "caption-color": "mauve", "caption-outline": "sometimes"}
     with caplog.at_level(logging.ERROR):
         out = run("captions", real_frame, config=cfg, store={("captions", "caption"): CAPTION}, frames=2).out
     assert_image(out, caption_expected(real_frame, CAPTION), 0, "captions defaults")
     errors = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR]
     for key in cfg:
         assert sum(key in m for m in errors) == 1, key
+
+
+def _glyph_contrast(out, frame, text, x, y, size=0.6, thickness=2):
+    """Per column of the first glyph of ``text`` drawn at (x, y): the luminance difference
+    between its strokes and the 1 px ring around them in ``out``; and the first glyph's
+    leftmost changed column. The strokes are where OpenCV itself puts them."""
+    canvas = np.zeros(frame.shape[:2], np.uint8)
+    cv2.putText(canvas, text[0], (x, y), cv2.FONT_HERSHEY_SIMPLEX, size, 255, thickness, cv2.LINE_AA)
+    strokes = canvas > 200
+    ring = (cv2.dilate(canvas, np.ones((3, 3), np.uint8)) > 0) & ~(canvas > 0)
+    luma = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY).astype(int)
+    columns = np.nonzero(strokes.any(axis=0))[0]
+    contrast = [abs(luma[:, c][ring[:, c]].mean() - luma[:, c][strokes[:, c]].mean()) for c in columns
+                if ring[:, c].any()]
+    changed = np.any(out != frame, axis=2)
+    return contrast, int(np.nonzero(changed.any(axis=0))[0].min())
+
+
+@pytest.mark.parametrize("color", ["black", "white"])
+def test_captions_first_letter_is_fully_visible_at_the_left_edge(run, real_frame, color):
+    """The clip's left edge is a dark strip (x < 23): wasmVision's plain black text put its
+    first letter there, where it could not be seen ("cut off"). Every column of the first
+    glyph stands out from what surrounds it, and nothing is drawn outside the frame."""
+    text = "What a stunning bottle on a lovely table"
+    luma = cv2.cvtColor(real_frame, cv2.COLOR_BGR2GRAY)
+    assert luma[5:25, :20].mean() < 30 and luma[5:25, 30:200].mean() > 100, "the clip's dark left strip moved?"
+    out = run("captions", real_frame, config={"caption-color": color}, store={("captions", "caption"): text}).out
+    contrast, left = _glyph_contrast(out, real_frame, text, 10, 20)
+    assert left >= 5, f"the caption starts at x={left}, too close to the left edge"
+    assert len(contrast) >= 10 and min(contrast) > 60, [round(c) for c in contrast]
+
+    plain = run("captions", real_frame, config={"caption-color": color, "caption-outline": "false"},
+                store={("captions", "caption"): text}).out
+    assert_image(plain, caption_expected(real_frame, text, color={"black": (0, 0, 0), "white": (255, 255, 255)}[color],
+                                         outline=False), 0, "caption-outline=false: wasmVision's plain text")
 
 
 def test_captions_follows_the_ollama_caption(run, real_frame):

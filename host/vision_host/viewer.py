@@ -5,7 +5,9 @@ at ``/stream/N``):
 
 * ``GET /`` — the page (``viewer.html``, self-contained: it loads nothing from elsewhere).
 * ``GET /api/state`` — every stream's state, fps, frame gaps, processor costs, caption
-  statistics and config (:meth:`Viewer.state`).
+  statistics, config, and the ``ollama`` processor's settings in force (``in_force``: what it
+  stores as ``ollama``/KEY in its processor store, as ``{"ollama-KEY": value}``, defaults
+  included) (:meth:`Viewer.state`).
 * ``GET /api/captions?stream=N&limit=K`` — the latest completed captions, oldest first.
 * ``GET /api/config?stream=N`` / ``POST /api/config`` — read or change a stream's config while
   it runs (``{"stream": N, "set": {"ollama-prompt": "…"}}``; no ``stream``: every stream).
@@ -160,7 +162,8 @@ class Viewer:
         pipeline = self.pipelines.get(stream.index)
         fs = stream.fetch_stats
         base = {"index": stream.index, "name": stream.name, "mjpeg": f"/stream/{stream.index}",
-                "snapshot": f"/snapshot/{stream.index}.png", "config": dict(stream.config)}
+                "snapshot": f"/snapshot/{stream.index}.png", "config": dict(stream.config),
+                "in_force": settings_in_force(stream)}
         if pipeline is None:
             return {**base, "source": None, "state": "connecting", "fps": 0.0, "frames_out": 0, "frames_dropped": 0,
                     "frame_gap_ms": None, "max_frame_gap_ms": 0.0, "reconnects": 0, "processors": [],
@@ -347,6 +350,17 @@ class _CaptionFeed:
         pass
 
 
+def settings_in_force(stream) -> dict[str, str]:
+    """The ``ollama`` processor's settings in force on ``stream``, by config key: it stores
+    them in its processor store as ``ollama``/KEY (``model``, ``interval-ms``, ``prompt``,
+    ``paused``, …) whenever it reads its config, defaults included, so this answers
+    ``{"ollama-model": "llava", "ollama-interval-ms": "3000", …}`` also for keys nobody set.
+    Empty before the processor's first frame or without an ``ollama`` processor."""
+    store = stream.processor_store
+    values = {f"ollama-{key}": store.get("ollama", key) for key in store.keys("ollama")}
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def _int_arg(query: dict, name: str) -> int | None:
     values = query.get(name)
     return int(values[0]) if values and values[0].lstrip("-").isdigit() else None
@@ -362,4 +376,4 @@ def _send_json(handler, status: int, obj) -> None:
                        json.dumps(obj, ensure_ascii=False).encode("utf-8"))
 
 
-__all__ = ["PAGE", "Viewer", "is_loopback"]
+__all__ = ["PAGE", "Viewer", "is_loopback", "settings_in_force"]

@@ -9,6 +9,11 @@
 //! * `caption-line-height`: px from the top of the frame to the first baseline and from one
 //!   baseline to the next, integer 1–1000 (default 20).
 //! * `caption-color`: black, white, red, green, blue or yellow (default black).
+//! * `caption-outline`: true or false (default true): each line is first drawn 4 px thicker
+//!   in the contrasting colour (white around black, red and blue; black around white, green
+//!   and yellow), so that every letter stays readable whatever is behind it. Without it
+//!   (wasmVision's plain text) black letters vanish on a dark part of the frame: on the
+//!   shipped bottle clip, whose left edge is a dark strip, the first letter looked cut off.
 //!
 //! Text: Hershey simplex, 2 px thick, lines starting 10 px from the left edge; lines that
 //! would start below the frame are not drawn; Hershey fonts have ASCII glyphs only. The
@@ -24,22 +29,30 @@ const store_processor = "captions";
 const store_key = "caption";
 const left_margin = 10;
 const thickness = 2;
+/// Extra px of the outline's strokes (2 px on each side of the letter's).
+const outline_extra = 4;
 
 const Config = struct {
     words_per_line: usize = 10,
     size: f32 = 0.6,
     line_height: i32 = 20,
     color: vh.Rgba = colors[0].rgba,
+    /// The outline's colour, or null for none (`caption-outline=false`).
+    outline: ?vh.Rgba = colors[0].outline,
 };
 
-const NamedColor = struct { name: []const u8, rgba: vh.Rgba };
+const white: vh.Rgba = .{ .r = 255, .g = 255, .b = 255, .a = 255 };
+const black: vh.Rgba = .{ .r = 0, .g = 0, .b = 0, .a = 255 };
+
+/// A `caption-color` name, its colour and the contrasting colour of its outline.
+const NamedColor = struct { name: []const u8, rgba: vh.Rgba, outline: vh.Rgba };
 const colors = [_]NamedColor{
-    .{ .name = "black", .rgba = .{ .r = 0, .g = 0, .b = 0, .a = 255 } },
-    .{ .name = "white", .rgba = .{ .r = 255, .g = 255, .b = 255, .a = 255 } },
-    .{ .name = "red", .rgba = .{ .r = 255, .g = 0, .b = 0, .a = 255 } },
-    .{ .name = "green", .rgba = .{ .r = 0, .g = 255, .b = 0, .a = 255 } },
-    .{ .name = "blue", .rgba = .{ .r = 0, .g = 0, .b = 255, .a = 255 } },
-    .{ .name = "yellow", .rgba = .{ .r = 255, .g = 255, .b = 0, .a = 255 } },
+    .{ .name = "black", .rgba = black, .outline = white },
+    .{ .name = "white", .rgba = white, .outline = black },
+    .{ .name = "red", .rgba = .{ .r = 255, .g = 0, .b = 0, .a = 255 }, .outline = white },
+    .{ .name = "green", .rgba = .{ .r = 0, .g = 255, .b = 0, .a = 255 }, .outline = black },
+    .{ .name = "blue", .rgba = .{ .r = 0, .g = 0, .b = 255, .a = 255 }, .outline = white },
+    .{ .name = "yellow", .rgba = .{ .r = 255, .g = 255, .b = 0, .a = 255 }, .outline = black },
 };
 
 var cfg: Config = .{};
@@ -53,15 +66,27 @@ fn configure() void {
     cfg.words_per_line = @intCast(vh.settings.int("caption-words-per-line", 10, 1, 100, "an integer 1-100"));
     cfg.size = vh.settings.decimal("caption-size", 0.6, 0.1, 10, "a number 0.1-10");
     cfg.line_height = @intCast(vh.settings.int("caption-line-height", 20, 1, 1000, "an integer 1-1000 px"));
-    if (vh.config.get("caption-color")) |value| {
+    const named = if (vh.config.get("caption-color")) |value| blk: {
         defer vh.free(value);
-        cfg.color = for (colors) |c| {
-            if (std.ascii.eqlIgnoreCase(vh.settings.trim(value), c.name)) break c.rgba;
-        } else blk: {
-            vh.log.errf("config caption-color=\"{s}\" is invalid (expected black, white, red, green, blue or yellow); using black", .{vh.utf8Prefix(value, 64)});
-            break :blk colors[0].rgba;
-        };
-    }
+        for (colors) |c| {
+            if (std.ascii.eqlIgnoreCase(vh.settings.trim(value), c.name)) break :blk c;
+        }
+        vh.log.errf("config caption-color=\"{s}\" is invalid (expected black, white, red, green, blue or yellow); using black", .{vh.utf8Prefix(value, 64)});
+        break :blk colors[0];
+    } else colors[0];
+    cfg.color = named.rgba;
+    cfg.outline = if (readOutline()) named.outline else null;
+}
+
+/// `caption-outline`: true unless set to false (or 0); anything else is reported once.
+fn readOutline() bool {
+    const value = vh.config.get("caption-outline") orelse return true;
+    defer vh.free(value);
+    const v = vh.settings.trim(value);
+    if (std.ascii.eqlIgnoreCase(v, "true") or std.mem.eql(u8, v, "1")) return true;
+    if (std.ascii.eqlIgnoreCase(v, "false") or std.mem.eql(u8, v, "0")) return false;
+    vh.log.errf("config caption-outline=\"{s}\" is invalid (expected true or false); using true", .{vh.utf8Prefix(value, 64)});
+    return true;
 }
 
 /// The stored caption (owned: `vh.free`), or null when there is none.
@@ -94,14 +119,23 @@ fn drawCaption(img: vh.Mat, text: []const u8) void {
             len += sep + word.len;
         }
         if (n == 0) break;
-        vh.cv.putText(img, line_buf[0..len], .{ .x = left_margin, .y = y }, .simplex, cfg.size, cfg.color, thickness) catch {
-            if (!draw_error_logged) {
-                draw_error_logged = true;
-                vh.log.warnf("put-text failed: {s}", .{vh.lastError()});
-            }
-            return;
-        };
+        const org: vh.Point = .{ .x = left_margin, .y = y };
+        if (cfg.outline) |outline| {
+            putText(img, line_buf[0..len], org, outline, thickness + outline_extra) catch return;
+        }
+        putText(img, line_buf[0..len], org, cfg.color, thickness) catch return;
     }
+}
+
+/// One line of text; a failure is logged once.
+fn putText(img: vh.Mat, line: []const u8, org: vh.Point, color: vh.Rgba, px: i32) error{Failed}!void {
+    vh.cv.putText(img, line, org, .simplex, cfg.size, color, px) catch {
+        if (!draw_error_logged) {
+            draw_error_logged = true;
+            vh.log.warnf("put-text failed: {s}", .{vh.lastError()});
+        }
+        return error.Failed;
+    };
 }
 
 export fn process(frame: u32) u32 {

@@ -1,12 +1,15 @@
-//! ollama: live captions from an Ollama vision model (e.g. llava), drawn on every frame,
-//! without ever blocking the video.
+//! ollama: live captions from a vision-language server (Ollama with e.g. llava by default;
+//! OpenAI-compatible servers and Cloudflare Workers AI too, see `ollama-api`), drawn on
+//! every frame, without ever blocking the video.
 //!
 //! Per frame, `process` makes at most these host calls: `time.now`; `fetch.poll` while a
-//! request is in flight; `fetch.post-frame` when it is time to start one; `overlay.caption`.
-//! (Plus, only on events: `fetch.cancel` for a timed-out/abandoned request,
-//! `processor-store.set` for a finished caption, and a log line when the state changes.)
+//! request is in flight; `fetch.post-frame` when it is time to start one; `overlay.caption`
+//! (none with ollama-overlay=false). (Plus, only on events: `fetch.cancel` for a
+//! timed-out/abandoned request, `processor-store.set` for a finished caption and for the
+//! settings in force after the config was read, and a log line when the state changes.)
 //!
-//! Protocol (Ollama API, POST {ollama-url}/api/generate, content-type application/json):
+//! Default protocol (ollama-api=generate: Ollama's API, POST {ollama-url}/api/generate,
+//! content-type application/json):
 //!
 //!     {"images":["<base64 JPEG>"],"model":M,"prompt":P,"stream":true,"options":{"num_predict":N}}
 //!
@@ -39,8 +42,14 @@
 //! The pieces are appended to the caption as they arrive (shown at once); at
 //! `"done":true` (or `[DONE]`) the caption is complete: trimmed, kept on screen until the next one
 //! replaces it, stored in the datastore as captions/caption (wasmVision's `captions`
-//! processor reads it there) and logged. A line {"error":"…"} reports a failure.
-//! HTTP 404 means the model is not pulled; other non-200 replies carry {"error":"…"}.
+//! processor reads it there; captions/model is the model that wrote it) and logged. A line
+//! {"error":"…"} reports a failure. HTTP 404 means the model is not there (for Ollama: not
+//! pulled); other non-200 replies carry {"error":"…"}.
+//!
+//! The settings in force (defaults filled in, invalid values replaced by the defaults) are
+//! stored in the processor store under processor "ollama" each time the config is read, one
+//! key per setting, named as the config key without "ollama-": url, api, server-name, model,
+//! prompt, interval-ms, paused, overlay (e.g. ollama/model = "llava"; the viewer shows them).
 //!
 //! Config (read on the first frame, and again on the next frame whenever the stream's config
 //! changes while running, e.g. from the viewer: vision-host:platform/config-watch; an invalid
@@ -60,10 +69,18 @@
 //!   ollama-max-lines         3      1–50 (the last lines are kept)
 //!   ollama-paused            false  true: start no new request (one in flight still finishes);
 //!                                   the last caption stays on screen
+//!   ollama-overlay           true   false: draw nothing (no overlay call); captions are still
+//!                                   requested, stored and logged (wasmVision's layout, where
+//!                                   the `captions` processor draws captions/caption)
+//!   ollama-server-name       after ollama-api: Ollama (generate, chat), the OpenAI-compatible
+//!                                   server (openai), Workers AI (workers-ai). Free text: how
+//!                                   messages name the server ("cannot reach NAME at URL");
+//!                                   blank = unset, cut at 200 bytes
 //!
 //! On screen: while a reply streams, its partial caption; otherwise the last complete
 //! caption. Before the first caption nothing is drawn (no overlay call) unless there is a
-//! problem, whose message is then shown (e.g. "cannot reach Ollama at …").
+//! problem, whose message is then shown (e.g. "cannot reach Ollama at …": every message
+//! names the server as ollama-server-name says).
 //!
 //! State messages are logged once each time the state changes: logging.warn for problems,
 //! logging.info when captions flow again. Connection failures back off exponentially
@@ -113,7 +130,26 @@ const Config = struct {
     font_scale: f32 = 0.6,
     max_lines: u64 = 3,
     paused: bool = false,
+    /// false: nothing drawn (another processor draws captions/caption).
+    overlay: bool = true,
+    /// How messages name the server: `ollama-server-name`, else `defaultServerName(api)`.
+    server_name: []const u8 = "Ollama",
+    /// Whether `ollama-server-name` was given (then no `ollama pull` hint: the server may
+    /// not be Ollama).
+    server_named: bool = false,
 };
+
+/// How messages name a server of protocol `api` when `ollama-server-name` is not set.
+fn defaultServerName(api: Api) []const u8 {
+    return switch (api) {
+        .generate, .chat => "Ollama",
+        .openai => "the OpenAI-compatible server",
+        .@"workers-ai" => "Workers AI",
+    };
+}
+
+/// Longest `ollama-server-name` kept (bytes, cut at a character boundary).
+const max_server_name = 200;
 
 var cfg: Config = .{};
 var configured = false;
@@ -122,8 +158,9 @@ var config_version: u64 = 0;
 /// Config values `cfg` points into (freed when the config is read again).
 var held: [8][]u8 = undefined;
 var held_len: usize = 0;
-/// "{url}/api/generate".
-var generate_url: []const u8 = "";
+/// Where requests go, after `ollama-api`: "{url}/api/generate", "{url}/api/chat",
+/// "{url}/v1/chat/completions" or "{url}/{model}".
+var request_url: []const u8 = "";
 /// The request body with the `%IMAGE%` placeholder (see the file comment).
 var template: []const u8 = "";
 
@@ -172,8 +209,7 @@ fn readPlacement(key: []const u8, default: vh.overlay.Placement) vh.overlay.Plac
     return default;
 }
 
-/// A non-empty text setting without surrounding blanks, kept for the life of the
-/// instance (never freed).
+/// The wire protocol (`ollama-api`).
 fn readApi(key: []const u8, default: Api) Api {
     const value = vh.config.get(key) orelse return default;
     defer vh.free(value);
@@ -201,6 +237,19 @@ fn hold(value: []u8) void {
     std.debug.assert(held_len < held.len);
     held[held_len] = value;
     held_len += 1;
+}
+
+/// An optional free-text setting without surrounding blanks (at most `max_len` bytes, cut at
+/// a character boundary), kept until the config is read again; null when unset or blank.
+fn readOptionalText(key: []const u8, max_len: usize) ?[]const u8 {
+    const value = vh.config.get(key) orelse return null;
+    const text = trimmed(value);
+    if (text.len == 0) {
+        vh.free(value);
+        return null;
+    }
+    hold(value);
+    return vh.utf8Prefix(text, max_len);
 }
 
 fn readBool(key: []const u8, default: bool) bool {
@@ -243,10 +292,11 @@ fn configure() void {
     for (held[0..held_len]) |value| vh.free(value);
     held_len = 0;
     if (!first) {
-        vh.allocator.free(generate_url);
+        vh.allocator.free(request_url);
         vh.allocator.free(template);
     }
     const d: Config = .{};
+    const server_name = readOptionalText("ollama-server-name", max_server_name);
     cfg = .{
         .url = readUrl("ollama-url", d.url),
         .api = readApi("ollama-api", d.api),
@@ -261,17 +311,59 @@ fn configure() void {
         .font_scale = readScale("ollama-font-scale", d.font_scale),
         .max_lines = readInt("ollama-max-lines", d.max_lines, 1, 50, null, "an integer 1-50"),
         .paused = readBool("ollama-paused", d.paused),
+        .overlay = readBool("ollama-overlay", d.overlay),
     };
-    generate_url = buildGenerateUrl() catch @panic("out of memory building the request URL");
+    cfg.server_name = server_name orelse defaultServerName(cfg.api);
+    cfg.server_named = server_name != null;
+    request_url = buildRequestUrl() catch @panic("out of memory building the request URL");
     template = buildTemplate() catch @panic("out of memory building the request body");
+    storeSettings();
     if (cfg.paused) {
         vh.log.infof("ollama: captions paused (ollama-paused=true)", .{});
     } else {
-        vh.log.infof("ollama: captions from model {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.url, cfg.interval_ms });
+        vh.log.infof("ollama: captions from model {s} of {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.server_name, cfg.url, cfg.interval_ms });
     }
 }
 
-fn buildGenerateUrl() error{OutOfMemory}![]const u8 {
+/// The settings in force, into the processor store as ollama/{key without "ollama-"} (see
+/// the file comment), so that the host can show them (the viewer's fields).
+fn storeSettings() void {
+    var interval: [20]u8 = undefined;
+    const settings = [_][2][]const u8{
+        .{ "url", cfg.url },
+        .{ "api", @tagName(cfg.api) },
+        .{ "server-name", cfg.server_name },
+        .{ "model", cfg.model },
+        .{ "prompt", cfg.prompt },
+        .{ "interval-ms", std.fmt.bufPrint(&interval, "{d}", .{cfg.interval_ms}) catch unreachable },
+        .{ "paused", if (cfg.paused) "true" else "false" },
+        .{ "overlay", if (cfg.overlay) "true" else "false" },
+    };
+    for (settings) |kv| {
+        processorStore().set("ollama", kv[0], kv[1]) catch |err| return storeFailed(err);
+    }
+}
+
+/// The run's processor store (created on first use).
+fn processorStore() vh.datastore.Store {
+    if (store == null) store = vh.datastore.Store.init();
+    return store.?;
+}
+
+/// A processor-store write failed: logged the first time only.
+fn storeFailed(err: vh.datastore.Error) void {
+    if (store_failed_logged) return;
+    store_failed_logged = true;
+    // (a switch, not @errorName, which would link the names of every error in std)
+    const why: []const u8 = switch (err) {
+        error.NoSuchFrame => "no such frame",
+        error.NoSuchKey => "no such key",
+        error.RuntimeError => "runtime error",
+    };
+    vh.log.warnf("could not write to the processor store: {s}", .{why});
+}
+
+fn buildRequestUrl() error{OutOfMemory}![]const u8 {
     const path = switch (cfg.api) {
         .generate => "/api/generate",
         .chat => "/api/chat",
@@ -422,9 +514,9 @@ fn setOk() void {
     health = .ok;
     problem.clear();
     if (recovered) {
-        vh.log.infof("Ollama at {s} is answering again (model {s})", .{ cfg.url, cfg.model });
+        vh.log.infof("{s} at {s} is answering again (model {s})", .{ cfg.server_name, cfg.url, cfg.model });
     } else {
-        vh.log.infof("Ollama at {s} is answering (model {s})", .{ cfg.url, cfg.model });
+        vh.log.infof("{s} at {s} is answering (model {s})", .{ cfg.server_name, cfg.url, cfg.model });
     }
 }
 
@@ -442,7 +534,7 @@ fn timeToStart(now: u64) bool {
 fn startRequest(frame: u32, now: u64) void {
     last_start_us = now;
     const id = vh.fetch.postFrame(
-        generate_url,
+        request_url,
         "application/json",
         template,
         vh.Mat.borrow(frame),
@@ -467,6 +559,7 @@ fn transportFailed(err: vh.fetch.Error, now: u64) void {
     reply_open = false;
     partial.clear();
     const url = cfg.url;
+    const name = cfg.server_name;
     switch (err) {
         error.ConnectionFailed => {
             backoff_s = if (backoff_s == 0) 1 else @min(backoff_s * 2, 30);
@@ -475,22 +568,22 @@ fn transportFailed(err: vh.fetch.Error, now: u64) void {
             const next_interval = (last_start_us orelse now) + cfg.interval_ms * std.time.us_per_ms;
             const wait_us = @max(retry_at_us, next_interval) -| now;
             const wait_s = (wait_us + std.time.us_per_s - 1) / std.time.us_per_s;
-            setProblem("cannot reach Ollama at {s}, retrying in {d} s", .{ url, wait_s });
+            setProblem("cannot reach {s} at {s}, retrying in {d} s", .{ name, url, wait_s });
         },
-        error.Timeout => setProblem("Ollama at {s} timed out", .{url}),
+        error.Timeout => setProblem("{s} at {s} timed out", .{ name, url }),
         error.DestinationNotAllowed => {
             stopped = true;
             setProblem("{s} is not an allowed destination", .{url});
         },
         error.InvalidUrl => {
             stopped = true;
-            setProblem("{s}/api/generate is not a valid http(s) URL", .{url});
+            setProblem("{s} is not a valid http(s) URL", .{request_url});
         },
-        error.ResponseTooLarge => setProblem("the reply from Ollama at {s} exceeded the response size limit and was cut off", .{url}),
-        error.RequestError => setProblem("the connection to Ollama at {s} broke during the reply", .{url}),
-        error.TooManyRequests => setProblem("too many requests in flight to Ollama at {s}; waiting for them to finish", .{url}),
-        error.UnknownRequest => setProblem("the request to Ollama at {s} was lost by the host (unknown request id)", .{url}),
-        error.RuntimeError => setProblem("the host could not send the frame to Ollama at {s} (runtime error)", .{url}),
+        error.ResponseTooLarge => setProblem("the reply from {s} at {s} exceeded the response size limit and was cut off", .{ name, url }),
+        error.RequestError => setProblem("the connection to {s} at {s} broke during the reply", .{ name, url }),
+        error.TooManyRequests => setProblem("too many requests in flight to {s} at {s}; waiting for them to finish", .{ name, url }),
+        error.UnknownRequest => setProblem("the request to {s} at {s} was lost by the host (unknown request id)", .{ name, url }),
+        error.RuntimeError => setProblem("the host could not send the frame to {s} at {s} (runtime error)", .{ name, url }),
     }
 }
 
@@ -535,7 +628,7 @@ fn pollRequest(id: u32, now: u64) void {
             request_id = null;
             reply_open = false;
             partial.clear();
-            setProblem("Ollama at {s} timed out", .{cfg.url});
+            setProblem("{s} at {s} timed out", .{ cfg.server_name, cfg.url });
         }
     }
 }
@@ -549,10 +642,11 @@ fn finishReply() void {
             if (reply_open) malformed(); // the stream ended without "done":true
         },
         401, 403 => fail("{s} refused the credentials (HTTP {d}): set ollama-api-key-env to the variable holding the API key", .{ cfg.url, reply_status }),
-        404 => switch (cfg.api) {
-            .openai, .@"workers-ai" => fail("model {s} not found at {s}", .{ cfg.model, cfg.url }),
-            else => fail("model {s} not found: run `ollama pull {s}`", .{ cfg.model, cfg.model }),
-        },
+        // Ollama's hint only where the server is Ollama as far as the config tells.
+        404 => if (cfg.server_named or cfg.api == .openai or cfg.api == .@"workers-ai")
+            fail("model {s} not found on {s} at {s}", .{ cfg.model, cfg.server_name, cfg.url })
+        else
+            fail("model {s} not found: run `ollama pull {s}`", .{ cfg.model, cfg.model }),
         else => {
             var text: TextBuf(300) = .{};
             errorText(error_body.slice(), &text);
@@ -717,7 +811,7 @@ fn handleNdjsonLine(line: []const u8) void {
     if (err_text) |e| {
         var text: TextBuf(300) = .{};
         text.appendJson(e);
-        return fail("Ollama error: {s}", .{text.slice()});
+        return fail("error from {s}: {s}", .{ cfg.server_name, text.slice() });
     }
     if (response == null and done == null) return malformed();
     if (response) |piece| partial.appendJson(piece);
@@ -730,28 +824,16 @@ fn completeCaption() void {
     setOk();
     const text = trimmed(partial.slice());
     if (text.len == 0) {
-        vh.log.debug("Ollama returned an empty caption; keeping the previous one");
+        vh.log.debugf("{s} returned an empty caption; keeping the previous one", .{cfg.server_name});
         partial.clear();
         return;
     }
     caption.set(text);
     partial.clear();
     vh.log.infof("caption: {s}", .{caption.slice()});
-    if (store == null) store = vh.datastore.Store.init();
     // the model first: a reader of captions/caption finds the model that wrote it
-    store.?.set("captions", "model", cfg.model) catch {};
-    store.?.set("captions", "caption", caption.slice()) catch |err| {
-        if (!store_failed_logged) {
-            store_failed_logged = true;
-            // (a switch, not @errorName, which would link the names of every error in std)
-            const why: []const u8 = switch (err) {
-                error.NoSuchFrame => "no such frame",
-                error.NoSuchKey => "no such key",
-                error.RuntimeError => "runtime error",
-            };
-            vh.log.warnf("could not store the caption in the datastore: {s}", .{why});
-        }
-    };
+    processorStore().set("captions", "model", cfg.model) catch {};
+    processorStore().set("captions", "caption", caption.slice()) catch |err| storeFailed(err);
 }
 
 // ==========================================================================================
@@ -771,6 +853,7 @@ fn overlayText() ?[]const u8 {
 }
 
 fn drawOverlay(frame: u32) void {
+    if (!cfg.overlay) return; // ollama-overlay=false: another processor draws the caption
     const text = overlayText() orelse return;
     vh.overlay.caption(
         vh.Mat.borrow(frame),
