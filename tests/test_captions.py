@@ -1,17 +1,26 @@
-"""Caption tracks (vision_host.captions) read back with real parsers: webvtt-py, pysrt, json."""
+"""Caption tracks (vision_host.captions) read back with real parsers: webvtt-py, pysrt, json, and
+FFmpeg's own SubRip / WebVTT demuxers (through PyAV, when installed)."""
 
 from __future__ import annotations
 
 import html
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pysrt
 import pytest
 import webvtt
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from vision_host.captions import CaptionEvent, CaptionTrackError, open_track
+from vision_host import captions as captions_module
+from vision_host.captions import CaptionEvent, CaptionTrackError, SubtitleStreamTrack, open_track
 
 FPS = 30
 WALL0 = 1_700_000_000.0  # wall clock of frame 0
@@ -29,17 +38,20 @@ CAPTIONS = {
 }
 GAP_FRAME, RESUME_FRAME, LAST_FRAME = 720, 825, 930
 
-# Cues expected in the WebVTT/SubRip tracks: (start_s, end_s, displayed text, frame at which
-# the cue must be on disk; None: at close).
+MAX_CUE_S = 10.0  # open_track's default: a cue's provisional end is its start + this
+
+# Cues expected in the WebVTT/SubRip tracks: (start_s, end_s, displayed text, frame at which the
+# cue is on disk (a caption: when it completed, ending at start + MAX_CUE_S until its end is
+# known), frame at which its end is final; None: at close).
 EXPECTED = [
-    (1.0, 4.0, "A person holds a green bottle", 120),
-    (4.0, 7.5, "Café ☕ — 日本語のテキスト 🍾", 225),
-    (7.5, 9.0, "Tom & Jerry <b>not bold</b> --> arrow", 270),
-    (9.0, 10.0, "Line one\nLine two\nline three", 279),  # lasts min_cue_s, not 0.3 s
-    (10.0, 20.0, "Too soon after the last one", 600),  # delayed to 10.0, capped at 10 s by tick
-    (22.0, 24.0, "After a long quiet stretch", GAP_FRAME),  # ended by the gap
-    (24.0, 27.5, "[reconnecting]", RESUME_FRAME),  # the gap itself
-    (28.0, 31.0, "Back after reconnecting", None),  # ended by close(31.0)
+    (1.0, 4.0, "A person holds a green bottle", 30, 120),
+    (4.0, 7.5, "Café ☕ — 日本語のテキスト 🍾", 120, 225),
+    (7.5, 9.0, "Tom & Jerry <b>not bold</b> --> arrow", 225, 270),
+    (9.0, 10.0, "Line one\nLine two\nline three", 270, 279),  # lasts min_cue_s, not 0.3 s
+    (10.0, 20.0, "Too soon after the last one", 279, 600),  # delayed to 10.0, capped at 10 s
+    (22.0, 24.0, "After a long quiet stretch", 660, GAP_FRAME),  # ended by the gap
+    (24.0, 27.5, "[reconnecting]", RESUME_FRAME, RESUME_FRAME),  # the gap itself, written at resume
+    (28.0, 31.0, "Back after reconnecting", 840, None),  # ended by close(31.0)
 ]
 
 
@@ -78,19 +90,68 @@ def srt_cues(path: Path) -> list[tuple[float, float, str]]:
 READERS = {".vtt": vtt_cues, ".srt": srt_cues}
 
 
+def ffmpeg_cues(path: Path) -> list[tuple[float, float, str]]:
+    """The cues FFmpeg's demuxer for the file's format finds (players built on FFmpeg see these)."""
+    av = pytest.importorskip("av")
+    with av.open(str(path)) as container:
+        stream = container.streams.subtitles[0]
+        cues = [(float(packet.pts * stream.time_base), float((packet.pts + packet.duration) * stream.time_base),
+                 bytes(packet).decode("utf-8")) for packet in container.demux(stream) if packet.size]
+    return [(start, end, html.unescape(text) if path.suffix == ".vtt" else text) for start, end, text in cues]
+
+
+_VTT_TIMING = re.compile(r"\d{2,}:\d{2}:\d{2}\.\d{3} --> \d{2,}:\d{2}:\d{2}\.\d{3}")
+_SRT_TIMING = re.compile(r"\d{2,}:\d{2}:\d{2},\d{3} --> \d{2,}:\d{2}:\d{2},\d{3}")
+# Line breaks of str.splitlines() (pysrt reads lines through codecs, which breaks on all of them)
+# other than LF, the only one the tracks write.
+_OTHER_LINE_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def assert_well_formed(path: Path) -> int:
+    """Check the file against the format's grammar, stricter than any reader; return its cue count.
+
+    WebVTT (https://www.w3.org/TR/webvtt1/, "WebVTT file structure" and "WebVTT cue text"): the
+    header, then blocks separated by one blank line, each a timing line and one or more text lines
+    with no "-->", no "<", and "&" only in the references &amp; &lt; &gt;. SubRip: blocks of the
+    index (1, 2, …), a timing line and one or more non-blank text lines without "-->".
+    """
+    raw = path.read_bytes().decode("utf-8")  # strict: valid UTF-8 throughout
+    assert not any(c in raw for c in _OTHER_LINE_BREAKS)
+    if path.suffix == ".vtt":
+        assert raw.startswith("WEBVTT\n\n")
+        raw = raw[len("WEBVTT\n\n"):]
+    if not raw:
+        return 0
+    assert raw.endswith("\n\n") and "\n\n\n" not in raw
+    blocks = [block.split("\n") for block in raw[:-2].split("\n\n")]
+    for number, lines in enumerate(blocks, 1):
+        if path.suffix == ".srt":
+            assert lines[0] == str(number), lines
+            lines = lines[1:]
+        assert (_VTT_TIMING if path.suffix == ".vtt" else _SRT_TIMING).fullmatch(lines[0]), lines
+        assert len(lines) >= 2 and all(line.strip() for line in lines[1:]), lines
+        assert not any("-->" in line for line in lines[1:]), lines
+        if path.suffix == ".vtt":
+            assert not any("<" in line for line in lines[1:]), lines
+            assert not any(re.search(r"&(?!amp;|lt;|gt;)", line) for line in lines[1:]), lines
+    return len(blocks)
+
+
 @pytest.mark.parametrize("suffix", [".vtt", ".srt"])
-def test_timed_track_cues_and_each_cue_on_disk_as_soon_as_its_end_is_known(tmp_path, suffix):
+def test_timed_track_cues_and_each_caption_on_disk_as_soon_as_it_completes(tmp_path, suffix):
     path = tmp_path / f"captions{suffix}"
     track = open_track(path)
     read = READERS[suffix]
     arrow = "-->" if suffix == ".vtt" else "->"  # SubRip cannot escape it
-    expected = [(start, end, text.replace("-->", arrow), frame) for start, end, text, frame in EXPECTED]
+    expected = [(start, end, text.replace("-->", arrow), *frames) for start, end, text, *frames in EXPECTED]
     checked = []
 
     def on_frame(frame):
-        due = [c[:3] for c in expected if c[3] is not None and c[3] <= frame]
+        on_disk = [(start, end if final is not None and final <= frame else start + MAX_CUE_S, text)
+                   for start, end, text, written, final in expected if written <= frame]
         if frame in CAPTIONS or frame in (GAP_FRAME, RESUME_FRAME, 599, 600):
-            assert read(path) == due, f"frame {frame}"  # a separate handle sees every finished cue
+            assert read(path) == on_disk, f"frame {frame}"  # a separate handle sees every caption
+            assert assert_well_formed(path) == len(on_disk)
             checked.append(frame)
 
     run_loop(track, on_frame)
@@ -223,7 +284,7 @@ def test_a_caption_outliving_max_cue_s_ends_there_even_without_ticks(tmp_path, s
     with open_track(path, max_cue_s=10.0) as track:
         track.add(event(30, "a long one"))  # 1.0 s
         track.add(event(600, "much later"))  # 20.0 s: no tick in between
-        assert READERS[suffix](path) == [(1.0, 11.0, "a long one")]
+        assert READERS[suffix](path) == [(1.0, 11.0, "a long one"), (20.0, 30.0, "much later")]
         track.close(21.0)
     assert READERS[suffix](path) == [(1.0, 11.0, "a long one"), (20.0, 21.0, "much later")]
 
@@ -253,3 +314,270 @@ def test_jsonl_video_ending_in_a_gap_records_no_resume(tmp_path):
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [(r["event"], r["stream_time_s"]) for r in records] == [("gap", 3.0), ("end", 4.0)]
     assert track.cues_written == 0
+
+
+# --------------------------------------------------------------------------- hostile replies
+
+# A model's reply is untrusted text. Each: (reply, text a reader shows, SubRip's text if it differs).
+# The only changes are those the formats force: line breaks normalised, blank lines and control
+# characters dropped, lines stripped, and in SubRip a run of "-" ending in ">" shortened to "->"
+# (SubRip has no escaping); WebVTT shows every other character as sent (escaped in the file).
+HOSTILE = {
+    "arrow": ("a ---> b", "a ---> b", "a -> b"),
+    "arrows": ("---->x-->y--->", "---->x-->y--->", "->x->y->"),
+    "spaced arrow": ("a -- > b --\t>", "a -- > b --\t>", None),
+    "blank line and cue": ("\n\n1\n00:00:00,000 --> 99:00:00,000\nINJECTED",
+                           "1\n00:00:00,000 --> 99:00:00,000\nINJECTED", "1\n00:00:00,000 -> 99:00:00,000\nINJECTED"),
+    "cue without blank line": ("seen\n2\n00:00:00,000 ---> 99:00:00,000\nINJECTED",  # FFmpeg's SubRip demuxer
+                               "seen\n2\n00:00:00,000 ---> 99:00:00,000\nINJECTED",   # starts a cue at any
+                               "seen\n2\n00:00:00,000 -> 99:00:00,000\nINJECTED"),    # timing line
+    "webvtt timing": ("x\n00:00:00.000 --> 99:00:00.000 line:0\nINJECTED",
+                      "x\n00:00:00.000 --> 99:00:00.000 line:0\nINJECTED", "x\n00:00:00.000 -> 99:00:00.000 line:0\nINJECTED"),
+    "crlf": ("top\r\n\r\n2\r\n00:00:00,000 --> 99:00:00,000\r\nINJECTED\r\n",
+             "top\n2\n00:00:00,000 --> 99:00:00,000\nINJECTED", "top\n2\n00:00:00,000 -> 99:00:00,000\nINJECTED"),
+    "lone cr": ("top\r\r2\r00:00:00,000 ---> 99:00:00,000\rINJECTED",
+                "top\n2\n00:00:00,000 ---> 99:00:00,000\nINJECTED", "top\n2\n00:00:00,000 -> 99:00:00,000\nINJECTED"),
+    "nul": ("a\x00b --\x00> c\x00\n\x00\n\x00d\x7f\x9b", "ab --> c\nd", "ab -> c\nd"),
+    "unicode line breaks": ("top\u2028\u20282\u202800:00:00,000 ---> 99:00:00,000\u2029\u2029INJECTED\x85\x85end",
+                            "top\n2\n00:00:00,000 ---> 99:00:00,000\nINJECTED\nend",
+                            "top\n2\n00:00:00,000 -> 99:00:00,000\nINJECTED\nend"),
+    "other line breaks": ("a\x0b\x0cb\x1c\x1d\x1ec", "a\nb\nc", None),
+    "whitespace lines": ("a\n \t \n\u3000\u00a0\nb", "a\nb", None),  # blank to SubRip readers
+    "block keywords": ("NOTE not a comment\nSTYLE\n::cue { color: red }\nREGION\nid:fake\nWEBVTT",
+                       "NOTE not a comment\nSTYLE\n::cue { color: red }\nREGION\nid:fake\nWEBVTT", None),
+    "markup": ("<b>bold</b> <c.red>x</c> <00:00:01.000> <v Bob>hi", "<b>bold</b> <c.red>x</c> <00:00:01.000> <v Bob>hi",
+               None),
+    "entities": ("&amp; &lt; &#62; & &nbsp &", "&amp; &lt; &#62; & &nbsp &", None),
+    "lone surrogate": ("bad \ud800 half \udfff", "bad \ufffd half \ufffd", None),  # not encodable: U+FFFD
+    "long": ("word " * 40_000 + "\n" + "\n".join(f"line {i}" for i in range(2000)),
+             ("word " * 40_000).strip() + "\n" + "\n".join(f"line {i}" for i in range(2000)), None),
+}
+
+
+def hostile_track(path: Path, reply: str) -> None:
+    """A benign caption at 1 s, ``reply`` at 3 s, a benign one at 6 s, the video ending at 8 s."""
+    with open_track(path) as track:
+        track.add(event(30, "before"))
+        track.add(event(90, reply))
+        track.add(event(180, "after"))
+        track.close(8.0)
+
+
+@pytest.mark.parametrize("suffix", [".vtt", ".srt"])
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_no_reply_can_add_split_or_retime_a_cue(tmp_path, suffix, case):
+    reply, shown, srt_shown = HOSTILE[case]
+    shown = srt_shown if suffix == ".srt" and srt_shown is not None else shown
+    path = tmp_path / f"hostile{suffix}"
+    hostile_track(path, reply)
+    expected = [(1.0, 3.0, "before"), (3.0, 6.0, shown), (6.0, 8.0, "after")]
+    assert assert_well_formed(path) == 3
+    assert READERS[suffix](path) == expected
+
+
+@pytest.mark.parametrize("suffix", [".vtt", ".srt"])
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_ffmpeg_reads_one_cue_per_hostile_reply(tmp_path, suffix, case):
+    """FFmpeg's demuxers (what mpv, ffmpeg and ffplay read files with) see exactly the cues written."""
+    reply, shown, srt_shown = HOSTILE[case]
+    shown = srt_shown if suffix == ".srt" and srt_shown is not None else shown
+    if suffix == ".srt":  # FFmpeg's SubRip demuxer reads a line 4095 bytes at a time (ASCII here)
+        shown = "\n".join("\n".join(line[i:i + 4095] for i in range(0, len(line), 4095)) for line in shown.split("\n"))
+    path = tmp_path / f"hostile{suffix}"
+    hostile_track(path, reply)
+    assert ffmpeg_cues(path) == [(1.0, 3.0, "before"), (3.0, 6.0, shown), (6.0, 8.0, "after")]
+
+
+def displayed(reply: str, suffix: str) -> str:
+    """What a reader should show for ``reply`` (the rules written out above :data:`HOSTILE`)."""
+    reply = re.sub("[\ud800-\udfff]", "\ufffd", reply)
+    lines = (re.sub("[\x00-\x08\x0a-\x1f\x7f-\x9f]", "", line).strip() for line in reply.splitlines())
+    text = "\n".join(line for line in lines if line)
+    return re.sub("-{2,}>", "->", text) if suffix == ".srt" else text
+
+
+_HOSTILE_PIECES = ["-", "--", ">", "-->", " ", "\t", "<", "&", "amp;", "\n", "\r", "\r\n", "\u2028", "\u2029", "\x85",
+                   "\x00", "\x0b", "\x1c", "\x7f", "\ud800", "\u3000", "0", "1", ":", ",", ".", "NOTE", "é", "🍾"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(reply=st.lists(st.one_of(st.sampled_from(_HOSTILE_PIECES), st.characters(codec=None)), max_size=40).map("".join))
+def test_any_reply_gives_one_cue_with_its_text(tmp_path, reply):
+    for suffix in (".vtt", ".srt"):
+        path = tmp_path / f"fuzz{suffix}"
+        hostile_track(path, reply)
+        shown = displayed(reply, suffix)
+        middle = [(3.0, 6.0, shown)] if shown else []  # a blank reply makes no cue
+        expected = [(1.0, 3.0 if shown else 6.0, "before"), *middle, (6.0, 8.0, "after")]
+        assert assert_well_formed(path) == len(expected)
+        assert READERS[suffix](path) == expected
+
+
+def test_jsonl_keeps_every_reply_whole_on_one_line(tmp_path):
+    """JSON Lines keeps the text exactly (lone surrogates, which UTF-8 cannot hold, become U+FFFD),
+    and U+2028, U+2029 and U+0085 are written escaped, so readers that split lines on them too
+    (str.splitlines) still see one record a line."""
+    path = tmp_path / "hostile.jsonl"
+    replies = [reply for reply, _, _ in HOSTILE.values()]
+    with open_track(path) as track:
+        for i, reply in enumerate(replies):
+            track.add(event(30 * (i + 1), reply))
+            track.gap(30 * (i + 1) / FPS, f"lost\u2028{reply[:20]}")
+        track.close(100.0)
+    raw = path.read_bytes().decode("utf-8")
+    lines = raw.splitlines()
+    assert raw.split("\n") == [*lines, ""]
+    records = [json.loads(line) for line in lines]
+    assert [r["text"] for r in records if r["event"] == "caption"] == [
+        re.sub("[\ud800-\udfff]", "\ufffd", reply) for reply in replies]
+    assert [r["event"] for r in records] == ["caption", "gap", *["resume", "caption", "gap"] * (len(replies) - 1), "end"]
+    assert [r["reason"] for r in records if r["event"] == "gap"] == [
+        re.sub("[\ud800-\udfff]", "\ufffd", f"lost\u2028{reply[:20]}") for reply in replies]
+
+
+def test_subtitle_stream_track_gets_each_cue_once_its_end_is_known():
+    """A recording's subtitle stream (SubRip in Matroska: extracted to .srt as it is) gets SubRip's
+    cue text, and each cue once, with its final times."""
+    cues = []
+    track = SubtitleStreamTrack(lambda start_s, end_s, text: cues.append((start_s, end_s, text)))
+    track.add(event(30, "a ---> b\n\n2\n00:00:00,000 --> 99:00:00,000\u2028\u2028c"))
+    assert cues == []
+    track.add(event(60, "<b>x</b> & y"))
+    assert cues == [(1.0, 2.0, "a -> b\n2\n00:00:00,000 -> 99:00:00,000\nc")]
+    track.gap(3.0, "reconnecting")
+    track.resume(4.5)
+    track.add(event(150, "last"))
+    track.tick(100.0)
+    track.close(120.0)
+    assert cues[1:] == [(2.0, 3.0, "<b>x</b> & y"), (3.0, 4.5, "[reconnecting]"), (5.0, 15.0, "last")]
+    assert track.cues_written == 3
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+@pytest.mark.parametrize("suffix", [".vtt", ".srt"])
+def test_each_caption_is_on_disk_when_it_completes_and_only_the_tail_is_rewritten(tmp_path, suffix):
+    """Read from another handle while the track stays open, as a killed process leaves it: the
+    last caption is there ending at start + max_cue_s, and is corrected when its end is known."""
+    path = tmp_path / f"live{suffix}"
+    track = open_track(path, max_cue_s=10.0, min_cue_s=1.0)
+    read = READERS[suffix]
+    done = []
+    steps = [
+        (lambda: None, []),
+        (lambda: track.add(CaptionEvent("A", 1.0, WALL0, 30, SOURCE)), [(1.0, 11.0, "A")]),
+        (lambda: track.add(CaptionEvent("B", 4.0, WALL0, 120, SOURCE)), [(1.0, 4.0, "A"), (4.0, 14.0, "B")]),
+        (lambda: track.add(CaptionEvent("C", 4.3, WALL0, 129, SOURCE)), [(4.0, 5.0, "B"), (5.0, 15.0, "C")]),
+        (lambda: track.tick(15.0), [(5.0, 15.0, "C")]),
+        (lambda: track.add(CaptionEvent("D", 16.0, WALL0, 480, SOURCE)), [(5.0, 15.0, "C"), (16.0, 26.0, "D")]),
+        (lambda: track.gap(18.0, "reconnecting"), [(16.0, 18.0, "D")]),
+        (lambda: track.resume(20.0), [(16.0, 18.0, "D"), (18.0, 20.0, "[reconnecting]")]),
+        (lambda: track.add(CaptionEvent("E", 21.0, WALL0, 630, SOURCE)), [(18.0, 20.0, "[reconnecting]"),
+                                                                         (21.0, 31.0, "E")]),
+        (lambda: track.close(22.5), [(21.0, 22.5, "E")]),
+    ]
+    before = b""
+    for n, (step, tail) in enumerate(steps):
+        step()
+        now = path.read_bytes()
+        cues = read(path)
+        assert assert_well_formed(path) == len(cues), f"step {n}"
+        assert cues[len(cues) - len(tail):] == tail, f"step {n}"
+        assert [c for c in cues[:len(cues) - len(tail)]] == done[:len(cues) - len(tail)], f"step {n}"
+        # All but the last cue of the previous state are untouched bytes.
+        kept = before[:before.rstrip(b"\n").rfind(b"\n\n") + 2] if before.count(b"-->") else before
+        assert now.startswith(kept), f"step {n}"
+        before, done = now, cues
+    assert done == [(1.0, 4.0, "A"), (4.0, 5.0, "B"), (5.0, 15.0, "C"), (16.0, 18.0, "D"),
+                    (18.0, 20.0, "[reconnecting]"), (21.0, 22.5, "E")]
+    assert track.cues_written == 5
+
+
+class _KilledBeforeTruncate(Exception):
+    pass
+
+
+class _DiesAtTruncate:
+    """The track's file, but the process "dies" (stops) where it would truncate."""
+
+    def __init__(self, file):
+        self._real = file
+
+    def truncate(self, *args):
+        raise _KilledBeforeTruncate
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("suffix", [".vtt", ".srt"])
+def test_a_cue_rewritten_shorter_leaves_no_stray_bytes_even_if_killed_before_the_truncate(tmp_path, suffix):
+    """An end time one digit shorter than the provisional one (100 h into the video): the corrected
+    cue is written over the old one, then the file is cut after it; a kill in between leaves only
+    an extra line end, and the cue is there with one of its two ends at every moment."""
+    stamp = {".vtt": "99:59:58.000\na\n\n", ".srt": "99:59:58,000\na\n\n"}[suffix]
+    path = tmp_path / f"hundred{suffix}"
+    with open_track(path) as track:
+        track.add(CaptionEvent("a", 359_995.0, WALL0, 0, SOURCE))  # 99:59:55 → provisional 100:00:05
+        assert READERS[suffix](path) == [(359_995.0, 360_005.0, "a")]
+        track.gap(359_998.0, "reconnecting")
+        assert path.read_text(encoding="utf-8").endswith(" --> " + stamp)
+        assert assert_well_formed(path) == 1
+    path = tmp_path / f"killed{suffix}"
+    track = open_track(path)
+    track.add(CaptionEvent("a", 359_995.0, WALL0, 0, SOURCE))
+    track._file = _DiesAtTruncate(track._file)
+    with pytest.raises(_KilledBeforeTruncate):
+        track.gap(359_998.0, "reconnecting")
+    assert path.read_text(encoding="utf-8").endswith(" --> " + stamp + "\n")
+    assert READERS[suffix](path) == [(359_995.0, 359_998.0, "a")]
+
+
+_CHILD = """
+import json, sys
+from vision_host.captions import CaptionEvent, open_track
+track = open_track(sys.argv[1])
+for i, (t, text) in enumerate(json.loads(sys.argv[2])):
+    track.add(CaptionEvent(text, t, 1700000000.0 + t, round(t * 30), "camera"))
+    print("added", i, flush=True)
+    sys.stdin.readline()  # the test says when to go on, or kills this process here
+track.close()
+"""
+CRASH_CAPTIONS = [(1.0, "first"), (2.5, "second"), (2.8, "third --->")]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+@pytest.mark.parametrize("suffix", [".vtt", ".srt", ".jsonl"])
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_sigkill_leaves_every_completed_caption_in_the_file(tmp_path, suffix, kill_after):
+    """A process writing a track is killed (SIGKILL: no cleanup) right after its Nth ``add``."""
+    path = tmp_path / f"killed{suffix}"
+    package_dir = Path(captions_module.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_dir), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), json.dumps(CRASH_CAPTIONS)], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(kill_after):
+            if i:
+                proc.stdin.write("\n")  # go on to the next caption
+                proc.stdin.flush()
+            line = proc.stdout.readline()  # blocks until the child printed it (or died)
+            assert line == f"added {i}\n", line or proc.stderr.read()
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+    if suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert [(r["stream_time_s"], r["text"]) for r in records] == CRASH_CAPTIONS[:kill_after]
+        return
+    third = "third --->" if suffix == ".vtt" else "third ->"
+    expected = {1: [(1.0, 11.0, "first")],
+                3: [(1.0, 2.5, "first"), (2.5, 3.5, "second"), (3.5, 13.5, third)]}[kill_after]
+    assert assert_well_formed(path) == kill_after
+    assert READERS[suffix](path) == expected

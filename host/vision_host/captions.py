@@ -1,29 +1,45 @@
 """Caption tracks written while the video runs: WebVTT, SubRip or JSON Lines.
 
 One thread (the frame loop) drives a track; it is not thread-safe. Per frame it calls
-``track.tick(stream_time_s)`` (O(1); touches the file only when a cue is due), ``track.add(event)``
-when a caption completed, ``track.gap(t, "reconnecting")`` / ``track.resume(t)`` around a source
-drop, and ``track.close(end_time_s)`` at the end. Everything written is flushed at once, so a
-crash loses nothing already on disk. WebVTT and SubRip hold one timeline: with several
-streams (``CaptionEvent.stream``), open one track per stream.
+``track.tick(stream_time_s)`` (O(1), no I/O), ``track.add(event)`` when a caption completed,
+``track.gap(t, "reconnecting")`` / ``track.resume(t)`` around a source drop, and
+``track.close(end_time_s)`` at the end. WebVTT and SubRip hold one timeline: with several streams
+(``CaptionEvent.stream``), open one track per stream.
 
 Timing of WebVTT / SubRip cues (times in seconds of stream time, kept as whole ms):
 
 * caption k's cue starts when it completed and ends when caption k+1 completes, at a
   :meth:`~CaptionTrack.gap`, at :meth:`~CaptionTrack.close`, or ``max_cue_s`` after its
-  start, whichever comes first; only one cue is ever pending.
+  start, whichever comes first; only one cue is ever pending (its end not known yet).
 * every cue lasts at least ``min_cue_s``, and cues never overlap: a caption completing less
   than ``min_cue_s`` after the previous one starts when that one's cue ends (delayed,
   never dropped or merged). So no cue has zero or negative length.
 * a gap ends the pending cue; :meth:`~CaptionTrack.resume` (or the next caption, or
   ``close``) then writes a ``[reason]`` cue covering the gap. JSON Lines records both ends.
-* a blank caption (nothing but whitespace) makes no cue.
+* a blank caption (nothing left after the cleaning below) makes no cue.
+
+Crash safety: what completed is in the file when :meth:`~CaptionTrack.add` (or ``gap``,
+``resume``) returns, flushed to the operating system, so a process killed at any moment
+(SIGKILL included: no clean-up runs) leaves every completed caption in a file that parses. A
+caption's cue is written when it completes, ending provisionally at start + ``max_cue_s`` (its
+latest possible end); when its end is known, only that last cue (the file's tail) is rewritten
+in place. Nothing is fsync'ed: a power loss may still lose what the OS had not written out.
+
+Cue text: a caption is untrusted text (a model's reply). Whatever it holds, it makes exactly one
+cue (or none, if blank) with the times above and no other cue, comment or header: line breaks
+(CR LF, CR, LF and every other break ``str.splitlines`` knows: VT, FF, FS, GS, RS, NEL, U+2028,
+U+2029) become LF, control characters other than tab are dropped, each line is stripped of
+whitespace and blank lines are dropped (a blank line ends a cue in both formats), and lone
+surrogates (not encodable as UTF-8) become U+FFFD. Then each format escapes what its grammar needs
+(see :class:`VttTrack`, :class:`SrtTrack`); nothing else of the text is changed. JSON Lines keeps
+the text as it is (lone surrogates aside).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -70,6 +86,35 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Control characters (Unicode category Cc) but tab; the line breaks among them are split on first.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _clean_text(text: str) -> str:
+    """Cue text before the format's escaping: lines split on every line break, control
+    characters but tab dropped, lines stripped, blank lines dropped, lone surrogates → U+FFFD."""
+    lines = (_CONTROL.sub("", line).strip() for line in _SURROGATE.sub("\ufffd", text).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+_SRT_ARROW = re.compile("-{2,}>")
+
+
+def _srt_text(text: str) -> str:
+    """SubRip cue text: :func:`_clean_text`, then every run of two or more "-" followed by ">"
+    written "->", so no line holds "-->" and none can be read as a timing line."""
+    return _SRT_ARROW.sub("->", _clean_text(text))
+
+
+def _json_line(record: dict) -> str:
+    """``record`` as one JSON text (RFC 8259) on one line: UTF-8 as is, but lone surrogates (not
+    encodable) become U+FFFD and NEL, U+2028, U+2029 are written as ``\\uXXXX`` escapes (the same
+    string), so readers that split lines on them too (``str.splitlines``) see one record a line."""
+    line = _SURROGATE.sub("\ufffd", json.dumps(record, ensure_ascii=False))
+    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 class CaptionTrack:
     """Base of the track writers; build one with :func:`open_track`.
 
@@ -79,8 +124,8 @@ class CaptionTrack:
         min_cue_s: shortest cue (WebVTT/SubRip), seconds; at least 1 ms, at most ``max_cue_s``.
 
     Attributes:
-        path: the file written.
-        cues_written: captions on disk so far (gap cues and records not counted).
+        path: the file written (UTF-8, LF line ends).
+        cues_written: captions written so far (gap cues and records not counted).
     """
 
     def __init__(self, path: str | Path, *, max_cue_s: float = 10.0, min_cue_s: float = 1.0):
@@ -91,17 +136,20 @@ class CaptionTrack:
         self.max_cue_ms, self.min_cue_ms = _ms(max_cue_s), _ms(min_cue_s)
         self.cues_written = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8", newline="\n")
+        self._file = open(self.path, "wb")  # bytes: the offsets of the tail rewrite are byte offsets
         self._gap: tuple[int, str] | None = None  # (start ms, reason) of an open gap
         self._write(self._header())
 
     def _header(self) -> str:
         return ""
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str) -> int:
+        """Append ``text`` (UTF-8) and flush it to the OS; return the byte offset it starts at."""
+        offset = self._file.tell()
         if text:
-            self._file.write(text)
+            self._file.write(text.encode("utf-8"))
             self._file.flush()
+        return offset
 
     def _check_open(self) -> None:
         if self._file.closed:
@@ -165,7 +213,8 @@ class CaptionTrack:
 
 
 class JsonLinesTrack(CaptionTrack):
-    """JSON Lines (https://jsonlines.org/): one UTF-8 JSON object per line, each written at once.
+    """JSON Lines (https://jsonlines.org/): one UTF-8 JSON object per line, each written and
+    flushed when it happens (see :func:`_json_line` for the text: kept as it is).
 
     Captions: ``{"event": "caption", "stream_time_s", "wall_time"`` (ISO 8601 UTC with ms),
     ``"wall_time_unix", "frame_index", "source", "model", "latency_ms", "stream", "text"}``.
@@ -181,7 +230,7 @@ class JsonLinesTrack(CaptionTrack):
         wall = time.time() if wall_time is None else wall_time
         record = {"event": event, "stream_time_s": round(stream_time_s, 3), "wall_time": _iso_utc(wall),
                   "wall_time_unix": round(wall, 3), **fields}
-        self._write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._write(_json_line(record) + "\n")
 
     def _caption(self, event: CaptionEvent) -> None:
         latency = None if event.latency_ms is None else round(event.latency_ms, 1)
@@ -207,43 +256,82 @@ class JsonLinesTrack(CaptionTrack):
 
 
 class _TimedTrack(CaptionTrack):
-    """Cue timing shared by WebVTT and SubRip (see the module docstring)."""
+    """Cue timing shared by WebVTT, SubRip and the subtitle stream (see the module docstring).
+
+    The cue of the last caption is pending until its end is known. File tracks write it when the
+    caption completes, ending at start + ``max_cue_s``, and rewrite it in place (the file's tail)
+    if it ends earlier; :class:`SubtitleStreamTrack` hands each cue over once, when it ends.
+    """
 
     def __init__(self, path: str | Path, **durations):
         super().__init__(path, **durations)
-        self._pending: tuple[int, str] | None = None  # (start ms, sanitized text)
+        self._pending: tuple[int, str] | None = None  # (start ms, cue text) of the last caption's cue
+        self._pending_at: tuple[int, bytes] = (0, b"")  # (byte offset, bytes) of its cue in the file
         self._due_s = float("inf")  # stream time at which the pending cue reaches max_cue_s
         self._last_end_ms = 0
         self._index = 0
 
-    def _sanitize(self, text: str) -> str:
-        """Cue text: no empty line, no control characters other than tab."""
-        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        clean = ("".join(c for c in line if c >= " " or c == "\t").strip() for line in lines)
-        return "\n".join(line for line in clean if line)
+    def _cue_text(self, text: str) -> str:
+        """The text as the format writes it (see :func:`_clean_text`); "" for no cue."""
+        return _clean_text(text)
+
+    def _cue(self, index: int, start_ms: int, end_ms: int, text: str) -> str:
+        raise NotImplementedError
 
     def _emit(self, start_ms: int, end_ms: int, text: str) -> None:
+        """Append a cue whose end is known (a gap's)."""
         self._index += 1
         self._last_end_ms = end_ms
         self._write(self._cue(self._index, start_ms, end_ms, text))
+
+    def _open_pending(self, start_ms: int, text: str) -> None:
+        """A caption completed: append its cue, ending at its latest end (start + max_cue_s)."""
+        self._index += 1
+        data = self._cue(self._index, start_ms, start_ms + self.max_cue_ms, text)
+        self._pending_at = (self._write(data), data.encode("utf-8"))
+        self.cues_written += 1
+
+    def _close_pending(self, start_ms: int, end_ms: int, text: str) -> None:
+        """The pending cue ends at ``end_ms`` (ms; at most its provisional end): rewrite it if it moved.
+
+        The cue is the file's tail, from the byte offset it was written at. The corrected cue (the
+        same bytes but the end time) is written over it from that offset and flushed, and only
+        then, if shorter, the file is cut after it. Cutting first would leave a moment without the
+        cue; this way a kill between the two leaves the old cue's last bytes after the new one,
+        which only happens for an end time one digit shorter than the provisional one (an end
+        crossing 100 h: "100:00:05.000" → "99:59:58.000") and then is one more line end.
+        """
+        offset, old = self._pending_at
+        new = self._cue(self._index, start_ms, end_ms, text).encode("utf-8")
+        if new != old:
+            self._file.seek(offset)
+            self._file.write(new)
+            self._file.flush()
+            if len(new) < len(old):
+                self._file.truncate()
+            self._file.seek(0, os.SEEK_END)
 
     def _finish_pending(self, until_ms: int | None) -> None:
         if self._pending is None:
             return
         (start, text), self._pending, self._due_s = self._pending, None, float("inf")
         end = start + self.max_cue_ms if until_ms is None else min(until_ms, start + self.max_cue_ms)
-        self._emit(start, max(end, start + self.min_cue_ms), text)
-        self.cues_written += 1
+        end = max(end, start + self.min_cue_ms)
+        self._last_end_ms = end
+        self._close_pending(start, end, text)
 
     def _caption(self, event: CaptionEvent) -> None:
-        text = self._sanitize(event.text)
+        text = self._cue_text(event.text)
         if text:
             at_ms = _ms(event.stream_time_s)
             self._finish_pending(at_ms)
             start = max(at_ms, self._last_end_ms)
             self._pending, self._due_s = (start, text), (start + self.max_cue_ms) / 1000
+            self._open_pending(start, text)
 
     def tick(self, stream_time_s: float) -> None:
+        """Called every frame: the pending cue's end is final once it reached ``max_cue_s`` (its
+        provisional end, already written: no I/O). O(1)."""
         if stream_time_s >= self._due_s:
             self._finish_pending(None)
 
@@ -254,7 +342,7 @@ class _TimedTrack(CaptionTrack):
     def _gap_ended(self, start_ms, reason, stream_time_s, wall_time) -> None:
         start_ms, end_ms = max(start_ms, self._last_end_ms), _ms(stream_time_s)
         if end_ms > start_ms:
-            self._emit(start_ms, end_ms, self._sanitize(f"[{reason}]") or "[gap]")
+            self._emit(start_ms, end_ms, self._cue_text(f"[{reason}]") or "[gap]")
 
     def _finish(self, end_time_s: float | None) -> None:
         if self._gap is not None and end_time_s is not None:  # the video ended in the gap
@@ -272,26 +360,39 @@ def _timestamp(ms: int, separator: str) -> str:
 
 class VttTrack(_TimedTrack):
     """WebVTT per the W3C spec (https://www.w3.org/TR/webvtt1/): ``WEBVTT`` header, cues
-    ``HH:MM:SS.mmm --> HH:MM:SS.mmm``, UTF-8, ``&``, ``<``, ``>`` escaped as character references
-    (so cue text never holds ``-->``)."""
+    ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` (hours: two digits or more) each followed by a blank line,
+    UTF-8, LF line ends.
+
+    Cue text: :func:`_clean_text`, then ``&``, ``<``, ``>`` written as the character references
+    ``&amp;``, ``&lt;``, ``&gt;`` ("WebVTT cue text": "&" and "<" may not appear otherwise; the
+    cue payload may hold neither "-->" nor a blank line, "WebVTT file structure"). So a reply
+    cannot form markup (tags, timestamps, entities), a timing line or the end of a cue, and shows
+    every other character as sent; lines starting ``NOTE``, ``STYLE`` or ``REGION`` are plain text
+    inside a cue.
+    """
 
     def _header(self) -> str:
         return "WEBVTT\n\n"
 
-    def _sanitize(self, text: str) -> str:
-        return super()._sanitize(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    def _cue_text(self, text: str) -> str:
+        return _clean_text(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
     def _cue(self, index: int, start_ms: int, end_ms: int, text: str) -> str:
         return f"{_timestamp(start_ms, '.')} --> {_timestamp(end_ms, '.')}\n{text}\n\n"
 
 
 class SrtTrack(_TimedTrack):
-    """SubRip (.srt): cues numbered from 1, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, blank line between
-    cues, UTF-8. Text is written as it is but ``-->`` becomes ``->`` (SubRip has no escaping;
-    players may read ``<i>``-like tags)."""
+    """SubRip (.srt): cues numbered from 1, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, the text, then a
+    blank line; UTF-8, LF line ends.
 
-    def _sanitize(self, text: str) -> str:
-        return super()._sanitize(text).replace("-->", "->")
+    SubRip has no formal specification; readers (FFmpeg's demuxer, pysrt, players) end a cue at a
+    blank line, and some (FFmpeg) start one at any line holding a timing line. Nor has it any
+    escaping: cue text is :func:`_srt_text` (no blank line, and no "-->": a run of "-" ending in
+    ">" is written "->"), else as sent. Players may read ``<i>``-like tags in it.
+    """
+
+    def _cue_text(self, text: str) -> str:
+        return _srt_text(text)
 
     def _cue(self, index: int, start_ms: int, end_ms: int, text: str) -> str:
         return f"{index}\n{_timestamp(start_ms, ',')} --> {_timestamp(end_ms, ',')}\n{text}\n\n"
@@ -317,13 +418,25 @@ def open_track(path: str | Path, *, max_cue_s: float = 10.0, min_cue_s: float = 
 
 class SubtitleStreamTrack(_TimedTrack):
     """Cues timed as in :class:`VttTrack`, sent to a recording's subtitle stream instead of a
-    file: ``add_subtitle(start_s, end_s, text)`` (e.g. ``RecordingOutput.add_subtitle``)."""
+    file: ``add_subtitle(start_s, end_s, text)`` (e.g. ``RecordingOutput.add_subtitle``), once
+    per cue, when its end is known (a muxer takes no correction). The text is SubRip's
+    (:func:`_srt_text`): Matroska stores the stream as SubRip, which tools extract to .srt as it is.
+    """
 
     def __init__(self, add_subtitle, *, max_cue_s: float = 10.0, min_cue_s: float = 1.0):
         self._add_subtitle = add_subtitle
         super().__init__(os.devnull, max_cue_s=max_cue_s, min_cue_s=min_cue_s)
 
+    def _cue_text(self, text: str) -> str:
+        return _srt_text(text)
+
     def _emit(self, start_ms: int, end_ms: int, text: str) -> None:
-        self._index += 1
         self._last_end_ms = end_ms
+        self._add_subtitle(start_ms / 1000, end_ms / 1000, text)
+
+    def _open_pending(self, start_ms: int, text: str) -> None:
+        pass
+
+    def _close_pending(self, start_ms: int, end_ms: int, text: str) -> None:
+        self.cues_written += 1
         self._add_subtitle(start_ms / 1000, end_ms / 1000, text)
