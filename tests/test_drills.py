@@ -489,7 +489,8 @@ def test_a_config_table_in_the_run_file_is_reported_by_the_processor_and_the_run
     url = _closed_port_url()
     run_file.write_text(f'[config]\nollama-url = "{url}"\nollama-interval-ms = {{ a = 1 }}\n')
     result = _cli(["-f", str(run_file), "-p", "ollama"], tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr       # nothing listens at the URL: no caption completed
+    assert "no caption completed: " in result.stderr and f"to Ollama at {url} failed" in result.stderr
     assert "config ollama-interval-ms=" in result.stderr and "is invalid" in result.stderr
     assert "Traceback" not in result.stderr
     stats = json.loads((tmp_path / "stats.json").read_text())

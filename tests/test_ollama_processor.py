@@ -264,7 +264,7 @@ def test_api_key_settings_that_cannot_work_are_refused_with_a_sentence(monkeypat
         NetworkPolicy.from_config({"workers-api-key-env": "HOME"})
     other = NetworkPolicy.from_config({"ollama-url": "http://127.0.0.1:1", "other-url": "http://127.0.0.1:2",
                                        "ollama-api-key-env": "HOME"})
-    assert set(other.credentials) == {"127.0.0.1:1"}           # never sent to another destination
+    assert set(other.credentials) == {"http://127.0.0.1:1"}    # never sent to another destination
 
 
 @pytest.fixture

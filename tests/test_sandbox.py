@@ -107,6 +107,13 @@ def test_destination_not_allowed(driver, real_frame, caplog):
     d.call("vision-host:platform/fetch", "post-frame", *d.put_str("file:///etc/passwd"),
            *d.put_str(""), *d.put(b""), h, 0, 80, ret)
     assert d.u8(ret) == 1 and d.u8(ret + 4) == 1          # invalid-url
+    # urllib.parse reads the host as the allowed 127.0.0.1:11434, HTTP clients as 127.0.0.1:9
+    sneaky = "http://127.0.0.1:9\\@127.0.0.1:11434/api/generate"
+    d.call("vision-host:platform/fetch", "post-frame", *d.put_str(sneaky),
+           *d.put_str("application/json"), *d.put(b'{"images":["%IMAGE%"]}'), h, 672, 80, ret)
+    assert d.u8(ret) == 1 and d.u8(ret + 4) == 1          # invalid-url
+    d.call("wasmvision:platform/http", "get", *d.put_str(sneaky), ret)
+    assert d.u8(ret) == 1 and d.u8(ret + 4) == 2          # http-error.invalid-url
 
 
 @pytest.mark.parametrize("wasm, expected", [
