@@ -260,6 +260,7 @@ def test_vision_host_bench_quick_json(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vision_host", "bench", "--quick", "--json", "--soak-frames", "2000",
                            "--latency-ms", "1000"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
     r = json.loads(proc.stdout)
     assert r["clip"] == "bottle-detection.mp4" and r["machine"]["cores"] >= 1
     assert r["fps"] > 0 and r["opencv_fps"] > 0 and r["fps_ratio_vs_opencv"] == pytest.approx(r["fps"] / r["opencv_fps"],
@@ -277,6 +278,54 @@ def test_vision_host_bench_quick_json(tmp_path):
     assert soak["guest_memory_bytes_end"] == soak["guest_memory_bytes_start"]
     from vision_host.bench import format_table
     assert "| `fps_ratio_vs_opencv` |" in format_table(r)
+
+
+def _hang_up_on(url: str, body: bytes, sent: int, read_reply: bool) -> bytes:
+    """POST ``body`` to ``url``/api/generate on a plain socket, sending only its first ``sent``
+    bytes; with ``read_reply``, read the reply until the server closes (returned), else wait
+    for its first byte and drop the connection with a reset, as a client process that exits
+    or cancels a request in flight does."""
+    import struct
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as conn:
+        conn.sendall(b"POST /api/generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (where.netloc.encode(), len(body), body[:sent]))
+        if read_reply:
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+            return reply
+        if sent == len(body):
+            first = conn.recv(1)          # the reply has started
+            assert first
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # close → RST
+        return b""
+
+
+def test_bench_server_is_quiet_when_a_client_hangs_up_and_loud_on_real_errors(capsys, monkeypatch):
+    """``vision-host bench`` printed a ``ConnectionResetError`` traceback mid-run: its local
+    server's handler met a client that dropped a request (the host cancels one in flight when
+    a processor or a run ends). A hang-up is now quiet; a failing handler still prints."""
+    from vision_host import bench
+
+    server = bench.LatencyServer(0.0)
+    body = json.dumps({"model": "bench", "prompt": "hi", "stream": True}).encode()
+    try:
+        _hang_up_on(server.url, body, len(body) // 2, read_reply=False)   # reset while the body is read
+        _hang_up_on(server.url, body, len(body), read_reply=False)        # reset once the reply started
+        assert server.wait_closed(2, timeout_s=60), server.closed
+        assert capsys.readouterr().err == ""
+        assert len(server.handled_ms) <= 1   # the second reply may have been sent in full
+
+        monkeypatch.setattr(bench, "BENCH_CAPTION", None)                  # a bug in the handler
+        assert _hang_up_on(server.url, body, len(body), read_reply=True) == b""
+        assert server.wait_closed(3, timeout_s=60), server.closed
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "AttributeError" in err, err
+    finally:
+        server.stop()
 
 
 # -- hot paths --------------------------------------------------------------------------------

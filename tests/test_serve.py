@@ -9,12 +9,14 @@ answers are nonsense words from that vocabulary. No network is used.
 import contextlib
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import cv2
 import pytest
@@ -265,45 +267,142 @@ def test_the_ollama_processor_captions_real_footage_through_each_protocol(server
 
 
 # -- scheduling: micro-batching, bounded queue, timeouts, keep_alive -----------------------------
+# These tests hold the model's generate call at a gate they open themselves (GatedGenerate), so
+# the queue is in a known state when the next request arrives, however busy the machine is. No
+# test waits on the clock except for the timeout it tests; _WAIT_S only bounds waits for events.
+_WAIT_S = 120
+
+
 def _stats(url: str) -> dict:
     return requests.get(url + "/api/ps").json()["vision_host"]
 
 
-def test_parallel_clients_are_micro_batched(server, frame_jpeg):
-    """16 official clients at once, each with a real JPEG: all answered, in shared batches."""
-    import threading
+class GatedGenerate:
+    """Stands in for a loaded model's ``generate`` on the server's worker thread: each call
+    waits until :attr:`gate` is set, then runs the real ``generate``. :attr:`entered` receives
+    each call's rows (the server's jobs) when it reaches the gate, :attr:`returned` when the
+    real ``generate`` is over. The gate starts open."""
 
-    before = _stats(server)
+    def __init__(self, real) -> None:
+        self.real = real
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered: queue.Queue = queue.Queue()
+        self.returned: queue.Queue = queue.Queue()
+
+    def close(self) -> None:
+        """Hold the next calls at the gate, and forget the earlier ones."""
+        self.gate.clear()
+        for q in (self.entered, self.returned):
+            while not q.empty():
+                q.get_nowait()
+
+    def __call__(self, rows, decoding, max_new, seed) -> None:
+        rows = list(rows)
+        self.entered.put(rows)
+        if not self.gate.wait(_WAIT_S):
+            raise RuntimeError("the test never opened the gate")
+        try:
+            self.real(rows, decoding, max_new, seed)
+        finally:
+            self.returned.put(rows)
+
+
+@contextlib.contextmanager
+def gated_server(model_dir: Path, **settings: Any) -> Iterator[tuple[str, Any, GatedGenerate]]:
+    """:func:`vision_host.server.create_app` for ``model_dir`` (``keep_alive`` forever, the
+    scheduler ``settings``), its ``generate`` behind a :class:`GatedGenerate`, served by
+    uvicorn in this process: yields (base URL, scheduler, gate)."""
+    import uvicorn
+    from vision_host.server import bind_socket, create_app
+    from vision_host.vlm import open_model
+
+    model = open_model(str(model_dir)).load()
+    gated = model.generate = GatedGenerate(model.generate)
+    app = create_app(model, keep_alive=-1, **settings)
+    sock = bind_socket("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        # the socket listens already: this request waits in its backlog until uvicorn serves it
+        assert requests.get(url + "/", timeout=_WAIT_S).text == "Ollama is running"
+        yield url, app.state.scheduler, gated
+    finally:
+        gated.gate.set()
+        srv.should_exit = True
+        thread.join(_WAIT_S)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def batching_server(tiny_blip):
+    """Batches of up to 8; the request timeout (not under test) far away."""
+    with gated_server(tiny_blip, max_batch=8, max_queue=32, request_timeout_s=600) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def queue_server(tiny_blip):
+    """A queue of 2, no batching; the request timeout (not under test) far away."""
+    with gated_server(tiny_blip, max_batch=1, max_queue=2, request_timeout_s=600) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def timeout_server(tiny_blip):
+    """No batching, a 1.5 s request timeout."""
+    with gated_server(tiny_blip, max_batch=1, request_timeout_s=1.5) as served:
+        yield served
+
+
+def _wait_queued(scheduler, n: int) -> None:
+    """Wait until ``n`` requests wait in ``scheduler``'s queue (it is notified of each)."""
+    with scheduler.cond:
+        assert scheduler.cond.wait_for(lambda: len(scheduler.queue) == n, _WAIT_S), scheduler.stats()
+
+
+def test_parallel_clients_are_micro_batched(batching_server, frame_jpeg):
+    """16 official clients at once, each with a real JPEG: all answered, in shared batches.
+    The first batch is held in ``generate`` until the other requests wait in the queue."""
+    url, scheduler, gated = batching_server
+    assert scheduler.wait_idle(_WAIT_S)
+    before = scheduler.stats()
     n = 16
-    barrier = threading.Barrier(n)
     replies, errors = [None] * n, []
 
     def one(i: int) -> None:
         try:
-            client = ollama.Client(host=server)
-            barrier.wait(10)
-            replies[i] = client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
-                                         options={"num_predict": 8})
+            replies[i] = ollama.Client(host=url).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg],
+                                                          stream=False, options={"num_predict": 8})
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    gated.close()
+    try:
+        for t in threads:
+            t.start()
+        first = gated.entered.get(timeout=_WAIT_S)
+        _wait_queued(scheduler, n - len(first))
+    finally:
+        gated.gate.set()
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+        t.join(_WAIT_S)
     assert not errors, errors
     assert all(r is not None and r.done and r.response.strip() for r in replies)
     assert all(set(_words(r.response)) <= set(WORDS) and 0 < r.eval_count <= 8 for r in replies)
-    after = _stats(server)
+    after = scheduler.stats()
     batches = after["batches"] - before["batches"]
     served = after["batched_requests"] - before["batched_requests"]
     assert served == n
-    mean = served / batches
-    print(f"mean batch size {mean:.2f} ({n} clients, {batches} batches, sizes {after['recent_batch_sizes'][-batches:]})")
-    assert mean > 1 and after["max_batch_size"] <= 8
+    print(f"mean batch size {served / batches:.2f} ({n} clients, {batches} batches, "
+          f"sizes {after['recent_batch_sizes'][-batches:]})")
+    # the held batch, then the other 16 - len(first) in batches of at most 8
+    assert batches <= 1 + -(-(n - len(first)) // 8) and after["max_batch_size"] <= 8
     # A batched answer is the answer the request gets alone (beam search, same settings).
-    alone = ollama.Client(host=server).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg],
-                                                stream=False, options={"num_predict": 8})
+    alone = ollama.Client(host=url).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg],
+                                             stream=False, options={"num_predict": 8})
     assert {r.response for r in replies} == {alone.response}
 
 
@@ -315,7 +414,8 @@ def test_keep_alive_unloads_and_the_next_request_reloads(server, frame_jpeg):
     r = client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
                         options={"num_predict": 3}, keep_alive=0)
     assert r.done and r.response.strip()
-    deadline = time.monotonic() + 5
+    # the worker unloads just after the answer went out; _WAIT_S bounds the wait, it is no delay
+    deadline = time.monotonic() + _WAIT_S
     while client.ps().models and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.ps().models == [] and not _stats(server)["loaded"]
@@ -340,101 +440,134 @@ def test_keep_alive_unloads_and_the_next_request_reloads(server, frame_jpeg):
     client.generate(model="tiny-blip", keep_alive="5m")   # back to the default for the other tests
 
 
-@pytest.fixture(scope="module")
-def slow_server(tiny_blip):
-    """An in-process server with a queue of 2, no batching, a 1.5 s request timeout and a
-    decoder slowed to ~50 ms a step (so the queue fills and long requests time out)."""
-    import threading
-
-    import uvicorn
-    from vision_host.server import bind_socket, create_app
-    from vision_host.vlm import open_model
-
-    captioner = open_model(str(tiny_blip)).load()
-    captioner.model.text_decoder.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
-    app = create_app(captioner, max_batch=1, max_queue=2, request_timeout_s=1.5, keep_alive=-1)
-    port = _free_port()
-    sock = bind_socket("127.0.0.1", port)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield url, app.state.scheduler
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
-
-
-def test_a_full_queue_answers_503_with_retry_after(slow_server, frame_jpeg):
+def test_a_full_queue_answers_503_with_retry_after(queue_server, frame_jpeg):
+    """One request held in ``generate`` and two waiting (the queue's limit): each API refuses
+    the next at once (503, ``Retry-After``, its own error shape); the three are answered."""
     import base64
-    import threading
 
-    url, scheduler = slow_server
-    n = 10
-    barrier = threading.Barrier(n)
-    ok, busy, raw_busy, other = [], [], [], []
+    url, scheduler, gated = queue_server
+    assert scheduler.wait_idle(_WAIT_S)
+    rejected = scheduler.stats()["rejected"]
     b64 = base64.b64encode(frame_jpeg).decode()
+    generate_body = {"model": "tiny-blip", "prompt": "a photo of", "images": [b64], "stream": False,
+                     "options": {"num_predict": 4}}
+    openai_body = {"model": "tiny-blip", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a photo of"}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64}}]}]}
+    workers_ai_body = {"prompt": "a photo of", "image": list(frame_jpeg), "max_tokens": 4}
 
-    def one(i: int) -> None:
+    def ollama_call():
+        return ollama.Client(host=url).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg],
+                                                stream=False, options={"num_predict": 4})
+
+    held = {"ollama": ollama_call,
+            "generate": lambda: requests.post(url + "/api/generate", json=generate_body, timeout=_WAIT_S),
+            "openai": lambda: requests.post(url + "/v1/chat/completions", json=openai_body, timeout=_WAIT_S)}
+    answers, errors = {}, []
+
+    def ask(name: str) -> None:
         try:
-            barrier.wait(10)
-            if i % 2:
-                r = requests.post(url + ("/api/generate" if i % 4 == 1 else "/v1/chat/completions"), timeout=30,
-                                  json={"model": "tiny-blip", "prompt": "a photo of", "images": [b64], "stream": False,
-                                        "options": {"num_predict": 4}} if i % 4 == 1 else
-                                  {"model": "tiny-blip", "max_tokens": 4, "messages": [{"role": "user", "content": [
-                                      {"type": "text", "text": "a photo of"},
-                                      {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64}}]}]})
-                (ok if r.status_code == 200 else raw_busy if r.status_code == 503 else other).append(r)
-            else:
-                ok.append(ollama.Client(host=url).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg],
-                                                           stream=False, options={"num_predict": 4}))
-        except ollama.ResponseError as exc:
-            (busy if exc.status_code == 503 else other).append(exc)
+            answers[name] = held[name]()
         except Exception as exc:  # noqa: BLE001
-            other.append(exc)
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            errors.append((name, exc))
+    threads = [threading.Thread(target=ask, args=(name,)) for name in held]
+    gated.close()
+    try:
+        threads[0].start()
+        gated.entered.get(timeout=_WAIT_S)          # the first is in generate, held at the gate
+        for t in threads[1:]:
+            t.start()
+        _wait_queued(scheduler, 2)                   # the other two fill the queue
+        with pytest.raises(ollama.ResponseError) as exc:
+            ollama_call()
+        assert exc.value.status_code == 503 and exc.value.error.startswith("server busy: ")
+        r = requests.post(url + "/api/generate", json=generate_body, timeout=_WAIT_S)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"].startswith("server busy: ")
+        r = requests.post(url + "/v1/chat/completions", json=openai_body, timeout=_WAIT_S)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_busy"
+        assert error["message"].startswith("server busy: ")
+        r = requests.post(url + "/ai/run/tiny-blip", json=workers_ai_body, timeout=_WAIT_S)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["success"] is False and r.json()["errors"][0]["code"] == 3040
+        assert scheduler.stats()["queued"] == 2 and gated.returned.empty()
+    finally:
+        gated.gate.set()
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not other, other
-    assert 3 <= len(ok) and busy and raw_busy, (len(ok), len(busy), len(raw_busy))
-    assert all("server busy" in e.error for e in busy)
-    for r in raw_busy:
-        assert int(r.headers["Retry-After"]) >= 1
-        body = r.json()
-        if r.url.endswith("/api/generate"):
-            assert body["error"].startswith("server busy: ")
-        else:
-            assert body["error"]["type"] == "server_error" and body["error"]["message"].startswith("server busy: ")
-    assert scheduler.stats()["rejected"] == len(busy) + len(raw_busy)
+        t.join(_WAIT_S)
+    assert not errors, errors
+    assert answers["ollama"].done and answers["ollama"].eval_count <= 4
+    assert answers["generate"].status_code == 200 and answers["generate"].json()["done"] is True
+    assert answers["openai"].status_code == 200
+    assert answers["openai"].json()["choices"][0]["message"]["role"] == "assistant"
+    assert scheduler.stats()["rejected"] == rejected + 4
 
 
-def test_a_request_past_its_timeout_is_stopped(slow_server, frame_jpeg):
-    url, scheduler = slow_server
-    while scheduler.stats()["busy"] or scheduler.stats()["queued"]:
-        time.sleep(0.05)
-    client = ollama.Client(host=url)
-    t0 = time.monotonic()
-    with pytest.raises(ollama.ResponseError) as exc:   # ~60 steps × 50 ms = 3 s > 1.5 s
-        client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
-                        options={"num_predict": 60, "temperature": 0.8, "seed": 1})
-    assert exc.value.status_code == 504 and "timed out after 1.5 s" in exc.value.error
-    assert 1.4 < time.monotonic() - t0 < 2.5
-    time.sleep(0.3)   # the generation stopped at the next token: the worker is free again
-    assert not scheduler.stats()["busy"] and scheduler.stats()["timeouts"] >= 1
-    # Streaming: the stream ends with Ollama's error line.
-    with pytest.raises(ollama.ResponseError) as exc:
-        for _ in client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=True,
-                                 options={"num_predict": 60}):
-            pass
-    assert "timed out" in exc.value.error
-    # A short request still works.
-    r = client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
-                        options={"num_predict": 2})
+def test_a_complete_row_is_not_timed_out_while_its_batch_generates():
+    """A row whose answer ended (its end-of-sequence token) keeps it when the rest of its
+    batch generates past the row's deadline; a row still generating is timed out."""
+    from vision_host.server import Job
+
+    done = Job(None, deadline=time.monotonic() - 1)
+    done.finished("a photo", 2, "stop", time.perf_counter())
+    assert not done.should_stop() and not done.timed_out and done.error is None
+    late = Job(None, deadline=time.monotonic() - 1)
+    assert late.should_stop() and late.timed_out
+
+
+def test_a_request_past_its_timeout_is_stopped(timeout_server, frame_jpeg):
+    """504 at ``request_timeout_s`` (1.5 s) while the generation is held in ``generate`` (so
+    the timeout answered, not the generation's end), which then stops at its next token; a
+    request queued behind another is withdrawn at its timeout; a stream past its timeout ends
+    with Ollama's error line."""
+    url, scheduler, gated = timeout_server
+    assert scheduler.wait_idle(_WAIT_S)
+    timeouts = scheduler.stats()["timeouts"]
+    ask = {"model": "tiny-blip", "prompt": "a photo of", "images": [frame_jpeg], "options": {"num_predict": 60}}
+
+    # 1. A running generation: the 504 comes at the timeout, the generation stops at its next token.
+    gated.close()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ollama.ResponseError) as exc:
+            ollama.Client(host=url).generate(stream=False, **ask)
+        assert exc.value.status_code == 504 and "timed out after 1.5 s" in exc.value.error
+        assert time.monotonic() - t0 > 1.4
+        [job] = gated.entered.get(timeout=_WAIT_S)   # it had reached generate ...
+        assert gated.returned.empty()                # ... and was still held there
+    finally:
+        gated.gate.set()
+    assert gated.returned.get(timeout=_WAIT_S) == [job]
+    assert job.result.eval_count <= 1                # not 60
+    assert scheduler.wait_idle(_WAIT_S) and scheduler.stats()["timeouts"] == timeouts + 1
+
+    # 2. A stream held in generate, and a request queued behind it: the queued one gets its 504
+    # at its timeout (the stream's, earlier, has passed too); the stream then ends with the error line.
+    streamed: dict = {}
+
+    def stream() -> None:
+        try:
+            streamed["parts"] = list(ollama.Client(host=url).generate(stream=True, **ask))
+        except Exception as exc:  # noqa: BLE001
+            streamed["error"] = exc
+    streamer = threading.Thread(target=stream)
+    gated.close()
+    try:
+        streamer.start()
+        gated.entered.get(timeout=_WAIT_S)
+        with pytest.raises(ollama.ResponseError) as exc:
+            ollama.Client(host=url).generate(stream=False, **ask)
+        assert exc.value.status_code == 504 and "timed out" in exc.value.error
+        assert gated.entered.empty()                 # withdrawn from the queue, never generated
+    finally:
+        gated.gate.set()
+    streamer.join(_WAIT_S)
+    assert isinstance(streamed.get("error"), ollama.ResponseError), streamed
+    assert "timed out" in streamed["error"].error
+    assert scheduler.wait_idle(_WAIT_S) and scheduler.stats()["timeouts"] == timeouts + 3
+
+    # 3. A short request still works.
+    r = ollama.Client(host=url).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
+                                         options={"num_predict": 2})
     assert r.done and r.eval_count <= 2

@@ -52,8 +52,37 @@ BENCH_CAPTION = "caption from the vision-host bench server"
 WASM = Path(__file__).resolve().parent / "wasm"
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server for which a client hanging up is not an error, and that counts
+    the connections it has finished with (see :meth:`LatencyServer.wait_closed`)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.closed = 0
+        self.closed_changed = threading.Condition()
+
+    def handle_error(self, request, client_address) -> None:
+        """Print the traceback (socketserver's way), unless the client went away: the host
+        drops a request in flight when a processor or a run ends (a reset or broken pipe here)."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        """Close a finished connection (after :meth:`handle_error`, if it failed) and count it."""
+        super().shutdown_request(request)
+        with self.closed_changed:
+            self.closed += 1
+            self.closed_changed.notify_all()
+
+
 class LatencyServer:
     """Ollama's ``POST /api/generate`` on 127.0.0.1 answering after ``latency_s``.
+
+    A client that hangs up (before, during or after its reply) is not reported; any other
+    failure of a request prints its traceback to stderr.
 
     Attributes:
         url: base URL (``http://127.0.0.1:PORT``).
@@ -105,11 +134,21 @@ class LatencyServer:
                 self.wfile.write(payload)
                 bench.handled_ms.append((time.perf_counter() - read) * 1000)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _HTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="vision-host-bench-server", daemon=True)
         self._thread.start()
+
+    @property
+    def closed(self) -> int:
+        """How many connections the server has finished with (the client's or its own close)."""
+        return self._server.closed
+
+    def wait_closed(self, n: int, timeout_s: float = 10.0) -> bool:
+        """Wait until the server has finished with ``n`` connections (any error reported);
+        False if it has not within ``timeout_s`` s."""
+        with self._server.closed_changed:
+            return self._server.closed_changed.wait_for(lambda: self._server.closed >= n, timeout_s)
 
     def stop(self) -> None:
         """Stop serving."""
@@ -266,6 +305,10 @@ def _payloads(frame_1080: np.ndarray, server: LatencyServer) -> dict:
 
 
 def _startup(clip: str, url: str) -> dict:
+    """ms from spawning ``vision-host run -p ollama --max-frames 1`` to its first frame out, with
+    the compiled-module cache empty (``cold``) and filled (``warm``). Captions are paused: a
+    request would still be in flight when the one-frame run ends (then ``run`` exits 1 for
+    "no caption completed"), and the figure is about start-up only."""
     out = {}
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "VISION_HOST_CACHE_DIR": cache}
@@ -274,7 +317,8 @@ def _startup(clip: str, url: str) -> dict:
             spawned = time.time()
             subprocess.run([sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", clip, "--max-frames", "1",
                             "-o", "file", "-d", str(Path(tmp) / f"{key}.mp4"), "--codec", "mp4v", "--stats", str(stats),
-                            "-c", f"ollama-url={url}"], env=env, check=True, capture_output=True, timeout=120)
+                            "-c", f"ollama-url={url}", "-c", "ollama-paused=true"],
+                           env=env, check=True, capture_output=True, timeout=120)
             out[key] = round((json.loads(stats.read_text())["first_frame_unix"] - spawned) * 1000, 1)
     return out
 

@@ -199,6 +199,7 @@ class Job(GenerationRow):
     result: GenerationResult = field(default_factory=GenerationResult)
     error: BaseException | None = None
     timed_out: bool = False
+    timeout_counted: bool = False        # in Scheduler.timeouts (which several paths report)
     enqueued_at: float = field(default_factory=time.monotonic)
     done_reason: str = ""                # for load/unload jobs
     _loop: Any = None
@@ -207,7 +208,9 @@ class Job(GenerationRow):
 
     # GenerationRow: called by the model on the worker thread
     def should_stop(self) -> bool:
-        if not self.cancel.is_set() and time.monotonic() > self.deadline:
+        """True once the job is cancelled or past its deadline (then it is timed out, unless its
+        answer was already complete while the rest of its batch generates)."""
+        if not self.cancel.is_set() and not self.finished_event.is_set() and time.monotonic() > self.deadline:
             self.timed_out = True
             self.cancel.set()
         return self.cancel.is_set()
@@ -353,9 +356,13 @@ class Scheduler:
                 job.finish(RequestError(499, "cancelled"))
 
     def _timeout_error(self, job: Job) -> RequestTimeout:
-        """The 504 for ``job`` (counted once per job)."""
+        """The 504 for ``job``, counted in :attr:`timeouts` once per job (a stream's timeout is
+        reported by the worker and again when its streamer ends; a deadline can pass for
+        the waiting request and for the generation at the same time)."""
         with self.cond:
-            self.timeouts += 1
+            if not job.timeout_counted:
+                job.timeout_counted = True
+                self.timeouts += 1
         return RequestTimeout(f"request timed out after {self.request_timeout_s:g} s (the limit set with "
                               f"--request-timeout-s); the server is overloaded or the request too long")
 
@@ -468,6 +475,7 @@ class Scheduler:
                     if batch[-1].keep_alive == 0 and not self.queue and self.model.loaded:
                         self.model.unload()
                         self.unloads += 1
+                    self.cond.notify_all()   # for wait_idle
 
     def _work(self, batch: list[Job]) -> None:
         now = time.monotonic()
@@ -518,6 +526,13 @@ class Scheduler:
         self.model.load_weights()
         with self.cond:
             self.loads += 1
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until no request is queued or generating (the worker has settled the last
+        batch, and unloaded the model if its ``keep_alive`` was 0); False if that did not
+        happen within ``timeout_s`` s (None: no limit)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.busy and not self.queue, timeout_s)
 
     def stats(self) -> dict:
         """Batching and queue counters (``mean_batch_size``, ``recent_batch_sizes``, ``queued``,
