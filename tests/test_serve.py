@@ -58,15 +58,22 @@ def tiny_blip(tmp_path_factory) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("model") / "tiny-blip")
 
 
+class ServerURL(str):
+    """A server's base URL (a ``str``), with the server process's id as :attr:`pid`."""
+
+    pid: int
+
+
 @contextlib.contextmanager
-def serve_process(model: Path | str, log_path: Path, *args: str, env: dict | None = None) -> Iterator[str]:
-    """``vision-host serve --model model`` on a free port until the block ends: its base URL.
-    Its stdout and stderr go to ``log_path``; ``env`` defaults to :func:`_env`."""
+def serve_process(model: Path | str, log_path: Path, *args: str, env: dict | None = None) -> Iterator[ServerURL]:
+    """``vision-host serve --model model`` on a free port until the block ends: its base URL
+    (with ``.pid``). Its stdout and stderr go to ``log_path``; ``env`` defaults to :func:`_env`."""
     port = _free_port()
     log = open(log_path, "w+")
     proc = subprocess.Popen(_serve_cmd("--model", str(model), "--port", str(port), *args),
                             stdout=log, stderr=subprocess.STDOUT, env=env or _env())
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.pid = proc.pid
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -183,9 +190,10 @@ def test_errors(server, frame_jpeg):
     assert r.status_code == 400 and "base64" in r.json()["error"]
     r = requests.post(server + "/api/generate", json={"model": "tiny-blip", "prompt": "x", "images": ["aGVsbG8="]})
     assert r.status_code == 400 and r.json() == {"error": "Failed to load image or audio file"}
-    r = requests.post(server + "/api/generate", data=b"{not json")
+    json_type = {"Content-Type": "application/json"}
+    r = requests.post(server + "/api/generate", data=b"{not json", headers=json_type)
     assert r.status_code == 400 and "error" in r.json()
-    r = requests.post(server + "/api/generate", data=b"")
+    r = requests.post(server + "/api/generate", data=b"", headers=json_type)
     assert r.status_code == 400 and r.json() == {"error": "missing request body"}
     r = requests.post(server + "/api/generate", json={"model": "tiny-blip", "prompt": "a photo"})
     assert r.status_code == 400 and "images" in r.json()["error"]
@@ -279,9 +287,10 @@ def _stats(url: str) -> dict:
 
 class GatedGenerate:
     """Stands in for a loaded model's ``generate`` on the server's worker thread: each call
-    waits until :attr:`gate` is set, then runs the real ``generate``. :attr:`entered` receives
-    each call's rows (the server's jobs) when it reaches the gate, :attr:`returned` when the
-    real ``generate`` is over. The gate starts open."""
+    waits until :attr:`gate` is set, then runs the real ``generate`` (or, while :attr:`failures`
+    holds exceptions, raises the next one instead). :attr:`entered` receives each call's rows
+    (the server's jobs) when it reaches the gate, :attr:`returned` when the call is over. The
+    gate starts open."""
 
     def __init__(self, real) -> None:
         self.real = real
@@ -289,6 +298,7 @@ class GatedGenerate:
         self.gate.set()
         self.entered: queue.Queue = queue.Queue()
         self.returned: queue.Queue = queue.Queue()
+        self.failures: queue.Queue = queue.Queue()
 
     def close(self) -> None:
         """Hold the next calls at the gate, and forget the earlier ones."""
@@ -303,6 +313,8 @@ class GatedGenerate:
         if not self.gate.wait(_WAIT_S):
             raise RuntimeError("the test never opened the gate")
         try:
+            if not self.failures.empty():
+                raise self.failures.get_nowait()
             self.real(rows, decoding, max_new, seed)
         finally:
             self.returned.put(rows)
@@ -571,3 +583,454 @@ def test_a_request_past_its_timeout_is_stopped(timeout_server, frame_jpeg):
     r = ollama.Client(host=url).generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], stream=False,
                                          options={"num_predict": 2})
     assert r.done and r.eval_count <= 2
+
+
+# -- safety: request limits, strict input, origins and content types, a worker that survives ----
+# Every request here goes over real HTTP to 127.0.0.1. Limits under test are small on
+# ``limited_server`` (each one's flag) and the defaults on ``server``.
+_GEN, _OAI, _CF = "/api/generate", "/v1/chat/completions", "/ai/run/tiny-blip"
+_JSON = {"Content-Type": "application/json"}
+_LIMIT_FLAGS = ("--max-beams", "2", "--max-new-tokens", "16", "--max-top-k", "5", "--max-body-mb", "1",
+                "--max-image-pixels", "1000000", "--max-prompt-chars", "200", "--decode-threads", "1",
+                "--allow-origin", "http://app.example:3000")
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory, tiny_blip):
+    """``vision-host serve`` with every request limit set small by its flag (:data:`_LIMIT_FLAGS`)."""
+    with serve_process(tiny_blip, tmp_path_factory.mktemp("limited") / "serve.log", *_LIMIT_FLAGS) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def sturdy_server(tiny_blip):
+    """No batching, a 15 s request timeout: a model worker that died would show as a 504 soon."""
+    with gated_server(tiny_blip, max_batch=1, request_timeout_s=15) as served:
+        yield served
+
+
+def _png_1bit(width: int, height: int) -> bytes:
+    """An all-black 1-bit grayscale PNG of ``width``×``height``, compressed row by row with
+    zlib: 12000×12000 is about 17 kB of file and 144 megapixels decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)   # filter type 0, then the row's bits
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _bodies(image: bytes, prompt: str = "a photo of") -> dict[str, dict]:
+    """The same small request (3 new tokens) in each API's schema: path → JSON body."""
+    import base64
+
+    b64 = base64.b64encode(image).decode()
+    return {_GEN: {"model": "tiny-blip", "prompt": prompt, "images": [b64], "stream": False,
+                   "options": {"num_predict": 3}},
+            _OAI: {"model": "tiny-blip", "max_tokens": 3, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": prompt},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}}]}]},
+            _CF: {"image": b64, "prompt": prompt, "max_tokens": 3}}
+
+
+def _raw_json(body: dict, value: str) -> bytes:
+    """``body`` as JSON text with its ``"@V@"`` string written as ``value`` (``NaN``,
+    ``Infinity``, ``1e400``: what a client may send, though not all of it is JSON)."""
+    text = json.dumps(body)
+    assert text.count('"@V@"') == 1
+    return text.replace('"@V@"', value).encode()
+
+
+def _assert_error(r, status: int, needle: str = "") -> str:
+    """``r`` is a ``status`` error in its API's shape (by its path): Ollama's ``{"error": str}``,
+    OpenAI's ``{"error": {"message", "type", ...}}``, Workers AI's ``{"success": false,
+    "errors": [{"code", "message"}]}``; ``needle`` is in its message, which is returned."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(r.url).path
+    assert r.status_code == status, (path, r.status_code, r.text[:500])
+    body = r.json()
+    if path.startswith("/v1/"):
+        assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"]), body
+        assert body["error"]["type"] == ("invalid_request_error" if status < 500 else
+                                         "server_error" if status in (503, 504) else "api_error"), body
+        message = body["error"]["message"]
+    elif "/ai/run/" in path:
+        assert body["success"] is False and body["result"] is None and len(body["errors"]) == 1, body
+        assert body["errors"][0]["code"] == (5006 if status < 500 else {503: 3040, 504: 3007}.get(status, 3043))
+        message = body["errors"][0]["message"]
+    else:
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+        message = body["error"]
+    assert needle in message, message
+    return message
+
+
+def _answered(url: str, image: bytes, **extra: Any) -> None:
+    """A normal request to ``url`` is answered (the model worker serves)."""
+    r = ollama.Client(host=url).generate(model="tiny-blip", prompt="a photo of", images=[image], stream=False,
+                                         options={"num_predict": 2}, **extra)
+    assert r.done and r.response.strip()
+
+
+def test_no_keep_alive_stops_the_model_worker(sturdy_server, frame_jpeg):
+    """8. Huge ``keep_alive`` values mean forever; NaN and infinity are 400; none of them (nor
+    a text/plain one from a foreign page) leaves the worker dead: the next request is answered."""
+    url, scheduler, gated = sturdy_server
+    body = {**_bodies(frame_jpeg)[_GEN], "keep_alive": "@V@"}
+    for value in ("1e12", "1e300", str(10 ** 400), '"1e300"', '"99999999999999h"', "-1e300"):
+        r = requests.post(url + _GEN, data=_raw_json(body, value), headers=_JSON, timeout=_WAIT_S)
+        assert r.status_code == 200 and r.json()["done"], (value, r.text)
+        assert ollama.Client(host=url).ps().models[0].expires_at.year > 2200, value   # Ollama's "forever"
+        _answered(url, frame_jpeg)
+        r = requests.post(url + _GEN, data=_raw_json({"model": "tiny-blip", "keep_alive": "@V@"}, value),
+                          headers=_JSON, timeout=_WAIT_S)   # a load request
+        assert r.status_code == 200 and r.json()["done_reason"] == "load", (value, r.text)
+        _answered(url, frame_jpeg)
+    for value in ("NaN", "Infinity", "-Infinity", "1e400", '"NaN"', '"inf"', '"-Infinity"', '"1e400"'):
+        r = requests.post(url + _GEN, data=_raw_json(body, value), headers=_JSON, timeout=_WAIT_S)
+        _assert_error(r, 400)
+        _answered(url, frame_jpeg)
+    # What any web page can send: text/plain from its own origin.
+    r = requests.post(url + _GEN, data=_raw_json(body, "1e300"), timeout=_WAIT_S,
+                      headers={"Content-Type": "text/plain;charset=UTF-8", "Origin": "https://evil.example"})
+    _assert_error(r, 403, "origin")
+    _answered(url, frame_jpeg)
+    assert scheduler.thread.is_alive()
+
+
+def test_the_model_worker_survives_any_exception(sturdy_server, frame_jpeg, monkeypatch):
+    """8. A generation that raises answers 500 in its API's shape; unloading that raises (in
+    the worker's own bookkeeping after an answer) is logged; the worker serves on."""
+    url, scheduler, gated = sturdy_server
+    assert scheduler.wait_idle(_WAIT_S)
+    for path, body in _bodies(frame_jpeg).items():
+        gated.failures.put(RuntimeError("boom"))
+        r = requests.post(url + path, json=body, timeout=_WAIT_S)
+        _assert_error(r, 500, "boom")
+        _answered(url, frame_jpeg)
+
+    def broken_unload() -> None:
+        raise RuntimeError("cannot unload")
+    monkeypatch.setattr(scheduler.model, "unload", broken_unload)
+    _answered(url, frame_jpeg, keep_alive=0)   # answered; then the worker's unload raises
+    assert scheduler.wait_idle(_WAIT_S)
+    monkeypatch.undo()
+    _answered(url, frame_jpeg)
+    assert scheduler.thread.is_alive()
+
+
+def test_a_full_queue_refuses_before_decoding(queue_server, frame_jpeg, monkeypatch):
+    """9. With the queue full, a request gets 503 in each API without its image being decoded."""
+    url, scheduler, gated = queue_server
+    assert scheduler.wait_idle(_WAIT_S)
+    decoded: queue.Queue = queue.Queue()
+    real_prepare = scheduler.model.prepare
+
+    def spy(image, *args):
+        decoded.put(len(image))
+        return real_prepare(image, *args)
+    monkeypatch.setattr(scheduler.model, "prepare", spy)
+    errors: list = []
+
+    def held() -> None:
+        try:
+            _answered(url, frame_jpeg)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    threads = [threading.Thread(target=held) for _ in range(3)]
+    gated.close()
+    try:
+        threads[0].start()
+        gated.entered.get(timeout=_WAIT_S)   # one in generate
+        for t in threads[1:]:
+            t.start()
+        _wait_queued(scheduler, 2)            # two waiting: the queue is full
+        while not decoded.empty():
+            decoded.get_nowait()
+        large = _png_1bit(6000, 6000)         # 36 megapixels: under the pixel limit, yet costly to decode
+        for path, body in _bodies(large).items():
+            r = requests.post(url + path, json=body, timeout=_WAIT_S)
+            _assert_error(r, 503, "server busy")
+            assert int(r.headers["Retry-After"]) >= 1
+        assert decoded.empty(), "a refused request's image was decoded"
+    finally:
+        gated.gate.set()
+    for t in threads:
+        t.join(_WAIT_S)
+    assert not errors, errors
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (``VmHWM``) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def _reset_peak_rss(pid: int) -> None:
+    """Make the process's peak resident memory its present one (Linux's ``clear_refs`` 5), when allowed."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads memory use from Linux's /proc")
+def test_a_decompression_bomb_is_refused_from_its_header(server, frame_jpeg):
+    """9. A 17 kB PNG of 12000×12000 pixels (144 megapixels) sent three times at once, once to
+    each API: 413 from its header, and the server's peak memory barely moves."""
+    bomb = _png_1bit(12000, 12000)
+    assert len(bomb) < 30_000
+    _answered(server, frame_jpeg)   # the server's memory in use after a normal request
+    _reset_peak_rss(server.pid)
+    before = _peak_rss_mb(server.pid)
+    answers: dict = {}
+
+    def send(path: str, body: dict) -> None:
+        answers[path] = requests.post(server + path, json=body, timeout=_WAIT_S)
+    threads = [threading.Thread(target=send, args=item) for item in _bodies(bomb).items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(_WAIT_S)
+    for path in (_GEN, _OAI, _CF):
+        _assert_error(answers[path], 413, "12000×12000 pixels")
+    grown = _peak_rss_mb(server.pid) - before
+    print(f"three 144-megapixel PNGs refused; the server's peak memory grew by {grown:.1f} MiB")
+    assert grown < 150, f"the server's peak memory grew by {grown:.0f} MiB"
+    _answered(server, frame_jpeg)
+
+
+def test_the_pixel_limit_follows_its_flag(limited_server):
+    """9. ``--max-image-pixels 1000000``: 1000×1000 is answered, 1001×1000 refused (413)."""
+    r = requests.post(limited_server + _GEN, json=_bodies(_png_1bit(1000, 1000))[_GEN], timeout=_WAIT_S)
+    assert r.status_code == 200 and r.json()["done"], r.text
+    for path, body in _bodies(_png_1bit(1001, 1000)).items():
+        r = requests.post(limited_server + path, json=body, timeout=_WAIT_S)
+        _assert_error(r, 413, "--max-image-pixels")
+
+
+def _post_unfinished(url: str, path: str, headers: dict, chunks: tuple = ()) -> tuple[int, dict]:
+    """POST ``path`` with these headers and, when given, ``chunks`` of a chunked body that is
+    never finished (no last chunk): the answer's status and JSON. A server that waited for
+    the rest of the body would never answer (the socket's timeout then fails the test)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.putrequest("POST", path, skip_accept_encoding=True)
+        for key, value in {"Content-Type": "application/json", **headers}.items():
+            conn.putheader(key, value)
+        conn.endheaders()
+        for c in chunks:
+            conn.send(b"%x\r\n%s\r\n" % (len(c), c))
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_size_limit_is_refused_unread(server, limited_server):
+    """9. 413 from ``Content-Length`` alone (default 32 MiB; ``--max-body-mb 1``), and from a
+    chunked body once 1 MiB of it has come; the rest is never waited for."""
+    for path in (_GEN, _OAI, _CF):
+        status, body = _post_unfinished(server, path, {"Content-Length": str(32 * 2 ** 20 + 1)})
+        assert status == 413 and "32 MiB" in json.dumps(body), body
+        status, body = _post_unfinished(limited_server, path, {"Content-Length": str(2 ** 20 + 1)})
+        assert status == 413 and "1 MiB" in json.dumps(body), body
+    status, body = _post_unfinished(limited_server, _OAI, {"Transfer-Encoding": "chunked"},
+                                    (b"[" + b" " * (2 ** 16 - 1),) + (b" " * 2 ** 16,) * 16)
+    assert status == 413 and body["error"]["code"] == "request_too_large", body
+    status, body = _post_unfinished(limited_server, _CF, {"Transfer-Encoding": "chunked"}, (b"x" * 2 ** 16,) * 17)
+    assert status == 413 and body["success"] is False, body
+    r = requests.post(limited_server + _GEN, json={"model": "tiny-blip", "prompt": "x" * 2 ** 20}, timeout=_WAIT_S)
+    _assert_error(r, 413, "--max-body-mb")
+    assert requests.get(limited_server + "/", timeout=_WAIT_S).text == "Ollama is running"
+
+
+def test_costly_options_are_capped(server, limited_server, frame_jpeg):
+    """10. ``num_beams``, ``num_predict`` / ``max_tokens`` / ``max_length`` / ``min_length`` and
+    ``top_k`` past their limits (defaults 8, 512, 1000; and as set by their flags) are 400 in
+    each API's shape, before anything runs."""
+    bodies = _bodies(frame_jpeg)
+    for options, flag in (({"num_beams": 20_000}, "--max-beams"), ({"num_beams": 9}, "--max-beams"),
+                          ({"num_predict": 513}, "--max-new-tokens"), ({"max_length": 513}, "--max-new-tokens"),
+                          ({"min_length": 513}, "--max-new-tokens"), ({"top_k": 1001, "temperature": 1},
+                                                                      "--max-top-k")):
+        r = requests.post(server + _GEN, json={**bodies[_GEN], "options": options}, timeout=_WAIT_S)
+        _assert_error(r, 400, flag)
+    with pytest.raises(openai.BadRequestError) as exc:
+        openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model="tiny-blip", messages=bodies[_OAI]["messages"], max_tokens=513)
+    assert "--max-new-tokens" in str(exc.value)
+    for extra, flag in (({"max_tokens": 513}, "--max-new-tokens"), ({"top_k": 1001}, "--max-top-k")):
+        r = requests.post(server + _CF, json={**bodies[_CF], **extra}, timeout=_WAIT_S)
+        _assert_error(r, 400, flag)
+    r = requests.post(server + _GEN, json={**bodies[_GEN], "options": {"num_beams": 8, "num_predict": 2}},
+                      timeout=_WAIT_S)
+    assert r.status_code == 200, r.text   # at the limit: answered
+    assert _stats(server)["limits"] == {"max_beams": 8, "max_new_tokens": 512, "max_top_k": 1000,
+                                        "max_body_bytes": 32 * 2 ** 20, "max_image_pixels": 40_000_000,
+                                        "max_prompt_chars": 32_768, "decode_threads": 2}
+
+    # The flags: --max-beams 2 --max-new-tokens 16 --max-top-k 5.
+    for options, status in (({"num_beams": 3}, 400), ({"num_beams": 2}, 200), ({"num_predict": 17}, 400),
+                            ({"num_predict": 16, "num_beams": 1}, 200), ({"top_k": 6, "temperature": 1}, 400),
+                            ({"top_k": 5, "temperature": 1, "num_predict": 2}, 200)):
+        r = requests.post(limited_server + _GEN, json={**bodies[_GEN], "options": options}, timeout=_WAIT_S)
+        assert r.status_code == status, (options, r.text)
+    cf = {k: v for k, v in bodies[_CF].items() if k != "max_tokens"}   # Workers AI's default 512, capped at 16
+    r = requests.post(limited_server + _CF, json=cf, timeout=_WAIT_S)
+    assert r.status_code == 200 and r.json()["success"], r.text
+    assert _stats(limited_server)["limits"] == {"max_beams": 2, "max_new_tokens": 16, "max_top_k": 5,
+                                                "max_body_bytes": 2 ** 20, "max_image_pixels": 1_000_000,
+                                                "max_prompt_chars": 200, "decode_threads": 1}
+
+
+def test_bad_numbers_and_text_are_400_in_each_apis_shape(server, limited_server, frame_jpeg):
+    """11. Not-finite numbers, integers past 64 bits, a lone surrogate, a prompt past the
+    model's positions (or ``--max-prompt-chars``), JSON nested 50 000 deep: 400, never 500."""
+    bodies = _bodies(frame_jpeg)
+
+    def post(path: str, data: bytes, url: str = server):
+        return requests.post(url + path, data=data, headers=_JSON, timeout=_WAIT_S)
+    gen_options = {**bodies[_GEN], "options": {"num_predict": "@V@"}}
+    for value in ("Infinity", "-Infinity", "NaN", "1e400", str(2 ** 80)):
+        _assert_error(post(_GEN, _raw_json(gen_options, value)), 400)
+    _assert_error(post(_GEN, _raw_json({**bodies[_GEN], "options": {"repeat_penalty": "@V@"}}, "NaN")), 400)
+    _assert_error(post(_GEN, _raw_json({**bodies[_GEN], "options": {"seed": "@V@"}}, str(2 ** 80))), 400, "seed")
+    _assert_error(post(_GEN, _raw_json({**bodies[_GEN], "options": {"temperature": "@V@"}}, "1e400")), 400)
+    _assert_error(post(_OAI, _raw_json({**bodies[_OAI], "seed": "@V@"}, str(2 ** 80))), 400, "seed")
+    _assert_error(post(_OAI, _raw_json({**bodies[_OAI], "temperature": "@V@"}, "NaN")), 400)
+    _assert_error(post(_OAI, _raw_json({**bodies[_OAI], "top_p": "@V@"}, "1e400")), 400)
+    _assert_error(post(_CF, _raw_json({**bodies[_CF], "max_tokens": "@V@"}, "1e400")), 400)
+    _assert_error(post(_CF, _raw_json({**bodies[_CF], "seed": "@V@"}, str(2 ** 80))), 400, "seed")
+    deep = b"[" * 50_000 + b"]" * 50_000
+    for path, body in _bodies(frame_jpeg, prompt="\ud800").items():
+        _assert_error(post(path, json.dumps(body).encode()), 400, "surrogate")   # json.dumps writes "\ud800"
+        _assert_error(post(path, deep), 400, "nested")
+        _assert_error(post(path, b'{"model": ' + deep + b"}"), 400, "nested")
+    for path, body in _bodies(frame_jpeg, prompt="a photo of " * 30).items():   # tiny BLIP: 64 positions
+        _assert_error(post(path, json.dumps(body).encode()), 400, "positions")
+    for path, body in _bodies(frame_jpeg, prompt="a " * 16_385).items():        # 32 770 characters
+        _assert_error(post(path, json.dumps(body).encode()), 400, "--max-prompt-chars")
+    for path, body in _bodies(frame_jpeg, prompt="a " * 101).items():           # --max-prompt-chars 200
+        _assert_error(post(path, json.dumps(body).encode(), limited_server), 400, "--max-prompt-chars")
+    pair = _bodies(frame_jpeg, prompt="a photo of \U0001f600")[_GEN]   # a surrogate pair is one character
+    assert "\\ud83d\\ude00" in json.dumps(pair)
+    assert post(_GEN, json.dumps(pair).encode()).status_code == 200
+    for path, body in bodies.items():
+        assert post(path, json.dumps(body).encode()).status_code == 200, path
+
+
+def test_web_pages_cannot_drive_the_server(server, limited_server, frame_jpeg):
+    """12. POSTs that are not ``application/json`` get 415 (a page can send text/plain and form
+    types without a CORS preflight); requests with a foreign ``Origin`` get 403, GET too; the
+    server's own origin, no ``Origin`` at all, and ``--allow-origin`` origins are served."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(server).port
+    bodies = _bodies(frame_jpeg)
+    for path, body in bodies.items():
+        data = json.dumps(body).encode()
+        for content_type in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=x", None):
+            headers = {"Content-Type": content_type} if content_type else {}
+            r = requests.post(server + path, data=data, headers=headers, timeout=_WAIT_S)
+            _assert_error(r, 415, "application/json")
+    for origin in ("https://evil.example", "null", f"http://evil.example:{port}", f"http://localhost:{port + 1}",
+                   f"http://127.0.0.1.evil.example:{port}", "http://app.example:3000"):
+        for path, body in bodies.items():
+            r = requests.post(server + path, json=body, headers={"Origin": origin}, timeout=_WAIT_S)
+            _assert_error(r, 403, "origin")
+        for path in ("/", "/api/tags", "/api/ps", "/v1/models"):
+            r = requests.get(server + path, headers={"Origin": origin}, timeout=_WAIT_S)
+            assert r.status_code == 403, (origin, path, r.text)
+        r = requests.options(server + _GEN, timeout=_WAIT_S, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}", f"https://localhost:{port}"):
+        r = requests.post(server + _GEN, json=bodies[_GEN], headers={"Origin": origin}, timeout=_WAIT_S)
+        assert r.status_code == 200, (origin, r.text)
+    assert requests.get(server + "/", timeout=_WAIT_S).text == "Ollama is running"
+    assert ollama.Client(host=server).list().models and openai.OpenAI(base_url=server + "/v1",
+                                                                      api_key="unused").models.list().data
+    # --allow-origin http://app.example:3000
+    r = requests.post(limited_server + _GEN, json=bodies[_GEN], headers={"Origin": "http://app.example:3000"},
+                      timeout=_WAIT_S)
+    assert r.status_code == 200, r.text
+    r = requests.post(limited_server + _GEN, json=bodies[_GEN], headers={"Origin": "http://app.example:3001"},
+                      timeout=_WAIT_S)
+    _assert_error(r, 403, "origin")
+
+
+def test_images_are_decoded_decode_threads_at_a_time(tiny_blip, frame_jpeg):
+    """9. ``decode_threads=1``: a second request waits (holding its place in the queue) while
+    the first one's image is decoded; both are answered."""
+    with gated_server(tiny_blip, max_batch=1, decode_threads=1, request_timeout_s=600) as (url, scheduler, _):
+        entered: queue.Queue = queue.Queue()
+        gate = threading.Event()
+        real_prepare = scheduler.model.prepare
+
+        def held_prepare(*args):
+            entered.put(args)
+            assert gate.wait(_WAIT_S)
+            return real_prepare(*args)
+        scheduler.model.prepare = held_prepare
+        errors: list = []
+
+        def ask() -> None:
+            try:
+                _answered(url, frame_jpeg)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        try:
+            for t in threads:
+                t.start()
+            entered.get(timeout=_WAIT_S)   # the first is decoding
+            with scheduler.cond:           # the second holds its place in the queue ...
+                assert scheduler.cond.wait_for(lambda: scheduler.reserved == 2, _WAIT_S), scheduler.stats()
+            assert entered.empty()         # ... and waits for the decoder
+        finally:
+            gate.set()
+        for t in threads:
+            t.join(_WAIT_S)
+        assert not errors, errors
+        assert entered.qsize() == 1   # the second one's decode
+
+
+def test_limit_flags_are_checked_at_start(tmp_path):
+    """A limit that is no positive number, an ``--allow-origin`` that is no origin, or a default
+    option past its limit stops ``serve`` at once with a message naming the flag."""
+    for args, needle in ((("--max-body-mb", "0"), "--max-body-mb"), (("--max-body-mb", "nan"), "--max-body-mb"),
+                         (("--max-beams", "0"), "--max-beams"), (("--allow-origin", "evil"), "--allow-origin"),
+                         (("--option", "num_beams=9"), "--max-beams"),
+                         (("--max-new-tokens", "8", "--option", "num_predict=9"), "--max-new-tokens")):
+        r = subprocess.run(_serve_cmd("--model", str(tmp_path), "--port", str(_free_port()), *args), env=_env(),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_keep_alive_and_json_parsing_units():
+    """The parsers behind items 8 and 11, without a server."""
+    from vision_host.server import RequestError, parse_json, parse_keep_alive
+
+    assert parse_keep_alive("5m") == 300 and parse_keep_alive(0) == 0 and parse_keep_alive(-1) is None
+    for forever in (1e12, 1e300, 10 ** 400, "1e300", "99999999999999h", -1e300):
+        assert parse_keep_alive(forever) is None
+    for bad in (float("nan"), float("inf"), "nan", "inf", "1e400", "soon", True, [1]):
+        with pytest.raises(RequestError) as exc:
+            parse_keep_alive(bad)
+        assert exc.value.status == 400
+    assert parse_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}
+    for bad in (b"NaN", b'{"a": Infinity}', b'"\\ud800"', b'{"a": ["\\udfff"]}', b"[" * 50_000, b"{nope"):
+        with pytest.raises(RequestError) as exc:
+            parse_json(bad)
+        assert exc.value.status == 400

@@ -394,6 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default generation option, as Ollama's options (num_predict, temperature, top_p, top_k, "
                           "seed, num_beams, min_length, max_length, length_penalty, repeat_penalty); "
                           "requests override it; repeatable")
+    lim = srv.add_argument_group("limits on requests (beyond them: 400, or 413 for sizes)")
+    lim.add_argument("--max-beams", type=_positive_int, default=8, metavar="N",
+                     help="largest num_beams a request may ask for (default 8)")
+    lim.add_argument("--max-new-tokens", type=_positive_int, default=512, metavar="N",
+                     help="largest num_predict / max_tokens / max_length / min_length, in tokens (default 512)")
+    lim.add_argument("--max-top-k", type=_positive_int, default=1000, metavar="N",
+                     help="largest top_k (default 1000)")
+    lim.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB",
+                     help="largest request body in MiB, from Content-Length or counted as it arrives; larger: 413 "
+                          "(default 32)")
+    lim.add_argument("--max-image-pixels", type=_positive_int, default=40_000_000, metavar="N",
+                     help="most pixels (width x height, read from the image's header before decoding) an image may "
+                          "have; more: 413 (default 40000000)")
+    lim.add_argument("--max-prompt-chars", type=_positive_int, default=32768, metavar="N",
+                     help="longest prompt in characters, checked before tokenising (default 32768)")
+    lim.add_argument("--decode-threads", type=_positive_int, default=2, metavar="N",
+                     help="images decoded at once; other requests wait their turn in the queue (default 2)")
+    lim.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                     help="let web pages of ORIGIN (e.g. http://localhost:3000) use the server (repeatable); "
+                          "requests with any other Origin header but the server's own get 403")
     return parser
 
 
@@ -1046,7 +1066,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(args.model, args.host, args.port, log_level={"warn": "warning"}.get(args.logging, args.logging),
               max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
-              request_timeout_s=args.request_timeout_s, keep_alive=args.keep_alive, options=options)
+              request_timeout_s=args.request_timeout_s, keep_alive=args.keep_alive, options=options,
+              max_beams=args.max_beams, max_new_tokens=args.max_new_tokens, max_top_k=args.max_top_k,
+              max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
+              max_prompt_chars=args.max_prompt_chars, decode_threads=args.decode_threads,
+              allow_origins=args.allow_origin)
     except ServeError as exc:
         print(f"vision-host: {exc}", file=sys.stderr)
         return 1

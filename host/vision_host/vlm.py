@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import queue
 import time
@@ -49,6 +50,18 @@ MODEL_ALIASES = {
 DEFAULT_MODEL = "blip"
 #: New tokens when the request does not say (Ollama's ``num_predict``, OpenAI's ``max_tokens``).
 DEFAULT_MAX_NEW_TOKENS = 40
+#: Image formats :meth:`VisionLanguageModel.prepare` opens (Pillow's names; MPO is the JPEG of
+#: many phone cameras, a format of its own in older Pillows). Others (TIFF, EPS, PSD, …) are
+#: refused: a smaller attack surface.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP")
+#: Default limits on a request's generation options (see :class:`GenerationLimits`).
+DEFAULT_MAX_BEAMS = 8
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 512
+DEFAULT_MAX_TOP_K = 1000
+#: Integer options must fit a signed 64-bit integer (Ollama's Go ``int``); the seed may also be
+#: an unsigned 64-bit one (what ``torch.manual_seed`` takes).
+_INT64 = (-2 ** 63, 2 ** 63 - 1)
+_SEED = (-2 ** 63, 2 ** 64 - 1)
 #: Files fetched from the Hub on first use (weights as safetensors; ``*.bin`` only without them).
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
@@ -59,7 +72,22 @@ class ModelLoadError(Exception):
 
 
 class BadImage(ValueError):
-    """The request's image bytes are not a decodable image."""
+    """The request's image bytes are not a decodable image (or not of :data:`IMAGE_FORMATS`)."""
+
+
+class ImageTooLarge(BadImage):
+    """The image's header says it decodes to more pixels than allowed; nothing was decoded."""
+
+    @classmethod
+    def of(cls, width: int, height: int, limit: int) -> "ImageTooLarge":
+        """The error for a ``width``×``height`` image over ``limit`` pixels."""
+        return cls(f"the image is {width}×{height} pixels ({width * height / 1e6:.1f} megapixels), above "
+                   f"this server's limit of {limit / 1e6:.1f} megapixels (--max-image-pixels)")
+
+
+class PromptTooLong(ValueError):
+    """The prompt (with the image's tokens and the model's template) leaves no room for an
+    answer in the text model's positions."""
 
 
 def resolve_model(spec: str) -> tuple[str, str, bool]:
@@ -113,32 +141,93 @@ class GenerationSettings:
     _INTS = frozenset({"num_predict", "top_k", "seed", "num_beams", "min_length", "max_length"})
 
     @classmethod
-    def from_options(cls, options: dict, base: "GenerationSettings | None" = None) -> "GenerationSettings":
+    def from_options(cls, options: dict, base: "GenerationSettings | None" = None,
+                     limits: "GenerationLimits | None" = None) -> "GenerationSettings":
         """Settings from Ollama-style ``options`` over ``base``; unknown keys are ignored (as
-        Ollama does). Raises ValueError naming a key whose value is not a number or out of range."""
+        Ollama does); ``limits`` (default :class:`GenerationLimits`'s) bound the costly ones.
+
+        Raises:
+            ValueError: naming the key, for a value that is not a finite number, does not fit a
+                64-bit integer (``seed``: signed or unsigned), or is out of range: ``num_beams``
+                and ``top_k`` from 1 to their limit, ``num_predict`` and ``max_length`` up to
+                ``max_new_tokens``, ``min_length`` from 0 to it, ``top_p`` in (0, 1],
+                ``repeat_penalty`` above 0.
+        """
+        limits = limits or GenerationLimits()
         values = dict(base.__dict__) if base is not None else {}
+        given: dict[str, str] = {}   # field → the option name the request used
         for key, value in options.items():
             name = cls.OPTION_NAMES.get(key)
             if name is None or value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"option {key!r} must be a number, not {type(value).__name__}")
-            values[name] = int(value) if name in cls._INTS else float(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"option {key!r} must be a finite number, not {value}")
+            if name in cls._INTS:
+                value = int(value)
+                low, high = _SEED if name == "seed" else _INT64
+                if not low <= value <= high:
+                    raise ValueError(f"option {key!r} does not fit a 64-bit integer")
+            else:
+                try:
+                    value = float(value)
+                except OverflowError:
+                    raise ValueError(f"option {key!r} is too large a number") from None
+            values[name] = value
+            given[name] = key
         settings = cls(**values)
-        for name in ("num_beams", "top_k"):
+
+        def key_of(name: str) -> str:
+            return given.get(name, name)
+        for name, limit, flag in (("num_beams", limits.max_beams, "--max-beams"),
+                                  ("top_k", limits.max_top_k, "--max-top-k")):
             v = getattr(settings, name)
             if v is not None and v < 1:
-                raise ValueError(f"option {name!r} must be at least 1")
+                raise ValueError(f"option {key_of(name)!r} must be at least 1")
+            if v is not None and v > limit:
+                raise ValueError(f"option {key_of(name)!r} is {v}, above this server's limit of {limit} ({flag})")
+        for name in ("num_predict", "max_length", "min_length"):
+            v = getattr(settings, name)
+            if v is not None and v > limits.max_new_tokens:
+                raise ValueError(f"option {key_of(name)!r} is {v}, above this server's limit of "
+                                 f"{limits.max_new_tokens} new tokens (--max-new-tokens)")
+        if settings.min_length is not None and settings.min_length < 0:
+            raise ValueError(f"option {key_of('min_length')!r} must be at least 0")
         if settings.top_p is not None and not 0 < settings.top_p <= 1:
-            raise ValueError("option 'top_p' must be in (0, 1]")
+            raise ValueError(f"option {key_of('top_p')!r} must be in (0, 1]")
         if settings.repetition_penalty is not None and settings.repetition_penalty <= 0:
-            raise ValueError("option 'repeat_penalty' must be positive")
+            raise ValueError(f"option {key_of('repetition_penalty')!r} must be positive")
         return settings
 
     @property
     def sampling(self) -> bool:
         """Whether these settings sample (``temperature`` > 0) rather than search."""
         return self.temperature is not None and self.temperature > 0
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Upper bounds on a request's generation options (``vision-host serve``'s ``--max-beams``,
+    ``--max-new-tokens``, ``--max-top-k``): beyond them :meth:`GenerationSettings.from_options`
+    refuses the request rather than letting one request hold the model worker.
+
+    ``max_beams``: ``num_beams``; ``max_new_tokens``: ``num_predict`` (OpenAI's and Workers
+    AI's ``max_tokens``), ``max_length`` and ``min_length``, in tokens; ``max_top_k``: ``top_k``.
+
+    Raises:
+        ValueError: a limit below 1.
+    """
+
+    max_beams: int = DEFAULT_MAX_BEAMS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    max_top_k: int = DEFAULT_MAX_TOP_K
+
+    def __post_init__(self) -> None:
+        for name in ("max_beams", "max_new_tokens", "max_top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
 
 
 @dataclass
@@ -318,19 +407,35 @@ class VisionLanguageModel:
         """The text the processor gets for a user's ``prompt`` (``raw``: as it is)."""
         return prompt
 
-    def prepare(self, image_bytes: bytes, prompt: str, raw: bool = False) -> Prepared:
-        """Decode the image (JPEG, PNG, … as Pillow reads them) and build the model inputs.
+    def prepare(self, image_bytes: bytes, prompt: str, raw: bool = False,
+                max_pixels: int | None = None) -> Prepared:
+        """Decode the image (of :data:`IMAGE_FORMATS`) and build the model inputs.
+
+        ``max_pixels``: the most pixels (width × height) the image may decode to (None: no
+        limit but Pillow's own); read from the image's header, before anything is decoded.
 
         Raises:
-            BadImage: the bytes are not an image.
+            BadImage: the bytes are not an image of those formats.
+            ImageTooLarge: the image has more than ``max_pixels`` pixels (nothing decoded).
+            PromptTooLong: the prompt's tokens (with the image's) fill the model's positions.
         """
         from PIL import Image, UnidentifiedImageError
 
+        Image.init()   # register every plugin (WEBP), so that formats= can name them
+        formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]   # (newer Pillows open MPO as JPEG)
         try:
-            image = Image.open(io.BytesIO(image_bytes))
+            image = Image.open(io.BytesIO(image_bytes), formats=formats)   # the header only
+        except Image.DecompressionBombError as exc:   # over Pillow's own limit (2 × MAX_IMAGE_PIXELS)
+            raise ImageTooLarge(f"the image is too large to decode: {exc}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise BadImage("Failed to load image or audio file") from None
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLarge.of(width, height, max_pixels)
+        try:
             image.load()
             image = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             raise BadImage("Failed to load image or audio file") from None
         text = self.prompt_text(prompt.strip(), raw)
         inputs = self.processor(images=image, text=text, return_tensors="pt")
@@ -338,7 +443,11 @@ class VisionLanguageModel:
         for key in ("input_ids", "attention_mask", "pixel_values"):
             value = inputs[key]
             tensors[key] = value.to(self.device, dtype=self.dtype) if key == "pixel_values" else value.to(self.device)
-        return Prepared(tensors, int(tensors["input_ids"].shape[1]))
+        prepared = Prepared(tensors, int(tensors["input_ids"].shape[1]))
+        if prepared.length >= self.position_limit():
+            raise PromptTooLong(f"the prompt is {prepared.length} tokens with the image's; model {self.name} takes "
+                                f"{self.position_limit()} positions for prompt and answer: shorten the prompt")
+        return prepared
 
     def answer_start(self, padded_length: int) -> int:
         """Where the new tokens start in a row of ``generate``'s output."""
@@ -461,8 +570,9 @@ class Blip(VisionLanguageModel):
         super()._special_ids()
         self.eos_ids = {self._text_config().sep_token_id}
 
-    def prepare(self, image_bytes: bytes, prompt: str, raw: bool = False) -> Prepared:
-        prepared = super().prepare(image_bytes, prompt, raw)
+    def prepare(self, image_bytes: bytes, prompt: str, raw: bool = False,
+                max_pixels: int | None = None) -> Prepared:
+        prepared = super().prepare(image_bytes, prompt, raw, max_pixels)
         # BLIP's generate swaps [CLS] for its BOS and drops the trailing [SEP].
         prepared.prompt_tokens = prepared.length - 1
         return prepared
