@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -127,7 +128,7 @@ class StreamClient(threading.Thread):
         _VIEWERS.append(self)
         self.url = url
         self.images: list[np.ndarray] = []
-        self.headers: dict[str, str] = {}
+        self.headers = requests.structures.CaseInsensitiveDict()
         self.error: BaseException | None = None
         self.ended = threading.Event()
         self.connected = threading.Event()
@@ -136,7 +137,7 @@ class StreamClient(threading.Thread):
         try:
             with requests.get(self.url, stream=True, timeout=10) as resp:
                 self.status = resp.status_code
-                self.headers = dict(resp.headers)
+                self.headers = resp.headers  # case-insensitive: header names are (RFC 9110 §5.1)
                 self.connected.set()
                 reader = MultipartReader(resp.raw)
                 while True:
@@ -363,7 +364,9 @@ def test_close_ends_connections_and_joins_every_thread(frames):
         out.write(frames[i % len(frames)])
         time.sleep(0.002)
     ours = {viewer}
-    assert len(set(threading.enumerate()) - before - ours) >= 4  # server, encoder, >= 2 handlers
+    # the server's thread (its event loop serves every client) and the encoder: no thread per client
+    assert sorted(t.name for t in set(threading.enumerate()) - before - ours) == [
+        "vision-host-mjpeg-encoder-0", "vision-host-mjpeg-server"]
     t0 = time.perf_counter()
     out.close()
     took = time.perf_counter() - t0
@@ -397,7 +400,7 @@ def test_exit_without_close_does_not_abort(tmp_path):
             out = MjpegOutput(":0")
             out.open(3840, 2160, 30)
             s = socket.create_connection(("127.0.0.1", out.port))
-            s.sendall(b"GET /stream HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+            s.sendall(b"GET /stream HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
             def drain():
                 while s.recv(1 << 20):
                     pass
@@ -601,8 +604,9 @@ def test_closing_one_stream_keeps_the_others_and_close_joins_every_thread(frames
     assert wait_until(lambda: len(viewers[1].images) > got and mad(viewers[1].images[-1], mirrored) < 4.0)
     assert not viewers[1].ended.is_set()
     ours = set(viewers)
-    # server, b's encoder, b's viewer's handler (a's encoder is gone)
-    assert len(set(threading.enumerate()) - before - ours) >= 3
+    # the server and b's encoder (a's encoder is gone; no thread per client)
+    assert sorted(t.name for t in set(threading.enumerate()) - before - ours) == [
+        "vision-host-mjpeg-encoder-1", "vision-host-mjpeg-server"]
     out.close()
     assert viewers[1].ended.wait(5)
     left = set(threading.enumerate()) - before - ours
@@ -636,6 +640,144 @@ def test_a_stream_open_starts_the_server_and_reports_a_busy_port():
         assert mad(cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR), RED) < 4.0
     finally:
         out.close()
+
+
+# --------------------------------------------------------------------------- bounds on clients
+
+
+def _connect(port: int, source: str = "127.0.0.1", send: bytes = b"") -> socket.socket:
+    """A TCP connection to 127.0.0.1:``port`` from the loopback address ``source`` (Linux
+    routes all of 127.0.0.0/8 to lo), that sends ``send`` and nothing more."""
+    s = socket.socket()
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    if send:
+        s.sendall(send)
+    return s
+
+
+def _answer_or_close(s: socket.socket, timeout: float = 5.0) -> bytes:
+    """What the server sends before it closes ``s`` (b"" for a plain close); raises
+    socket.timeout when it neither answers nor closes within ``timeout`` s."""
+    s.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := s.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def _silent(s: socket.socket) -> bool:
+    """True when the server has sent nothing on ``s`` and not closed it (checked without waiting)."""
+    s.setblocking(False)
+    try:
+        s.recv(1, socket.MSG_PEEK)
+        return False           # data or EOF
+    except BlockingIOError:
+        return True
+    finally:
+        s.setblocking(True)
+
+
+def test_half_open_connections_take_no_thread_and_those_beyond_the_total_cap_are_refused_at_once(mjpeg):
+    """300 connections that never finish a request head (the default caps: 256 in all, 64 per
+    client; five client addresses of 60): no thread per connection, the 257th and later are
+    answered 503 with a JSON error and closed at once, the others wait for their head."""
+    threads_before = threading.active_count()
+    held, started = [], time.monotonic()
+    for i in range(300):
+        source = f"127.0.0.{2 + i // 60}"
+        held.append(_connect(mjpeg.port, source, b"GET /stream HTTP/1.1\r\n" if i % 2 else b""))
+    try:
+        refused = held[256:]
+        for s in refused:
+            answer = _answer_or_close(s)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:80]
+            assert b"maximum of 256 connections" in answer
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert time.monotonic() - started < 5.0
+        assert all(_silent(s) for s in held[:256]), "a connection within the caps was closed early"
+        assert threading.active_count() == threads_before, "a thread per connection"
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_client_holding_its_maximum_of_idle_connections_delays_nobody_else(mjpeg, frames):
+    """One client address (127.0.0.2) opens the default 64 idle connections: its 65th is
+    refused at once (503), while another client's video, snapshot and page keep working."""
+    idle = [_connect(mjpeg.port, "127.0.0.2") for _ in range(64)]
+    try:
+        t0 = time.monotonic()
+        extra = _connect(mjpeg.port, "127.0.0.2")
+        answer = _answer_or_close(extra)
+        assert time.monotonic() - t0 < 2.0
+        extra.close()
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"127.0.0.2 has its maximum of 64 connections" in answer
+        viewer = StreamClient(mjpeg.url + "stream")
+        viewer.start()
+        assert wait_until(lambda: mjpeg.clients == 1)
+        written = iter(range(1_000_000))
+
+        def write_and_check() -> bool:   # a camera writing while we wait for the viewer
+            mjpeg.write(frames[next(written) % len(frames)])
+            return len(viewer.images) >= 3
+
+        assert wait_until(write_and_check, timeout=10), "the other client's video stalled"
+        assert requests.get(mjpeg.url + "snapshot.jpg", timeout=5).status_code == 200
+        assert requests.get(mjpeg.url, timeout=5).status_code == 200
+        assert all(_silent(s) for s in idle)
+    finally:
+        for s in idle:
+            s.close()
+    mjpeg.close()
+    assert viewer.ended.wait(5) and viewer.error is None, viewer.error
+
+
+def test_a_connection_without_a_complete_request_head_is_closed_after_the_header_timeout(frames):
+    """header_timeout_s=0.5: a connection that sends nothing, half a request line, or whole
+    headers but no blank line, and one that trickles a second request after its first answer,
+    are all closed; a complete request on time is answered."""
+    from vision_host.webserver import ServerLimits
+
+    out = MjpegOutput(":0", limits=ServerLimits(header_timeout_s=0.5))
+    out.open(640, 360, 30)
+    out.write(frames[0])
+    try:
+        started = time.monotonic()
+        slow = [_connect(out.port), _connect(out.port, send=b"GET /snaps"),
+                _connect(out.port, send=b"GET /snapshot.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\n")]
+        for s in slow:
+            assert _answer_or_close(s) == b""
+        assert 0.4 < time.monotonic() - started < 4.0
+        keep = _connect(out.port, send=b"GET /snapshot.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        keep.settimeout(5)
+        assert keep.recv(12) == b"HTTP/1.1 200"
+        keep.sendall(b"GET /snap")     # the next request, never finished
+        rest = _answer_or_close(keep)  # the rest of the first answer, then the close
+        assert b"HTTP/1.1" not in rest
+        for s in slow + [keep]:
+            s.close()
+        assert requests.get(out.url + "snapshot.jpg", timeout=5).status_code == 200
+    finally:
+        out.close()
+
+
+def test_back_to_back_connects_never_wait_for_the_listen_backlog(mjpeg):
+    """200 connects in a row each complete at once (a backlog of 5 made every 7th or so wait
+    for the kernel's 1 s SYN retry); those over the per-client cap are refused, not queued."""
+    held, slowest = [], 0.0
+    try:
+        for _ in range(200):
+            t0 = time.perf_counter()
+            held.append(socket.create_connection(("127.0.0.1", mjpeg.port), timeout=10))
+            slowest = max(slowest, time.perf_counter() - t0)
+        assert slowest < 0.5, f"a connect took {slowest:.2f} s"
+    finally:
+        for s in held:
+            s.close()
 
 
 # --------------------------------------------------------------------------- file

@@ -115,7 +115,10 @@ def parse_config_pairs(pairs: list[str], where: str = "-c") -> dict[str, str]:
 _FILE_KEYS = {
     "main": {"source", "output", "destination", "logging", "stats", "max-frames", "pace", "capture", "cuda-enable",
              "rtsp-transport", "captions", "codec", "segment-seconds", "subtitles", "source-retries",
-             "source-timeout-s", "camera-size", "camera-fps", "camera-fourcc", "max-vision-requests"},
+             "source-timeout-s", "camera-size", "camera-fps", "camera-fourcc", "max-vision-requests", "allow-host",
+             "viewer-max-connections", "viewer-max-connections-per-client", "viewer-header-timeout-s",
+             "viewer-body-timeout-s", "viewer-max-body-bytes", "viewer-max-added-keys", "viewer-max-key-bytes",
+             "viewer-max-value-bytes"},
     "processing": {"pipeline", "directory", "configuration", "download"},
     "sandbox": {"allow", "processor-timeout-ms", "memory-limit-mb"},
     "models": {"directory", "downloads"},
@@ -342,6 +345,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mjpeg: every request to the viewer needs ?token=TOKEN (or Authorization: Bearer); "
                           "bound beyond 127.0.0.1 a random one is made and printed when none is given "
                           "(also $VISION_HOST_TOKEN)")
+    viewer = run.add_argument_group("the viewer and its HTTP server (-o mjpeg)")
+    viewer.add_argument("--allow-host", action="append", metavar="NAME",
+                        help="answer requests whose Host is NAME too (repeatable); by default only this machine's "
+                             "loopback names and addresses, the -d address, and the host name when bound to all "
+                             "interfaces are answered, others get 421 (DNS rebinding)")
+    viewer.add_argument("--viewer-max-connections", type=_positive_int, metavar="N",
+                        help="open connections in all (default 256); more are answered 503 and closed")
+    viewer.add_argument("--viewer-max-connections-per-client", type=_positive_int, metavar="N",
+                        help="open connections from one client address (default 64); more are answered 503 and closed")
+    viewer.add_argument("--viewer-header-timeout-s", type=float, metavar="S",
+                        help="a connection that has not sent a complete request head in S seconds is closed "
+                             "(default 10)")
+    viewer.add_argument("--viewer-body-timeout-s", type=float, metavar="S",
+                        help="a request body not received in full S seconds after its head is answered 408 "
+                             "(default 10)")
+    viewer.add_argument("--viewer-max-body-bytes", type=_positive_int, metavar="N",
+                        help="largest request body (POST /api/config) in bytes (default 65536); larger: 413")
+    viewer.add_argument("--viewer-max-added-keys", type=_positive_int, metavar="N",
+                        help="config keys the API may add to a stream beyond those it started with (default 64)")
+    viewer.add_argument("--viewer-max-key-bytes", type=_positive_int, metavar="N",
+                        help="longest config key the API takes, in UTF-8 bytes (default 128)")
+    viewer.add_argument("--viewer-max-value-bytes", type=_positive_int, metavar="N",
+                        help="longest config value the API takes, in UTF-8 bytes (default 4096)")
     run.add_argument("--max-vision-requests", type=_positive_int, metavar="N",
                      help="caption requests running at once across all streams, served round-robin with one per "
                           "stream at most (default 2)")
@@ -420,7 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
 #: Numeric settings (also from run files, where TOML may give any type): name → (type, least value).
 _NUMBERS = {"processor_timeout_ms": (float, 1), "memory_limit_mb": (int, 1), "max_frames": (int, 1),
             "segment_seconds": (float, 0.1), "source_retries": (int, 0), "source_timeout_s": (float, 0.001),
-            "camera_fps": (float, 0.001), "max_vision_requests": (int, 1)}
+            "camera_fps": (float, 0.001), "max_vision_requests": (int, 1),
+            "viewer_max_connections": (int, 1), "viewer_max_connections_per_client": (int, 1),
+            "viewer_header_timeout_s": (float, 0.001), "viewer_body_timeout_s": (float, 0.001),
+            "viewer_max_body_bytes": (int, 1), "viewer_max_added_keys": (int, 1), "viewer_max_key_bytes": (int, 1),
+            "viewer_max_value_bytes": (int, 1)}
 
 
 def _check_numbers(settings: dict) -> None:
@@ -452,7 +482,7 @@ def _settings(args: argparse.Namespace) -> dict:
     for key in ("processor", "source", "output", "destination", "stats", "max_frames", "pace", "logging",
                 "processors_dir", "processor_timeout_ms", "memory_limit_mb", "models_dir", "rtsp_transport",
                 "captions", "codec", "segment_seconds", "subtitles", "source_retries", "source_timeout_s", "camera_size",
-                "camera_fps", "camera_fourcc", "max_vision_requests", "token"):
+                "camera_fps", "camera_fourcc", "max_vision_requests", "token", "allow_host", *_VIEWER_LIMITS):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
@@ -839,7 +869,7 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
                     chains[-1].append(runtime.load(path, Path(path).stem, stream))
             if settings["output"] == "mjpeg":
                 mjpeg = MjpegOutput(settings.get("destination") or ":8080", stream_names=[s.name for s in specs])
-                viewer = _start_viewer(runtime, mjpeg, settings.get("token"))
+                viewer = _start_viewer(runtime, mjpeg, settings.get("token"), settings)
         except (ProcessorLoadError, OutputError) as exc:
             print(f"vision-host: {exc}", file=sys.stderr)
             return 1
@@ -937,22 +967,61 @@ def _run_problems(stats: dict, last_error: str | None, config: dict) -> list[str
     return problems
 
 
-def _start_viewer(runtime, mjpeg, token: str | None):
+#: The viewer's limits: the flag's dest → (which limits: .webserver.ServerLimits or
+#: .viewer.ConfigLimits, its field).
+_VIEWER_LIMITS = {
+    "viewer_max_connections": ("server", "max_connections"),
+    "viewer_max_connections_per_client": ("server", "max_connections_per_client"),
+    "viewer_header_timeout_s": ("server", "header_timeout_s"),
+    "viewer_body_timeout_s": ("server", "body_timeout_s"),
+    "viewer_max_body_bytes": ("server", "max_body_bytes"),
+    "viewer_max_added_keys": ("config", "max_added_keys"),
+    "viewer_max_key_bytes": ("config", "max_key_bytes"),
+    "viewer_max_value_bytes": ("config", "max_value_bytes"),
+}
+
+
+def _start_viewer(runtime, mjpeg, token: str | None, settings: dict | None = None):
     """Start ``mjpeg``'s server with the live viewer attached (so no request ever meets the
     plain server). Bound beyond loopback it always needs a token: ``--token``,
     ``$VISION_HOST_TOKEN``, or a random one printed here.
 
+    ``settings`` (the run's) may hold ``allow_host`` (names answered in ``Host`` besides the
+    default ones, ``--allow-host``) and the limits of the ``--viewer-…`` flags, by their dests
+    (``viewer_max_connections``, ``viewer_max_connections_per_client``, ``viewer_header_timeout_s``,
+    ``viewer_body_timeout_s``, ``viewer_max_body_bytes``: :class:`.webserver.ServerLimits`;
+    ``viewer_max_added_keys``, ``viewer_max_key_bytes``, ``viewer_max_value_bytes``:
+    :class:`.viewer.ConfigLimits`); missing or None ones keep their defaults.
+
     Raises:
         OutputError: the port cannot be bound.
+        UsageError: a limit that is not a number above 0 (whole where a count).
     """
     import secrets
 
-    from .viewer import Viewer, is_loopback
+    from .viewer import ConfigLimits, Viewer, is_loopback
+    from .webserver import ServerLimits
+
+    settings = settings or {}
+    given: dict[str, dict] = {"server": {}, "config": {}}
+    for key, (kind, name) in _VIEWER_LIMITS.items():
+        if settings.get(key) is not None:
+            given[kind][name] = settings[key]
+    try:
+        server_limits = ServerLimits(**given["server"])
+        config_limits = ConfigLimits(**given["config"])
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0]
+        flag = next((k for k, (_, f) in _VIEWER_LIMITS.items() if f == name), name).replace("_", "-")
+        raise UsageError(f"--{flag}{str(exc)[len(name):]}") from None
+    allowed = settings.get("allow_host") or []
+    mjpeg.limits = server_limits
+    mjpeg.allowed_hosts = [allowed] if isinstance(allowed, str) else [str(a) for a in allowed]
 
     token = token or os.environ.get("VISION_HOST_TOKEN") or None
     if token is None and not is_loopback(mjpeg.host):
         token = secrets.token_urlsafe(18)
-    viewer = Viewer(runtime, mjpeg, token)
+    viewer = Viewer(runtime, mjpeg, token, limits=config_limits)
     try:
         mjpeg.start()
     except Exception:

@@ -36,17 +36,12 @@ import html
 import logging
 import math
 import os
-import re
-import select
 import socket
-import socketserver
 import sys
 import threading
 import time
 import weakref
 from fractions import Fraction
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -79,13 +74,7 @@ FILE_CODECS = ("h264", "mp4v")
 
 _DEFAULT_MJPEG_PORT = 8080
 _BOUNDARY = "frame"
-_CLIENT_POLL_S = 0.5  # how often an idle stream handler checks that its client is still there
 _SNAPSHOT_TIMEOUT_S = 5.0
-# Kernel send buffer per stream client. Left alone, Linux grows it to megabytes
-# (tens of frames), so a slow viewer would see frames seconds late; capped, a
-# slow viewer blocks its own thread early and then gets the newest frame.
-# 128 KiB still sustains ~20 MB/s at 10 ms RTT.
-_STREAM_SNDBUF = 128 * 1024
 
 
 # Outputs with threads (MJPEG, RTSP) still open. At interpreter exit they are
@@ -210,54 +199,6 @@ def parse_listen_address(destination: str | None) -> tuple[str, int]:
     return host or "127.0.0.1", port
 
 
-class _MjpegHTTPServer(ThreadingHTTPServer):
-    """stdlib threading HTTP server; one daemon handler thread per connection.
-
-    The stdlib's ``server_close()`` does not join daemon handler threads
-    (``socketserver._Threads`` skips them), so this server keeps its own list
-    and :meth:`join_handlers` joins them.
-    """
-
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], owner: "MjpegOutput", family: int) -> None:
-        self.address_family = family
-        self.owner = owner
-        self._handler_threads: list[threading.Thread] = []
-        self._handler_lock = threading.Lock()
-        self._handler_count = 0
-        super().__init__(address, _MjpegHandler)
-
-    def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        with self._handler_lock:
-            self._handler_threads = [t for t in self._handler_threads if t.is_alive()]
-            self._handler_count += 1
-            t = threading.Thread(
-                target=self.process_request_thread,
-                args=(request, client_address),
-                name=f"vision-host-mjpeg-client-{self._handler_count}",
-                daemon=True,
-            )
-            self._handler_threads.append(t)
-        t.start()
-
-    def join_handlers(self, timeout_s: float) -> list[threading.Thread]:
-        """Join every handler thread; returns those still alive after ``timeout_s`` s in total."""
-        deadline = time.monotonic() + timeout_s
-        with self._handler_lock:
-            threads = list(self._handler_threads)
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        return [t for t in threads if t.is_alive()]
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind() calls socket.getfqdn(), a reverse DNS lookup
-        # that can take seconds; the name is not needed here.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-
 _GRID_HTML = """<!doctype html>
 <html lang="en">
 <head>
@@ -295,112 +236,16 @@ def _index_page(names: list[str]) -> bytes:
     return _GRID_HTML.format(figures=figures).encode("utf-8")
 
 
-_STREAM_ROUTE = re.compile(r"/stream(?:/(\d{1,6}))?(?:\.mjpg)?")
-_SNAPSHOT_ROUTE = re.compile(r"/snapshot(?:/(\d{1,6}))?\.jpg")
-
-
-class _MjpegHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "vision-host"
-    sys_version = ""
-    server: _MjpegHTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.owner._track_connection(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except OSError:
-            pass
-        finally:
-            self.server.owner._untrack_connection(self.connection)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        log.debug("mjpeg %s: " + format, self.address_string(), *args)
-
-    def _send_body(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _send_text(self, status: int, text: str) -> None:
-        self._send_body(status, "text/plain; charset=utf-8", (text + "\n").encode("utf-8"))
-
-    def _channel(self, number: str | None) -> _MjpegChannel | None:
-        """The channel a route names (no number = stream 0); sends a 404 and returns None when there is none."""
-        channels = self.server.owner._channels
-        index = int(number) if number is not None else 0
-        if index < len(channels):
-            return channels[index]
-        last = len(channels) - 1
-        self._send_text(
-            HTTPStatus.NOT_FOUND,
-            f"there is no stream {index}: this server has streams 0 to {last} (see / for all of them)"
-            if last else f"there is no stream {index}: this server has only stream 0 (/stream)",
-        )
-        return None
-
-    def do_GET(self) -> None:
-        owner = self.server.owner
-        path = urlsplit(self.path).path
-        viewer = owner.viewer
-        if viewer is not None and (not viewer.authorized(self) or viewer.handle_get(self, path)):
-            return
-        if match := _STREAM_ROUTE.fullmatch(path):
-            channel = self._channel(match.group(1))
-            if channel is None:
-                return
-            if channel.finished:
-                self._send_text(HTTPStatus.GONE, f"stream {channel.index} ({channel.name}) has ended")
-                return
-            channel.serve_stream(self)
-        elif match := _SNAPSHOT_ROUTE.fullmatch(path):
-            channel = self._channel(match.group(1))
-            if channel is None:
-                return
-            jpeg = channel.snapshot()
-            if jpeg is None:
-                self._send_text(HTTPStatus.SERVICE_UNAVAILABLE, "no frame has been written yet")
-            else:
-                self._send_body(HTTPStatus.OK, "image/jpeg", jpeg)
-        elif path in ("/", "/index.html"):
-            self._send_body(HTTPStatus.OK, "text/html; charset=utf-8", owner._index_html)
-        else:
-            self._send_text(HTTPStatus.NOT_FOUND, "not found")
-
-    def do_POST(self) -> None:
-        viewer = self.server.owner.viewer
-        path = urlsplit(self.path).path
-        if viewer is not None and (not viewer.authorized(self) or viewer.handle_post(self, path)):
-            return
-        self.close_connection = True      # the unread body must not be taken for the next request
-        self._send_text(HTTPStatus.METHOD_NOT_ALLOWED if viewer is None else HTTPStatus.NOT_FOUND,
-                        "not found" if viewer is not None else "this server only serves GET")
-
-
-def _peer_gone(sock: socket.socket) -> bool:
-    """True when the peer closed its side (readable with EOF) or the socket failed."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
-
-
 class _MjpegChannel:
     """One stream of an :class:`MjpegOutput`: its frame buffers, newest JPEG, encoder thread and clients.
 
     Triple buffer: ``back`` is owned by ``write()``, ``work`` by the encoder
     thread, ``pending`` is handed between them under ``cond``. The encoder
     encodes only while a client of this channel or a snapshot waits.
+
+    The HTTP side runs on the server's event loop: :meth:`parts` (one per viewer) and
+    :meth:`snapshot_async` wait on an :class:`asyncio.Event` that the encoder thread sets
+    through ``loop.call_soon_threadsafe`` after each JPEG (and :meth:`stop` after the end).
     """
 
     def __init__(self, index: int, name: str, quality: int) -> None:
@@ -423,6 +268,8 @@ class _MjpegChannel:
         self.frames_written = 0
         self.frames_encoded = 0
         self.encoder_thread: threading.Thread | None = None
+        self.loop = None  # the HTTP server's event loop, once a client came
+        self._changed = None  # asyncio.Event set (and replaced) on the loop when a JPEG is new or the stream stops
 
     def open(self, width: int, height: int) -> None:
         shape = (max(int(height), 1), max(int(width), 1), 3)
@@ -452,6 +299,7 @@ class _MjpegChannel:
             self.stopping = True
             self.finished = self.finished or finished
             self.cond.notify_all()
+        self._notify_loop()
         if self.encoder_thread is not None:
             self.encoder_thread.join()
 
@@ -478,6 +326,31 @@ class _MjpegChannel:
                 self.jpeg, self.jpeg_seq = jpeg, seq
                 self.frames_encoded += 1
                 self.cond.notify_all()
+            self._notify_loop()
+
+    # -- the event loop's side --------------------------------------------------------------
+
+    def _notify_loop(self) -> None:
+        """Wake this channel's waiters on the server's loop (from any thread; never blocks)."""
+        loop = self.loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop has stopped
+                pass
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    def _changed_event(self):
+        """The event the next change sets (the loop's thread only)."""
+        import asyncio
+
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
 
     def latest_frame(self) -> np.ndarray | None:
         """A copy of the newest frame written (H×W×3 uint8 BGR), None before the first."""
@@ -487,68 +360,66 @@ class _MjpegChannel:
             newest = self.work if self.work_seq == self.frame_seq else self.pending
             return newest.copy()    # the encoder only reads `work`
 
-    def snapshot(self) -> bytes | None:
-        """Newest frame as JPEG, encoding it if needed; None before the first frame."""
+    async def snapshot_async(self) -> bytes | None:
+        """Newest frame as JPEG, encoding it if needed (waits up to 5 s on the loop, never
+        blocking it); None before the first frame."""
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
         with self.cond:
             if self.frame_seq == 0:
                 return None
             target = self.frame_seq
-            if self.jpeg_seq < target and not self.stopping:
-                self.snapshot_waiters += 1
-                self.cond.notify_all()
-                try:
-                    self.cond.wait_for(lambda: self.jpeg_seq >= target or self.stopping, timeout=_SNAPSHOT_TIMEOUT_S)
-                finally:
-                    self.snapshot_waiters -= 1
-            return self.jpeg
-
-    def serve_stream(self, handler: _MjpegHandler) -> None:
-        handler.close_connection = True
-        conn = handler.connection
+            if self.jpeg_seq >= target or self.stopping:
+                return self.jpeg
+            self.snapshot_waiters += 1
+            self.cond.notify_all()
         try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _STREAM_SNDBUF)
-        except OSError:  # pragma: no cover - best effort
-            pass
-        handler.send_response(HTTPStatus.OK)
-        handler.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
-        handler.send_header("Cache-Control", "no-cache, no-store, must-revalidate")
-        handler.send_header("Pragma", "no-cache")
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        sent_seq = 0
+            deadline = self.loop.time() + _SNAPSHOT_TIMEOUT_S
+            while True:
+                changed = self._changed_event()
+                with self.cond:
+                    if self.jpeg_seq >= target or self.stopping:
+                        return self.jpeg
+                remaining = deadline - self.loop.time()
+                if remaining <= 0:
+                    return self.jpeg
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            with self.cond:
+                self.snapshot_waiters -= 1
+
+    async def parts(self):
+        """The MJPEG parts for one viewer (async iterator of bytes): each time the newest JPEG
+        it has not had yet, so a slow viewer skips frames; ends when the stream stops."""
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
         with self.cond:
             self.clients += 1
             self.cond.notify_all()  # the encoder may have a frame waiting for a viewer
         try:
+            sent_seq = 0
             while True:
+                changed = self._changed_event()
                 with self.cond:
-                    self.cond.wait_for(
-                        lambda: self.stopping or (self.jpeg is not None and self.jpeg_seq != sent_seq),
-                        timeout=_CLIENT_POLL_S,
-                    )
                     if self.stopping:
                         return
                     jpeg, seq = self.jpeg, self.jpeg_seq
                 if jpeg is None or seq == sent_seq:
-                    if _peer_gone(conn):
-                        return
+                    await changed.wait()
                     continue
-                part = b"".join(
-                    (
-                        b"--" + _BOUNDARY.encode() + b"\r\n",
-                        b"Content-Type: image/jpeg\r\n",
-                        b"Content-Length: %d\r\n\r\n" % len(jpeg),
-                        jpeg,
-                        b"\r\n",
-                    )
-                )
-                handler.wfile.write(part)  # blocks only this client's thread
-                sent_seq = seq
-        except OSError:  # BrokenPipeError, ConnectionResetError, or shutdown by close()
-            return
+                yield b"".join((_PART_HEAD, b"Content-Length: %d\r\n\r\n" % len(jpeg), jpeg, b"\r\n"))
+                sent_seq = seq   # the send above returned: uvicorn's flow control waited for a slow viewer
         finally:
             with self.cond:
                 self.clients -= 1
+
+
+_PART_HEAD = b"--" + _BOUNDARY.encode() + b"\r\nContent-Type: image/jpeg\r\n"
 
 
 class MjpegStreamOutput(Output):
@@ -639,39 +510,44 @@ class MjpegStreamOutput(Output):
 class MjpegOutput(Output):
     """Serve frames as MJPEG streams over HTTP (watch them in any browser).
 
-    One HTTP server (stdlib :class:`http.server.ThreadingHTTPServer`, HTTP/1.1)
-    serves one or more streams ("channels"), numbered 0, 1, … in the order of
-    ``stream_names``. :meth:`open`/:meth:`write`/:meth:`close` of this object
-    drive stream 0; :meth:`stream` gives an :class:`Output` for any stream.
+    One HTTP server serves one or more streams ("channels"), numbered 0, 1, … in the order of
+    ``stream_names``: a Starlette app (:func:`.webapp.build_app`) served by uvicorn (HTTP/1.1)
+    on its own thread and event loop (:class:`.webserver.BackgroundServer`).
+    :meth:`open`/:meth:`write`/:meth:`close` of this object drive stream 0; :meth:`stream`
+    gives an :class:`Output` for any stream.
 
     Endpoints:
 
     * ``GET /`` — a self-contained HTML page titled ``vision-host``: a grid of
       every stream, each captioned with its name. With :attr:`viewer` set, the
-      viewer answers ``/``, ``/api/…`` and ``/snapshot….png`` instead (and
-      checks its token on every request, see :mod:`.viewer`).
-    * ``POST`` — only the viewer's ``/api/config``; 405 without a viewer.
+      viewer answers ``/``, ``/api/…`` and ``/snapshot….png`` too (see :mod:`.viewer`).
     * ``GET /stream``, ``/stream.mjpg`` (stream 0), ``/stream/N``, ``/stream/N.mjpg``
       (stream N) — ``multipart/x-mixed-replace; boundary=frame``; each part is
       ``--frame``, ``Content-Type: image/jpeg``, ``Content-Length: N``, a blank
-      line, N bytes of JPEG and CRLF. The connection closes when the stream or
+      line, N bytes of JPEG and CRLF. The response ends when the stream or
       the output closes; a closed stream answers 410.
     * ``GET /snapshot.jpg`` (stream 0), ``/snapshot/N.jpg`` — the newest frame
       as one JPEG; 503 before the first frame.
     * a stream number that does not exist — 404 with a text body naming the valid ones;
-      anything else — 404.
+      anything else — 404 (405 for a method a route does not take), JSON ``{"error"}``.
+
+    Every request must name this server in its ``Host`` header (421 otherwise: DNS
+    rebinding), carry the viewer's token when there is one (401), and, beyond GET/HEAD, come
+    from this server's own ``Origin`` (403) — see :mod:`.webapp`. Connections are bounded by
+    :attr:`limits` (see :class:`.webserver.ServerLimits`).
 
     Cost to the pipeline: ``write()`` copies the frame into a buffer owned by
     its stream (≈10–60 µs for 640×360) and notifies; it never touches the
     network and never encodes. Each stream has one encoder thread that
     JPEG-encodes only its newest frame and only while at least one client of
     that stream is connected or a snapshot of it is waiting, so frames are
-    skipped when encoding falls behind. Each client has its own thread that
-    always sends the newest JPEG it has not sent yet: a slow or stalled viewer
-    gets fewer frames and delays nobody, on its stream or another (its kernel
-    send buffer is capped at 128 KiB so it does not queue seconds of stale
-    frames either). Clients that hang up are noticed on the next send (broken
-    pipe) or within 0.5 s while idle, and removed.
+    skipped when encoding falls behind; after each JPEG it wakes the stream's
+    clients on the server's event loop (``call_soon_threadsafe``). Each client
+    always gets the newest JPEG it has not had yet, once its previous one has
+    been taken by the socket (uvicorn's write flow control): a slow or stalled
+    viewer gets fewer frames and delays nobody, on its stream or another (its
+    kernel send buffer is capped at 128 KiB so it does not queue seconds of
+    stale frames either). Clients that hang up are removed at once.
 
     Args:
         destination: listen address, see :func:`parse_listen_address`; default
@@ -679,6 +555,8 @@ class MjpegOutput(Output):
             interfaces: give ``0.0.0.0:8080`` for that. Port 0 picks a free port.
         quality: JPEG quality 1..100 (default 80).
         stream_names: one caption per stream; default one stream named ``"0"``.
+        limits: connection and request bounds (:class:`.webserver.ServerLimits`; None: its defaults).
+        allowed_hosts: more names the server answers for in ``Host`` (``--allow-host``).
 
     Attributes:
         host: the address listened on, e.g. ``"127.0.0.1"``.
@@ -688,6 +566,10 @@ class MjpegOutput(Output):
         frames_written: frames given to :meth:`write` (stream 0).
         frames_encoded: JPEGs produced for stream 0.
         clients: stream-0 clients currently connected.
+        limits, allowed_hosts: as given; read by :meth:`start` (which sets ``limits`` to the
+            defaults when None). The web modules (Starlette, uvicorn) load only then.
+        viewer: the live viewer (:class:`.viewer.Viewer`), set by the viewer itself before
+            :meth:`start`; None: the plain page only.
 
     Raises:
         OutputError: from the constructor for an unreadable address or a
@@ -700,7 +582,8 @@ class MjpegOutput(Output):
     live_view = True
 
     def __init__(
-        self, destination: str | None = ":8080", quality: int = 80, stream_names: list[str] | None = None
+        self, destination: str | None = ":8080", quality: int = 80, stream_names: list[str] | None = None,
+        limits=None, allowed_hosts=(),
     ) -> None:
         self.host, self._requested_port = parse_listen_address(destination)
         if not 1 <= int(quality) <= 100:
@@ -711,8 +594,10 @@ class MjpegOutput(Output):
         self.quality = int(quality)
         self.port: int = self._requested_port
         self.stream_names = names
+        self.limits = limits
+        self.allowed_hosts = list(allowed_hosts)
         self.closed = False
-        self._lock = threading.Lock()  # start()/close() and the connection set
+        self._lock = threading.Lock()  # start()/close()
         self._started = False
         self._stopping = False
         self._opened = False  # open() (stream 0 through this object) was called
@@ -722,9 +607,7 @@ class MjpegOutput(Output):
         #: The live viewer (:class:`.viewer.Viewer`) answering ``/``, ``/api/…`` and
         #: ``/snapshot….png`` and checking the access token; None: the plain page only.
         self.viewer = None
-        self._connections: set[socket.socket] = set()
-        self._server: _MjpegHTTPServer | None = None
-        self._server_thread: threading.Thread | None = None
+        self._server = None  # the webserver.BackgroundServer, once started
 
     @property
     def url(self) -> str:
@@ -780,23 +663,36 @@ class MjpegOutput(Output):
                 another with -d :8081"), permission denied, or unknown host.
             RuntimeError: after :meth:`close`.
         """
+        from .webapp import HostRule, build_app
+        from .webserver import BackgroundServer, ServerLimits
+
         with self._lock:
             if self.closed:
                 raise RuntimeError("MjpegOutput was closed: make a new one")
             if self._started:
                 return
+            if self.limits is None:
+                self.limits = ServerLimits()
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
-                server = _MjpegHTTPServer((self.host, self._requested_port), self, family)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self._requested_port))
             except OSError as e:
+                sock.close()
                 raise self._bind_error(e) from e
+            self.port = sock.getsockname()[1]
+            app = build_app(self._channels, self.viewer, index_html=self._index_html,
+                            host_rule=HostRule(self.host, self.allowed_hosts), limits=self.limits)
+            server = BackgroundServer(app, sock, self.limits, name="vision-host-mjpeg-server")
+            app.state.connections = server.connections
+            try:
+                server.start()
+            except RuntimeError as e:  # pragma: no cover - a bound socket that cannot listen
+                raise OutputError(f"cannot serve on port {self.port} of {self.host}: {e}") from e
+            for channel in self._channels:
+                channel.loop = server.loop
             self._server = server
-            self.port = server.server_address[1]
-            self._server_thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="vision-host-mjpeg-server",
-                daemon=True,
-            )
-            self._server_thread.start()
             self._started = True
             _LIVE_OUTPUTS.add(self)
         log.info("serving %s", self.describe())
@@ -857,7 +753,8 @@ class MjpegOutput(Output):
     def close(self) -> None:
         """Stop serving every stream: end every client connection and join all threads.
 
-        Idempotent. When it returns no thread started by this output is left.
+        Idempotent. When it returns no thread started by this output is left (a viewer
+        that stopped reading is cut after 0.5 s).
         """
         with self._lock:
             if self.closed:
@@ -867,44 +764,16 @@ class MjpegOutput(Output):
             self._stopping = True
         for stream in self._streams:
             stream.closed = True
-        for channel in self._channels:  # wakes every client and encoder; joins the encoders
+        for channel in self._channels:  # ends every client stream and encoder; joins the encoders
             channel.stop(finished=False)
         if not started:
             return
         server = self._server
         assert server is not None
-        server.shutdown()  # stops serve_forever(); returns once its loop has exited
-        with self._lock:
-            conns = list(self._connections)
-        for conn in conns:  # wakes handlers blocked in send() to a stalled client or reading keep-alive
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        server.server_close()  # closes the listening socket
-        stuck = server.join_handlers(timeout_s=5.0)
-        if stuck:  # pragma: no cover - every handler wakes up on the socket shutdown above
-            log.warning("MJPEG client threads still running after close(): %s", [t.name for t in stuck])
-        if self._server_thread is not None:
-            self._server_thread.join()
+        if not server.stop(timeout_s=5.0):  # pragma: no cover - every connection is cut within 0.5 s
+            log.warning("the MJPEG server thread still runs 5 s after close()")
         _LIVE_OUTPUTS.discard(self)
         log.info("MJPEG server at %s stopped", self.url)
-
-    # ---------------------------------------------------------------- HTTP side
-
-    def _track_connection(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(conn)
-            stopping = self._stopping
-        if stopping:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _untrack_connection(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(conn)
 
 
 # --------------------------------------------------------------------------- file

@@ -1,14 +1,15 @@
 """The live viewer at the MJPEG output's address: the page, a JSON API and Server-Sent Events.
 
-Routes (answered through :class:`.outputs.MjpegOutput`'s HTTP server; the video itself stays
-at ``/stream/N``):
+Routes (added to :func:`.webapp.build_app`'s app when the :class:`.outputs.MjpegOutput` starts;
+the video itself stays at ``/stream/N``):
 
 * ``GET /`` — the page (``viewer.html``, self-contained: it loads nothing from elsewhere).
 * ``GET /api/state`` — every stream's state, fps, frame gaps, processor costs, caption
   statistics, config, and the ``ollama`` processor's settings in force (``in_force``: what it
   stores as ``ollama``/KEY in its processor store, as ``{"ollama-KEY": value}``, defaults
   included) (:meth:`Viewer.state`).
-* ``GET /api/captions?stream=N&limit=K`` — the latest completed captions, oldest first.
+* ``GET /api/captions?stream=N&limit=K`` — the latest completed captions, oldest first
+  (``N``, ``K``: whole numbers of at most 6 digits, ``K`` ≥ 1; otherwise 400).
 * ``GET /api/config?stream=N`` / ``POST /api/config`` — read or change a stream's config while
   it runs (``{"stream": N, "set": {"ollama-prompt": "…"}}``; no ``stream``: every stream).
   Processors see the change on their next frame (``vision-host:platform/config-watch``).
@@ -16,30 +17,38 @@ at ``/stream/N``):
   ``caption`` for each completed caption, ``config`` after a change.
 * ``GET /snapshot.png``, ``/snapshot/N.png`` — the newest annotated frame as PNG.
 
-Security: with a token (always when bound beyond loopback) every request must carry it, as
-``?token=T`` or ``Authorization: Bearer T``, or gets 401. No CORS header is ever sent, and a
-POST must be ``application/json`` from the page's own origin (a foreign ``Origin`` gets 403),
-so other sites cannot read the API or drive the controls.
+Security (the Host, token and Origin rules are :class:`.webapp.AccessRules`'): with a token
+(always when bound beyond loopback) every request must carry it, as ``?token=T`` or
+``Authorization: Bearer T``, or gets 401. No CORS header is ever sent, and a POST must be
+``application/json`` (else 415) from the page's own origin (a foreign ``Origin`` gets 403), so
+other sites cannot read the API or drive the controls. A POST body is UTF-8 JSON of at most
+:attr:`.webserver.ServerLimits.max_body_bytes` (413 beyond); keys and values and the keys added
+while running are bounded by :class:`ConfigLimits`. Every refusal is JSON ``{"error": "…"}``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import datetime as _dt
-import hmac
 import json
 import logging
-import socket
+import re
 import threading
 import time
 from collections import deque
-from http import HTTPStatus
+from dataclasses import dataclass, fields
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import cv2
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from . import __version__
 from .runtime.engine import is_locked_key
+from .webapp import json_response, read_body
 
 log = logging.getLogger("vision_host.viewer")
 
@@ -48,7 +57,9 @@ _STATE_PERIOD_S = 1.0
 _KEEPALIVE_S = 15.0
 #: Events a viewer may have waiting; one that falls further behind has stopped reading and is dropped.
 _MAX_BACKLOG = 64
-_MAX_BODY = 64 * 1024
+#: PNG snapshots being encoded or waiting at once; more are answered 503.
+_MAX_PNG_PENDING = 4
+_NUMBER = re.compile(r"[0-9]{1,6}")
 
 
 def is_loopback(host: str) -> bool:
@@ -57,33 +68,95 @@ def is_loopback(host: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-class _Subscriber:
-    """One ``/api/events`` connection: its queue of encoded events."""
+@dataclass(frozen=True)
+class ConfigLimits:
+    """What ``POST /api/config`` may store, per stream.
 
-    def __init__(self, conn: socket.socket):
-        self.conn = conn
-        self.cond = threading.Condition()
+    Attributes:
+        max_added_keys: keys a stream may hold beyond those the run started with (keys
+            removed again, with ``""``, no longer count).
+        max_key_bytes: longest key, in UTF-8 bytes.
+        max_value_bytes: longest value, in UTF-8 bytes.
+
+    Raises:
+        ValueError: a limit that is not a whole number above 0.
+    """
+
+    max_added_keys: int = 64
+    max_key_bytes: int = 128
+    max_value_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{f.name} = {value!r}: give a whole number above 0")
+
+
+class _Subscriber:
+    """One ``/api/events`` connection: its queue of encoded events (touched by the server's loop only).
+
+    Args:
+        on_drop: called once when the viewer falls :data:`_MAX_BACKLOG` events behind (it has
+            stopped reading): it should close the connection.
+    """
+
+    def __init__(self, on_drop=None):
         self.events: deque[bytes] = deque()
         self.dropped = False
+        self._on_drop = on_drop
+        self._wake = asyncio.Event()
 
     def push(self, event: bytes) -> None:
-        with self.cond:
-            if self.dropped:
-                return
-            if len(self.events) >= _MAX_BACKLOG:      # not reading: drop it, never wait for it
-                self.dropped = True
-                try:
-                    self.conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            else:
-                self.events.append(event)
-            self.cond.notify_all()
+        """Queue ``event``; never waits. Beyond the backlog the subscriber is dropped instead."""
+        if self.dropped:
+            return
+        if len(self.events) >= _MAX_BACKLOG:      # not reading: drop it, never wait for it
+            self.close()
+            if self._on_drop is not None:
+                self._on_drop()
+        else:
+            self.events.append(event)
+            self._wake.set()
+
+    def close(self) -> None:
+        """End the subscription: :meth:`next_batch` answers None from now on."""
+        self.dropped = True
+        self.events.clear()
+        self._wake.set()
+
+    async def next_batch(self, timeout_s: float) -> bytes | None:
+        """The events queued (b"" when none came within ``timeout_s`` s), None once dropped."""
+        if not self.events and not self.dropped:
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout_s)
+        if self.dropped:
+            return None
+        batch = b"".join(self.events)
+        self.events.clear()
+        return batch
 
 
 def _sse(event: str, data) -> bytes:
     """One SSE message: ``event: NAME`` and a single ``data:`` line of compact JSON."""
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    try:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        return f"event: {event}\ndata: {text}\n\n".encode()
+    except UnicodeEncodeError:    # a lone surrogate somewhere
+        return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class _BadRequest(Exception):
+    """A request to refuse: ``status`` and a sentence."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 class Viewer:
@@ -91,24 +164,33 @@ class Viewer:
 
     Args:
         runtime: the run's :class:`.runtime.Runtime` (its streams' config and statistics).
-        mjpeg: the :class:`.outputs.MjpegOutput` serving the streams (for PNG snapshots).
+        mjpeg: the :class:`.outputs.MjpegOutput` serving the streams (for PNG snapshots); the
+            viewer attaches itself to it (``mjpeg.viewer``), which must happen before
+            ``mjpeg.start()``.
         token: required on every request when set (see the module docstring).
         captions_kept: completed captions kept for ``/api/captions`` (all streams together).
+        limits: what ``POST /api/config`` may store (:class:`ConfigLimits`; defaults when None).
 
     Call :meth:`attach` with each stream's pipeline once it runs, give each pipeline
     :meth:`caption_feed` as a caption track, and :meth:`close` at the end.
     """
 
-    def __init__(self, runtime, mjpeg, token: str | None = None, captions_kept: int = 500):
+    def __init__(self, runtime, mjpeg, token: str | None = None, captions_kept: int = 500,
+                 limits: ConfigLimits | None = None):
         self.runtime = runtime
         self.mjpeg = mjpeg
         self.token = token
+        self.limits = limits or ConfigLimits()
         self.started = time.monotonic()
         self.pipelines: dict[int, object] = {}
         self.captions: deque[dict] = deque(maxlen=captions_kept)
         self._next_caption_id = 1
         self._lock = threading.Lock()
-        self._subscribers: list[_Subscriber] = []
+        self._initial_keys = {s.index: frozenset(s.config) for s in runtime.streams}
+        self._subscribers: list[_Subscriber] = []    # the server's loop's
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._png_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._png_pending = 0
         self._stop = threading.Event()
         try:
             self.page = PAGE.read_bytes()
@@ -142,15 +224,17 @@ class Viewer:
         self._broadcast(_sse("caption", record))
 
     def close(self) -> None:
-        """Stop the event ticker; open event streams end when the HTTP server closes."""
+        """Stop the event ticker and end every event stream; PNG snapshots are refused from now on."""
         self._stop.set()
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for sub in subscribers:
-            with sub.cond:
-                sub.dropped = True
-                sub.cond.notify_all()
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):     # the loop has stopped
+                loop.call_soon_threadsafe(self._close_subscribers)
         self._ticker.join()
+        with self._lock:
+            pool, self._png_pool = self._png_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -187,10 +271,20 @@ class Viewer:
 
     # -- events ---------------------------------------------------------------------------------
     def _broadcast(self, event: bytes) -> None:
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for sub in subscribers:
+        """Queue ``event`` for every event stream (from any thread; never waits for a viewer)."""
+        loop = self._loop
+        if loop is None or not self._subscribers:
+            return
+        with contextlib.suppress(RuntimeError):         # the loop has stopped
+            loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: bytes) -> None:
+        for sub in list(self._subscribers):
             sub.push(event)
+
+    def _close_subscribers(self) -> None:
+        for sub in list(self._subscribers):
+            sub.close()
 
     def _tick(self) -> None:
         while not self._stop.wait(_STATE_PERIOD_S):
@@ -201,131 +295,177 @@ class Viewer:
                     log.exception("could not build the viewer state")
 
     # -- HTTP -----------------------------------------------------------------------------------
-    def authorized(self, handler) -> bool:
-        """True when the request may go on; otherwise a 401 has been sent."""
-        if self.token is None:
-            return True
-        given = parse_qs(urlsplit(handler.path).query).get("token", [""])[0]
-        auth = handler.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            given = given or auth[len("Bearer "):].strip()
-        if given and hmac.compare_digest(given.encode(), self.token.encode()):
-            return True
-        handler.close_connection = True
-        _send_json(handler, HTTPStatus.UNAUTHORIZED, {
-            "error": "this server needs the token printed at its start: open /?token=… or send "
-                     "Authorization: Bearer …"})
-        return False
+    def routes(self) -> list[Route]:
+        """The viewer's API routes, for :func:`.webapp.build_app` (which also routes ``/`` to
+        :attr:`page` and ``/snapshot….png`` to :meth:`snapshot_png`)."""
+        return [Route("/api/state", self._get_state, methods=["GET"]),
+                Route("/api/captions", self._get_captions, methods=["GET"]),
+                Route("/api/config", self._get_config, methods=["GET"]),
+                Route("/api/config", self._post_config, methods=["POST"]),
+                Route("/api/events", self._get_events, methods=["GET"])]
 
-    def handle_get(self, handler, path: str) -> bool:
-        """Answer a GET of the viewer's; False for routes it does not own (the video, JPEGs)."""
-        query = parse_qs(urlsplit(handler.path).query)
-        if path in ("/", "/index.html") and self.page is not None:
-            handler._send_body(HTTPStatus.OK, "text/html; charset=utf-8", self.page)
-        elif path == "/api/state":
-            _send_json(handler, HTTPStatus.OK, self.state())
-        elif path == "/api/captions":
-            stream, limit = _int_arg(query, "stream"), _int_arg(query, "limit")
-            with self._lock:
-                found = [c for c in self.captions if stream is None or c["stream"] == stream]
-            _send_json(handler, HTTPStatus.OK, {"captions": found[-limit:] if limit else found})
-        elif path == "/api/config":
-            stream = self._stream_arg(handler, _int_arg(query, "stream") or 0)
-            if stream is not None:
-                _send_json(handler, HTTPStatus.OK, _config_reply(stream))
-        elif path == "/api/events":
-            self._serve_events(handler)
-        elif path in ("/snapshot.png",) or (path.startswith("/snapshot/") and path.endswith(".png")):
-            number = path[len("/snapshot/"):-len(".png")] if path != "/snapshot.png" else "0"
-            stream = self._stream_arg(handler, int(number) if number.isdigit() else -1)
-            if stream is None:
-                return True
-            frame = self.mjpeg.latest_frame(stream.index)
-            if frame is None:
-                _send_json(handler, HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no frame has been written yet"})
-            else:
-                ok, png = cv2.imencode(".png", frame)
-                handler._send_body(HTTPStatus.OK, "image/png", png.tobytes())
-        else:
-            return False
-        return True
+    async def _get_state(self, request: Request) -> Response:
+        return json_response(200, self.state())
 
-    def handle_post(self, handler, path: str) -> bool:
-        """Answer ``POST /api/config``; False for any other path."""
-        if path != "/api/config":
-            return False
-        handler.close_connection = True
-        origin = handler.headers.get("Origin")
-        if origin and urlsplit(origin).netloc.lower() != (handler.headers.get("Host") or "").lower():
-            _send_json(handler, HTTPStatus.FORBIDDEN, {"error": f"requests from {origin} are not allowed"})
-            return True
-        if handler.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
-            _send_json(handler, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send the body as application/json"})
-            return True
+    async def _get_captions(self, request: Request) -> Response:
         try:
-            length = int(handler.headers.get("Content-Length", "0"))
-            if not 0 < length <= _MAX_BODY:
-                raise ValueError(f"the body must be 1 to {_MAX_BODY} bytes")
-            body = json.loads(handler.rfile.read(length))
-            if not isinstance(body, dict) or not isinstance(body.get("set"), dict) or not body["set"]:
-                raise ValueError('give {"set": {"key": "value", …}} and optionally "stream": N')
-        except (ValueError, UnicodeDecodeError) as exc:
-            _send_json(handler, HTTPStatus.BAD_REQUEST, {"error": f"bad request: {exc}"})
-            return True
-        if "stream" in body and body["stream"] is not None:
-            stream = self._stream_arg(handler, body["stream"] if isinstance(body["stream"], int) else -1)
-            if stream is None:
-                return True
-            targets = [stream]
-        else:
-            targets = list(self.runtime.streams)
-        values = {str(k): v for k, v in body["set"].items()}
+            stream = _number_arg(request, "stream")
+            limit = _number_arg(request, "limit", least=1)
+        except _BadRequest as exc:
+            return json_response(exc.status, {"error": str(exc)})
+        with self._lock:
+            found = [c for c in self.captions if stream is None or c["stream"] == stream]
+        return json_response(200, {"captions": found[-limit:] if limit else found})
+
+    async def _get_config(self, request: Request) -> Response:
         try:
+            number = _number_arg(request, "stream")
+            stream = self._stream(0 if number is None else number)
+        except _BadRequest as exc:
+            return json_response(exc.status, {"error": str(exc)})
+        return json_response(200, _config_reply(stream))
+
+    async def _post_config(self, request: Request) -> Response:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return json_response(415, {"error": "send the body as application/json"})
+        body = await read_body(request, request.app.state.limits.max_body_bytes)
+        if isinstance(body, Response):
+            return body
+        try:
+            targets, values = self._parse_change(body)
+            self._check_limits(targets, values)
             for stream in targets:
                 stream.set_config(values)
-        except ValueError as exc:
-            _send_json(handler, HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-            return True
+        except _BadRequest as exc:
+            return json_response(exc.status, {"error": str(exc)})
+        except ValueError as exc:      # set_config's sentence
+            return json_response(400, {"error": str(exc)})
         log.info("config of stream(s) %s changed: %s", ", ".join(s.name for s in targets),
-                 ", ".join(f"{k}={v!r}" for k, v in values.items()))
+                 ", ".join(f"{k}={_short(v, 80)}" for k, v in values.items()))
         for stream in targets:
             self._broadcast(_sse("config", {"stream": stream.index, "config": dict(stream.config)}))
-        _send_json(handler, HTTPStatus.OK, {"streams": [s.index for s in targets], "config": dict(targets[0].config)})
-        return True
+        return json_response(200, {"streams": [s.index for s in targets], "config": dict(targets[0].config)})
 
-    def _stream_arg(self, handler, index: int):
+    def _parse_change(self, body: bytes) -> tuple[list, dict[str, str]]:
+        """The streams and values of a ``POST /api/config`` body. Raises _BadRequest."""
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _BadRequest(400, f"bad request: the body is not UTF-8 (byte {exc.start})") from None
+        try:
+            obj = json.loads(text)
+        except RecursionError:
+            raise _BadRequest(400, "bad request: the body is JSON nested too deeply") from None
+        except ValueError as exc:
+            raise _BadRequest(400, f"bad request: the body is not JSON ({str(exc)[:120]})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("set"), dict) or not obj["set"]:
+            raise _BadRequest(400, 'bad request: give {"set": {"key": "value", …}} and optionally "stream": N')
+        if obj.get("stream") is not None:
+            number = obj["stream"]
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise _BadRequest(400, "bad request: \"stream\" must be a stream number (0, 1, …)")
+            targets = [self._stream(number)]
+        else:
+            targets = list(self.runtime.streams)
+        return targets, obj["set"]
+
+    def _check_limits(self, targets: list, values: dict) -> None:
+        """Refuse (_BadRequest) keys, values or a number of added keys beyond :attr:`limits`."""
+        limits = self.limits
+        for key, value in values.items():
+            try:
+                key_bytes = len(key.encode("utf-8"))
+                value_bytes = len(value.encode("utf-8")) if isinstance(value, str) else 0
+            except UnicodeEncodeError:
+                raise _BadRequest(400, f"config key {_short(key)}: keys and values must be valid Unicode "
+                                       f"(no lone surrogates)") from None
+            if key_bytes > limits.max_key_bytes:
+                raise _BadRequest(400, f"config key {_short(key)}: give a key of at most {limits.max_key_bytes} "
+                                       f"bytes")
+            if value_bytes > limits.max_value_bytes:
+                raise _BadRequest(400, f"config value of {_short(key)[1:-1]}: give a string of at most "
+                                       f"{limits.max_value_bytes} bytes (UTF-8)")
+        removed = {k for k, v in values.items() if v == ""}
+        for stream in targets:
+            initial = self._initial_keys.setdefault(stream.index, frozenset(stream.config))
+            after = (set(stream.config) | set(values)) - removed
+            added = len(after - initial)
+            if added > limits.max_added_keys:
+                raise _BadRequest(400, f"stream {stream.index} would hold {added} keys beyond those it started "
+                                       f"with; at most {limits.max_added_keys} may be added while running: remove "
+                                       f"some first (set them to \"\")")
+
+    def _stream(self, index: int):
         streams = self.runtime.streams
         if 0 <= index < len(streams):
             return streams[index]
-        _send_json(handler, HTTPStatus.NOT_FOUND, {"error": f"there is no stream {index}: streams are 0 to "
-                                                            f"{len(streams) - 1}"})
-        return None
+        raise _BadRequest(404, f"there is no stream {index}: streams are 0 to {len(streams) - 1}")
 
-    def _serve_events(self, handler) -> None:
-        handler.close_connection = True
-        handler.send_response(HTTPStatus.OK)
-        handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        handler.send_header("Cache-Control", "no-store")
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        sub = _Subscriber(handler.connection)
-        with self._lock:
-            self._subscribers.append(sub)
+    async def _get_events(self, request: Request) -> Response:
+        headers = {"cache-control": "no-store", "x-accel-buffering": "no"}
+        media_type = "text/event-stream; charset=utf-8"
+        if request.method == "HEAD":
+            return Response(b"", 200, headers, media_type=media_type)
+        self._loop = asyncio.get_running_loop()
+        connections = request.app.state.connections
+        client = request.scope.get("client")
+        on_drop = (lambda: connections.abort(client)) if connections is not None else None
+        return StreamingResponse(self._events(on_drop), 200, headers, media_type=media_type)
+
+    async def _events(self, on_drop):
+        sub = _Subscriber(on_drop)
+        self._subscribers.append(sub)
         try:
-            handler.wfile.write(b"retry: 2000\n\n" + _sse("state", self.state()))
+            yield b"retry: 2000\n\n" + _sse("state", self.state())
             while not self._stop.is_set():
-                with sub.cond:
-                    sub.cond.wait_for(lambda: sub.events or sub.dropped, timeout=_KEEPALIVE_S)
-                    if sub.dropped:
-                        return
-                    batch = b"".join(sub.events)
-                    sub.events.clear()
-                handler.wfile.write(batch or b": keep-alive\n\n")   # blocks only this viewer's thread
-        except OSError:
-            return
+                batch = await sub.next_batch(_KEEPALIVE_S)
+                if batch is None:
+                    return
+                yield batch or b": keep-alive\n\n"
+        finally:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(sub)
+
+    async def snapshot_png(self, request: Request, index: int) -> Response:
+        """``/snapshot/N.png``: stream ``index``'s newest frame as PNG, encoded off the event loop
+        (503 before the first frame, while :data:`_MAX_PNG_PENDING` are being encoded, or once closed)."""
+        frame = self.mjpeg.latest_frame(index)
+        if frame is None:
+            return json_response(503, {"error": "no frame has been written yet"})
+        with self._lock:
+            if self._stop.is_set():
+                return json_response(503, {"error": "the server is stopping"})
+            if self._png_pending >= _MAX_PNG_PENDING:
+                return json_response(503, {"error": "too many snapshots at once: try again"}, {"retry-after": "1"})
+            if self._png_pool is None:
+                self._png_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vision-host-png")
+            self._png_pending += 1
+            future = self._png_pool.submit(_encode_png, frame)
+        try:
+            png = await asyncio.wrap_future(future)
         finally:
             with self._lock:
-                self._subscribers.remove(sub)
+                self._png_pending -= 1
+        return Response(png, 200, {"cache-control": "no-store"}, media_type="image/png")
+
+
+def _encode_png(frame) -> bytes:
+    ok, png = cv2.imencode(".png", frame)
+    if not ok:  # pragma: no cover - imencode of a valid uint8 image does not fail
+        raise RuntimeError("PNG encoding failed")
+    return png.tobytes()
+
+
+def _number_arg(request: Request, name: str, least: int = 0) -> int | None:
+    """The query argument ``name`` as a whole number (at most 6 ASCII digits, at least
+    ``least``), None when absent. Raises _BadRequest (400) otherwise."""
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    if not _NUMBER.fullmatch(value) or int(value) < least:
+        raise _BadRequest(400, f"bad request: {name} must be a whole number from {least} to 999999, "
+                               f"not {_short(value, 20)}")
+    return int(value)
 
 
 class _CaptionFeed:
@@ -361,19 +501,9 @@ def settings_in_force(stream) -> dict[str, str]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def _int_arg(query: dict, name: str) -> int | None:
-    values = query.get(name)
-    return int(values[0]) if values and values[0].lstrip("-").isdigit() else None
-
-
 def _config_reply(stream) -> dict:
     config = dict(stream.config)
     return {"stream": stream.index, "config": config, "locked": sorted(k for k in config if is_locked_key(k))}
 
 
-def _send_json(handler, status: int, obj) -> None:
-    handler._send_body(status, "application/json; charset=utf-8",
-                       json.dumps(obj, ensure_ascii=False).encode("utf-8"))
-
-
-__all__ = ["PAGE", "Viewer", "is_loopback", "settings_in_force"]
+__all__ = ["PAGE", "ConfigLimits", "Viewer", "is_loopback", "settings_in_force"]
