@@ -485,3 +485,62 @@ def test_with_the_captions_processor_after_it_one_caption_is_drawn(runtime_facto
     changed = np.any(out != real_frame, axis=2)
     rows = np.nonzero(changed.any(axis=1))[0]
     assert rows.size and rows.max() < 40, f"drawn on rows {rows.min()}-{rows.max()}: only the top caption expected"
+
+
+# -- replies at the edges of JSON: read exactly as the hand-written reader did ---------------
+_DEEP = b'{"response":"deep","context":' + b"[" * 63 + b"]" * 63 + b',"done":true}\n'
+_TOO_DEEP = b'{"response":"deep","context":' + b"[" * 64 + b"]" * 64 + b',"done":true}\n'
+MALFORMED = "malformed reply from URL"
+
+
+@pytest.mark.parametrize("api, status, chunks, expected", [
+    # captions: lone surrogates and bad UTF-8 become U+FFFD, keys are compared decoded,
+    # a character or a line may be cut between chunks, nesting up to 64 levels
+    ("generate", 200, [b'{"response":"a\\ud800b\\udc00\\ud83d\\ude00","done":true}\n'], "caption: a\ufffdb\ufffd\U0001f600"),
+    ("generate", 200, [b'{"resp\\u006fnse":"keys","d\\u006fne":true}\n'], "caption: keys"),
+    ("generate", 200, [b'{"response":"caf', b'\xc3', b'\xa9 ok","do', b'ne":true}'], "caption: caf\u00e9 ok"),
+    ("generate", 200, [b'{"response":"x\xff\xc3(","done":true}\n'], "caption: x\ufffd\ufffd("),
+    ("generate", 200, [_DEEP], "caption: deep"),
+    ("generate", 200, [b'{"response":"last","done":false,"response":" wins","done":true}\n'], "caption: wins"),
+    ("chat", 200, [b'{"message":{"content":"in chat","role":"assistant"},"response":5,"done":true}\n'],
+     "caption: in chat"),
+    ("openai", 200, [b'data: {"choices":[{"delta":{"content":null}}]}\n\n',
+                     b'data: {"choices":[{"delta":{"content":"open"},"finish_reason":null}]}\n\n',
+                     b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n',
+                     b'data: {"choices":[{"delta":{},"finish_reason":"stop"},{"delta":5}]}\n\n'], "caption: open"),
+    # malformed: too deep, wrong types, text after the object, a chat message without content
+    ("generate", 200, [_TOO_DEEP], MALFORMED),
+    ("generate", 200, [b'{"response":5,"done":true}\n'], MALFORMED),
+    ("generate", 200, [b'{"response":"x","done":"yes"}\n'], MALFORMED),
+    ("generate", 200, [b'{"response":"x","done":true} {}\n'], MALFORMED),
+    ("generate", 200, [b'{"model":"llava"}\n'], MALFORMED),
+    ("chat", 200, [b'{"message":{"role":"assistant"},"done":true}\n'], MALFORMED),
+    ("openai", 200, [b'data: {"choices":{"0":{}}}\n\n'], MALFORMED),
+    ("openai", 200, [b'data: {"choices":[{"delta":{"content":7}}]}\n\n'], MALFORMED),
+    # errors: a line's "error" of any type, an error reply read as far as it is JSON
+    ("generate", 200, [b'{"error":{"code":1}}\n'], "error from Ollama: "),
+    ("generate", 500, [b'{"error":"out of memory"}\n{"error":"again"}\n'], "server error 500: out of memory"),
+    ("openai", 503, [b'{"error":{"message":"overloaded","type":"x"}} <html>'], "server error 503: overloaded"),
+    ("openai", 500, [b'{"success":false,"errors":[{"code":7,"message":"quota \\u2014 spent"}]}'],
+     "server error 500: quota \u2014 spent"),
+    ("openai", 200, [b'data: {"error":{"message":"bad image"},"choices":[]}\n\n'], "server error: bad image"),
+    ("generate", 500, [b'<html>502</html>'], "server error 500"),
+])
+def test_edge_case_replies_give_the_caption_or_message(runtime_factory, real_frame, caplog, api, status, chunks,
+                                                       expected):
+    """Replies no real server sends on purpose, each read to the caption or the message the
+    processor has always given (its reader was replaced by std.json's scanner)."""
+    from reply_server import ReplyServer
+    server = ReplyServer(status, "text/event-stream" if api == "openai" else "application/x-ndjson", chunks)
+    try:
+        rt, p = _processor(runtime_factory, server.url, ollama_api=api, ollama_interval_ms=60000)
+        expected = expected.replace("URL", server.url)
+        outcomes = ("caption: ", "malformed", "error", "server error")
+        with caplog.at_level(logging.INFO, logger="vision_host.processor.ollama"):
+            _run_until(p, real_frame, lambda: any(m.startswith(outcomes) for m in _processor_messages(caplog)))
+            for _ in range(5):
+                p.process(real_frame.copy())
+        assert [m for m in _processor_messages(caplog) if m.startswith(outcomes)] == [expected]
+        assert p.stats.errors == 0 and p.last_error is None
+    finally:
+        server.stop()

@@ -54,9 +54,9 @@ export fn process(handle: u32) u32 {
     const out = op.run(frame, &w) catch |err| blk: {
         w = W.fixed(&json_buf);
         w.writeAll("{\"error\":") catch {};
-        vh.json.writeString(&w, @errorName(err)) catch {};
+        std.json.Stringify.encodeJsonString(@errorName(err), .{}, &w) catch {};
         w.writeAll(",\"message\":") catch {};
-        vh.json.writeString(&w, vh.lastError()) catch {};
+        std.json.Stringify.encodeJsonString(vh.lastError(), .{}, &w) catch {};
         w.writeAll("}") catch {};
         vh.log.warnf("cvcheck {s}: {s}: {s}", .{ op.name, @errorName(err), vh.lastError() });
         break :blk null;
@@ -252,7 +252,7 @@ fn jsonShape(w: *W, m: Mat) !void {
 
 fn jsonError(w: *W, key: []const u8, err: anyerror) !void {
     try w.print("\"{s}\":{{\"error\":\"{s}\",\"message\":", .{ key, @errorName(err) });
-    try vh.json.writeString(w, vh.lastError());
+    try std.json.Stringify.encodeJsonString(vh.lastError(), .{}, w);
     try w.writeAll("}");
 }
 
@@ -819,7 +819,7 @@ fn opNetMissing(_: Mat, w: *W) !Out {
     if (layer.getName()) |name| {
         defer vh.free(name);
         try w.writeAll("\"layer_name\":");
-        try vh.json.writeString(w, name);
+        try std.json.Stringify.encodeJsonString(name, .{}, w);
     } else |err| try jsonError(w, "layer_name", err);
     layer.close();
     try w.writeAll("}");
@@ -841,7 +841,7 @@ fn opNet(frame: Mat, w: *W) !Out {
     try w.writeAll("\"names\":[");
     for (names, 0..) |n, i| {
         try w.writeAll(sep(i));
-        try vh.json.writeString(w, n.slice());
+        try std.json.Stringify.encodeJsonString(n.slice(), .{}, w);
     }
     const outs = try net.getUnconnectedOutLayers();
     defer vh.free(outs);
@@ -853,7 +853,7 @@ fn opNet(frame: Mat, w: *W) !Out {
         const name = try layer.getName();
         defer vh.free(name);
         try w.writeAll(",\"out_layer\":");
-        try vh.json.writeString(w, name);
+        try std.json.Stringify.encodeJsonString(name, .{}, w);
     }
     const zero: vh.Scalar = .{ .val1 = 0, .val2 = 0, .val3 = 0, .val4 = 0 };
     const blob = try vh.dnn.blobFromImage(frame, 1.0 / 255.0, .{ .x = 32, .y = 32 }, zero, false, false);
@@ -1169,7 +1169,7 @@ fn opConfig(_: Mat, w: *W) !Out {
     const op = try P.getConfig("op");
     defer vh.free(op);
     try w.writeAll("{\"op\":");
-    try vh.json.writeString(w, op);
+    try std.json.Stringify.encodeJsonString(op, .{}, w);
     if (P.getConfig("cvcheck-no-such-key")) |v| {
         vh.free(v);
         try w.writeAll(",\"missing\":\"found\"}");
@@ -1207,12 +1207,12 @@ fn opProcessorStore(_: Mat, w: *W) !Out {
     try w.writeAll("\"keys\":[");
     for (0..keys.count()) |i| {
         try w.writeAll(sep(i));
-        try vh.json.writeString(w, keys.at(i));
+        try std.json.Stringify.encodeJsonString(keys.at(i), .{}, w);
     }
     const b = try s.get(p, "b");
     defer vh.free(b);
     try w.print("],\"exists\":{},\"b\":", .{try s.exists(p)});
-    try vh.json.writeString(w, b);
+    try std.json.Stringify.encodeJsonString(b, .{}, w);
     try s.delete(p, "a");
     if (s.get(p, "a")) |v| {
         vh.free(v);
@@ -1234,12 +1234,12 @@ fn opFrameStore(frame: Mat, w: *W) !Out {
     try w.writeAll("\"keys\":[");
     for (0..keys.count()) |i| {
         try w.writeAll(sep(i));
-        try vh.json.writeString(w, keys.at(i));
+        try std.json.Stringify.encodeJsonString(keys.at(i), .{}, w);
     }
     const v = try s.get(frame, "face-1");
     defer vh.free(v);
     try w.print("],\"exists\":{},\"face_1\":", .{try s.exists(frame)});
-    try vh.json.writeString(w, v);
+    try std.json.Stringify.encodeJsonString(v, .{}, w);
     try s.delete(frame, "face-0");
     if (s.get(frame, "face-0")) |x| {
         vh.free(x);
@@ -1263,22 +1263,22 @@ fn opHttp(frame: Mat, w: *W) !Out {
     try w.writeAll("{\"get\":");
     if (vh.http.get(try std.fmt.bufPrint(&buf, "{s}/get", .{base}))) |body| {
         defer vh.free(body);
-        try vh.json.writeString(w, body);
+        try std.json.Stringify.encodeJsonString(body, .{}, w);
     } else |err| try w.print("\"error {s}\"", .{@errorName(err)});
     try w.writeAll(",\"post\":");
     if (vh.http.post(try std.fmt.bufPrint(&buf, "{s}/post", .{base}), "text/plain", "cvcheck body")) |body| {
         defer vh.free(body);
-        try vh.json.writeString(w, body);
+        try std.json.Stringify.encodeJsonString(body, .{}, w);
     } else |err| try w.print("\"error {s}\"", .{@errorName(err)});
     try w.writeAll(",\"post_image\":");
     if (vh.http.postImage(try std.fmt.bufPrint(&buf, "{s}/image", .{base}), "application/json", "{\"image\":\"%IMAGE%\"}", "answer", frame)) |body| {
         defer vh.free(body);
-        try vh.json.writeString(w, body);
+        try std.json.Stringify.encodeJsonString(body, .{}, w);
     } else |err| try w.print("\"error {s}\"", .{@errorName(err)});
     try w.writeAll(",\"not_allowed\":");
     if (vh.http.get("http://203.0.113.1/")) |body| {
         defer vh.free(body);
-        try vh.json.writeString(w, body);
+        try std.json.Stringify.encodeJsonString(body, .{}, w);
     } else |err| try w.print("\"{s}\"", .{@errorName(err)});
     try w.writeAll("}");
     return null;
@@ -1312,7 +1312,7 @@ fn opFetch(_: Mat, w: *W) !Out {
     if (p.done) {
         fetch_id = null;
         try w.print("{{\"status\":{d},\"body\":", .{fetch_status});
-        try vh.json.writeString(w, fetch_body[0..fetch_len]);
+        try std.json.Stringify.encodeJsonString(fetch_body[0..fetch_len], .{}, w);
         try w.writeAll("}");
     }
     return null;

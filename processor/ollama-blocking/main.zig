@@ -11,7 +11,6 @@
 //! server answer.
 const std = @import("std");
 const vh = @import("vh");
-const json = vh.json;
 
 pub const panic = vh.panic;
 
@@ -39,9 +38,9 @@ fn configure() !void {
     var out: std.Io.Writer.Allocating = .init(vh.allocator);
     const w = &out.writer;
     try w.writeAll("{\"images\":[\"%IMAGE%\"],\"model\":");
-    try json.writeString(w, text("ollama-model", "llava"));
+    try std.json.Stringify.encodeJsonString(text("ollama-model", "llava"), .{}, w);
     try w.writeAll(",\"prompt\":");
-    try json.writeString(w, text("ollama-prompt", "Describe what is in this picture in 6 words or less."));
+    try std.json.Stringify.encodeJsonString(text("ollama-prompt", "Describe what is in this picture in 6 words or less."), .{}, w);
     try w.writeAll(",\"stream\":false}");
     template = try out.toOwnedSlice();
     const ms = vh.settings.int("ollama-interval-ms", 3000, 0, 86_400_000, "an integer 0-86400000 ms");

@@ -8,21 +8,17 @@
 //! timed-out/abandoned request, `processor-store.set` for a finished caption and for the
 //! settings in force after the config was read, and a log line when the state changes.)
 //!
-//! Default protocol (ollama-api=generate: Ollama's API, POST {ollama-url}/api/generate,
-//! content-type application/json):
-//!
-//!     {"images":["<base64 JPEG>"],"model":M,"prompt":P,"stream":true,"options":{"num_predict":N}}
-//!
-//! The host fills in the image: this processor sends the body as a template whose first
-//! `%IMAGE%` is the placeholder. "images" comes first so that a prompt (or model name)
-//! containing the text %IMAGE% cannot be mistaken for it. With "stream":true the reply is
-//! NDJSON, one object per line, arriving in pieces cut anywhere:
-//!
-//!     {"model":"llava","created_at":"…","response":" A","done":false}
-//!     …
-//!     {"model":"llava","created_at":"…","response":"","done":true,"done_reason":"stop",…}
-//!
-//! Other protocols (`ollama-api`), each streamed:
+//! Wire protocols (`ollama-api`; each is one entry of `protocols` below). The host fills in
+//! the image: the body is sent as a template whose first `%IMAGE%` becomes the base64 JPEG
+//! (`%IMAGE_BYTES%`: its bytes as a JSON array of numbers). The image comes first in every
+//! body, so that a prompt (or model name) containing the text %IMAGE% cannot be mistaken
+//! for it. Each reply is streamed except Workers AI's; its pieces cut anywhere.
+//!   generate  (the default; Ollama's API) POST {url}/api/generate with
+//!           {"images":["%IMAGE%"],"model":M,"prompt":P,"stream":true,"options":{"num_predict":N}};
+//!           the reply is NDJSON, one object per line:
+//!               {"model":"llava","created_at":"…","response":" A","done":false}
+//!               …
+//!               {"model":"llava","created_at":"…","response":"","done":true,"done_reason":"stop",…}
 //!   chat    POST {url}/api/chat with {"messages":[{"role":"user","images":["%IMAGE%"],
 //!           "content":P}],…}; NDJSON lines carry `message.content` pieces and `done`.
 //!   openai  POST {url}/v1/chat/completions ({url}/chat/completions when the URL ends in
@@ -39,12 +35,13 @@
 //!           {"success":false,"errors":[{"code":…,"message":…}]}. Needs an API key:
 //!           ollama-api-key-env names the variable, the host sends it (Authorization: Bearer).
 //!
-//! The pieces are appended to the caption as they arrive (shown at once); at
-//! `"done":true` (or `[DONE]`) the caption is complete: trimmed, kept on screen until the next one
-//! replaces it, stored in the datastore as captions/caption (wasmVision's `captions`
-//! processor reads it there; captions/model is the model that wrote it) and logged. A line
-//! {"error":"…"} reports a failure. HTTP 404 means the model is not there (for Ollama: not
-//! pulled); other non-200 replies carry {"error":"…"}.
+//! The pieces are appended to the caption as they arrive (shown at once); when the reply
+//! says it is complete ("done":true, a `finish_reason`, `[DONE]`, the Workers AI reply) the
+//! caption is complete: trimmed, kept on screen until the next one replaces it, stored in
+//! the datastore as captions/caption (wasmVision's `captions` processor reads it there;
+//! captions/model is the model that wrote it) and logged. A line {"error":"…"} reports a
+//! failure. HTTP 404 means the model is not there (for Ollama: not pulled); other non-200
+//! replies carry {"error":"…"} (or {"error":{"message":"…"}}, or Cloudflare's "errors").
 //!
 //! The settings in force (defaults filled in, invalid values replaced by the defaults) are
 //! stored in the processor store under processor "ollama" each time the config is read, one
@@ -88,9 +85,12 @@
 //! wait, which is also never shorter than what remains of the interval); a destination
 //! that the sandbox does not allow, or an invalid URL, stops all further requests.
 //!
-//! Memory is static and bounded: one 64 KiB NDJSON line buffer (a longer line counts as a
-//! malformed reply), 2 KiB caption buffers (longer captions are cut at a character
-//! boundary), a 4 KiB buffer for error replies; every buffer the host returns is freed.
+//! Memory is bounded: one 64 KiB line buffer for a streamed reply (a longer line counts as
+//! a malformed reply), 2 KiB caption buffers (longer captions are cut at a character
+//! boundary), a 16 KiB buffer for an error reply or a whole Workers AI reply; the config's
+//! texts, the request URL and body live in an arena reset whenever the config is read
+//! again. Reading a reply allocates nothing, except a transient copy of a line that needs
+//! repair (invalid UTF-8; see json.zig). Every buffer the host returns is freed.
 const std = @import("std");
 const vh = @import("vh");
 const json = vh.json;
@@ -98,27 +98,251 @@ const json = vh.json;
 pub const panic = vh.panic;
 
 // ==========================================================================================
-// Configuration
+// Wire protocols
 // ==========================================================================================
 
-/// The wire protocol (`ollama-api`).
-const Api = enum {
-    /// Ollama's POST /api/generate, NDJSON `response` pieces.
-    generate,
-    /// Ollama's POST /api/chat, NDJSON `message.content` pieces.
-    chat,
-    /// OpenAI chat completions (vLLM, llama.cpp's server, LM Studio, Ollama's /v1):
-    /// POST …/chat/completions, SSE `choices[0].delta.content` pieces.
-    openai,
-    /// Cloudflare Workers AI (`@cf/llava-hf/llava-1.5-7b-hf`): POST {url}/{model}, one JSON
-    /// reply `{"result":{"description":…},"success":true}` (the model does not stream).
-    @"workers-ai",
+/// A wire protocol (`ollama-api`): all that differs between them. Adding a protocol is
+/// adding an entry to `protocols` (the first is the default).
+const Protocol = struct {
+    /// Its `ollama-api` value.
+    name: []const u8,
+    /// How messages name the server when `ollama-server-name` is not set.
+    server_name: []const u8,
+    /// HTTP 404 suggests `ollama pull MODEL` (unless `ollama-server-name` is set: the
+    /// server may not be Ollama then).
+    pull_hint: bool,
+    /// Writes the request URL: the base URL `ollama-url` and a path.
+    url: *const fn (w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void,
+    /// Writes the request body (see the file comment for the image placeholder).
+    body: *const fn (w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void,
+    /// How a 200 reply is read.
+    reply: union(enum) {
+        /// As it streams, line by line (NDJSON, server-sent events).
+        lines: *const fn (line: []const u8) void,
+        /// Whole, once complete (at most `reply_body`'s capacity).
+        whole: *const fn (body: []const u8) void,
+    },
 };
+
+const protocols = [_]Protocol{
+    .{
+        .name = "generate",
+        .server_name = "Ollama",
+        .pull_hint = true,
+        .url = generate.url,
+        .body = generate.body,
+        .reply = .{ .lines = generate.line },
+    },
+    .{
+        .name = "chat",
+        .server_name = "Ollama",
+        .pull_hint = true,
+        .url = chat.url,
+        .body = chat.body,
+        .reply = .{ .lines = chat.line },
+    },
+    .{
+        .name = "openai",
+        .server_name = "the OpenAI-compatible server",
+        .pull_hint = false,
+        .url = openai.url,
+        .body = openai.body,
+        .reply = .{ .lines = openai.line },
+    },
+    .{
+        .name = "workers-ai",
+        .server_name = "Workers AI",
+        .pull_hint = false,
+        .url = workers_ai.url,
+        .body = workers_ai.body,
+        .reply = .{ .whole = workers_ai.reply },
+    },
+};
+
+const protocol_names = names: {
+    var names: [protocols.len][]const u8 = undefined;
+    for (protocols, &names) |p, *n| n.* = p.name;
+    const final = names;
+    break :names &final;
+};
+
+/// Ollama's POST /api/generate: NDJSON lines {"response":piece,…,"done":bool}.
+const generate = struct {
+    fn url(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
+        try w.print("{s}/api/generate", .{c.url});
+    }
+    fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
+        try writeJson(w, .{
+            .images = .{"%IMAGE%"},
+            .model = c.model,
+            .prompt = c.prompt,
+            .stream = true,
+            .options = .{ .num_predict = c.max_tokens },
+        });
+    }
+    fn line(text: []const u8) void {
+        var doc = json.select(vh.allocator, text, &.{ "/response", "/done", "/error" }) catch return malformed();
+        defer doc.deinit();
+        const piece = doc.get("/response");
+        if (piece) |p| if (p.kind != .string) return malformed();
+        ollamaLine(piece, doc.get("/done"), doc.get("/error"));
+    }
+};
+
+/// Ollama's POST /api/chat: NDJSON lines {"message":{"content":piece,…},…,"done":bool}.
+const chat = struct {
+    fn url(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
+        try w.print("{s}/api/chat", .{c.url});
+    }
+    fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
+        try writeJson(w, .{
+            .messages = .{.{ .role = "user", .images = .{"%IMAGE%"}, .content = c.prompt }},
+            .model = c.model,
+            .stream = true,
+            .options = .{ .num_predict = c.max_tokens },
+        });
+    }
+    fn line(text: []const u8) void {
+        var doc = json.select(vh.allocator, text, &.{ "/message", "/message/content", "/done", "/error" }) catch return malformed();
+        defer doc.deinit();
+        var piece: ?json.Value = null;
+        if (doc.get("/message")) |message| {
+            if (message.kind != .object) return malformed();
+            piece = doc.get("/message/content") orelse return malformed();
+            if (piece.?.kind != .string) return malformed();
+        }
+        ollamaLine(piece, doc.get("/done"), doc.get("/error"));
+    }
+};
+
+/// One line of an Ollama stream: its caption piece (a string, when there is one), "done"
+/// and "error".
+fn ollamaLine(piece: ?json.Value, done: ?json.Value, err: ?json.Value) void {
+    if (done) |d| if (d.boolean() == null) return malformed();
+    if (err) |e| {
+        var text: TextBuf(300) = .{};
+        text.appendJson(e); // (nothing unless a string)
+        return fail("error from {s}: {s}", .{ cfg.server_name, text.slice() });
+    }
+    if (piece == null and done == null) return malformed();
+    if (piece) |p| partial.appendJson(p);
+    if (done) |d| if (d.boolean().?) completeCaption();
+}
+
+/// OpenAI chat completions (vLLM, llama.cpp's server, LM Studio, Ollama's /v1): POST
+/// …/chat/completions, server-sent events whose `choices[0].delta.content` are the pieces.
+const openai = struct {
+    fn url(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
+        // An OpenAI base URL usually ends in /v1 already ("http://host:8000/v1").
+        const v1 = std.mem.endsWith(u8, c.url, "/v1");
+        try w.print("{s}{s}/chat/completions", .{ c.url, if (v1) "" else "/v1" });
+    }
+    fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
+        try writeJson(w, .{
+            .messages = .{.{ .role = "user", .content = .{
+                .{ .type = "image_url", .image_url = .{ .url = "data:image/jpeg;base64,%IMAGE%" } },
+                .{ .type = "text", .text = c.prompt },
+            } }},
+            .model = c.model,
+            .stream = true,
+            .max_tokens = c.max_tokens,
+        });
+    }
+    /// One line of the event stream (https://html.spec.whatwg.org/multipage/
+    /// server-sent-events.html): `data: {chunk}` lines carry the pieces, `data: [DONE]`
+    /// ends the stream; blank lines, comments and other fields are skipped.
+    fn line(raw: []const u8) void {
+        const text = std.mem.trimEnd(u8, raw, "\r");
+        if (!std.mem.startsWith(u8, text, "data:")) return;
+        const data = std.mem.trim(u8, text["data:".len..], " ");
+        if (std.mem.eql(u8, data, "[DONE]")) return completeCaption();
+        var doc = json.select(vh.allocator, data, &.{
+            "/error",                    "/choices",                 "/choices/0",
+            "/choices/0/delta",          "/choices/0/delta/content", "/choices/0/finish_reason",
+        }) catch return malformed();
+        defer doc.deinit();
+        const choices = doc.get("/choices");
+        if (choices) |c| if (c.kind != .array) return malformed();
+        if (doc.get("/error") != null) {
+            var text_buf: TextBuf(300) = .{};
+            errorText(data, &text_buf);
+            return fail("server error: {s}", .{if (text_buf.len > 0) text_buf.slice() else "unknown"});
+        }
+        if (choices == null) return malformed();
+        const first = doc.get("/choices/0") orelse return; // e.g. a usage-only chunk
+        if (first.kind != .object) return malformed();
+        if (doc.get("/choices/0/delta")) |delta| {
+            if (delta.kind != .object) return malformed();
+            if (doc.get("/choices/0/delta/content")) |content| switch (content.kind) {
+                .string => partial.appendJson(content),
+                .null => {},
+                else => return malformed(),
+            };
+        }
+        // "stop"/"length": the reply is complete even if the server never sends [DONE]. A
+        // stream that just ends without one (Ollama's /v1 after a runner error) is a
+        // malformed reply.
+        if (doc.get("/choices/0/finish_reason")) |reason| if (reason.kind == .string) completeCaption();
+    }
+};
+
+/// Cloudflare Workers AI (`@cf/llava-hf/llava-1.5-7b-hf`): POST {url}/{model}, one JSON
+/// reply (the model does not stream).
+const workers_ai = struct {
+    fn url(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
+        // {url} is the account's …/ai/run endpoint, the model its path ("@cf/llava-hf/…").
+        try w.print("{s}/{s}", .{ c.url, c.model });
+    }
+    fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
+        try writeJson(w, .{
+            .image = Raw{ .text = "%IMAGE_BYTES%" },
+            .prompt = c.prompt,
+            .max_tokens = c.max_tokens,
+        });
+    }
+    /// {"result":{"description":…},"success":true,…}, or
+    /// {"success":false,"errors":[{"code":…,"message":…}],…}.
+    fn reply(body_text: []const u8) void {
+        var doc = json.select(vh.allocator, body_text, &.{ "/success", "/result", "/result/description" }) catch return malformed();
+        defer doc.deinit();
+        const success = (doc.get("/success") orelse return malformed()).boolean() orelse return malformed();
+        if (!success) {
+            var text: TextBuf(300) = .{};
+            errorText(body_text, &text);
+            return fail("server error: {s}", .{if (text.len > 0) text.slice() else "unknown"});
+        }
+        const result = doc.get("/result") orelse return malformed();
+        if (result.kind != .object) return malformed();
+        const description = doc.get("/result/description") orelse return malformed();
+        if (description.kind != .string) return malformed();
+        partial.clear();
+        partial.appendJson(description);
+        completeCaption();
+    }
+};
+
+/// Writes `value` as JSON (std.json: strings escaped, no whitespace).
+fn writeJson(w: *std.Io.Writer, value: anytype) std.Io.Writer.Error!void {
+    try std.json.Stringify.value(value, .{}, w);
+}
+
+/// A value written as it is (the `%IMAGE_BYTES%` placeholder, which the host replaces by an
+/// array).
+const Raw = struct {
+    text: []const u8,
+    pub fn jsonStringify(self: Raw, jw: *std.json.Stringify) std.Io.Writer.Error!void {
+        try jw.print("{s}", .{self.text});
+    }
+};
+
+// ==========================================================================================
+// Configuration
+// ==========================================================================================
 
 const Config = struct {
     /// Base URL without trailing '/', e.g. "http://localhost:11434".
     url: []const u8 = "http://localhost:11434",
-    api: Api = .generate,
+    protocol: *const Protocol = &protocols[0],
     model: []const u8 = "llava",
     prompt: []const u8 = "Describe what is in this picture in highly complimentary terms using 6 words or less.",
     interval_ms: u64 = 3000,
@@ -132,21 +356,11 @@ const Config = struct {
     paused: bool = false,
     /// false: nothing drawn (another processor draws captions/caption).
     overlay: bool = true,
-    /// How messages name the server: `ollama-server-name`, else `defaultServerName(api)`.
+    /// How messages name the server: `ollama-server-name`, else the protocol's name for it.
     server_name: []const u8 = "Ollama",
-    /// Whether `ollama-server-name` was given (then no `ollama pull` hint: the server may
-    /// not be Ollama).
+    /// Whether `ollama-server-name` was given.
     server_named: bool = false,
 };
-
-/// How messages name a server of protocol `api` when `ollama-server-name` is not set.
-fn defaultServerName(api: Api) []const u8 {
-    return switch (api) {
-        .generate, .chat => "Ollama",
-        .openai => "the OpenAI-compatible server",
-        .@"workers-ai" => "Workers AI",
-    };
-}
 
 /// Longest `ollama-server-name` kept (bytes, cut at a character boundary).
 const max_server_name = 200;
@@ -155,13 +369,11 @@ var cfg: Config = .{};
 var configured = false;
 /// config-watch version the current `cfg` was read at.
 var config_version: u64 = 0;
-/// Config values `cfg` points into (freed when the config is read again).
-var held: [8][]u8 = undefined;
-var held_len: usize = 0;
-/// Where requests go, after `ollama-api`: "{url}/api/generate", "{url}/api/chat",
-/// "{url}/v1/chat/completions" or "{url}/{model}".
+/// Holds the config's texts, the request URL and body: reset when the config is read again.
+var config_arena: std.heap.ArenaAllocator = .init(vh.allocator);
+/// Where requests go ({url}/api/generate, …: the protocol's `url`).
 var request_url: []const u8 = "";
-/// The request body with the `%IMAGE%` placeholder (see the file comment).
+/// The request body with the image placeholder (the protocol's `body`).
 var template: []const u8 = "";
 
 const text_color: vh.Rgba = .{ .r = 255, .g = 255, .b = 255, .a = 255 };
@@ -171,98 +383,10 @@ fn trimmed(s: []const u8) []const u8 {
     return std.mem.trim(u8, s, " \t\r\n");
 }
 
-fn reportInvalid(key: []const u8, value: []const u8, expected: []const u8, default: anytype) void {
-    const fmt_default = comptime if (@TypeOf(default) == []const u8) "{s}" else "{d}";
-    vh.log.errf("config {s}=\"{s}\" is invalid (expected {s}); using the default " ++ fmt_default, .{
-        key, vh.utf8Prefix(value, 200), expected, default,
-    });
-}
-
-/// An integer setting in [min, max] (or exactly `also`, when given).
-fn readInt(key: []const u8, default: u64, min: u64, max: u64, also: ?u64, expected: []const u8) u64 {
-    const value = vh.config.get(key) orelse return default;
-    defer vh.free(value);
-    if (std.fmt.parseInt(u64, trimmed(value), 10)) |v| {
-        if ((v >= min and v <= max) or (also != null and v == also.?)) return v;
-    } else |_| {}
-    reportInvalid(key, value, expected, default);
-    return default;
-}
-
-fn readScale(key: []const u8, comptime default: f32) f32 {
-    const value = vh.config.get(key) orelse return default;
-    defer vh.free(value);
-    if (vh.parseDecimal(trimmed(value))) |v| {
-        if (v >= 0.1 and v <= 10) return v;
-    }
-    reportInvalid(key, value, "a number 0.1-10", @as([]const u8, std.fmt.comptimePrint("{d}", .{default})));
-    return default;
-}
-
-fn readPlacement(key: []const u8, default: vh.overlay.Placement) vh.overlay.Placement {
-    const value = vh.config.get(key) orelse return default;
-    defer vh.free(value);
-    const v = trimmed(value);
-    if (std.ascii.eqlIgnoreCase(v, "bottom")) return .bottom;
-    if (std.ascii.eqlIgnoreCase(v, "top")) return .top;
-    reportInvalid(key, value, "top or bottom", @as([]const u8, @tagName(default)));
-    return default;
-}
-
-/// The wire protocol (`ollama-api`).
-fn readApi(key: []const u8, default: Api) Api {
-    const value = vh.config.get(key) orelse return default;
-    defer vh.free(value);
-    return std.meta.stringToEnum(Api, trimmed(value)) orelse {
-        reportInvalid(key, value, "generate, chat, openai or workers-ai", @as([]const u8, @tagName(default)));
-        return default;
-    };
-}
-
-/// A non-empty text setting without surrounding blanks, kept until the config is read again.
-fn readText(key: []const u8, default: []const u8) []const u8 {
-    const value = vh.config.get(key) orelse return default;
-    const text = trimmed(value);
-    if (text.len == 0) {
-        reportInvalid(key, value, "a non-empty text", default);
-        vh.free(value);
-        return default;
-    }
-    hold(value);
-    return text;
-}
-
-/// Keeps `value` until the next `configure` (cfg holds views into it).
-fn hold(value: []u8) void {
-    std.debug.assert(held_len < held.len);
-    held[held_len] = value;
-    held_len += 1;
-}
-
-/// An optional free-text setting without surrounding blanks (at most `max_len` bytes, cut at
-/// a character boundary), kept until the config is read again; null when unset or blank.
-fn readOptionalText(key: []const u8, max_len: usize) ?[]const u8 {
-    const value = vh.config.get(key) orelse return null;
-    const text = trimmed(value);
-    if (text.len == 0) {
-        vh.free(value);
-        return null;
-    }
-    hold(value);
-    return vh.utf8Prefix(text, max_len);
-}
-
-fn readBool(key: []const u8, default: bool) bool {
-    const value = vh.config.get(key) orelse return default;
-    defer vh.free(value);
-    const v = trimmed(value);
-    if (std.ascii.eqlIgnoreCase(v, "true") or std.mem.eql(u8, v, "1")) return true;
-    if (std.ascii.eqlIgnoreCase(v, "false") or std.mem.eql(u8, v, "0")) return false;
-    reportInvalid(key, value, "true or false", @as([]const u8, if (default) "true" else "false"));
-    return default;
-}
-
-fn validUrl(url: []const u8) bool {
+/// An http:// or https:// URL with a host (a trailing / aside), nothing that would break
+/// the request line or the JSON of a message.
+fn validUrl(text: []const u8) bool {
+    const url = std.mem.trimEnd(u8, text, "/");
     const rest = if (std.ascii.startsWithIgnoreCase(url, "http://"))
         url["http://".len..]
     else if (std.ascii.startsWithIgnoreCase(url, "https://"))
@@ -274,49 +398,10 @@ fn validUrl(url: []const u8) bool {
     return true;
 }
 
-fn readUrl(key: []const u8, default: []const u8) []const u8 {
-    const value = vh.config.get(key) orelse return default;
-    const url = std.mem.trimEnd(u8, trimmed(value), "/");
-    if (!validUrl(url)) {
-        reportInvalid(key, value, "an http:// or https:// URL", default);
-        vh.free(value);
-        return default;
-    }
-    hold(value);
-    return url; // a view into `value`, kept until the config is read again
-}
-
 fn configure() void {
-    const first = !configured;
     configured = true;
-    for (held[0..held_len]) |value| vh.free(value);
-    held_len = 0;
-    if (!first) {
-        vh.allocator.free(request_url);
-        vh.allocator.free(template);
-    }
-    const d: Config = .{};
-    const server_name = readOptionalText("ollama-server-name", max_server_name);
-    cfg = .{
-        .url = readUrl("ollama-url", d.url),
-        .api = readApi("ollama-api", d.api),
-        .model = readText("ollama-model", d.model),
-        .prompt = readText("ollama-prompt", d.prompt),
-        .interval_ms = readInt("ollama-interval-ms", d.interval_ms, 0, 86_400_000, null, "an integer 0-86400000 ms"),
-        .max_tokens = readInt("ollama-max-tokens", d.max_tokens, 1, 4096, null, "an integer 1-4096"),
-        .image_max_side = readInt("ollama-image-max-side", d.image_max_side, 32, 16384, 0, "0 (full size) or an integer 32-16384 px"),
-        .jpeg_quality = readInt("ollama-jpeg-quality", d.jpeg_quality, 1, 100, null, "an integer 1-100"),
-        .timeout_ms = readInt("ollama-timeout-ms", d.timeout_ms, 1000, 3_600_000, null, "an integer 1000-3600000 ms"),
-        .placement = readPlacement("ollama-caption-placement", d.placement),
-        .font_scale = readScale("ollama-font-scale", d.font_scale),
-        .max_lines = readInt("ollama-max-lines", d.max_lines, 1, 50, null, "an integer 1-50"),
-        .paused = readBool("ollama-paused", d.paused),
-        .overlay = readBool("ollama-overlay", d.overlay),
-    };
-    cfg.server_name = server_name orelse defaultServerName(cfg.api);
-    cfg.server_named = server_name != null;
-    request_url = buildRequestUrl() catch @panic("out of memory building the request URL");
-    template = buildTemplate() catch @panic("out of memory building the request body");
+    _ = config_arena.reset(.retain_capacity);
+    readConfig(config_arena.allocator()) catch @panic("out of memory reading the config");
     storeSettings();
     if (cfg.paused) {
         vh.log.infof("ollama: captions paused (ollama-paused=true)", .{});
@@ -325,13 +410,42 @@ fn configure() void {
     }
 }
 
+fn readConfig(arena: std.mem.Allocator) error{ OutOfMemory, WriteFailed }!void {
+    const s = vh.settings;
+    const d: Config = .{};
+    const server_name = try s.optionalText(arena, "ollama-server-name");
+    cfg = .{
+        .url = std.mem.trimEnd(u8, try s.text(arena, "ollama-url", d.url, validUrl, "an http:// or https:// URL"), "/"),
+        .protocol = &protocols[s.oneOf("ollama-api", protocol_names, 0, .exact, comptime s.listed(protocol_names))],
+        .model = try s.text(arena, "ollama-model", d.model, s.nonBlank, "a non-empty text"),
+        .prompt = try s.text(arena, "ollama-prompt", d.prompt, s.nonBlank, "a non-empty text"),
+        .interval_ms = @intCast(s.int("ollama-interval-ms", d.interval_ms, 0, 86_400_000, "an integer 0-86400000 ms")),
+        .max_tokens = @intCast(s.int("ollama-max-tokens", d.max_tokens, 1, 4096, "an integer 1-4096")),
+        .image_max_side = @intCast(s.intOr("ollama-image-max-side", d.image_max_side, 32, 16384, 0, "0 (full size) or an integer 32-16384 px")),
+        .jpeg_quality = @intCast(s.int("ollama-jpeg-quality", d.jpeg_quality, 1, 100, "an integer 1-100")),
+        .timeout_ms = @intCast(s.int("ollama-timeout-ms", d.timeout_ms, 1000, 3_600_000, "an integer 1000-3600000 ms")),
+        .placement = s.choice(vh.overlay.Placement, "ollama-caption-placement", d.placement, .ignore_case),
+        .font_scale = s.decimal("ollama-font-scale", d.font_scale, 0.1, 10, "a number 0.1-10"),
+        .max_lines = @intCast(s.int("ollama-max-lines", d.max_lines, 1, 50, "an integer 1-50")),
+        .paused = s.boolean("ollama-paused", d.paused),
+        .overlay = s.boolean("ollama-overlay", d.overlay),
+    };
+    cfg.server_name = if (server_name) |name| vh.utf8Prefix(name, max_server_name) else cfg.protocol.server_name;
+    cfg.server_named = server_name != null;
+    var out: std.Io.Writer.Allocating = .init(arena);
+    try cfg.protocol.url(&out.writer, &cfg);
+    request_url = try out.toOwnedSlice();
+    try cfg.protocol.body(&out.writer, &cfg);
+    template = try out.toOwnedSlice();
+}
+
 /// The settings in force, into the processor store as ollama/{key without "ollama-"} (see
 /// the file comment), so that the host can show them (the viewer's fields).
 fn storeSettings() void {
     var interval: [20]u8 = undefined;
     const settings = [_][2][]const u8{
         .{ "url", cfg.url },
-        .{ "api", @tagName(cfg.api) },
+        .{ "api", cfg.protocol.name },
         .{ "server-name", cfg.server_name },
         .{ "model", cfg.model },
         .{ "prompt", cfg.prompt },
@@ -363,55 +477,6 @@ fn storeFailed(err: vh.datastore.Error) void {
     vh.log.warnf("could not write to the processor store: {s}", .{why});
 }
 
-fn buildRequestUrl() error{OutOfMemory}![]const u8 {
-    const path = switch (cfg.api) {
-        .generate => "/api/generate",
-        .chat => "/api/chat",
-        // An OpenAI base URL usually ends in /v1 already ("http://host:8000/v1").
-        .openai => if (std.mem.endsWith(u8, cfg.url, "/v1")) "/chat/completions" else "/v1/chat/completions",
-        // {url} is the account's …/ai/run endpoint, the model its path ("@cf/llava-hf/…").
-        .@"workers-ai" => return std.mem.concat(vh.allocator, u8, &.{ cfg.url, "/", cfg.model }),
-    };
-    return std.mem.concat(vh.allocator, u8, &.{ cfg.url, path });
-}
-
-/// The request body; the image placeholder always precedes the model and the prompt.
-fn buildTemplate() error{ OutOfMemory, WriteFailed }![]const u8 {
-    var out: std.Io.Writer.Allocating = .init(vh.allocator);
-    const w = &out.writer;
-    switch (cfg.api) {
-        .generate => {
-            try w.writeAll("{\"images\":[\"%IMAGE%\"],\"model\":");
-            try json.writeString(w, cfg.model);
-            try w.writeAll(",\"prompt\":");
-            try json.writeString(w, cfg.prompt);
-            try w.print(",\"stream\":true,\"options\":{{\"num_predict\":{d}}}}}", .{cfg.max_tokens});
-        },
-        .chat => {
-            try w.writeAll("{\"messages\":[{\"role\":\"user\",\"images\":[\"%IMAGE%\"],\"content\":");
-            try json.writeString(w, cfg.prompt);
-            try w.writeAll("}],\"model\":");
-            try json.writeString(w, cfg.model);
-            try w.print(",\"stream\":true,\"options\":{{\"num_predict\":{d}}}}}", .{cfg.max_tokens});
-        },
-        .openai => {
-            try w.writeAll("{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"," ++
-                "\"image_url\":{\"url\":\"data:image/jpeg;base64,%IMAGE%\"}},{\"type\":\"text\",\"text\":");
-            try json.writeString(w, cfg.prompt);
-            try w.writeAll("}]}],\"model\":");
-            try json.writeString(w, cfg.model);
-            try w.print(",\"stream\":true,\"max_tokens\":{d}}}", .{cfg.max_tokens});
-        },
-        .@"workers-ai" => {
-            // The host puts the JPEG's bytes as a JSON array of numbers at %IMAGE_BYTES%.
-            try w.writeAll("{\"image\":%IMAGE_BYTES%,\"prompt\":");
-            try json.writeString(w, cfg.prompt);
-            try w.print(",\"max_tokens\":{d}}}", .{cfg.max_tokens});
-        },
-    }
-    return out.toOwnedSlice();
-}
-
 // ==========================================================================================
 // Bounded text buffers
 // ==========================================================================================
@@ -434,8 +499,8 @@ fn TextBuf(comptime capacity: usize) type {
             @memcpy(self.buf[0..t.len], t);
             self.len = t.len;
         }
-        /// Appends a decoded JSON string; what does not fit is dropped.
-        fn appendJson(self: *Self, s: json.String) void {
+        /// Appends a JSON string value, decoded; what does not fit is dropped.
+        fn appendJson(self: *Self, s: json.Value) void {
             _ = s.decodeAppend(&self.buf, &self.len);
         }
         /// Appends raw bytes; what does not fit is dropped.
@@ -475,14 +540,14 @@ var backoff_s: u64 = 0;
 var stopped = false;
 
 var line_storage: [64 * 1024]u8 = undefined;
-/// NDJSON lines of a 200 reply, reassembled across polls.
+/// The lines of a streamed 200 reply, reassembled across polls.
 var lines: json.LineSplitter = .{ .buf = &line_storage };
 /// The caption of the reply streaming now.
 var partial: TextBuf(2048) = .{};
 /// The last complete caption.
 var caption: TextBuf(2048) = .{};
 /// Body of a non-200 reply (for its error text), or of a whole non-streamed reply.
-var error_body: TextBuf(16 * 1024) = .{};
+var reply_body: TextBuf(16 * 1024) = .{};
 
 const Health = enum { unknown, ok, problem };
 var health: Health = .unknown;
@@ -551,7 +616,7 @@ fn startRequest(frame: u32, now: u64) void {
     reply_lines = 0;
     lines.reset();
     partial.clear();
-    error_body.clear();
+    reply_body.clear();
 }
 
 /// Handles a fetch error from post-frame or poll (the id is already released).
@@ -604,14 +669,14 @@ fn pollRequest(id: u32, now: u64) void {
     }
     const was_open = reply_open;
     if (reply_open) {
-        if (reply_status == 200 and cfg.api != .@"workers-ai") {
+        if (reply_status == 200 and cfg.protocol.reply == .lines) {
             var it = lines.feed(progress.body);
             while (reply_open) {
                 const item = it.next() orelse break;
-                handleItem(item);
+                handleLine(item);
             }
         } else {
-            error_body.appendRaw(progress.body);
+            reply_body.appendRaw(progress.body);
         }
         if (reply_open and progress.done) finishReply();
     }
@@ -636,20 +701,21 @@ fn pollRequest(id: u32, now: u64) void {
 /// The host reported the reply complete while it was still open.
 fn finishReply() void {
     switch (reply_status) {
-        200 => {
-            if (cfg.api == .@"workers-ai") return handleWorkersReply(error_body.slice());
-            if (lines.finish()) |item| handleItem(item); // a last line without '\n'
-            if (reply_open) malformed(); // the stream ended without "done":true
+        200 => switch (cfg.protocol.reply) {
+            .whole => |read| read(reply_body.slice()),
+            .lines => {
+                if (lines.finish()) |item| handleLine(item); // a last line without '\n'
+                if (reply_open) malformed(); // the stream ended before the reply said it was complete
+            },
         },
         401, 403 => fail("{s} refused the credentials (HTTP {d}): set ollama-api-key-env to the variable holding the API key", .{ cfg.url, reply_status }),
-        // Ollama's hint only where the server is Ollama as far as the config tells.
-        404 => if (cfg.server_named or cfg.api == .openai or cfg.api == .@"workers-ai")
-            fail("model {s} not found on {s} at {s}", .{ cfg.model, cfg.server_name, cfg.url })
+        404 => if (cfg.protocol.pull_hint and !cfg.server_named)
+            fail("model {s} not found: run `ollama pull {s}`", .{ cfg.model, cfg.model })
         else
-            fail("model {s} not found: run `ollama pull {s}`", .{ cfg.model, cfg.model }),
+            fail("model {s} not found on {s} at {s}", .{ cfg.model, cfg.server_name, cfg.url }),
         else => {
             var text: TextBuf(300) = .{};
-            errorText(error_body.slice(), &text);
+            errorText(reply_body.slice(), &text);
             if (text.len > 0) {
                 fail("server error {d}: {s}", .{ reply_status, text.slice() });
             } else {
@@ -659,60 +725,22 @@ fn finishReply() void {
     }
 }
 
-/// The "error" field of a JSON object `body`, decoded into `out` (nothing if not JSON).
-/// Ollama sends {"error": "text"}, OpenAI-compatible servers {"error": {"message": "text", …}}.
+/// The error message of an error reply `body`, decoded into `out` (nothing if there is none):
+/// Ollama sends {"error":"text"}, OpenAI-compatible servers {"error":{"message":"text",…}}
+/// (both read as far as the body is valid JSON), Cloudflare {"success":false,"errors":
+/// [{"code":…,"message":"text"}]}.
 fn errorText(body: []const u8, out: *TextBuf(300)) void {
-    var r = json.ObjectReader.init(body) catch return;
-    while (r.next() catch return) |f| {
-        if (!f.key.eql("error")) continue;
-        switch (f.value) {
-            .string => |text| {
-                out.clear();
-                out.appendJson(text);
-            },
-            .object => |inner| if (field(inner, "message")) |m| if (m == .string) {
-                out.clear();
-                out.appendJson(m.string);
-            },
-            else => {},
-        }
-    }
-    // Cloudflare's API envelope: {"success":false,"errors":[{"code":…,"message":…}]}.
-    if (out.len == 0) if (field(body, "errors")) |errors| if (errors == .array) {
-        var items = json.ArrayReader.init(errors.array) catch return;
-        const first = (items.next() catch return) orelse return;
-        if (first == .object) if (field(first.object, "message")) |m| if (m == .string) out.appendJson(m.string);
+    var doc = json.selectPrefix(vh.allocator, body, &.{ "/error", "/error/message" });
+    defer doc.deinit();
+    if (doc.get("/error")) |err| switch (err.kind) {
+        .string => out.appendJson(err),
+        .object => if (doc.get("/error/message")) |m| out.appendJson(m),
+        else => {},
     };
-}
-
-/// A whole Workers AI reply: {"result":{"description":…},"success":true,…}, or
-/// {"success":false,"errors":[{"code":…,"message":…}],…}.
-fn handleWorkersReply(body: []const u8) void {
-    const success = field(body, "success") orelse return malformed();
-    if (success != .boolean) return malformed();
-    if (!success.boolean) {
-        var text: TextBuf(300) = .{};
-        errorText(body, &text);
-        return fail("server error: {s}", .{if (text.len > 0) text.slice() else "unknown"});
-    }
-    const result = field(body, "result") orelse return malformed();
-    if (result != .object) return malformed();
-    const description = field(result.object, "description") orelse return malformed();
-    if (description != .string) return malformed();
-    partial.clear();
-    partial.appendJson(description.string);
-    completeCaption();
-}
-
-/// The value of `key` in the JSON object `src` (the last one when repeated); null when
-/// absent or when `src` is not a valid object.
-fn field(src: []const u8, key: []const u8) ?json.Value {
-    var found: ?json.Value = null;
-    var r = json.ObjectReader.init(src) catch return null;
-    while (r.next() catch return null) |f| {
-        if (f.key.eql(key)) found = f.value;
-    }
-    return found;
+    if (out.len > 0) return;
+    var cloudflare = json.select(vh.allocator, body, &.{"/errors/0/message"}) catch return;
+    defer cloudflare.deinit();
+    if (cloudflare.get("/errors/0/message")) |m| out.appendJson(m);
 }
 
 fn fail(comptime fmt: []const u8, args: anytype) void {
@@ -725,8 +753,8 @@ fn malformed() void {
     fail("malformed reply from {s}", .{cfg.url});
 }
 
-/// One line of a 200 reply.
-fn handleItem(item: json.LineSplitter.Item) void {
+/// One line of a streamed 200 reply, to the protocol's reader.
+fn handleLine(item: json.LineSplitter.Item) void {
     const line = switch (item) {
         .line => |l| l,
         .too_long => return malformed(),
@@ -737,88 +765,12 @@ fn handleItem(item: json.LineSplitter.Item) void {
     const first_line = reply_lines == 0;
     reply_lines += 1;
     if (first_line and std.mem.startsWith(u8, std.mem.trimStart(u8, line, " \t\r\xef\xbb\xbf"), "<")) {
-        return fail("{s} answered with an HTML page, not the {s} API: check ollama-url and ollama-api", .{ cfg.url, @tagName(cfg.api) });
+        return fail("{s} answered with an HTML page, not the {s} API: check ollama-url and ollama-api", .{ cfg.url, cfg.protocol.name });
     }
-    switch (cfg.api) {
-        .generate, .chat => handleNdjsonLine(line),
-        .openai => handleSseLine(line),
-        .@"workers-ai" => unreachable, // not line-based: see handleWorkersReply
-    }
+    cfg.protocol.reply.lines(line);
 }
 
-/// One server-sent-events line of an OpenAI stream (https://html.spec.whatwg.org/multipage/
-/// server-sent-events.html): `data: {chunk}` lines carry the pieces, `data: [DONE]` ends
-/// the stream; blank lines, comments and other fields are skipped.
-fn handleSseLine(raw: []const u8) void {
-    const line = std.mem.trimEnd(u8, raw, "\r");
-    if (!std.mem.startsWith(u8, line, "data:")) return;
-    const data = std.mem.trim(u8, line["data:".len..], " ");
-    if (std.mem.eql(u8, data, "[DONE]")) return completeCaption();
-    var err_value: ?json.Value = null;
-    var choices: ?[]const u8 = null;
-    var r = json.ObjectReader.init(data) catch return malformed();
-    while (r.next() catch return malformed()) |f| {
-        if (f.key.eql("error")) {
-            err_value = f.value;
-        } else if (f.key.eql("choices")) {
-            if (f.value != .array) return malformed();
-            choices = f.value.array;
-        }
-    }
-    if (err_value != null) {
-        var text: TextBuf(300) = .{};
-        errorText(data, &text);
-        return fail("server error: {s}", .{if (text.len > 0) text.slice() else "unknown"});
-    }
-    var items = json.ArrayReader.init(choices orelse return malformed()) catch return malformed();
-    const first = (items.next() catch return malformed()) orelse return; // e.g. a usage-only chunk
-    if (first != .object) return malformed();
-    if (field(first.object, "delta")) |delta| {
-        if (delta != .object) return malformed();
-        if (field(delta.object, "content")) |content| switch (content) {
-            .string => |piece| partial.appendJson(piece),
-            .null => {},
-            else => return malformed(),
-        };
-    }
-    // "stop"/"length": the reply is complete even if the server never sends [DONE]. A stream
-    // that just ends without one (Ollama's /v1 after a runner error) is a malformed reply.
-    if (field(first.object, "finish_reason")) |reason| if (reason == .string) completeCaption();
-}
-
-/// One NDJSON line of an Ollama stream (/api/generate or /api/chat).
-fn handleNdjsonLine(line: []const u8) void {
-    var response: ?json.String = null;
-    var done: ?bool = null;
-    var err_text: ?json.String = null;
-    var r = json.ObjectReader.init(line) catch return malformed();
-    while (r.next() catch return malformed()) |f| {
-        if (f.key.eql("response") and cfg.api == .generate) {
-            if (f.value != .string) return malformed();
-            response = f.value.string;
-        } else if (f.key.eql("message") and cfg.api == .chat) {
-            if (f.value != .object) return malformed();
-            const content = field(f.value.object, "content") orelse return malformed();
-            if (content != .string) return malformed();
-            response = content.string;
-        } else if (f.key.eql("done")) {
-            if (f.value != .boolean) return malformed();
-            done = f.value.boolean;
-        } else if (f.key.eql("error")) {
-            err_text = if (f.value == .string) f.value.string else .{ .raw = "" };
-        }
-    }
-    if (err_text) |e| {
-        var text: TextBuf(300) = .{};
-        text.appendJson(e);
-        return fail("error from {s}: {s}", .{ cfg.server_name, text.slice() });
-    }
-    if (response == null and done == null) return malformed();
-    if (response) |piece| partial.appendJson(piece);
-    if (done == true) completeCaption();
-}
-
-/// `"done":true`: the partial caption becomes the caption.
+/// The reply is complete: the partial caption becomes the caption.
 fn completeCaption() void {
     reply_open = false;
     setOk();

@@ -21,8 +21,10 @@
 //!   `Result` layouts, `free`/`deinit`, the last error message.
 //! * this file — the API processors use: the wasm:cv interfaces re-exported (`vh.Mat`,
 //!   `vh.cv`, `vh.dnn`, `vh.objdetect`, `vh.features2d`, the types), and small hand-written
-//!   conveniences for the platform (formatted logging, `config.get` as an optional,
-//!   processor/frame stores, the fetch `Progress`, the panic handler).
+//!   conveniences for the platform (formatted logging, `config.get` as an optional, typed
+//!   config `settings`, processor/frame stores, the fetch `Progress`, the panic handler).
+//! * json.zig (`vh.json`) — reading streamed JSON replies with std.json (line splitting
+//!   across polls, values by JSON Pointer without allocating).
 //!
 //! Memory rules (the guest owns everything the host returns):
 //! * Strings and lists returned by the host are allocated in guest memory through the
@@ -253,31 +255,113 @@ pub const config = struct {
     }
 };
 
-/// Typed config settings for processors: each reads key `key` once when called; a value
-/// that does not parse or is out of range is logged (error level, naming the key, the value,
-/// `expected` and the default) and the default returned. Call them once (on the first frame
-/// or in `_initialize`) and keep the result, so a bad setting is reported once.
+/// Typed config settings for processors: each reads key `key` when called; a value that
+/// does not parse or is out of range is logged (error level: `config KEY="VALUE" is invalid
+/// (expected EXPECTED); using the default DEFAULT`) and the default returned; an unset key
+/// gives the default silently. Values are read without the blanks around them. Read them
+/// once (on the first frame, in `_initialize`, or when `config.version()` moves) and keep
+/// the result, so a bad setting is reported once.
 pub const settings = struct {
     /// An integer in [min, max].
     pub fn int(key: []const u8, default: i64, min: i64, max: i64, expected: []const u8) i64 {
+        return intOr(key, default, min, max, min, expected);
+    }
+
+    /// An integer in [min, max], or exactly `special` (e.g. 0 for "off").
+    pub fn intOr(key: []const u8, default: i64, min: i64, max: i64, special: i64, expected: []const u8) i64 {
         const value = config.get(key) orelse return default;
         defer free(value);
         if (std.fmt.parseInt(i64, trim(value), 10)) |v| {
-            if (v >= min and v <= max) return v;
+            if ((v >= min and v <= max) or v == special) return v;
         } else |_| {}
-        log.errf("config {s}=\"{s}\" is invalid (expected {s}); using {d}", .{ key, utf8Prefix(value, 64), expected, default });
+        reportInvalid(key, value, expected, default);
         return default;
     }
 
-    /// A plain decimal number (see `parseDecimal`) in [min, max].
-    pub fn decimal(key: []const u8, default: f32, min: f32, max: f32, expected: []const u8) f32 {
+    /// A plain decimal number (see `parseDecimal`) in [min, max]. (`default` is printed at
+    /// compile time: formatting a float at run time would add std's float printing.)
+    pub fn decimal(key: []const u8, comptime default: f32, min: f32, max: f32, expected: []const u8) f32 {
         const value = config.get(key) orelse return default;
         defer free(value);
         if (parseDecimal(trim(value))) |v| {
             if (v >= min and v <= max) return v;
         }
-        log.errf("config {s}=\"{s}\" is invalid (expected {s}); using {d}", .{ key, utf8Prefix(value, 64), expected, default });
+        reportInvalid(key, value, expected, std.fmt.comptimePrint("{d}", .{default}));
         return default;
+    }
+
+    /// `true` or `false` (any case), or `1` or `0`.
+    pub fn boolean(key: []const u8, default: bool) bool {
+        return oneOf(key, &.{ "false", "true", "0", "1" }, if (default) 1 else 0, .ignore_case, "true or false") % 2 == 1;
+    }
+
+    /// One of the names of enum `T`'s values (`case` says whether "Top" is "top"); the
+    /// expected values are listed in the message.
+    pub fn choice(comptime T: type, key: []const u8, default: T, case: Case) T {
+        const names = comptime std.meta.fieldNames(T);
+        const i = oneOf(key, names, std.mem.indexOfScalar(T, std.enums.values(T), default).?, case, comptime listed(names));
+        return std.enums.values(T)[i];
+    }
+
+    /// The index in `names` of the value (e.g. a processor's table of protocols by name).
+    pub fn oneOf(key: []const u8, names: []const []const u8, default: usize, case: Case, expected: []const u8) usize {
+        const value = config.get(key) orelse return default;
+        defer free(value);
+        const v = trim(value);
+        for (names, 0..) |name, i| {
+            if (if (case == .ignore_case) std.ascii.eqlIgnoreCase(v, name) else std.mem.eql(u8, v, name)) return i;
+        }
+        reportInvalid(key, value, expected, names[default]);
+        return default;
+    }
+
+    pub const Case = enum { exact, ignore_case };
+
+    /// `names` as a message lists them: "a, b or c".
+    pub fn listed(comptime names: []const []const u8) []const u8 {
+        var out: []const u8 = "";
+        for (names, 0..) |name, i| {
+            out = out ++ (if (i == 0) "" else if (i + 1 == names.len) " or " else ", ") ++ name;
+        }
+        return out;
+    }
+
+    /// A text, copied with `gpa` (an arena suits: such values live until the config is read
+    /// again); the default (not copied) when unset, or when `valid` refuses it (reported).
+    pub fn text(gpa: std.mem.Allocator, key: []const u8, default: []const u8, comptime valid: fn ([]const u8) bool, expected: []const u8) error{OutOfMemory}![]const u8 {
+        const value = config.get(key) orelse return default;
+        defer free(value);
+        const v = trim(value);
+        if (!valid(v)) {
+            reportInvalid(key, value, expected, default);
+            return default;
+        }
+        return gpa.dupe(u8, v);
+    }
+
+    /// An optional text, copied with `gpa`: null when unset or blank.
+    pub fn optionalText(gpa: std.mem.Allocator, key: []const u8) error{OutOfMemory}!?[]const u8 {
+        const value = config.get(key) orelse return null;
+        defer free(value);
+        const v = trim(value);
+        if (v.len == 0) return null;
+        return try gpa.dupe(u8, v);
+    }
+
+    /// For `text`: anything but blanks.
+    pub fn nonBlank(v: []const u8) bool {
+        return v.len > 0;
+    }
+
+    /// Logs that `value` of `key` is invalid and `default` is used instead (see above).
+    pub fn reportInvalid(key: []const u8, value: []const u8, expected: []const u8, default: anytype) void {
+        const fmt_default = switch (@typeInfo(@TypeOf(default))) {
+            .int, .comptime_int => "{d}",
+            else => "{s}",
+        };
+        log.errf("config {s}=\"{s}\" is invalid (expected {s}); using the default " ++ fmt_default, .{
+            key, utf8Prefix(value, 200), expected, default,
+        });
     }
 
     /// Blanks and line ends around `s` removed.
