@@ -420,3 +420,31 @@ def test_a_flood_of_cancelled_requests_stays_bounded_and_cannot_delay_another_st
     for n, client in enumerate(flooders):    # the flooders still work, and their queues are empty
         assert _finish(client, client.start("GET", f"{server.url}/after{n}", "", lambda: b"")) == (200, b"ok")
     assert [p for p in server.paths() if p.startswith("/flood")] == flood   # nothing cancelled was sent later
+
+
+def test_a_request_cancelled_mid_reply_ends_quietly(caplog):
+    """Cancelling a request whose reply is streaming closes its response under the worker's
+    read: the worker ends without a "HTTP worker failed" traceback and counts nothing as done."""
+    server = OllamaStandin(token_delay_s=0.05)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+    try:
+        policy = NetworkPolicy(allowed={server.url.split("//")[1]})
+        client = FetchClient(policy, pool, FetchStats(), FairShare(2), lane=0)
+        body = json.dumps({"model": "llava", "prompt": "hi", "images": [], "stream": True}).encode()
+        for _ in range(5):
+            rid = client.start("POST", server.url + "/api/generate", "application/json", lambda: body)
+            received = b""
+            deadline = time.monotonic() + 10
+            while not received:                    # the reply has started
+                assert time.monotonic() < deadline, "no reply"
+                received += client.poll(rid)[2]
+                time.sleep(0.005)
+            client.cancel(rid)
+        deadline = time.monotonic() + 10
+        while client.pending:                      # the workers let go of every request
+            assert time.monotonic() < deadline, "a cancelled request never ended"
+            time.sleep(0.005)
+    finally:
+        server.stop()
+        pool.shutdown(wait=True)
+    assert not [r for r in caplog.records if "HTTP worker failed" in r.getMessage()]

@@ -841,10 +841,15 @@ class FetchClient:
                     req.done = True
         except requests.exceptions.Timeout:
             req.error = FetchError.TIMEOUT
-        except (requests.exceptions.RequestException, OSError, ValueError):
+        except (requests.exceptions.RequestException, OSError, ValueError, AttributeError) as exc:
+            # A cancel closes the response under this read: http.client then meets its file
+            # gone (AttributeError on None). That is the cancel, not a failure; anything else is.
             with req.lock:
-                if not req.cancelled:
+                cancelled = req.cancelled
+                if not cancelled:
                     req.error = FetchError.REQUEST_ERROR
+            if isinstance(exc, AttributeError) and not cancelled:
+                raise
         finally:
             resp.close()
 
