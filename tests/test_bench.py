@@ -21,7 +21,7 @@ from vision_host.pipeline import Pipeline
 from vision_host.runtime import NetworkPolicy
 from vision_host.sources import FileSource
 
-FRAMES = 1189
+FRAMES = 600          # the clip's first 600 frames, as `vision-host bench` compares them
 
 
 @pytest.fixture
@@ -46,18 +46,6 @@ def test_ollama_call_per_frame(benchmark, runtime_factory, standin, real_frame):
     assert p.stats.errors == 0
 
 
-def _opencv_loop(path, out_path, frames):
-    cap = cv2.VideoCapture(str(path))
-    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*"mp4v"), cap.get(cv2.CAP_PROP_FPS), (640, 360))
-    for _ in range(frames):
-        ok, frame = cap.read()
-        if not ok:
-            break
-        writer.write(frame)
-    writer.release()
-    cap.release()
-
-
 def _pipeline(runtime_factory, url, out_path, frames):
     cfg = {"ollama-url": url, "ollama-interval-ms": "500"}
     rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
@@ -70,29 +58,36 @@ def _pipeline(runtime_factory, url, out_path, frames):
     finally:
         output.close()
         source.close()
-    return stats
+        processors[0].close()
+    assert stats["frames_out"] == frames
+    return stats["fps"]
 
 
 def test_pipeline_fps_vs_plain_opencv(benchmark, runtime_factory, standin, tmp_path):
-    """Whole pipeline (-p ollama, file output, --no-pace) vs an OpenCV read+write loop."""
-    started = time.perf_counter()
-    _opencv_loop(SAMPLE_CLIP, tmp_path / "plain.mp4", FRAMES)
-    opencv_fps = FRAMES / (time.perf_counter() - started)
-    stats = benchmark.pedantic(_pipeline, args=(runtime_factory, standin.url, tmp_path / "vh.mp4", FRAMES),
-                               rounds=1, iterations=1)
-    ratio = stats["fps"] / opencv_fps
-    benchmark.extra_info.update(pipeline_fps=stats["fps"], opencv_fps=round(opencv_fps, 1),
-                                fps_ratio_vs_opencv=round(ratio, 3), captions=stats["captions"]["completed"])
-    print(f"\npipeline {stats['fps']:.1f} fps, plain OpenCV {opencv_fps:.1f} fps, ratio {ratio:.2f}")
-    assert stats["frames_out"] == FRAMES
+    """Whole pipeline (-p ollama, file output, --no-pace) vs an OpenCV read+write loop over
+    the same frames, 3 rounds each, interleaved (``vision-host bench``'s measure): the median
+    round's ratio, with the spread of the rounds."""
+    from vision_host.bench import _opencv_loop, interleaved_ratio
+
+    def measure():
+        return interleaved_ratio(lambda: _opencv_loop(str(SAMPLE_CLIP), FRAMES, tmp_path / "plain.mp4"),
+                                 lambda: _pipeline(runtime_factory, standin.url, tmp_path / "vh.mp4", FRAMES), 3)
+    r = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(r)
+    print(f"\npipeline {r['fps']:.1f} fps, plain OpenCV {r['opencv_fps']:.1f} fps, ratio {r['fps_ratio_vs_opencv']:.2f} "
+          f"(rounds {r['fps_ratio_rounds']})")
+    assert r["fps_ratio_spread"][0] <= r["fps_ratio_vs_opencv"] <= r["fps_ratio_spread"][1]
 
 
 _HOST_CALLS = 1000
 
 
-def test_host_call_round_trip(benchmark, runtime_factory, real_frame):
-    """One process() making 1000 host calls (`[method]mat.get-uchar-at`, the call wasmVision's
-    asciify makes per pixel): the per-call cost of crossing the boundary is this / 1000."""
+@pytest.mark.parametrize("served", [True, False], ids=["in-wasm", "through-python"])
+def test_host_call_round_trip(benchmark, runtime_factory, real_frame, served):
+    """One process() making 1000 `[method]mat.get-uchar-at` calls (the call wasmVision's
+    asciify makes per pixel): per call, this / 1000. ``in-wasm``: served by the accessor
+    helper inside wasm (the default); ``through-python``: every call crosses into the host's
+    Python code (``Runtime.wasm_accessors = False``), the cost of the boundary itself."""
     from wat import module
     wasm = module(f"""(module
       (import "wasm:cv/mat" "[method]mat.get-uchar-at" (func $at (param i32 i32 i32) (result i32)))
@@ -104,9 +99,30 @@ def test_host_call_round_trip(benchmark, runtime_factory, real_frame):
           (local.set $i (i32.add (local.get $i) (i32.const 1)))
           (br_if $again (i32.lt_u (local.get $i) (i32.const {_HOST_CALLS}))))
         (local.get $f)))""")
-    p = runtime_factory().load_bytes(wasm, "caller")
+    rt = runtime_factory()
+    rt.wasm_accessors = served
+    p = rt.load_bytes(wasm, "caller")
     assert benchmark(p.process, real_frame) is real_frame
     assert p.last_error is None
+    benchmark.extra_info["us_per_call"] = round(benchmark.stats.stats.median * 1e6 / _HOST_CALLS, 3) \
+        if benchmark.stats else None
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["in-wasm", "through-python"])
+def test_asciify_style_reads_at_768x432(benchmark, runtime_factory, served):
+    """wasmVision's asciify pattern: 14 400 `get-uchar-at` calls a frame (a 160×90 grid over a
+    768×432 frame of the car clip), plus cols and rows: ms per frame."""
+    from test_accessors import ASCIIFY_READS, asciify_sum
+
+    from conftest import CAR_CLIP
+    cap = cv2.VideoCapture(str(CAR_CLIP))
+    ok, frame = cap.read()
+    cap.release()
+    rt = runtime_factory()
+    rt.wasm_accessors = served
+    p = rt.load_bytes(ASCIIFY_READS, "asciify-like")
+    assert benchmark(p.process, frame) is frame
+    assert p.last_error is None and p.exports["sum"].value(p.store) == asciify_sum(frame)
 
 
 # -- vision-host serve: batched vs unbatched ----------------------------------------------------
@@ -257,14 +273,18 @@ def test_vision_host_bench_quick_json(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "vision_host", "bench", "--quick", "--json", "--soak-frames", "2000",
+    proc = subprocess.run([sys.executable, "-m", "vision_host", "bench", "--quick", "--json", "--soak-frames", "20000",
                            "--latency-ms", "1000"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     r = json.loads(proc.stdout)
     assert r["clip"] == "bottle-detection.mp4" and r["machine"]["cores"] >= 1
+    # the ratio is the median of 3 interleaved rounds, reported with their spread; fps and
+    # opencv_fps are that round's
     assert r["fps"] > 0 and r["opencv_fps"] > 0 and r["fps_ratio_vs_opencv"] == pytest.approx(r["fps"] / r["opencv_fps"],
                                                                                                 rel=0.01)
+    assert len(r["fps_ratio_rounds"]) == 3 and r["fps_ratio_vs_opencv"] == sorted(r["fps_ratio_rounds"])[1]
+    assert r["fps_ratio_spread"] == [min(r["fps_ratio_rounds"]), max(r["fps_ratio_rounds"])]
     # the non-blocking design keeps frames coming; the blocking one stops them for the server's second
     assert r["nonblocking"]["max_frame_gap_ms"] < 200 <= 1000 <= r["blocking"]["max_frame_gap_ms"]
     assert r["nonblocking"]["caption_requests"] >= 1 and r["blocking"]["caption_requests"] >= 1
@@ -274,7 +294,8 @@ def test_vision_host_bench_quick_json(tmp_path):
     assert r["payload_bytes"]["default_max_side"] < r["payload_bytes"]["full_resolution"]
     assert 0 < r["startup_ms"]["warm"] and 0 < r["startup_ms"]["cold"] < 30_000
     soak = r["soak"]
-    assert soak["frames"] == 2000 and soak["errors"] == 0 and soak["captions"] >= 1
+    # 20 000 small frames (about a second here): long enough for captions of 50 ms to complete
+    assert soak["frames"] == 20000 and soak["errors"] == 0 and soak["captions"] >= 1
     assert soak["guest_memory_bytes_end"] == soak["guest_memory_bytes_start"]
     from vision_host.bench import format_table
     assert "| `fps_ratio_vs_opencv` |" in format_table(r)

@@ -18,7 +18,8 @@ drill                     what the user sees
 ========================  =========================================================================
 processor traps           ``trapped (wasm trap: …unreachable…)``, then ``disabled after 5 failed
                           calls in a row …; the video goes on without it``
-processor loops forever   ``call exceeded its 20 ms deadline … and was interrupted``
+processor loops forever   ``call exceeded its 1000 ms deadline (host functions included) and was
+                          interrupted`` (each of its 5 calls stalls the video up to that deadline)
 allocates memory w/o end  ``trapped (…); its memory is near its 4 MiB cap (raise it with
                           --memory-limit-mb …)``
 allocates mats w/o end    ``too many live mat handles (32): the processor does not drop what it
@@ -218,7 +219,7 @@ PROCESSOR_DRILLS = {
               {}, "trapped (wasm trap: wasm `unreachable` instruction executed"),
     "loops-forever": (module("""(module (memory (export "memory") 1)
         (func (export "process") (param i32) (result i32) (loop $spin (br $spin)) (local.get 0)))"""),
-                      {}, "call exceeded its 20 ms deadline (time in the processor's own code) and was interrupted"),
+                      {}, "call exceeded its 1000 ms deadline (host functions included) and was interrupted"),
     "allocates-memory-without-bound": (module("""(module (memory (export "memory") 1)
         (func (export "process") (param i32) (result i32)
           (if (i32.eq (memory.grow (i32.const 16)) (i32.const -1)) (then unreachable))
@@ -240,6 +241,9 @@ PROCESSOR_DRILLS = {
     "passes-invalid-utf8": (_logging_processor(16, b"\xff\xfe caption \xc3"), {},
                             "ABI violation: string at 16 is not valid UTF-8 (invalid start byte at byte 0)"),
 }
+#: Drills whose failed calls may hold a frame longer than assert_flowing's default: a runaway
+#: loop runs to the default deadline (1 s, SandboxLimits) before it is interrupted.
+DRILL_STALL_MS = {"loops-forever": 1000 + 500}
 
 
 @pytest.mark.parametrize("drill", list(PROCESSOR_DRILLS))
@@ -251,7 +255,7 @@ def test_a_misbehaving_processor_is_stopped_and_the_video_goes_on(runtimes, capl
     bad, hello = rt.load_bytes(wasm, "bad"), rt.load(HELLO_WASM)
     with caplog.at_level(logging.ERROR, logger="vision_host"):
         run = run_drill(rt, [bad, hello])
-    assert_flowing(run)
+    assert_flowing(run, max_gap_ms=DRILL_STALL_MS.get(drill, 250.0))
     assert message in bad.last_error, bad.last_error
     assert bad.disabled and bad.stats.errors == 5
     assert logged(caplog, f"processor bad: {bad.last_error}; the frame passes on unchanged")

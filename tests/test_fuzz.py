@@ -269,3 +269,211 @@ def test_random_server_replies_never_trap_the_ollama_processor(scripted, ollama,
     assert not p.disabled
     assert p.ctx.fetch.in_flight <= 1
     assert len(p.ctx.mats) == 0
+
+
+# -- (c) the in-wasm mat accessors against the host's own, on random programs ---------------
+# A processor runs a random program of mat accesses and mat-changing host calls inside ONE
+# `process` call (so the helper's copies stay live across operations), once with the
+# accessors served inside wasm (runtime/accessors.py) and once with every call in Python.
+# Results, errors and the mats at the end must be the same.
+_OPS = [  # (import name, core params, result, kind of the extra value)
+    *[(f"[method]mat.get-{ty}-at{s}", "i" * (4 if s else 3), "f" if ty == "float" else "i", None)
+      for s in ("", "3") for ty in ("uchar", "int", "float")],
+    *[(f"[method]mat.set-{ty}-at{s}", "i" * (4 if s else 3) + ("f" if ty == "float" else "i"), "",
+       "f" if ty == "float" else "i") for s in ("", "3") for ty in ("uchar", "int", "float")],
+    *[(f"[method]mat.{m}", "i", "i", None) for m in ("cols", "rows", "mattype", "elemsize", "empty", "step")],
+    ("[method]mat.add-uchar", "ii", "", "i"),
+    ("[method]mat.multiply-float", "if", "", "f"),
+    ("[method]mat.copy-to", "ii", "", None),
+    ("[method]mat.clone", "i", "i", None),
+    ("[method]mat.close", "i", "", None),
+    ("[resource-drop]mat", "i", "", None),
+    ("[method]mat.region", "iiiii", "i", None),
+    ("debug", "ii", "", None),                 # a host call that touches no mat
+]
+_PROGRAM_AT, _RESULTS_AT, _OP_BYTES = 1024, 16384, 32
+
+
+def _accessor_program_driver() -> bytes:
+    """A processor whose ``process`` runs the ``n`` operations at ``_PROGRAM_AT`` (32 bytes
+    each: op index, four i32 arguments, an i32 and an f32 value), storing each result (or 1
+    for none) and a done mark at ``_RESULTS_AT`` + 8·k."""
+    imports, wrappers, names = [], [], []
+    for i, (name, params, result, _) in enumerate(_OPS):
+        module_name = "wasmvision:platform/logging" if name == "debug" else "wasm:cv/mat"
+        sig = (f"(param {' '.join(_WAT[c] for c in params)})" if params else "") + \
+              (f" (result {_WAT[result]})" if result else "")
+        imports.append(f'(import "{module_name}" "{name}" (func $h{i} {sig}))')
+        args, ints = [], 0
+        for c in params:
+            if c == "f":
+                args.append("(f32.load offset=24 (local.get $p))")
+            elif ints < 4:
+                args.append(f"(i32.load offset={4 + 4 * ints} (local.get $p))")
+                ints += 1
+            else:
+                args.append("(i32.load offset=20 (local.get $p))")
+        if name == "debug":
+            args = ["(i32.const 8)", "(i32.const 5)"]
+        call = f"(call $h{i} {' '.join(args)})"
+        store = (f"(f32.store (local.get $r) {call})" if result == "f" else
+                 f"(i32.store (local.get $r) {call})" if result else f"{call} (i32.store (local.get $r) (i32.const 1))")
+        wrappers.append(f"(func $w{i} (param $p i32) (param $r i32) {store} (i32.store offset=4 (local.get $r) (i32.const 1)))")
+        names.append(f"$w{i}")
+    return wasmtime.wat2wasm(f"""
+(module
+  {' '.join(imports)}
+  (type $op (func (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 8) "probe")
+  (table {len(names)} funcref)
+  (elem (i32.const 0) {' '.join(names)})
+  (global $n (export "n") (mut i32) (i32.const 0))
+  {' '.join(wrappers)}
+  (func (export "process") (param $f i32) (result i32) (local $k i32) (local $p i32)
+    (block $end (loop $next
+      (br_if $end (i32.ge_u (local.get $k) (global.get $n)))
+      (local.set $p (i32.add (i32.const {_PROGRAM_AT}) (i32.mul (local.get $k) (i32.const {_OP_BYTES}))))
+      (call_indirect (type $op) (local.get $p) (i32.add (i32.const {_RESULTS_AT}) (i32.mul (local.get $k) (i32.const 8)))
+                     (i32.load (local.get $p)))
+      (local.set $k (i32.add (local.get $k) (i32.const 1)))
+      (br $next)))
+    (local.get $f)))""")
+
+
+def _accessor_mats() -> list[np.ndarray]:
+    """Mats of every depth and layout the accessors meet (inserted as handles 1, 2, …)."""
+    import cv2
+    rng = np.random.default_rng(7)
+    specials = np.array([np.nan, np.inf, -np.inf, 254.5, 255.5, -0.5, 0.5, 1.5, 2.5, -1e20, 1e20, 3e9, -3e9,
+                         2147483647.5, 65535.5, -129.5, 127.5, 0.0, -0.0, 1e-40])
+    u8 = rng.integers(0, 256, (12, 10, 3), np.uint8)
+    f32 = rng.choice(specials, (6, 5)).astype(np.float32)
+    f64 = rng.choice(specials, (3, 3, 2)).astype(np.float64)
+    readonly = rng.integers(0, 256, (4, 4), np.uint8)
+    readonly.flags.writeable = False
+    wide = rng.integers(0, 256, (2, 70_000), np.uint8)
+    big = rng.integers(0, 256, (160, 160, 3), np.uint8)            # 75 KiB: two windows
+    return [u8, f32, rng.integers(-32768, 32768, (4, 3, 2), np.int16), rng.integers(-128, 128, (5, 4), np.int8),
+            rng.integers(0, 65536, (3, 4, 2), np.uint16),
+            rng.choice([0, 1, -1, 255, 256, -2**31, 2**31 - 1, 70000], (4, 4)).astype(np.int32), f64,
+            rng.random((3, 3)).astype(np.float16), u8[2:7, 3:8], readonly,
+            cv2.Mat(rng.random((1, 2, 3, 4)).astype(np.float32), wrap_channels=False), np.empty((0, 0), np.uint8),
+            wide[:, :66_000], rng.integers(0, 256, 5, np.uint8), big, big[10:150, 20:140]]
+
+
+_FRAME_SHAPE = (48, 64, 3)
+
+
+def _dims(shape: tuple) -> tuple[int, int, int, int, int]:
+    """(rows, elements per row, d0, d1, inner) of a mat of ``shape``, as cv._flat_index(3) see it."""
+    size = int(np.prod(shape)) if shape else 1
+    n0 = shape[0] if shape else 1
+    d1 = shape[1] if len(shape) > 1 else 1
+    return n0, size // n0 if n0 else 0, n0, d1, size // (n0 * d1) if n0 and d1 else 0
+
+
+@st.composite
+def accessor_programs(draw):
+    """Programs of 1–60 operations, mostly on live mats with indexes inside them (so copies
+    stay live across operations), sometimes past an edge, on a dropped or unknown handle."""
+    mats = _accessor_mats()
+    shapes = [a.shape for a in mats] + [_FRAME_SHAPE]
+    # mats every access works on (the others: empty, 1-D, read-only) and the frame
+    benign = [h for h, a in enumerate(mats, 1) if a.size and a.ndim > 1 and a.flags.writeable] + [len(shapes)]
+    wild = st.sampled_from([0xFFFF_FFFF, 0x8000_0000, 70_000, 1_000])
+    accesses = [k for k, o in enumerate(_OPS) if "-at" in o[0] or o[0].split(".")[-1] in
+                ("cols", "rows", "mattype", "elemsize", "empty", "step")]
+    changes = [k for k, o in enumerate(_OPS) if k not in accesses and o[0] not in ("[method]mat.close",
+                                                                                    "[resource-drop]mat")]
+    ends = [k for k, o in enumerate(_OPS) if o[0] in ("[method]mat.close", "[resource-drop]mat")]
+    ops = []
+    for _ in range(draw(st.integers(1, 60))):
+        rare = draw(st.integers(0, 49))                             # 0: an op that may end the program
+        op = draw(st.sampled_from(ends if rare == 0 else changes if rare < 8 else accesses))
+        name = _OPS[op][0]
+        h = draw(st.sampled_from(benign)) if draw(st.integers(0, 29)) else draw(st.one_of(
+            st.integers(1, len(shapes) + 4), st.sampled_from([0, 0xFFFF_FFFF])))
+        n0, rowlen, d0, d1, inner = _dims(shapes[h - 1]) if h <= len(shapes) else (4, 4, 4, 2, 2)
+        edge = draw(st.integers(0, 39)) == 0                       # one in 40: anywhere
+        if edge:
+            ints = [h] + [draw(st.one_of(st.integers(0, 400), wild)) for _ in range(3)]
+        elif name.endswith("at3"):
+            ints = [h, draw(st.integers(0, max(d0 - 1, 0))), draw(st.integers(0, max(d1 - 1, 0))),
+                    draw(st.integers(0, max(inner - 1, 0)))]
+        else:   # on a continuous mat a column may run on into the next rows
+            ints = [h, draw(st.integers(0, max(n0 - 1, 0))), draw(st.integers(0, max(rowlen - 1, 0))), 0]
+        if name in ("[method]mat.copy-to", "[method]mat.region"):
+            ints[1] = draw(st.integers(1, len(shapes) + 3)) if name == "[method]mat.copy-to" else ints[1]
+        value_i = draw(st.one_of(st.integers(-2**31, 2**31 - 1), st.integers(0, 300)))
+        value_f = draw(_f32())
+        ops.append((op, ints, value_i, value_f))
+    return ops
+
+
+def _run_program(processor, ops) -> tuple:
+    """Run ``ops`` in one process call on fresh copies of the mats; returns (results,
+    last_error, mats after) where results are (done, value) per operation."""
+    import struct
+    mats = processor.ctx.mats
+    mats._objects.clear()
+    mats._next = 1
+    for a in _accessor_mats():
+        mats.insert(a)
+    frame = (np.arange(np.prod(_FRAME_SHAPE), dtype=np.uint32) % 251).reshape(_FRAME_SHAPE).astype(np.uint8)
+    program = b"".join(struct.pack("<iIIIIif4x", op, *(x & 0xFFFF_FFFF for x in ints), vi, vf)
+                       for op, ints, vi, vf in ops)
+    mem = processor.ctx.memory
+    mem.write(_PROGRAM_AT, program)
+    mem.write(_RESULTS_AT, bytes(8 * len(ops)))
+    processor.exports["n"].set_value(processor.store, len(ops))
+    processor.last_error = None
+    processor.process(frame)
+    raw = mem.read(_RESULTS_AT, 8 * len(ops))
+    results = []
+    for k, (op, *_rest) in enumerate(ops):
+        value, done = struct.unpack_from("<4si", raw, 8 * k)
+        if _OPS[op][2] == "f":
+            v = struct.unpack("<f", value)[0]
+            results.append((done, "nan" if v != v else v))
+        else:
+            results.append((done, struct.unpack("<i", value)[0]))
+    after = {h: a for h, a in mats._objects.items()}
+    return results, processor.last_error, after, frame
+
+
+@pytest.fixture(scope="module")
+def accessor_pair():
+    wasm = _accessor_program_driver()
+    limits = SandboxLimits(max_consecutive_failures=1 << 30, max_live_mats=256)
+    served = Runtime({}, NetworkPolicy(), limits)
+    host = Runtime({}, NetworkPolicy(), limits, wasm_accessors=False)
+    a, b = served.load_bytes(wasm, "served"), host.load_bytes(wasm, "host")
+    assert a.ctx.accessors is not None and b.ctx.accessors is None
+    yield a, b
+    served.close()
+    host.close()
+
+
+def _same_mat(x, y) -> bool:
+    if type(x) is not type(y) or x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    return bool(np.array_equal(x, y, equal_nan=x.dtype.kind == "f"))
+
+
+@settings(max_examples=max(EXAMPLES // 10, 300), deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck), print_blob=True)
+@given(ops=accessor_programs())
+def test_in_wasm_accessors_do_what_the_host_does(accessor_pair, ops):
+    """Random programs of reads, writes (every depth, views, read-only and N-d mats, indexes
+    in and out of bounds, unknown and dropped handles) mixed with host calls that read,
+    change, replace or drop mats: the same results, the same error, the same mats."""
+    served, host = accessor_pair
+    got, error, mats, frame = _run_program(served, ops)
+    want, want_error, want_mats, want_frame = _run_program(host, ops)
+    assert got == want
+    assert error == want_error
+    assert mats.keys() == want_mats.keys()
+    for h in mats:
+        assert _same_mat(mats[h], want_mats[h]), (h, mats[h], want_mats[h])
+    assert np.array_equal(frame, want_frame)

@@ -9,8 +9,15 @@ say they come from the bench.
 Scenarios (keys of the ``--json`` object; ``fps`` and ``max_frame_gap_ms`` mean what they
 mean in ``--stats``):
 
-* ``fps``, ``opencv_fps``, ``fps_ratio_vs_opencv``: ``-p ollama`` with a file output, unpaced,
-  against a plain OpenCV read + ``mp4v`` write loop over the same frames.
+* ``fps``, ``opencv_fps``, ``fps_ratio_vs_opencv``, ``fps_ratio_spread``, ``fps_ratio_rounds``:
+  ``-p ollama`` with a file output, unpaced, against a plain OpenCV read + ``mp4v`` write loop
+  over the same frames (the clip's first 600; ``--quick``: 300), in interleaved rounds (7;
+  ``--quick``: 3), alternating which runs first, so a change of load between runs lands on both: the median round's pipeline and
+  OpenCV frames/s and ratio, the ratios' ``[min, max]``, and each round's ratio.
+* ``streams`` (with ``--streams N``, N > 1): ``count`` unpaced ``-p ollama`` streams at once
+  (one runtime, a processor instance, source, output and thread each) against as many plain
+  OpenCV loops on threads, interleaved as above: ``fps`` and ``opencv_fps`` of all streams
+  together, ``fps_ratio_vs_opencv``, ``fps_ratio_spread``, ``fps_ratio_rounds``.
 * ``nonblocking`` / ``blocking``: the paced clip while the server takes ``server_latency_ms``
   per caption (a request every 3 s at most, ``ollama``'s default), with ``ollama`` and with ``ollama-blocking`` (wasmVision's design: the caption
   request inside ``process`` through the blocking ``post-image``): ``fps``, ``max_frame_gap_ms``.
@@ -195,36 +202,169 @@ def _runtime(config: dict, limits: SandboxLimits | None = None) -> Runtime:
     return Runtime(config, NetworkPolicy.from_config(config), limits or SandboxLimits(), cache_dir=None)
 
 
-def _opencv_vs_pipeline(clip: str, server: LatencyServer, frames: int, out_dir: Path) -> dict:
-    started = time.perf_counter()
+def _opencv_loop(clip: str, frames: int, out_path: Path) -> float:
+    """A plain OpenCV read + ``mp4v`` write loop over the first ``frames`` frames of ``clip``,
+    decoding into one reused buffer as the pipeline's file source does; returns its frames/s
+    (the loop only: opening and finalizing the files are not timed, as they are not in a
+    pipeline's ``fps``)."""
     cap = cv2.VideoCapture(clip)
     w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    writer = cv2.VideoWriter(str(out_dir / "plain.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), cap.get(cv2.CAP_PROP_FPS),
-                             (w, h))
+    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*"mp4v"), cap.get(cv2.CAP_PROP_FPS), (w, h))
+    buffer = np.empty((h, w, 3), np.uint8)
     done = 0
+    started = time.perf_counter()
     while done < frames:
-        ok, frame = cap.read()
+        ok, frame = cap.read(buffer)
         if not ok:
             break
         writer.write(frame)
         done += 1
+    elapsed = time.perf_counter() - started
     writer.release()
     cap.release()
-    opencv_fps = done / (time.perf_counter() - started)
+    return done / elapsed
+
+
+def _pipeline_fps(clip: str, server: LatencyServer, frames: int, out_path: Path) -> float:
+    """``-p ollama`` → an ``mp4v`` file, unpaced, over the first ``frames`` frames of ``clip``
+    (a caption requested every 500 ms at most); returns the run's ``fps``."""
     config = {"ollama-url": server.url, "ollama-interval-ms": "500"}
     with _runtime(config) as rt:
         processors = [rt.load(WASM / "ollama.wasm")]
         source = FileSource(clip, pace=False)
-        output = FileOutput(out_dir / "pipeline.mp4")
+        output = FileOutput(out_path)
         output.open(source.width, source.height, source.fps)
         try:
-            stats = Pipeline(source, processors, [output], rt).run(done)
+            stats = Pipeline(source, processors, [output], rt).run(frames)
         finally:
             output.close()
             source.close()
             processors[0].close()
-    return {"fps": stats["fps"], "opencv_fps": round(opencv_fps, 1),
-            "fps_ratio_vs_opencv": round(stats["fps"] / opencv_fps, 3)}
+    return stats["fps"]
+
+
+def interleaved_ratio(plain, pipeline, rounds: int) -> dict:
+    """Run ``plain()`` and ``pipeline()`` (each returning frames/s) ``rounds`` times, alternating
+    which goes first (plain, pipeline; pipeline, plain; …) so that a change of load during the
+    runs lands on both. Each round gives the ratio pipeline / plain of its two runs.
+
+    Returns ``{"fps", "opencv_fps", "fps_ratio_vs_opencv", "fps_ratio_spread",
+    "fps_ratio_rounds"}``: the median round's two figures and ratio (the lower median for an
+    even count), ``[min, max]`` of the ratios, and every round's ratio in order.
+
+    Raises:
+        ValueError: ``rounds`` < 1.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
+    runs = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            plain_fps = plain()
+            pipeline_fps = pipeline()
+        else:
+            pipeline_fps = pipeline()
+            plain_fps = plain()
+        runs.append((pipeline_fps / plain_fps, pipeline_fps, plain_fps))
+    ratios = [ratio for ratio, _, _ in runs]
+    ratio, fps, plain_fps = sorted(runs)[(len(runs) - 1) // 2]
+    return {"fps": round(fps, 2), "opencv_fps": round(plain_fps, 1), "fps_ratio_vs_opencv": round(ratio, 3),
+            "fps_ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)],
+            "fps_ratio_rounds": [round(x, 3) for x in ratios]}
+
+
+def _opencv_vs_pipeline(clip: str, server: LatencyServer, frames: int, out_dir: Path, rounds: int) -> dict:
+    """``-p ollama`` against the plain OpenCV loop over the same frames, interleaved
+    (:func:`interleaved_ratio`)."""
+    return interleaved_ratio(lambda: _opencv_loop(clip, frames, out_dir / "plain.mp4"),
+                             lambda: _pipeline_fps(clip, server, frames, out_dir / "pipeline.mp4"), rounds)
+
+
+def _opencv_threads(clip: str, frames: int, streams: int, out_dir: Path) -> float:
+    """``streams`` plain OpenCV read + write loops (:func:`_opencv_loop`'s) at once, one thread
+    each, over the first ``frames`` frames of ``clip``; returns the frames/s of all together
+    (frames written / the time from the common start to the last loop's end; opening and
+    finalizing the files are not timed)."""
+    ready = threading.Barrier(streams + 1)
+    done = [0] * streams
+    ended = [0.0] * streams
+
+    def loop(k: int) -> None:
+        cap = cv2.VideoCapture(clip)
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        writer = cv2.VideoWriter(str(out_dir / f"plain-{k}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
+                                 cap.get(cv2.CAP_PROP_FPS), (w, h))
+        buffer = np.empty((h, w, 3), np.uint8)
+        ready.wait()
+        try:
+            while done[k] < frames:
+                ok, frame = cap.read(buffer)
+                if not ok:
+                    break
+                writer.write(frame)
+                done[k] += 1
+            ended[k] = time.perf_counter()
+        finally:
+            writer.release()
+            cap.release()
+
+    threads = [threading.Thread(target=loop, args=(k,), name=f"vision-host-bench-opencv-{k}") for k in range(streams)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(done) / (max(ended) - started)
+
+
+def _pipeline_streams(clip: str, server: LatencyServer, frames: int, streams: int, out_dir: Path) -> float:
+    """``streams`` streams of ``-p ollama`` → an ``mp4v`` file at once, unpaced, each with its
+    own processor instance, source, output and thread (as ``vision-host run -s … -s …`` runs
+    them), sharing one runtime and the vision server; returns the frames/s of all together."""
+    config = {"ollama-url": server.url, "ollama-interval-ms": "500"}
+    with _runtime(config) as rt:
+        contexts = [rt.streams[0]] + [rt.add_stream(str(k)) for k in range(1, streams)]
+        runs = []
+        try:
+            for k, stream in enumerate(contexts):
+                processor = rt.load(WASM / "ollama.wasm", stream=stream)
+                source = FileSource(clip, pace=False)
+                output = FileOutput(out_dir / f"pipeline-{k}.mp4")
+                output.open(source.width, source.height, source.fps)
+                runs.append((processor, source, output, Pipeline(source, [processor], [output], rt, stream=stream)))
+            ready = threading.Barrier(streams + 1)
+            results: list[dict] = [{}] * streams
+            ended = [0.0] * streams
+
+            def run(k: int) -> None:
+                ready.wait()
+                results[k] = runs[k][3].run(frames)
+                ended[k] = time.perf_counter()
+
+            threads = [threading.Thread(target=run, args=(k,), name=f"vision-host-bench-stream-{k}")
+                       for k in range(streams)]
+            for t in threads:
+                t.start()
+            ready.wait()
+            started = time.perf_counter()
+            for t in threads:
+                t.join()
+        finally:
+            for processor, source, output, _ in runs:
+                output.close()
+                source.close()
+                processor.close()
+    return sum(r["frames_out"] for r in results) / (max(ended) - started)
+
+
+def _streams_vs_threads(clip: str, server: LatencyServer, frames: int, streams: int, out_dir: Path,
+                        rounds: int) -> dict:
+    """``streams`` unpaced ``-p ollama`` streams against as many plain OpenCV threads, over the
+    same frames, interleaved (:func:`interleaved_ratio`; frames/s of all streams together)."""
+    r = interleaved_ratio(lambda: _opencv_threads(clip, frames, streams, out_dir),
+                          lambda: _pipeline_streams(clip, server, frames, streams, out_dir), rounds)
+    return {"count": streams, **r}
 
 
 def _paced(clip: str, processor: str, server: LatencyServer, frames: int) -> dict:
@@ -353,19 +493,24 @@ def machine() -> dict:
 
 
 def run_bench(clip: str, latency_ms: float = 2000, soak_frames: int = 50_000, quick: bool = False,
-              progress=None) -> dict:
+              progress=None, streams: int = 1) -> dict:
     """Run every scenario on ``clip`` (H.264/MP4 readable by OpenCV); returns the ``--json`` object.
 
     ``latency_ms`` is the local server's delay for the blocking comparison, ``soak_frames``
     the length of the memory soak. ``quick`` shortens every scenario (for tests; its figures
-    are rougher). ``progress(text)`` is told which scenario runs. Takes about 45 s (``quick``:
-    about 15 s) on a 2-core machine.
+    are rougher). ``progress(text)`` is told which scenario runs. ``streams`` > 1 adds the
+    ``streams`` scenario: that many unpaced ``-p ollama`` streams at once against as many
+    plain OpenCV threads, interleaved like the single-stream ratio. Takes about 60 s
+    (``quick``: about 20 s) on a 2-core machine, plus about 25 s for ``streams`` = 2.
 
     Raises:
-        ValueError: OpenCV cannot read frames from ``clip``.
+        ValueError: OpenCV cannot read frames from ``clip``, or ``streams`` < 1.
         subprocess.CalledProcessError: the start-up run (a child ``vision-host run``) failed.
     """
+    if streams < 1:
+        raise ValueError(f"streams must be at least 1, not {streams}")
     say = progress or (lambda text: None)
+    ratio_rounds, ratio_frames = (3, 300) if quick else (7, 600)
     frames, fps = _clip_frames(clip, 64)
     h, w = frames[0].shape[:2]
     result: dict = {"machine": machine(), "clip": Path(clip).name, "clip_size": f"{w}x{h}", "clip_fps": round(fps, 2)}
@@ -373,8 +518,11 @@ def run_bench(clip: str, latency_ms: float = 2000, soak_frames: int = 50_000, qu
     slow = LatencyServer(latency_ms / 1000)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            say("pipeline vs a plain OpenCV loop")
-            result.update(_opencv_vs_pipeline(clip, fast, 300 if quick else 1189, Path(tmp)))
+            say(f"pipeline vs a plain OpenCV loop, {ratio_rounds} interleaved rounds of {ratio_frames} frames")
+            result.update(_opencv_vs_pipeline(clip, fast, ratio_frames, Path(tmp), ratio_rounds))
+            if streams > 1:
+                say(f"{streams} streams vs {streams} plain OpenCV threads, {ratio_rounds} interleaved rounds")
+                result["streams"] = _streams_vs_threads(clip, fast, ratio_frames, streams, Path(tmp), ratio_rounds)
         paced_frames = int(fps * (4 if quick else 12))
         result["server_latency_ms"] = latency_ms
         say(f"non-blocking vs blocking captions, server taking {latency_ms:g} ms")
@@ -405,12 +553,20 @@ def format_table(r: dict) -> str:
     rows = [
         ("pipeline fps, `-p ollama` → file, unpaced", f"{r['fps']:.1f}"),
         ("plain OpenCV read + write loop fps", f"{r['opencv_fps']:.1f}"),
-        ("`fps_ratio_vs_opencv`", f"{r['fps_ratio_vs_opencv']:.2f}"),
+        ("`fps_ratio_vs_opencv`", f"{r['fps_ratio_vs_opencv']:.2f} (median of {len(r['fps_ratio_rounds'])} "
+                                  f"interleaved rounds; {r['fps_ratio_spread'][0]:.2f}–{r['fps_ratio_spread'][1]:.2f})"),
         (f"`ollama` (non-blocking), server {r['server_latency_ms']:g} ms: fps / `max_frame_gap_ms`",
          f"{r['nonblocking']['fps']:.1f} / {r['nonblocking']['max_frame_gap_ms']:.0f}"),
         ("`ollama-blocking` (wasmVision's design), same server: fps / `max_frame_gap_ms`",
          f"{r['blocking']['fps']:.1f} / {r['blocking']['max_frame_gap_ms']:.0f}"),
     ]
+    if "streams" in r:
+        st = r["streams"]
+        rows += [(f"{st['count']} streams `-p ollama` → files, unpaced: fps of all / plain OpenCV threads",
+                  f"{st['fps']:.1f} / {st['opencv_fps']:.1f}"),
+                 (f"{st['count']} streams: ratio vs OpenCV", f"{st['fps_ratio_vs_opencv']:.2f} (median of "
+                  f"{len(st['fps_ratio_rounds'])} interleaved rounds; {st['fps_ratio_spread'][0]:.2f}–"
+                  f"{st['fps_ratio_spread'][1]:.2f})")]
     rows += [(f"`{name}` per-frame overhead (µs)", f"{us:.0f}") for name, us in r["processor_overhead_us"].items()]
     rows += [(f"caption overhead at {size} (ms)", f"{ms:.1f}") for size, ms in r["caption_overhead_ms"].items()]
     rows += [("request bytes, 1920×1080 frame, default max side / full resolution",
@@ -429,4 +585,4 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BENCH_CAPTION", "LatencyServer", "format_table", "machine", "run_bench"]
+__all__ = ["BENCH_CAPTION", "LatencyServer", "format_table", "interleaved_ratio", "machine", "run_bench"]

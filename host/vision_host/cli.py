@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow", action="append", default=[], metavar="HOST:PORT",
                      help="let processors reach this destination too (besides the *-url config values)")
     run.add_argument("--processor-timeout-ms", type=_positive_int, metavar="MS",
-                     help="deadline of one processor call (default 20)")
+                     help="deadline of one processor call (default 1000, host functions included)")
     run.add_argument("--memory-limit-mb", type=_positive_int, metavar="MB",
                      help="linear-memory cap per processor (default 256)")
     run.add_argument("--models-dir", metavar="DIR",
@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--soak-frames", type=_positive_int, default=50_000, metavar="N",
                        help="frames of the memory soak (default 50000)")
     bench.add_argument("--quick", action="store_true", help="shorter scenarios, rougher figures")
+    bench.add_argument("--streams", type=_positive_int, default=1, metavar="N",
+                       help="also run N unpaced -p ollama streams at once against N plain OpenCV threads "
+                            "(interleaved rounds): fps of all streams and the ratio")
 
     lst = sub.add_parser("list", help="list the processors found, checking their imports")
     lst.add_argument("--processors-dir", metavar="DIR")
@@ -1162,6 +1165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"no clip at {clip}: give one with -s FILE" if args.source else
                          "the shipped clip is not installed with the package: give one with -s FILE")
     result = run_bench(str(clip), latency_ms=args.latency_ms, soak_frames=args.soak_frames, quick=args.quick,
+                       streams=args.streams,
                        progress=lambda text: print(f"vision-host bench: {text} …", file=sys.stderr, flush=True))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

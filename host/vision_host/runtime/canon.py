@@ -37,6 +37,7 @@ the processor's call; the host never crashes.
 from __future__ import annotations
 
 import collections
+import ctypes
 import keyword
 import struct
 from dataclasses import dataclass
@@ -116,6 +117,7 @@ class _Int(Codec):
 
     def __init__(self, name: str):
         fmt, bits, signed = self._FORMATS[name]
+        self.name = name
         self.struct = struct.Struct("<" + fmt)
         self.size = self.align = bits // 8
         self.flat = "I" if bits == 64 else "i"
@@ -157,6 +159,7 @@ class _Bool(Codec):
 
 class _Float(Codec):
     def __init__(self, name: str):
+        self.name = name
         self.struct = struct.Struct("<f" if name == "f32" else "<d")
         self.size = self.align = self.struct.size
         self.flat = "f" if name == "f32" else "F"
@@ -550,12 +553,27 @@ def _type_key(ty):
 
 
 # -- host functions --------------------------------------------------------------------------
+#: ctypes types of core values (letters of :data:`VALTYPES`), and of WIT scalars that a raw
+#: core slot can be read as directly (little-endian: the low bytes of an i32 slot are its u8).
+CORE_CTYPES = {"i": ctypes.c_int32, "I": ctypes.c_int64, "f": ctypes.c_float, "F": ctypes.c_double}
+_SCALAR_CTYPES = {"u8": ctypes.c_uint8, "s8": ctypes.c_int8, "u16": ctypes.c_uint16, "s16": ctypes.c_int16,
+                  "u32": ctypes.c_uint32, "s32": ctypes.c_int32, "u64": ctypes.c_uint64, "s64": ctypes.c_int64,
+                  "f32": ctypes.c_float, "f64": ctypes.c_double}
+
+
 @dataclass(frozen=True)
 class HostFunction:
     """One imported function ready for the linker.
 
     ``params``/``results`` are core signature letters (see :data:`VALTYPES`); ``impl(ctx,
     *core_args)`` lifts the arguments, calls the Python implementation and lowers its result.
+
+    ``direct``, when set, is a cheaper equivalent for functions of integer and float
+    parameters and an integer, float or bool result: ``(param_ctypes, implementation)``,
+    where reading each core argument as its ``param_ctypes`` entry lifts it (u8 is the low
+    byte of its i32, u32 its unsigned reading, …), and ``implementation(ctx, *values)``
+    returns the result as the core value (bools as 0/1), to be written to the result slot
+    as its core type (which wraps integers as the canonical ABI's lowering does).
     """
 
     module: str
@@ -563,6 +581,7 @@ class HostFunction:
     params: str
     results: str
     impl: Callable
+    direct: tuple | None = None
 
     def functype(self) -> wasmtime.FuncType:
         """The core-wasm type the guest must import this function with."""
@@ -604,26 +623,31 @@ def trampoline(fn: Function, impl: Callable) -> HostFunction:
     params_record = _Record("params", [(str(k), c) for k, c in enumerate(params)]) if spilled else None
     simple = (not spilled and all(isinstance(c, (_Int, _Float, _Bool)) and not isinstance(c, _Char)
                                   for c in params))
-    converters = [(c.convert if isinstance(c, _Int) else (lambda v: v != 0) if isinstance(c, _Bool) else float)
-                  for c in params] if simple else None
+    lift = None if spilled else _flat_lifter(params)
+    # The bytes of `ok` for result<_, E> returned through memory (what result.store writes).
+    ok_empty = None
+    if is_result and retptr and result.cases[0] is None:
+        buf = bytearray(result.size)
+        result.store(None, buf, 0, (0, None))
+        ok_empty = bytes(buf)
     n_flat = len(flat_params)
 
     def call(ctx, *args):
-        if simple:
-            values = [conv(a) for conv, a in zip(converters, args)]
-        elif spilled:
+        if spilled:
             ptr = args[0] & 0xFFFF_FFFF
-            values = list(params_record.load(ctx, ctx.memory.read(ptr, params_record.size), 0))
+            values = params_record.load(ctx, ctx.memory.read(ptr, params_record.size), 0)
         else:
-            values, i = [], 0
-            for c in params:
-                v, i = c.lift_flat(ctx, args, i)
-                values.append(v)
+            values = lift(ctx, args)
         if is_result:
             try:
-                value = (0, impl(ctx, *values))
+                ok = impl(ctx, *values)
             except ErrResult as err:
                 value = (1, err.value)
+            else:
+                if ok is None and ok_empty is not None:     # result<_, E>: ok, no payload
+                    ctx.memory.write(args[n_flat if not spilled else 1] & 0xFFFF_FFFF, ok_empty)
+                    return None
+                value = (0, ok)
         else:
             value = impl(ctx, *values)
         if result is None:
@@ -637,7 +661,73 @@ def trampoline(fn: Function, impl: Callable) -> HostFunction:
         result.lower_flat(ctx, value, out)
         return out[0]
 
-    return HostFunction(fn.interface, fn.import_name, core_params, core_results, call)
+    return HostFunction(fn.interface, fn.import_name, core_params, core_results, call,
+                        _direct(params, result, impl) if simple and not retptr and not is_result else None)
+
+
+def _lift_expr(c: Codec, i: int, ns: dict) -> tuple[str, int]:
+    """Python source that lifts ``c`` from the flat core values ``a[i]…`` (``cx`` the
+    instance context), with the objects it names put in ``ns``; and the next flat index.
+    What it computes is ``c.lift_flat(cx, a, i)``, inlined where that is plain arithmetic."""
+    kind = type(c)
+    if kind in (_Int, _Handle):
+        if c.sign:
+            return f"(((a[{i}] & {c.mask}) ^ {c.sign}) - {c.sign})", i + 1
+        return f"(a[{i}] & {c.mask})", i + 1
+    if kind is _Float:
+        return f"float(a[{i}])", i + 1
+    if kind is _Bool:
+        return f"(a[{i}] != 0)", i + 1
+    if kind is _String:
+        return f"cx.memory.read_str(a[{i}] & 4294967295, a[{i + 1}] & 4294967295)", i + 2
+    name = f"c{len(ns)}"
+    ns[name] = c
+    if kind is _Record:
+        fields = []
+        for f in c.fields:
+            expr, i = _lift_expr(f, i, ns)
+            fields.append(expr)
+        return f"{name}.make({', '.join(fields)})", i
+    if kind is _List:
+        return f"{name}._lift(cx, a[{i}], a[{i + 1}])", i + 2
+    if kind is _Variant and c.kind == "enum":      # a case index in range is the value itself
+        return f"(a[{i}] if 0 <= a[{i}] < {len(c.cases)} else {name}.lift_flat(cx, a, {i})[0])", i + 1
+    return f"{name}.lift_flat(cx, a, {i})[0]", i + len(c.flat)
+
+
+def _flat_lifter(params: list[Codec]) -> Callable:
+    """``lift(cx, a)``: the tuple of Python values of ``params`` lifted from their flat core
+    values ``a`` (as each codec's ``lift_flat`` would, in one generated function)."""
+    ns: dict = {}
+    exprs, i = [], 0
+    for c in params:
+        expr, i = _lift_expr(c, i, ns)
+        exprs.append(expr)
+    source = f"def lift(cx, a):\n    return ({''.join(e + ', ' for e in exprs)})\n"
+    exec(compile(source, "<canonical-abi lift>", "exec"), ns)   # noqa: S102 - source built above from codecs
+    return ns["lift"]
+
+
+def _scalar_ctype(c: Codec | None):
+    """The ctypes type a raw core slot can be read as to lift ``c``, or None when ``c`` is not a
+    plain integer (handles included) or float."""
+    if type(c) in (_Int, _Handle, _Float):
+        return _SCALAR_CTYPES[c.name if type(c) is not _Handle else "u32"]
+    return None
+
+
+def _direct(params: list[Codec], result: Codec | None, impl: Callable) -> tuple | None:
+    """:attr:`HostFunction.direct` for a function of these parameter and result codecs, or None."""
+    types = tuple(_scalar_ctype(c) for c in params)
+    if any(t is None for t in types):
+        return None
+    if result is None or type(result) in (_Int, _Float):
+        return types, impl
+    if type(result) is _Bool:
+        def as_int(ctx, *values):
+            return 1 if impl(ctx, *values) else 0
+        return types, as_int
+    return None
 
 
 def build_host_functions(wit_dir: Path) -> dict[tuple[str, str], HostFunction]:

@@ -10,12 +10,15 @@ that keeps failing is disabled while the video goes on.
 
 from __future__ import annotations
 
+import collections.abc
 import concurrent.futures
+import ctypes
 import functools
 import hashlib
 import importlib
 import logging
 import math
+import operator
 import os
 import sys
 import threading
@@ -25,10 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import wasmtime
+from wasmtime import _bindings as _ffi
+from wasmtime import _func as _wasmtime_func
 
+from . import accessors as _accessors
 from . import overlay as _overlay
 from .abi import AbiError, GuestMemory
-from .canon import build_host_functions, build_legacy_functions
+from .canon import CORE_CTYPES, build_host_functions, build_legacy_functions
 from .fetch import FairShare, FetchClient, FetchError, FetchStats, NetworkPolicy
 from .handles import HandleTable
 from .platform import ProcessorStore
@@ -84,27 +90,53 @@ class ProcessorLoadError(Exception):
     """A processor could not be loaded; the message says which file and what to fix."""
 
 
+#: Wall-clock cap on one ``process`` call when :attr:`SandboxLimits.call_hard_timeout_ms` is
+#: not given and ``call_timeout_ms`` is smaller (ms).
+DEFAULT_WALL_MS = 1000.0
+
+
 @dataclass
 class SandboxLimits:
     """Per-instance limits.
 
+    The deadline of a call is there to stop a runaway (an endless loop, a processor stuck
+    retrying), not to judge speed: a slow processor is reported (its cost in the stats, the
+    frame rate, dropped frames on live sources), never interrupted for being slow. By default
+    one ``process`` call may run 1 s, the processor's own code and the host functions it
+    calls together; a call past that is interrupted and the frame passes on unchanged.
+
     Attributes:
-        call_timeout_ms: how long one ``process`` call may run in the processor's own code
-            (epoch deadline; time inside host functions such as OpenCV calls is not counted).
-        call_hard_timeout_ms: wall-clock cap on one ``process`` call, host functions
-            included (checked when the processor calls the host).
+        call_timeout_ms: deadline of one ``process`` call in ms (default 1000). At or above the
+            wall-clock cap (below) it is that cap: one wall-clock deadline, host functions
+            included. Below it, it counts the processor's own code only (an epoch deadline,
+            re-armed after each host function; time inside host functions such as OpenCV
+            calls is not counted), and the wall-clock cap still bounds the whole call.
+        call_hard_timeout_ms: wall-clock cap on one ``process`` call, host functions included,
+            in ms; None (the default): the larger of 1000 and ``call_timeout_ms``. Enforced by
+            the epoch deadline in the processor's code (which stops it between the cap and
+            1.25 × the cap, plus a 5 ms tick: the armed deadline is reused across calls) and, when
+            the processor's own code has a budget, checked whenever it calls the host (a single
+            host function that blocks is not interrupted; the call stops once it returns).
         init_timeout_ms: deadline for instantiation and ``_initialize``.
         memory_limit_bytes: cap on the instance's linear memory; ``memory.grow`` fails past it.
         max_consecutive_failures: failed calls in a row after which the processor is disabled.
         max_live_mats: mats one instance may hold at once.
     """
 
-    call_timeout_ms: float = 20.0
-    call_hard_timeout_ms: float = 1000.0
+    call_timeout_ms: float = 1000.0
+    call_hard_timeout_ms: float | None = None
     init_timeout_ms: float = 2000.0
     memory_limit_bytes: int = 256 * 1024 * 1024
     max_consecutive_failures: int = 5
     max_live_mats: int = 1024
+
+    def deadlines_ms(self) -> tuple[float, float]:
+        """``(own_code_ms, wall_ms)`` of one call: the budget of the processor's own code
+        and the wall-clock cap on the whole call (``own_code_ms`` ≥ ``wall_ms`` means the
+        one wall-clock deadline ``wall_ms``, host functions included)."""
+        own = self.call_timeout_ms
+        hard = self.call_hard_timeout_ms
+        return own, (hard if hard is not None else (own if own > DEFAULT_WALL_MS else DEFAULT_WALL_MS))
 
 
 def default_cache_dir() -> Path:
@@ -197,13 +229,19 @@ class Runtime:
         policy: network policy for processor HTTP (default: from ``*-url`` config keys).
         limits: sandbox limits applied to every instance.
         cache_dir: compiled-module cache (None disables caching).
+        wasm_accessors: serve the ``wasm:cv/mat`` data accessors inside wasm (:mod:`.accessors`;
+            default); False sends every call to the host's Python implementations.
     Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, config: dict[str, str] | None = None, policy: NetworkPolicy | None = None,
                  limits: SandboxLimits | None = None, cache_dir: Path | None = None,
-                 println=None, models_dir: Path | None = None):
+                 println=None, models_dir: Path | None = None, wasm_accessors: bool = True):
         self.config = dict(config or {})
+        #: Serve the wasm:cv/mat data accessors inside wasm (:mod:`.accessors`) for processors
+        #: loaded from now on; False: every accessor call goes to the host's Python code.
+        self.wasm_accessors = wasm_accessors
+        self._accessor_module: wasmtime.Module | None = None
         self.policy = policy or NetworkPolicy.from_config(self.config)
         self.limits = limits or SandboxLimits()
         self.cache_dir = cache_dir
@@ -217,6 +255,8 @@ class Runtime:
         cfg.memory_may_move = False   # GuestMemory caches each memory's base address
         self.engine = wasmtime.Engine(cfg)
         self._stop = threading.Event()
+        #: Epoch ticks so far, as the ticker counts them (the engine's count is this or one more).
+        self.epoch = 0
         self._ticker = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
         self._ticker.start()
         self.compile_ms = 0.0
@@ -226,6 +266,7 @@ class Runtime:
     def _tick(self) -> None:
         while not self._stop.wait(EPOCH_TICK_S):
             self.engine.increment_epoch()
+            self.epoch += 1
 
     def add_stream(self, name: str, config: dict[str, str] | None = None) -> StreamContext:
         """A new stream (index = the number of streams so far) with the run's config and
@@ -257,6 +298,12 @@ class Runtime:
     def next_frame(self) -> int:
         """Stream 0's :meth:`StreamContext.next_frame`."""
         return self.streams[0].next_frame()
+
+    def accessor_module(self) -> wasmtime.Module:
+        """The compiled helper module of :mod:`.accessors` (compiled once per runtime)."""
+        if self._accessor_module is None:
+            self._accessor_module = wasmtime.Module(self.engine, wasmtime.wat2wasm(_accessors.HELPER_WAT))
+        return self._accessor_module
 
     def ticks(self, ms: float) -> int:
         """Epoch ticks covering ``ms`` milliseconds (at least 1)."""
@@ -383,10 +430,10 @@ class ProcessorStats:
     calls: int = 0
     errors: int = 0
     total_us: float = 0.0
-    recent_us: np.ndarray = field(default_factory=lambda: np.zeros(4096))
+    recent_us: list = field(default_factory=lambda: [0.0] * 4096)    # a ring of the last 4096 calls
 
     def add(self, us: float) -> None:
-        self.recent_us[self.calls % len(self.recent_us)] = us
+        self.recent_us[self.calls & 4095] = us
         self.calls += 1
         self.total_us += us
 
@@ -418,6 +465,10 @@ class InstanceContext:
         self.frame_number = 0
         self.fetch = FetchClient(runtime.policy, runtime.pool, stream.fetch_stats, runtime.fair_share, stream.index)
         self.memory: GuestMemory | None = None
+        #: The in-wasm mat accessors (:class:`.accessors.MatAccessors`), or None; while
+        #: ``accessors_live``, they hold copies of mat data that host functions must flush first.
+        self.accessors: _accessors.MatAccessors | None = None
+        self.accessors_live = False
         self._logged: set[str] = set()
 
     def table(self, resource: str) -> HandleTable:
@@ -445,6 +496,44 @@ class InstanceContext:
                           f"set a *-url config key to it or pass --allow HOST:PORT")
 
 
+class _Exports(collections.abc.Mapping):
+    """A read-only view of an instance's exports whose functions call ``after()`` when they
+    return (or raise)."""
+
+    def __init__(self, exports, after):
+        self._exports = exports
+        self._after = after
+
+    def __getitem__(self, name: str):
+        item = self._exports[name]
+        return _AfterCall(item, self._after) if isinstance(item, wasmtime.Func) else item
+
+    def __iter__(self):
+        return iter(self._exports)
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+
+class _AfterCall:
+    """A wasm function (attributes forwarded) that calls ``after()`` once a call returns."""
+
+    __slots__ = ("func", "after")
+
+    def __init__(self, func: wasmtime.Func, after):
+        self.func = func
+        self.after = after
+
+    def __call__(self, store, *args):
+        try:
+            return self.func(store, *args)
+        finally:
+            self.after()
+
+    def __getattr__(self, name: str):
+        return getattr(self.func, name)
+
+
 class Processor:
     """One instantiated processor: call :meth:`process` once per frame.
 
@@ -463,12 +552,21 @@ class Processor:
         self.last_error: str | None = None
         self._consecutive = 0
         self._suspect = False
+        self._slow_logged = False
         self._errors_by_kind: dict[str, int] = {}
         self.ctx = ctx = InstanceContext(runtime, name, stream)
         self._callbacks: list = []     # C callbacks of the linked host functions, kept alive
-        self._in_call = False          # deadline accounting of the current process call (s)
+        # Deadline accounting of the current process call (s). `_metered`: the processor's own
+        # code has a budget of its own (call_timeout_ms below the wall-clock cap), so host
+        # functions are timed and the epoch deadline re-armed after each; otherwise the one
+        # wall-clock deadline armed at the start of the call covers everything.
+        self._in_call = self._metered = False
         self._budget_s = self._hard_s = self._guest_s = 0.0
         self._call_started = self._resumed = 0.0
+        # The epoch tick (Runtime.epoch) before which the armed epoch deadline cannot fire; -1:
+        # unknown (armed for something else), so the next call arms its own.
+        self._armed = -1
+        self._wall = (0.0, 0)          # (wall-clock deadline in ms, its epoch ticks), cached
         self.store = store = wasmtime.Store(runtime.engine)
         store.set_limits(memory_size=runtime.limits.memory_limit_bytes)
         wasi = wasmtime.WasiConfig()
@@ -478,12 +576,27 @@ class Processor:
         store.set_wasi(wasi)
         linker = wasmtime.Linker(runtime.engine)
         linker.define_wasi()
+        store.set_epoch_deadline(runtime.ticks(runtime.limits.init_timeout_ms))
+        served = _accessors.served_imports(module, HOST_FUNCTIONS) if runtime.wasm_accessors else {}
+        if served:
+            try:
+                ctx.accessors = _accessors.MatAccessors(
+                    ctx, store, runtime.accessor_module(),
+                    lambda helper_linker, spec, as_module, flush: _define(helper_linker, spec, self, self._callbacks,
+                                                                          as_module, flush),
+                    HOST_FUNCTIONS)
+            except wasmtime.WasmtimeError as exc:     # e.g. a memory cap below the helper's memory
+                log.info("processor %s: mat accessors stay in the host (%s)", name, str(exc).splitlines()[0])
+                ctx.accessors = None
         for imp in module.imports:
             spec = (host_function_for(imp.module, imp.name, imp.type)
                     if isinstance(imp.type, wasmtime.FuncType) else None)
-            if spec is not None:
-                _define(linker, spec, self._timed(spec.impl), self._callbacks)
-        store.set_epoch_deadline(runtime.ticks(runtime.limits.init_timeout_ms))
+            if spec is None:
+                continue
+            if ctx.accessors is not None and imp.module == _accessors.MAT and imp.name in served:
+                linker.define(store, imp.module, imp.name, ctx.accessors.exports[imp.name])
+            else:
+                _define(linker, spec, self, self._callbacks)
         try:
             instance = linker.instantiate(store, module)
             exports = instance.exports(store)
@@ -491,6 +604,7 @@ class Processor:
             ctx.memory = GuestMemory(store, memory, _maybe(exports, "cabi_realloc"), _maybe(exports, "malloc"),
                                      _maybe(exports, "free"))
             ctx.memory.rearm = self._rearm
+            ctx.memory.after_guest = self._flush_accessors
             for start in ("_initialize", "_start"):
                 func = _maybe(exports, start)
                 if func is not None:
@@ -500,19 +614,35 @@ class Processor:
             raise
         except Exception as exc:  # noqa: BLE001 - any trap during start-up
             raise ProcessorLoadError(f"processor {name} ({path}) failed while starting: {_describe(exc)}") from None
-        self.exports = exports
+        #: The instance's exports; a function called through them from outside :meth:`process`
+        #: (tests, tools) writes back what the processor wrote through the in-wasm accessors
+        #: when it returns, as every return from the processor's code to the host does.
+        self.exports = _Exports(exports, self._flush_accessors)
         self._process = exports["process"]
+        # What one process call needs, prepared once: wasmtime's unchecked call (the export's
+        # type, (i32) -> (i32), was checked at load) with its argument/result slot, the trap
+        # slot, and the store's context.
+        self._context = ctypes.c_void_p(ctypes.cast(store._context(), ctypes.c_void_p).value)
+        self._func_ref = ctypes.byref(self._process._func)
+        self._ticks: dict[int, ctypes.c_uint64] = {}
+        self._raw = (_ffi.wasmtime_val_raw_t * 1)()
+        self._new_trap_slot()
+
+    def _new_trap_slot(self) -> None:
+        self._trap = ctypes.POINTER(_ffi.wasm_trap_t)()
+        self._trap_ref = ctypes.byref(self._trap)
 
     def _timed(self, impl):
-        """``impl`` bound to this instance, with the time it takes kept out of the guest's
-        deadline: on return the epoch deadline is reset to the guest time left."""
+        """``impl`` bound to this instance. In a metered call (see ``__init__``) the time it
+        takes is kept out of the guest's budget: on return the epoch deadline is reset to the
+        guest time left, and the wall-clock cap is checked on entry."""
         ctx = self.ctx
         perf_counter = time.perf_counter
 
         def call(*args):
-            entered = perf_counter()
-            if not self._in_call:
+            if not self._metered:
                 return impl(ctx, *args)
+            entered = perf_counter()
             self._guest_s += entered - self._resumed
             if entered - self._call_started > self._hard_s:
                 raise CallTimeout(f"call ran for over {self._hard_s * 1000:g} ms including host functions "
@@ -524,12 +654,35 @@ class Processor:
                 self._rearm()
         return call
 
+    def _flush_accessors(self) -> None:
+        """Write what the processor wrote through the in-wasm accessors back into the mats and
+        drop their copies (before host code that may read or change a mat)."""
+        if self.ctx.accessors_live:
+            self.ctx.accessors.flush()
+
+    def _metered_host_call(self, impl, slots, get, n: int):
+        """Call host function ``impl`` with the arguments in ``slots`` during a metered call:
+        the wall-clock cap is checked on entry, the time inside is kept out of the guest's
+        budget, and the epoch deadline is re-armed to the guest time left on return."""
+        entered = time.perf_counter()
+        self._guest_s += entered - self._resumed
+        if entered - self._call_started > self._hard_s:
+            raise CallTimeout(f"call ran for over {self._hard_s * 1000:g} ms including host functions "
+                              f"and was stopped")
+        try:
+            return impl(self.ctx, *get(slots)) if n > 1 else impl(self.ctx, get(slots)) if n else impl(self.ctx)
+        finally:
+            self._resumed = time.perf_counter()
+            self._rearm()
+
     def _rearm(self) -> None:
-        """Set the epoch deadline to the guest time left in the current call (host functions
-        run outside it; before re-entering the guest, e.g. its allocator, it must be re-armed)."""
-        if self._in_call:
+        """In a metered call, set the epoch deadline to the guest time left (host functions
+        run outside it; before re-entering the guest, e.g. its allocator, it must be re-armed).
+        Otherwise nothing: the call's one wall-clock deadline stands."""
+        if self._metered:
             left_ms = (self._budget_s - self._guest_s) * 1000.0
             self.store.set_epoch_deadline(self.runtime.ticks(left_ms) if left_ms > 0 else 1)
+            self._armed = -1
 
     def _run_start(self, func, which: str) -> None:
         try:
@@ -556,10 +709,12 @@ class Processor:
     def process(self, frame: np.ndarray) -> np.ndarray:
         """Run the processor on ``frame`` (H×W×3 uint8 BGR) and return the frame to pass on.
 
-        Never raises for processor faults: a failed call returns the input frame (copied
-        beforehand once the processor has failed before, so partial drawing is undone) and
-        counts an error; after ``max_consecutive_failures`` in a row the processor is
-        disabled and every later frame passes through untouched.
+        Never raises for processor faults: a failed call (a trap, a call past its deadline,
+        an ABI violation) returns the input frame (copied beforehand once the processor has
+        failed before, so partial drawing is undone) and counts an error; after
+        ``max_consecutive_failures`` in a row the processor is disabled and every later frame
+        passes through untouched. A slow call that ends within its deadline is not a failure
+        (its time is in :attr:`stats`; the first one over :data:`SLOW_CALL_MS` is logged once).
         """
         if self.disabled:
             return frame
@@ -570,40 +725,98 @@ class Processor:
         mats = ctx.mats
         handle = mats.insert(frame)
         ctx.frame_handle, ctx.frame_number = handle, self.stream.frame_seq
-        ctx.memory.reset_arena()
-        limits = self.runtime.limits
-        self.store.set_epoch_deadline(self.runtime.ticks(limits.call_timeout_ms))
-        started = time.perf_counter()
-        self._budget_s, self._hard_s = limits.call_timeout_ms / 1000.0, limits.call_hard_timeout_ms / 1000.0
-        self._call_started = self._resumed = started
-        self._guest_s = 0.0
-        self._in_call = True
+        own_ms, wall_ms = self.runtime.limits.deadlines_ms()
+        metered = own_ms < wall_ms
+        if metered:
+            _set_epoch_deadline(self._context, self._ticks_of(own_ms))
+            self._armed = -1
+        else:
+            # One wall-clock deadline. The armed epoch deadline is reused while it falls in
+            # [deadline, deadline + a quarter of it] from now, and re-armed otherwise (about
+            # four times per deadline span): a call is never interrupted before its deadline
+            # and always by 1.25× it (plus a tick), and most frames skip the C call.
+            if self._wall[0] != wall_ms:
+                self._wall = (wall_ms, self.runtime.ticks(wall_ms))
+            ticks = self._wall[1]
+            earliest = self.runtime.epoch + ticks
+            if not earliest <= self._armed <= earliest + (ticks >> 2):
+                _set_epoch_deadline(self._context, self._ticks_of_count(ticks + (ticks >> 2)))
+                self._armed = earliest + (ticks >> 2)
+        memory = ctx.memory
+        if memory._blocks:
+            memory.reset_arena()      # may call the guest's free: under this call's deadline
+        raw = self._raw
+        raw[0].i32 = handle
         _HOST_EXCEPTION.value = None
+        if metered:
+            self._metered = True
+            self._budget_s, self._hard_s, self._guest_s = own_ms / 1000.0, wall_ms / 1000.0, 0.0
+            started = self._call_started = self._resumed = time.perf_counter()
+        else:
+            started = time.perf_counter()
+        self._in_call = True
+        error = _call_unchecked(self._context, self._func_ref, raw, _ONE, self._trap_ref)
+        elapsed_us = (time.perf_counter() - started) * 1e6
+        self._in_call = self._metered = False
+        self.stats.add(elapsed_us)
         try:
-            out_handle = self._process(self.store, handle)
+            if ctx.accessors_live:
+                ctx.accessors.flush()
+            if error or self._trap:
+                raise self._call_error(error)
+            out_handle = raw[0].i32 & 0xFFFF_FFFF
             result = mats.get(out_handle)
         except Exception as exc:  # noqa: BLE001 - traps, timeouts and ABI errors alike
             exc = _host_exception(exc)
-            self._in_call = False
-            self.stats.add((time.perf_counter() - started) * 1e6)
             mats.discard(handle)
             mats.drop_from(handle + 1)   # mats created by the failed call
             mats.release_closed()
             self._failed(exc)
             return original
-        self._in_call = False
-        self.stats.add((time.perf_counter() - started) * 1e6)
         mats.discard(handle)
         mats.discard(out_handle)
         mats.release_closed()
         self._consecutive = 0
+        if elapsed_us > SLOW_CALL_MS * 1000 and not self._slow_logged:
+            self._slow_logged = True
+            deadline = f"{wall_ms:g} ms" if own_ms >= wall_ms else f"{own_ms:g} ms of its own code, {wall_ms:g} ms in all"
+            log.warning("processor %s took %.0f ms on one frame: it runs within its deadline (%s), but the video "
+                        "goes at most %.3g frames/s with it (live sources skip frames meanwhile)",
+                        self.name, elapsed_us / 1000, deadline, 1e6 / elapsed_us)
         if not isinstance(result, np.ndarray) or result.ndim < 2 or result.size == 0:
             self._failed(AbiError(f"returned an empty or invalid mat (handle {out_handle})"))
             return original
         return result
 
+    def _ticks_of(self, ms: float) -> ctypes.c_uint64:
+        """:meth:`Runtime.ticks` of ``ms`` as the C value the deadline is set with (cached)."""
+        return self._ticks_of_count(self.runtime.ticks(ms))
+
+    def _ticks_of_count(self, ticks: int) -> ctypes.c_uint64:
+        """``ticks`` as the C value the deadline is set with (cached)."""
+        found = self._ticks.get(ticks)
+        if found is None:
+            if len(self._ticks) > 64:
+                self._ticks.clear()
+            found = self._ticks[ticks] = ctypes.c_uint64(ticks)
+        return found
+
+    def _call_error(self, error) -> BaseException:
+        """The exception of a failed unchecked call (``error`` from the call, or the trap in
+        the trap slot, which is then taken and the slot renewed)."""
+        if error:
+            exc = wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(_ffi.wasmtime_error_t)))
+        else:
+            exc = wasmtime.Trap._from_ptr(self._trap)
+            self._new_trap_slot()
+        own = _host_exception(exc)
+        if _wasmtime_func.LAST_EXCEPTION is own:      # consumed here, not by a later checked call
+            _wasmtime_func.LAST_EXCEPTION = None
+        return own
+
     def _failed(self, exc: BaseException) -> None:
-        why = _describe(exc, self.runtime.limits.call_timeout_ms)
+        own_ms, wall_ms = self.runtime.limits.deadlines_ms()
+        why = _describe(exc, own_ms if own_ms < wall_ms else None, wall_ms)
         cap = self.runtime.limits.memory_limit_bytes
         if isinstance(exc, wasmtime.Trap) and self.memory_bytes >= 0.75 * cap:
             # A guest whose allocation failed (memory.grow refused past the cap) usually traps
@@ -635,52 +848,108 @@ class Processor:
         self.ctx.fetch.close()
 
 
-try:    # wasmtime's "unchecked" host-function API: raw values, no per-call type checks
-    import ctypes
+# wasmtime's "unchecked" API: raw values, no per-call type checks. Host functions are defined
+# with unchecked callbacks, and ``process`` is called with ``wasmtime_func_call_unchecked``
+# (its type was checked at load), through the ctypes functions themselves.
+_NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _env: None)
+_UNCHECKED = getattr(_ffi, "wasmtime_func_unchecked_callback_t", None)
+_define_unchecked = getattr(_ffi, "wasmtime_linker_define_func_unchecked", None)
+# Fresh function pointers without argtypes: arguments are passed as prepared ctypes objects,
+# which costs a third of what the bindings' checked conversions do per call.
+_call_unchecked = _ffi.dll["wasmtime_func_call_unchecked"]
+_call_unchecked.restype = ctypes.c_void_p       # wasmtime_error_t * (None: no error)
+_set_epoch_deadline = _ffi.dll["wasmtime_context_set_epoch_deadline"]
+_set_epoch_deadline.restype = None
+_ONE = ctypes.c_size_t(1)
+#: A call that took longer than this (ms) is logged once per processor as slow (not a failure).
+SLOW_CALL_MS = 100.0
 
-    from wasmtime import _bindings as _ffi
-    from wasmtime import _func as _wasmtime_func
-    _RAW_FIELDS = {"i": "i32", "I": "i64", "f": "f32", "F": "f64"}
-    _NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _env: None)
-    _UNCHECKED = _ffi.wasmtime_func_unchecked_callback_t
-    _define_unchecked = _ffi.wasmtime_linker_define_func_unchecked
-except (ImportError, AttributeError):   # pragma: no cover - another wasmtime-py layout
-    _UNCHECKED = None
+
+_SLOT_BYTES = ctypes.sizeof(_ffi.wasmtime_val_raw_t)
 
 
-def _define(linker: wasmtime.Linker, spec, impl, keep: list) -> None:
-    """Define host function ``spec`` (implemented by ``impl(*core_args)``) in ``linker``.
+@functools.lru_cache(maxsize=None)
+def _slots_type(param_types: tuple, result_type) -> type:
+    """A ctypes structure laid over wasmtime's raw argument array (one 16-byte slot per
+    argument, the result in slot 0): field ``aK`` reads argument K as ``param_types[K]``,
+    ``ret`` writes the result as ``result_type``."""
+    fields = []
+    for k in range(max(len(param_types), 1 if result_type is not None else 0)):
+        members = [(f"a{k}", param_types[k])] if k < len(param_types) else []
+        if k == 0 and result_type is not None:
+            members.append(("ret", result_type))
+        members.append(("_bytes", ctypes.c_byte * _SLOT_BYTES))
+        fields.append((f"s{k}", type(f"Slot{k}", (ctypes.Union,), {"_fields_": members})))
+    return type("Slots", (ctypes.Structure,), {"_anonymous_": [f for f, _ in fields], "_fields_": fields})
+
+
+def _define(linker: wasmtime.Linker, spec, proc: "Processor", keep: list, as_module: str | None = None,
+            flush: bool = True) -> None:
+    """Define host function ``spec`` in ``linker`` for processor ``proc`` (under ``as_module``
+    instead of its own interface when given).
+
+    With ``flush`` (and unless its interface never touches mats, :data:`.accessors.NO_MAT_INTERFACES`)
+    the call first writes back what the processor wrote through the in-wasm mat accessors
+    and drops their copies, so the host function sees current mats and the processor then
+    reads what it changed.
 
     Uses wasmtime's unchecked callback (arguments and result as raw values in one array),
-    which costs about half of what wasmtime-py's checked ``define_func`` costs per call;
-    falls back to ``define_func`` when this wasmtime-py does not expose it. The C callback
+    read and written through a ctypes structure of the function's own slot types; a function
+    with a :attr:`~.canon.HostFunction.direct` form gets its arguments lifted by that
+    structure and calls its implementation with no canonical-ABI layer in between. Falls back
+    to ``define_func`` when this wasmtime-py does not expose the unchecked API. The C callback
     is appended to ``keep``, which must outlive the linker's instances.
     """
-    if _UNCHECKED is None:
-        linker.define_func(spec.module, spec.name, spec.functype(), impl)
+    if _UNCHECKED is None or _define_unchecked is None:
+        timed = proc._timed(spec.impl if spec.impl is not None else spec.direct[1])
+
+        def checked(*args):
+            if flush and spec.module not in _accessors.NO_MAT_INTERFACES:
+                proc._flush_accessors()
+            return timed(*args)
+        linker.define_func(as_module or spec.module, spec.name, spec.functype(), checked)
         return
-    fields = [_RAW_FIELDS[c] for c in spec.params]
-    result = _RAW_FIELDS[spec.results] if spec.results else None
+    if spec.direct is not None:
+        param_types, impl = spec.direct
+    else:
+        param_types, impl = tuple(CORE_CTYPES[c] for c in spec.params), spec.impl
+    has_result = bool(spec.results)
+    slots = _slots_type(param_types, CORE_CTYPES[spec.results] if has_result else None)
+    n = len(param_types)
+    get = operator.attrgetter(*[f"a{k}" for k in range(n)]) if n else None
+    ctx = proc.ctx
     Trap = wasmtime.Trap
+    flushing = flush and spec.module not in _accessors.NO_MAT_INTERFACES
 
     def callback(_env, _caller, raw, _n):
         try:
-            value = impl(*[getattr(raw[k], f) for k, f in enumerate(fields)])
-            if result is not None:
-                setattr(raw[0], result, value)
+            r = raw[0]
+            if flushing and ctx.accessors_live:
+                ctx.accessors.flush()
+            if proc._metered:
+                value = proc._metered_host_call(impl, r, get, n)
+            elif n > 1:
+                value = impl(ctx, *get(r))
+            elif n:
+                value = impl(ctx, get(r))
+            else:
+                value = impl(ctx)
+            if has_result:
+                r.ret = value
             return 0
         except BaseException as exc:   # noqa: BLE001 - re-raised by wasmtime-py on return
             _HOST_EXCEPTION.value = exc
             _wasmtime_func.LAST_EXCEPTION = exc
             return ctypes.cast(Trap("python exception")._consume(), ctypes.c_void_p).value
 
-    c_callback = _UNCHECKED(callback)
+    c_callback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(slots),
+                                  ctypes.c_size_t)(callback)
     keep.append(c_callback)
-    module, name = spec.module.encode(), spec.name.encode()
+    module, name = (as_module or spec.module).encode(), spec.name.encode()
     functype = spec.functype()     # must outlive the call: the C side borrows its pointer
     error = _define_unchecked(linker.ptr(), ctypes.create_string_buffer(module), len(module),
                               ctypes.create_string_buffer(name), len(name), functype.ptr(),
-                              c_callback, None, _NO_FINALIZER)
+                              ctypes.cast(c_callback, _UNCHECKED), None, _NO_FINALIZER)
     if error:
         raise wasmtime.WasmtimeError._from_ptr(error)
 
@@ -708,8 +977,9 @@ def _maybe(exports, name: str):
         return None
 
 
-def _describe(exc: BaseException, timeout_ms: float | None = None) -> str:
-    """One sentence for a failed call."""
+def _describe(exc: BaseException, own_code_ms: float | None = None, wall_ms: float | None = None) -> str:
+    """One sentence for a failed call: ``own_code_ms`` is the budget of the processor's own
+    code when the call had one, ``wall_ms`` its wall-clock deadline (both in ms)."""
     if isinstance(exc, AbiError):
         return f"ABI violation: {exc}"
     if isinstance(exc, CallTimeout):
@@ -717,9 +987,12 @@ def _describe(exc: BaseException, timeout_ms: float | None = None) -> str:
     if isinstance(exc, wasmtime.Trap):
         code = exc.trap_code
         if code == wasmtime.TrapCode.INTERRUPT:
-            return (f"call exceeded its {timeout_ms:g} ms deadline (time in the processor's own code) "
-                    f"and was interrupted" if timeout_ms
-                    else "call exceeded its deadline and was interrupted")
+            if own_code_ms:
+                return (f"call exceeded its {own_code_ms:g} ms deadline (time in the processor's own code) "
+                        f"and was interrupted")
+            if wall_ms:
+                return f"call exceeded its {wall_ms:g} ms deadline (host functions included) and was interrupted"
+            return "call exceeded its deadline and was interrupted"
         return f"trapped ({_trap_cause(str(exc))})"
     if isinstance(exc, wasmtime.ExitTrap):
         return f"called proc_exit({exc.code})"

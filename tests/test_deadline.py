@@ -1,0 +1,127 @@
+"""The call deadline stops runaways, not slow processors.
+
+By default one ``process`` call may run 1 s, the processor's own code and the host functions
+it calls together (:class:`~vision_host.runtime.SandboxLimits`). A processor that is slow but
+finishes (wasmVision's published ``asciify`` reads every pixel through ``get-uchar-at``:
+14 400 host calls a frame) runs on every frame and is only reported (its cost in the stats);
+one that never returns is interrupted at the deadline, its frame passes on unchanged, and
+after 5 such calls in a row it is disabled while the video goes on. No test here measures
+time: the figures come from the benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from vision_host.runtime import SandboxLimits
+from vision_host.runtime import engine
+from wat import module
+
+FRAMES = 300
+CALLS = 14_400          # wasmVision's asciify: one get-uchar-at per pixel of a 160×90 grid
+
+
+def _chatty(import_module: str, name: str, signature: str, call: str, grid=(160, 90)) -> bytes:
+    """A processor making ``grid`` w × h host calls per frame (``call``, with ``$x``/``$y``
+    the grid cell and ``$f`` the frame), summing their i32 results into the exported global
+    ``sum``, and returning the frame."""
+    w, h = grid
+    return module(f"""(module
+      (import "{import_module}" "{name}" (func $host {signature}))
+      (memory (export "memory") 1)
+      (global $sum (export "sum") (mut i32) (i32.const 0))
+      (func (export "process") (param $f i32) (result i32)
+        (local $x i32) (local $y i32)
+        (global.set $sum (i32.const 0))
+        (loop $rows
+          (local.set $x (i32.const 0))
+          (loop $cols
+            (global.set $sum (i32.add (global.get $sum) {call}))
+            (local.set $x (i32.add (local.get $x) (i32.const 1)))
+            (br_if $cols (i32.lt_u (local.get $x) (i32.const {w}))))
+          (local.set $y (i32.add (local.get $y) (i32.const 1)))
+          (br_if $rows (i32.lt_u (local.get $y) (i32.const {h}))))
+        (local.get $f)))""")
+
+
+#: asciify's read: the blue value of the pixel at the grid cell's corner of the 640×360 frame
+#: (row y·4, column x·4: get-uchar-at(row, col·3)).
+ASCIIFY_LIKE = _chatty("wasm:cv/mat", "[method]mat.get-uchar-at", "(param i32 i32 i32) (result i32)",
+                       "(call $host (local.get $f) (i32.mul (local.get $y) (i32.const 4)) "
+                       "(i32.mul (local.get $x) (i32.const 12)))")
+#: The same number of calls to a host function that always runs in Python (the clock).
+CLOCK_READER = _chatty("wasmvision:platform/time", "now", "(param i32) (result i64)",
+                       "(i32.wrap_i64 (i64.and (call $host (i32.const 0)) (i64.const 0)))")
+
+LOOP_FOREVER = module("""(module (memory (export "memory") 1)
+  (func (export "process") (param i32) (result i32) (loop $spin (br $spin)) (local.get 0)))""")
+#: A runaway that keeps calling the host: every call returns, the loop never ends.
+LOOP_FOREVER_CALLING_THE_HOST = module("""(module
+  (import "wasmvision:platform/time" "now" (func $now (param i32) (result i64)))
+  (memory (export "memory") 1)
+  (func (export "process") (param i32) (result i32)
+    (loop $spin (drop (call $now (i32.const 0))) (br $spin)) (local.get 0)))""")
+
+
+def test_the_default_deadline_is_one_second_for_the_whole_call():
+    assert SandboxLimits().deadlines_ms() == (1000.0, 1000.0)
+    # a budget for the processor's own code below the cap: counted apart, the cap stays 1 s
+    assert SandboxLimits(call_timeout_ms=20).deadlines_ms() == (20, 1000.0)
+    # a longer deadline raises the cap with it (--processor-timeout-ms 5000)
+    assert SandboxLimits(call_timeout_ms=5000).deadlines_ms() == (5000, 5000)
+    # an explicit cap is kept as it is
+    assert SandboxLimits(call_hard_timeout_ms=500).deadlines_ms() == (1000.0, 500)
+    assert SandboxLimits(call_timeout_ms=1000, call_hard_timeout_ms=60_000).deadlines_ms() == (1000, 60_000)
+
+
+@pytest.mark.parametrize("wasm", [ASCIIFY_LIKE, CLOCK_READER], ids=["get-uchar-at", "python-host-function"])
+def test_a_processor_making_14400_host_calls_a_frame_is_never_disabled(runtime_factory, real_frame, wasm):
+    p = runtime_factory(limits=SandboxLimits()).load_bytes(wasm, "chatty")
+    frame = real_frame.copy()
+    for _ in range(FRAMES):
+        assert p.process(frame) is frame
+    assert p.stats.calls == FRAMES and p.stats.errors == 0
+    assert not p.disabled and p.last_error is None
+    if wasm is ASCIIFY_LIKE:      # and it read what the frame holds
+        assert p.exports["sum"].value(p.store) == int(real_frame[0:360:4, 0:640:4, 0].astype(np.int64).sum())
+
+
+def test_the_python_path_too_makes_14400_calls_a_frame_without_being_disabled(runtime_factory, real_frame):
+    """The same asciify-style reads with the in-wasm accessors switched off: every call
+    crosses into Python, as with a host that cannot link them."""
+    rt = runtime_factory(limits=SandboxLimits())
+    rt.wasm_accessors = False
+    p = rt.load_bytes(ASCIIFY_LIKE, "chatty")
+    assert p.ctx.accessors is None
+    frame = real_frame.copy()
+    for _ in range(FRAMES):
+        assert p.process(frame) is frame
+    assert p.stats.errors == 0 and not p.disabled
+    assert p.exports["sum"].value(p.store) == int(real_frame[0:360:4, 0:640:4, 0].astype(np.int64).sum())
+
+
+@pytest.mark.parametrize("wasm", [LOOP_FOREVER, LOOP_FOREVER_CALLING_THE_HOST], ids=["spins", "calls-the-host"])
+def test_a_runaway_is_interrupted_at_the_default_deadline_and_disabled(runtime_factory, real_frame, wasm, caplog):
+    p = runtime_factory(limits=SandboxLimits()).load_bytes(wasm, "runaway")
+    with caplog.at_level(logging.ERROR, logger="vision_host"):
+        outs = [p.process(real_frame) for _ in range(7)]
+    assert all(o is real_frame for o in outs)              # every frame goes on, unchanged
+    assert p.disabled and p.stats.errors == 5 and p.stats.calls == 5
+    assert p.last_error == "call exceeded its 1000 ms deadline (host functions included) and was interrupted"
+    assert any("processor runaway disabled after 5 failed calls in a row" in r.getMessage() for r in caplog.records)
+
+
+def test_a_slow_call_is_reported_once_not_failed(runtime_factory, real_frame, caplog, monkeypatch):
+    """A call over SLOW_CALL_MS that ends within the deadline is logged once as slow (with the
+    frame rate it allows) and counted as a normal call."""
+    monkeypatch.setattr(engine, "SLOW_CALL_MS", 0.0)        # every call is "slow" here
+    p = runtime_factory().load_bytes(CLOCK_READER, "slowpoke")
+    with caplog.at_level(logging.WARNING, logger="vision_host"):
+        for _ in range(3):
+            p.process(real_frame)
+    slow = [r.getMessage() for r in caplog.records if "processor slowpoke took" in r.getMessage()]
+    assert len(slow) == 1 and "within its deadline (1000 ms)" in slow[0]
+    assert p.stats.errors == 0 and p.last_error is None
