@@ -280,16 +280,30 @@ def _opencv_vs_pipeline(clip: str, server: LatencyServer, frames: int, out_dir: 
                              lambda: _pipeline_fps(clip, server, frames, out_dir / "pipeline.mp4"), rounds)
 
 
+def _run_together(work, streams: int, name: str) -> float:
+    """Run ``work(k, ready)`` for k in 0..``streams``-1, one thread each (named ``name-k``); each
+    calls ``ready.wait()`` (a :class:`threading.Barrier`) once set up, so all start at once.
+    Returns that common start (``time.perf_counter()`` s), after every thread has ended."""
+    ready = threading.Barrier(streams + 1)
+    threads = [threading.Thread(target=work, args=(k, ready), name=f"{name}-{k}") for k in range(streams)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    return started
+
+
 def _opencv_threads(clip: str, frames: int, streams: int, out_dir: Path) -> float:
     """``streams`` plain OpenCV read + write loops (:func:`_opencv_loop`'s) at once, one thread
     each, over the first ``frames`` frames of ``clip``; returns the frames/s of all together
     (frames written / the time from the common start to the last loop's end; opening and
     finalizing the files are not timed)."""
-    ready = threading.Barrier(streams + 1)
     done = [0] * streams
     ended = [0.0] * streams
 
-    def loop(k: int) -> None:
+    def loop(k: int, ready: threading.Barrier) -> None:
         cap = cv2.VideoCapture(clip)
         w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         writer = cv2.VideoWriter(str(out_dir / f"plain-{k}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
@@ -308,13 +322,7 @@ def _opencv_threads(clip: str, frames: int, streams: int, out_dir: Path) -> floa
             writer.release()
             cap.release()
 
-    threads = [threading.Thread(target=loop, args=(k,), name=f"vision-host-bench-opencv-{k}") for k in range(streams)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
+    started = _run_together(loop, streams, "vision-host-bench-opencv")
     return sum(done) / (max(ended) - started)
 
 
@@ -333,23 +341,15 @@ def _pipeline_streams(clip: str, server: LatencyServer, frames: int, streams: in
                 output = FileOutput(out_dir / f"pipeline-{k}.mp4")
                 output.open(source.width, source.height, source.fps)
                 runs.append((processor, source, output, Pipeline(source, [processor], [output], rt, stream=stream)))
-            ready = threading.Barrier(streams + 1)
             results: list[dict] = [{}] * streams
             ended = [0.0] * streams
 
-            def run(k: int) -> None:
+            def run(k: int, ready: threading.Barrier) -> None:
                 ready.wait()
                 results[k] = runs[k][3].run(frames)
                 ended[k] = time.perf_counter()
 
-            threads = [threading.Thread(target=run, args=(k,), name=f"vision-host-bench-stream-{k}")
-                       for k in range(streams)]
-            for t in threads:
-                t.start()
-            ready.wait()
-            started = time.perf_counter()
-            for t in threads:
-                t.join()
+            started = _run_together(run, streams, "vision-host-bench-stream")
         finally:
             for processor, source, output, _ in runs:
                 output.close()

@@ -939,25 +939,23 @@ def _run_pipeline(args: argparse.Namespace, settings: dict) -> int:
         print(prefix + format_summary(r.stats), file=sys.stderr)
         if r.stats.get("source_error"):    # the summary says it: a file that could not be read to its end
             status = 1
-        for problem in _run_problems(r.stats, r.stream.fetch_stats.last_error, r.stream.config):
+        for problem in _run_problems(r.stats, r.stream.fetch_stats.last_error, r.stream.config,
+                                     r.stream.processor_store):
             print(f"vision-host: {r.label}{problem}", file=sys.stderr)
             status = 1
     return status
 
 
-#: How messages name the vision server of each ``ollama-api`` (the ollama processor's own words).
-SERVER_NAMES = {"generate": "Ollama", "chat": "Ollama", "openai": "the OpenAI-compatible server",
-                "workers-ai": "Workers AI"}
-
-
-def _run_problems(stats: dict, last_error: str | None, config: dict) -> list[str]:
+def _run_problems(stats: dict, last_error: str | None, config: dict, store) -> list[str]:
     """Sentences for what spoiled a stream's run beyond what its summary says, each making the
-    exit status 1: caption requests made and none completed."""
+    exit status 1: caption requests made and none completed. The server is named as the
+    ``ollama`` processor names it (the ``ollama``/``server-name`` and ``api`` it stores in
+    ``store``, the stream's processor store), so the two never disagree."""
     problems = []
     captions = stats["captions"]
     if captions["started"] and not captions["completed"]:
-        api = config.get("ollama-api", "generate")
-        server = config.get("ollama-server-name") or SERVER_NAMES.get(api, "Ollama")
+        api = store.get("ollama", "api") or config.get("ollama-api", "generate")
+        server = store.get("ollama", "server-name") or config.get("ollama-server-name") or "the vision server"
         failed = captions["failed"]
         why = (f"{failed} request{'s' * (failed > 1)} to {server} at {config.get('ollama-url')} failed"
                + (f" (last error: {last_error})" if last_error else "")) if failed else \
