@@ -23,7 +23,8 @@ from pathlib import Path
 
 import wasmtime
 
-from vision_host.runtime.engine import HOST_FUNCTIONS, Runtime
+from vision_host.runtime import Runtime
+from vision_host.runtime.linking import HOST_FUNCTIONS
 from vision_host.runtime.wit import EnumT, FlagsT, Handle, ListT, OptionT, Prim, RecordT, ResultT, TupleT, parse_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -139,8 +139,8 @@ def _serve_load(model_dir, max_batch: int, jpeg: bytes) -> dict:
     import numpy as np
     import requests
     import uvicorn
-    from vision_host.server import bind_socket, create_app
-    from vision_host.vlm import open_model
+    from vision_host.serve.app import bind_socket, create_app
+    from vision_host.serve.models import open_model
 
     model = open_model(str(model_dir)).load()
     app = create_app(model, max_batch=max_batch, max_queue=0, keep_alive=-1)

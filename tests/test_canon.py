@@ -23,8 +23,9 @@ import wasmtime
 from conftest import REPO
 from vision_host.runtime import Runtime
 from vision_host.runtime.abi import AbiError
-from vision_host.runtime.canon import codec, declared_functions, trampoline
-from vision_host.runtime.engine import HOST_FUNCTIONS, wit_dir
+from vision_host.runtime.canon import declared_functions, trampoline
+from vision_host.runtime.canon_codecs import codec
+from vision_host.runtime.linking import HOST_FUNCTIONS, wit_dir
 from vision_host.runtime.wit import WitError, parse_dir, parse_text
 from wat import module
 

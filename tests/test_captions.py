@@ -19,7 +19,7 @@ import webvtt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vision_host import captions as captions_module
+import vision_host
 from vision_host.captions import CaptionEvent, CaptionTrackError, SubtitleStreamTrack, open_track
 
 FPS = 30
@@ -553,7 +553,7 @@ CRASH_CAPTIONS = [(1.0, "first"), (2.5, "second"), (2.8, "third --->")]
 def test_sigkill_leaves_every_completed_caption_in_the_file(tmp_path, suffix, kill_after):
     """A process writing a track is killed (SIGKILL: no cleanup) right after its Nth ``add``."""
     path = tmp_path / f"killed{suffix}"
-    package_dir = Path(captions_module.__file__).resolve().parents[1]
+    package_dir = Path(vision_host.__file__).resolve().parents[1]   # host/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_dir), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), json.dumps(CRASH_CAPTIONS)], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

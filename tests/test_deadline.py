@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vision_host.runtime import SandboxLimits
-from vision_host.runtime import engine
+from vision_host.runtime import processor
 from wat import module
 
 FRAMES = 300
@@ -117,7 +117,7 @@ def test_a_runaway_is_interrupted_at_the_default_deadline_and_disabled(runtime_f
 def test_a_slow_call_is_reported_once_not_failed(runtime_factory, real_frame, caplog, monkeypatch):
     """A call over SLOW_CALL_MS that ends within the deadline is logged once as slow (with the
     frame rate it allows) and counted as a normal call."""
-    monkeypatch.setattr(engine, "SLOW_CALL_MS", 0.0)        # every call is "slow" here
+    monkeypatch.setattr(processor, "SLOW_CALL_MS", 0.0)        # every call is "slow" here
     p = runtime_factory().load_bytes(CLOCK_READER, "slowpoke")
     with caplog.at_level(logging.WARNING, logger="vision_host"):
         for _ in range(3):

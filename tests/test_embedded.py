@@ -104,10 +104,10 @@ def test_the_readme_command_with_no_server_and_no_weights_stops_before_writing(t
     ("library/llava:latest", False), ("hf.co/owner/model", False),
 ])
 def test_only_a_name_that_cannot_mean_ollama_picks_the_embedded_server(model, embedded):
-    from vision_host.cli import serves_unambiguously
+    from vision_host.serve.embedded import serves_unambiguously
     assert serves_unambiguously(model) is embedded
 
 
 def test_a_model_directory_picks_the_embedded_server(tmp_path):
-    from vision_host.cli import serves_unambiguously
+    from vision_host.serve.embedded import serves_unambiguously
     assert serves_unambiguously(str(tmp_path))

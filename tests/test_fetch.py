@@ -328,7 +328,7 @@ def test_the_key_goes_only_to_the_scheme_host_and_port_it_was_given_for(driver, 
     ("http://my_host.lan:9/%41", "http://my_host.lan:9/%41", "my_host.lan:9"),
 ])
 def test_urls_are_parsed_once_and_rebuilt(url, rebuilt, destination):
-    from vision_host.runtime.fetch import parse_request_url
+    from vision_host.runtime.policy import parse_request_url
     target = parse_request_url(url)
     assert (target.url, target.destination) == (rebuilt, destination)
 

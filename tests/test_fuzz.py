@@ -31,7 +31,8 @@ from conftest import REPO
 from guest_call import BUMP_REALLOC
 from reply_server import ReplyServer
 from vision_host.runtime import NetworkPolicy, SandboxLimits
-from vision_host.runtime.engine import HOST_FUNCTIONS, Runtime
+from vision_host.runtime.engine import Runtime
+from vision_host.runtime.linking import HOST_FUNCTIONS
 
 OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
 FUNCTIONS = sorted(HOST_FUNCTIONS)

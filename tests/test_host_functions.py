@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import wasmtime
 
-from vision_host.runtime.engine import HOST_FUNCTIONS
+from vision_host.runtime.linking import HOST_FUNCTIONS
 from vision_host.runtime.overlay import draw_caption
 
 M, CV, CFG, LOG, DS = "wasm:cv/mat", "wasm:cv/cv", "wasmvision:platform/config", "wasmvision:platform/logging", \

@@ -17,7 +17,9 @@ import requests
 
 from conftest import CAR_CLIP, REPO, SAMPLE_CLIP, missing_system_package
 from ollama_standin import OllamaStandin
-from vision_host.cli import UsageError, _settings, build_parser, main, per_stream_path
+from vision_host.cli import build_parser, main
+from vision_host.cli.run_file import per_stream_path
+from vision_host.cli.settings import RunSettings, UsageError, build_settings
 from vision_host.runtime.fetch import FairShare
 from test_rtsp import RtspServer, _free_port, _gst_rtsp_available
 
@@ -75,22 +77,22 @@ def test_a_busy_stream_cannot_starve_the_others():
 
 
 # -- settings ---------------------------------------------------------------------------------
-def _parse(*argv: str, file_text: str | None = None, tmp_path=None) -> dict:
+def _parse(*argv: str, file_text: str | None = None, tmp_path=None) -> RunSettings:
     args = list(argv)
     if file_text is not None:
         run_file = tmp_path / "run.toml"
         run_file.write_text(file_text)
         args += ["-f", str(run_file)]
-    return _settings(build_parser().parse_args(["run", "-p", "hello", *args]))
+    return build_settings(build_parser().parse_args(["run", "-p", "hello", *args]))
 
 
 def test_repeated_sources_become_streams_with_their_own_files(tmp_path):
     settings = _parse("-s", "a.mp4", "-s", "rtsp://cam/1", "-o", "file", "-d", "out/rec.mp4",
                       "--captions", "caps.vtt")
-    streams = settings["streams"]
+    streams = settings.streams
     assert [(s.url, s.name, s.destination, s.captions) for s in streams] == [
         ("a.mp4", "0", "out/rec-0.mp4", "caps-0.vtt"), ("rtsp://cam/1", "1", "out/rec-1.mp4", "caps-1.vtt")]
-    one = _parse("-s", "a.mp4", "-o", "file", "-d", "rec.mp4")["streams"]
+    one = _parse("-s", "a.mp4", "-o", "file", "-d", "rec.mp4").streams
     assert [(s.name, s.destination) for s in one] == [("0", "rec.mp4")]     # one stream: names unchanged
     assert per_stream_path("rtsp://127.0.0.1:8554/annotated", "door") == "rtsp://127.0.0.1:8554/annotated-door"
 
@@ -108,13 +110,13 @@ name = "yard"
 destination = "yard.mkv"
 captions = "yard.srt"
 """)
-    door, yard = settings["streams"]
+    door, yard = settings.streams
     assert (door.name, door.destination, door.captions, door.config) == (
         "door", "rec-door.mkv", None, {"ollama-prompt": "Who is at the door?"})
     assert (yard.name, yard.destination, yard.captions, yard.config) == ("yard", "yard.mkv", "yard.srt", {})
     # -s on the command line replaces the file's streams
     assert [s.url for s in _parse("-s", "x.mp4", tmp_path=tmp_path, file_text='[[source]]\nurl = "y.mp4"\n')
-            ["streams"]] == ["x.mp4"]
+            .streams] == ["x.mp4"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -238,15 +240,15 @@ def test_four_rtsp_streams_share_a_slow_vision_server_fairly_at_full_frame_rate(
 
 @pytest.mark.parametrize("run_file", sorted((REPO / "config").glob("*.toml")), ids=lambda p: p.name)
 def test_the_example_run_files_are_valid(run_file):
-    settings = _settings(build_parser().parse_args(["run", "-f", str(run_file)]))
-    assert settings["processor"] and settings["streams"]
+    settings = build_settings(build_parser().parse_args(["run", "-f", str(run_file)]))
+    assert settings.processor and settings.streams
     if run_file.name == "four-cameras.toml":
-        assert [s.name for s in settings["streams"]] == ["door", "yard", "garage", "street"]
-        assert settings["streams"][3].config == {"ollama-interval-ms": "10000"}
-        files = _settings(build_parser().parse_args(["run", "-f", str(run_file), "-o", "file", "-d", "out/cams.mkv",
-                                                     "--captions", "out/captions.vtt"]))
-        assert [(s.destination, s.captions) for s in files["streams"]][0] == ("out/cams-door.mkv",
-                                                                            "out/captions-door.vtt")
+        assert [s.name for s in settings.streams] == ["door", "yard", "garage", "street"]
+        assert settings.streams[3].config == {"ollama-interval-ms": "10000"}
+        files = build_settings(build_parser().parse_args(["run", "-f", str(run_file), "-o", "file",
+                                                          "-d", "out/cams.mkv", "--captions", "out/captions.vtt"]))
+        assert [(s.destination, s.captions) for s in files.streams][0] == ("out/cams-door.mkv",
+                                                                          "out/captions-door.vtt")
 
 
 def _mjpeg_frame(url: str) -> np.ndarray:

@@ -256,7 +256,7 @@ def test_an_api_key_from_the_environment_is_sent_by_the_host_and_never_shown(run
 
 
 def test_api_key_settings_that_cannot_work_are_refused_with_a_sentence(monkeypatch):
-    from vision_host.runtime.fetch import PolicyError
+    from vision_host.runtime.policy import PolicyError
     monkeypatch.delenv("VH_UNSET_KEY", raising=False)
     with pytest.raises(PolicyError, match="the environment variable VH_UNSET_KEY is not set"):
         NetworkPolicy.from_config({"ollama-url": "http://127.0.0.1:1", "ollama-api-key-env": "VH_UNSET_KEY"})

@@ -900,9 +900,9 @@ def test_make_output_rtsp_destinations():
 
 
 def test_rtsp_without_pyav_names_the_install_command(monkeypatch):
-    from vision_host import outputs
+    from vision_host.outputs import encoding
 
-    monkeypatch.setattr(outputs, "_import_av", lambda: None)
+    monkeypatch.setattr(encoding, "import_av", lambda: None)
     with pytest.raises(OutputError) as info:
         make_output("rtsp", "rtsp://127.0.0.1:8554/vision")
     assert "pip install 'vision-host[record]'" in str(info.value)

@@ -20,7 +20,7 @@ import pytest
 av = pytest.importorskip("av")
 
 from conftest import SAMPLE_CLIP as BOTTLE, needs_ffprobe  # noqa: E402
-from vision_host import outputs  # noqa: E402
+from vision_host.outputs import encoding, recording  # noqa: E402
 from vision_host.outputs import FileOutput, OutputError, RecordingOutput, make_output  # noqa: E402
 
 N_FRAMES = 150
@@ -260,7 +260,7 @@ def test_subtitle_cues_are_muxed_into_the_file(tmp_path, clip, name, codec):
 
 def test_cues_go_to_the_segment_holding_their_start(tmp_path, clip, monkeypatch):
     frames, _ = clip
-    monkeypatch.setattr(outputs, "_CUE_GRACE_S", 1.0)  # a finished segment takes late cues for 1 s of video
+    monkeypatch.setattr(recording, "_CUE_GRACE_S", 1.0)  # a finished segment takes late cues for 1 s of video
     path = tmp_path / "seg.mkv"
     out = RecordingOutput(path, segment_seconds=2, subtitles=True)
     out.open(640, 360, 30.0)
@@ -337,9 +337,9 @@ def test_make_output_picks_the_codec(tmp_path, clip):
 
 
 def test_without_pyav_file_falls_back_to_opencv_with_one_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(outputs, "_import_av", lambda: None)
-    monkeypatch.setattr(outputs, "_warned_no_pyav", False)
-    with caplog.at_level(logging.WARNING, logger=outputs.__name__):
+    monkeypatch.setattr(encoding, "import_av", lambda: None)
+    monkeypatch.setattr(recording, "_warned_no_pyav", False)
+    with caplog.at_level(logging.WARNING, logger=recording.log.name):
         first = make_output("file", str(tmp_path / "a.mp4"))
         second = make_output("file", str(tmp_path / "b.mp4"), codec="h264")
     assert type(first) is FileOutput and type(second) is FileOutput

@@ -18,7 +18,8 @@ import requests
 
 from conftest import REPO, SAMPLE_CLIP, missing_system_package
 from ollama_standin import OllamaStandin
-from vision_host.cli import load_run_file, main
+from vision_host.cli import main
+from vision_host.cli.run_file import load_run_file
 
 
 def _free_port() -> int:
@@ -165,6 +166,27 @@ def test_run_file_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "unknown key 'sorce' in [main]" in result.stderr
 
 
+def test_wasmvision_keys_vision_host_does_not_support_are_ignored_with_one_warning(tmp_path):
+    """A wasmVision run file runs: its keys for what vision-host lacks (capture back ends, CUDA,
+    downloads, the MCP server) are named once on stderr as ignored; a key of neither stays an error."""
+    run_file, out = tmp_path / "run.toml", tmp_path / "out.mp4"
+    run_file.write_text(f'[main]\nsource = "{SAMPLE_CLIP}"\ncapture = "ffmpeg"\ncuda-enable = true\nwidth = 640\n'
+                        f'output = "file"\ndestination = "{out}"\nmax-frames = 5\n'
+                        '[processing]\npipeline = ["hello"]\ndownload = true\n'
+                        '[models]\ndownloads = false\n[server]\nmcp-enable = true\nmcp-port = ":5001"\n')
+    result = _run_cli("run", "-f", str(run_file), "--no-pace")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "ignoring" in line]
+    assert len(warnings) == 1, result.stderr
+    for key in ("[main] capture", "[main] cuda-enable", "[main] width", "[processing] download",
+                "[models] downloads", "[server] mcp-enable", "[server] mcp-port"):
+        assert key in warnings[0], key
+    assert "wasmVision" in warnings[0] and "not support" in warnings[0]
+    run_file.write_text('[server]\nmcp-enable = true\nport = 1\n')
+    result = _run_cli("run", "-f", str(run_file), "-p", "hello")
+    assert result.returncode == 2 and "unknown key 'port' in [server]" in result.stderr, result.stderr
+
+
 def test_blur_and_hello_run_in_a_chain(tmp_path):
     out = tmp_path / "blurred.mp4"
     result = _run_cli("run", "-p", "hello", "-p", "blur", "-s", str(SAMPLE_CLIP), "--no-pace", "--max-frames", "30",
@@ -295,10 +317,11 @@ def test_a_file_run_with_no_caption_completed_ends_non_zero_and_says_why(tmp_pat
 
 
 def test_captions_after_ollama_means_ollama_draws_nothing_itself():
-    from vision_host.cli import _settings, build_parser
+    from vision_host.cli import build_parser
+    from vision_host.cli.settings import build_settings
 
     def config(*args):
-        return _settings(build_parser().parse_args(["run", "-s", str(SAMPLE_CLIP), *args]))["config"]
+        return build_settings(build_parser().parse_args(["run", "-s", str(SAMPLE_CLIP), *args])).config
     assert config("-p", "ollama", "-p", "captions")["ollama-overlay"] == "false"
     assert "ollama-overlay" not in config("-p", "ollama")
     assert "ollama-overlay" not in config("-p", "captions", "-p", "ollama")
@@ -327,7 +350,7 @@ def test_bench_default_clip_ships_inside_the_package():
         import tomli as tomllib
 
     import vision_host
-    from vision_host.cli import DEFAULT_CLIP
+    from vision_host.cli.bench import DEFAULT_CLIP
 
     package = Path(vision_host.__file__).resolve().parent
     assert DEFAULT_CLIP.is_file()

@@ -248,7 +248,7 @@ def test_port_in_use_is_a_clear_error():
 
 def test_run_does_not_import_torch():
     code = ("import sys, vision_host.cli as c; c.build_parser().parse_args(['serve']); "
-            "import vision_host.server; "
+            "import vision_host.serve.app, vision_host.serve.models, vision_host.serve.scheduler; "
             "print('torch' in sys.modules, 'transformers' in sys.modules, 'fastapi' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=30)
     assert out.stdout.split() == ["False", "False", "False"], out.stderr
@@ -322,12 +322,12 @@ class GatedGenerate:
 
 @contextlib.contextmanager
 def gated_server(model_dir: Path, **settings: Any) -> Iterator[tuple[str, Any, GatedGenerate]]:
-    """:func:`vision_host.server.create_app` for ``model_dir`` (``keep_alive`` forever, the
+    """:func:`vision_host.serve.app.create_app` for ``model_dir`` (``keep_alive`` forever, the
     scheduler ``settings``), its ``generate`` behind a :class:`GatedGenerate`, served by
     uvicorn in this process: yields (base URL, scheduler, gate)."""
     import uvicorn
-    from vision_host.server import bind_socket, create_app
-    from vision_host.vlm import open_model
+    from vision_host.serve.app import bind_socket, create_app
+    from vision_host.serve.models import open_model
 
     model = open_model(str(model_dir)).load()
     gated = model.generate = GatedGenerate(model.generate)
@@ -519,7 +519,7 @@ def test_a_full_queue_answers_503_with_retry_after(queue_server, frame_jpeg):
 def test_a_complete_row_is_not_timed_out_while_its_batch_generates():
     """A row whose answer ended (its end-of-sequence token) keeps it when the rest of its
     batch generates past the row's deadline; a row still generating is timed out."""
-    from vision_host.server import Job
+    from vision_host.serve.scheduler import Job
 
     done = Job(None, deadline=time.monotonic() - 1)
     done.finished("a photo", 2, "stop", time.perf_counter())
@@ -1020,7 +1020,8 @@ def test_limit_flags_are_checked_at_start(tmp_path):
 
 def test_keep_alive_and_json_parsing_units():
     """The parsers behind items 8 and 11, without a server."""
-    from vision_host.server import RequestError, parse_json, parse_keep_alive
+    from vision_host.serve.errors import RequestError
+    from vision_host.serve.parsing import parse_json, parse_keep_alive
 
     assert parse_keep_alive("5m") == 300 and parse_keep_alive(0) == 0 and parse_keep_alive(-1) is None
     for forever in (1e12, 1e300, 10 ** 400, "1e300", "99999999999999h", -1e300):

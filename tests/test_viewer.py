@@ -20,6 +20,7 @@ import requests
 from conftest import SAMPLE_CLIP
 from ollama_standin import OllamaStandin
 from run_process import RunProcess, free_port, wait_for
+from vision_host.captions import CaptionEvent
 from vision_host.outputs import MjpegOutput
 from vision_host.runtime.engine import StreamContext
 from vision_host.viewer import _MAX_BACKLOG, Viewer, is_loopback
@@ -233,8 +234,8 @@ class Served:
         self.base = f"http://127.0.0.1:{self.port}"
 
     def caption(self, text: str) -> None:
-        self.viewer.add_caption(0, SimpleNamespace(wall_time=time.time(), stream_time_s=1.0, text=text,
-                                                   latency_ms=12.0, model="llava"))
+        self.viewer.caption_subscriber.add(CaptionEvent(text, 1.0, time.time(), 30, "camera", model="llava",
+                                                        latency_ms=12.0, stream=0))
 
     def close(self) -> None:
         self.viewer.close()
@@ -341,8 +342,10 @@ def test_bound_to_all_interfaces_the_host_name_the_address_and_allowed_names_are
 
 
 def test_the_allow_host_and_limit_flags_reach_the_server():
-    """`vision-host run --allow-host NAME --viewer-…` → the settings → _start_viewer."""
-    from vision_host.cli import UsageError, _start_viewer, build_parser
+    """`vision-host run --allow-host NAME --viewer-…` → the settings → start_viewer."""
+    from vision_host.cli import UsageError, build_parser
+    from vision_host.cli.settings import viewer_limits
+    from vision_host.runner import start_viewer
 
     args = build_parser().parse_args([
         "run", "-p", "ollama", "--allow-host", "cam.example", "--allow-host", "door.example",
@@ -352,7 +355,7 @@ def test_the_allow_host_and_limit_flags_reach_the_server():
     stream = StreamContext(0, "0", {"ollama-url": "http://127.0.0.1:9"})
     runtime = SimpleNamespace(streams=[stream])
     out = MjpegOutput("127.0.0.1:0")
-    viewer = _start_viewer(runtime, out, None, vars(args))
+    viewer = start_viewer(runtime, out, None, *viewer_limits(vars(args)), allowed_hosts=args.allow_host)
     try:
         limits = out.limits
         assert (limits.max_connections, limits.max_connections_per_client, limits.header_timeout_s,
@@ -376,7 +379,7 @@ def test_the_allow_host_and_limit_flags_reach_the_server():
         out.close()
     bad = vars(build_parser().parse_args(["run", "-p", "ollama", "--viewer-header-timeout-s", "0"]))
     with pytest.raises(UsageError, match=r"--viewer-header-timeout-s = 0\.0: give a number above 0"):
-        _start_viewer(runtime, MjpegOutput("127.0.0.1:0"), None, bad)
+        viewer_limits(bad)
 
 
 DEEP = b'{"set": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"

@@ -16,7 +16,8 @@ import wasmtime
 from guest_call import FUNCTIONS, Guest, GuestErr
 from vision_host.runtime import NetworkPolicy, SandboxLimits
 from vision_host.runtime.abi import AbiError
-from vision_host.runtime.engine import HOST_FUNCTIONS, Runtime
+from vision_host.runtime.engine import Runtime
+from vision_host.runtime.linking import HOST_FUNCTIONS
 
 M, CV, DNN, OD, F2D = "wasm:cv/mat", "wasm:cv/cv", "wasm:cv/dnn", "wasm:cv/objdetect", "wasm:cv/features2d"
 ALL_CV = [k for k in FUNCTIONS if k[0].startswith("wasm:cv/")]

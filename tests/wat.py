@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import wasmtime
 
-from vision_host.runtime.engine import HOST_FUNCTIONS
+from vision_host.runtime.linking import HOST_FUNCTIONS
 
 _WAT_TYPES = {"i": "i32", "I": "i64", "f": "f32", "F": "f64"}
 

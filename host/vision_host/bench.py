@@ -421,7 +421,7 @@ def _caption_overhead(frames: list[np.ndarray], server: LatencyServer, requests:
             i += 1
             time.sleep(0.002)
         p.close()
-        host = list(rt.fetch_stats.latencies_ms)[:requests]
+        host = list(rt.fetch_stats.snapshot().latencies_ms)[:requests]
     own = server.handled_ms[first:first + len(host)]
     return round(statistics.median(h - s for h, s in zip(host, own, strict=False)), 2)
 
@@ -470,7 +470,7 @@ def _soak(frames: list[np.ndarray], server: LatencyServer, count: int) -> dict:
         warm_up = 1000                           # first captions, arenas at their size
         pipeline = Pipeline(_LoopSource(frames, warm_up + count, 30.0), [p], [], rt)
         pipeline.run(warm_up)
-        rss0, guest0, captions0 = rss_bytes(), p.memory_bytes, rt.fetch_stats.completed
+        rss0, guest0, captions0 = rss_bytes(), p.memory_bytes, pipeline.caption_stats.snapshot().completed
         stats = pipeline.run(warm_up + count)
         p.close()
     return {"frames": stats["frames_out"] - warm_up, "rss_bytes_start": rss0, "rss_bytes_end": rss_bytes(),

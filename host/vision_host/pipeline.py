@@ -18,7 +18,7 @@ from typing import TextIO
 import cv2
 import numpy as np
 
-from .captions import CaptionEvent, CaptionTrack
+from .captions import CaptionBus, CaptionEvent, CaptionStats
 from .outputs import Output
 from .runtime import Processor, Runtime
 from .sources import Source
@@ -48,17 +48,24 @@ class Pipeline:
         outputs: every output gets every frame leaving the chain.
         runtime: the runtime the processors belong to (for caption statistics).
         status: stream for the one-line status (None or not a terminal: silent).
-        captions: caption tracks (files, a recording's subtitle stream) getting every completed caption (``captions/caption`` in the
-            processor store) and the source's reconnections; its times are the output video's
-            (frames written / the source's fps), so outages take no time in it.
-        model: the model named in the caption track when the processor does not store one as
+        caption_bus: the run's caption bus (:class:`.captions.CaptionBus`; None: one of its own).
+            Each completed caption (a new ``captions/caption`` in the processor store) is
+            published on it once as a :class:`.captions.CaptionEvent`, and this stream's
+            timeline (every frame, the source's outages, the end) goes to the subscribers of
+            this stream. Its times are the output video's (frames written / the source's fps),
+            so outages take no time in it.
+        model: the model named in caption events when the processor does not store one as
             ``captions/model`` (the ``ollama`` processor does).
         stream: the stream these processors belong to (default: the runtime's stream 0); its
             processor store and caption statistics are the ones read here.
+
+    Attributes:
+        caption_stats: this stream's caption counts (:class:`.captions.CaptionStats`, a
+            subscriber of the bus).
     """
 
     def __init__(self, source: Source, processors: list[Processor], outputs: list[Output],
-                 runtime: Runtime, status: TextIO | None = None, captions: list[CaptionTrack] | None = None,
+                 runtime: Runtime, status: TextIO | None = None, caption_bus: CaptionBus | None = None,
                  model: str | None = None, stream=None):
         self.source = source
         self.stream = stream or runtime.streams[0]
@@ -79,7 +86,8 @@ class Pipeline:
         self._last_out: float | None = None
         self._status_due = 0.0
         self.rss_start = rss_bytes()
-        self.captions = list(captions or [])
+        self.caption_bus = caption_bus if caption_bus is not None else CaptionBus()
+        self.caption_stats = CaptionStats()   # subscribed for each run (the end of a run closes its stream's subscribers)
         self.model = model
         self._store_version = self.stream.processor_store.version
         self._last_caption: str | None = None
@@ -99,6 +107,7 @@ class Pipeline:
         Returns the statistics dict (see :meth:`summary`).
         """
         self.started = time.perf_counter()
+        self.caption_bus.subscribe(self.caption_stats, stream=self.stream.index)
         try:
             while not self.stop_event.is_set():
                 if max_frames is not None and self.frames_in >= max_frames:
@@ -112,8 +121,7 @@ class Pipeline:
                 if self._in_gap:
                     self._in_gap = False
                     self._gap_frame = None
-                    for track in self.captions:
-                        track.resume(self.frames_out / self.source.fps)
+                    self.caption_bus.resume(self.stream.index, self.frames_out / self.source.fps)
                 self.frames_in += 1
                 self.stream.next_frame()
                 for processor in self.processors:
@@ -131,8 +139,7 @@ class Pipeline:
                 self.frames_out += 1
                 if self.stream.processor_store.version != self._store_version:
                     self._caption_check()
-                for track in self.captions:
-                    track.tick(self.frames_out / self.source.fps)
+                self.caption_bus.tick(self.stream.index, self.frames_out / self.source.fps)
                 if any(getattr(o, "closed", False) for o in self.outputs):
                     break
                 if self.status is not None and now >= self._status_due:
@@ -140,27 +147,26 @@ class Pipeline:
                     self._print_status(now)
         finally:
             self.ended = time.perf_counter()
-            for track in self.captions:
-                track.close(self.frames_out / self.source.fps)
+            self.caption_bus.end_stream(self.stream.index, self.frames_out / self.source.fps)
             if self.status is not None:
                 self.status.write("\r\x1b[2K")
                 self.status.flush()
         return self.summary()
 
     def _caption_check(self) -> None:
-        """The processor store changed: a new ``captions/caption`` goes to the caption track."""
+        """The processor store changed: a new ``captions/caption`` is published as a caption event."""
         self._store_version = self.stream.processor_store.version
         text = self.stream.processor_store.get("captions", "caption")
-        fs = self.stream.fetch_stats
+        fs = self.stream.fetch_stats.snapshot()
         if text is None or (text == self._last_caption and fs.completed == self._captions_completed):
             return
         self._last_caption, self._captions_completed = text, fs.completed
-        event = CaptionEvent(text=text, stream_time_s=self.frames_out / self.source.fps, wall_time=time.time(),
-                             frame_index=self.frames_out - 1, source=self.source.name,
-                             model=self.stream.processor_store.get("captions", "model") or self.model,
-                             latency_ms=fs.last_latency_ms)
-        for track in self.captions:
-            track.add(event)
+        store = self.stream.processor_store
+        self.caption_bus.publish(CaptionEvent(
+            text=text, stream_time_s=self.frames_out / self.source.fps, wall_time=time.time(),
+            frame_index=self.frames_out - 1, source=self.source.name,
+            model=store.get("captions", "model") or self.model, latency_ms=fs.last_latency_ms,
+            stream=self.stream.index, stream_name=self.stream.name, prompt=store.get("ollama", "prompt")))
 
     def _show_gap(self) -> None:
         """While a live source reconnects: the last frame with a "reconnecting" band, to the
@@ -168,8 +174,7 @@ class Pipeline:
         now = time.perf_counter()
         if not self._in_gap:
             self._in_gap = True
-            for track in self.captions:
-                track.gap(self.frames_out / self.source.fps, self.source.state)
+            self.caption_bus.gap(self.stream.index, self.frames_out / self.source.fps, self.source.state)
         if self.status is not None and now >= self._status_due:
             self._status_due = now + 0.5
             self._print_status(now)
@@ -198,16 +203,17 @@ class Pipeline:
         (``short``: the stream's name, fps and captions, for one stream of several)."""
         now = time.perf_counter() if now is None else now
         elapsed = max(now - self.started, 1e-9) if self.started else 1e-9
-        fs = self.stream.fetch_stats
+        captions = self.caption_stats.snapshot()
         if short:
             state = "" if self.source.state == "live" else f" {self.source.state.upper()}"
-            return f"{self.stream.name}: {self.frames_out / elapsed:4.1f} fps {fs.completed} captions{state}"
+            return f"{self.stream.name}: {self.frames_out / elapsed:4.1f} fps {captions.completed} captions{state}"
         parts = [f"{self.frames_out / elapsed:5.1f} fps", f"{self.frames_out} frames",
-                 f"{fs.completed} captions"]
+                 f"{captions.completed} captions"]
         if self.source.state != "live":
             parts.insert(0, self.source.state.upper())
-        if fs.last_latency_ms is not None:
-            parts.append(f"last caption {fs.last_latency_ms / 1000:.1f} s")
+        if captions.last_latency_ms is not None:
+            parts.append(f"last caption {captions.last_latency_ms / 1000:.1f} s")
+        fs = self.stream.fetch_stats.snapshot()
         errors = [f"{p.name}: {p.last_error}" for p in self.processors if p.last_error]
         if fs.last_error:
             errors.append(f"server: {fs.last_error}")
@@ -228,10 +234,12 @@ class Pipeline:
         ``live``/``reconnecting``/``ended``), ``reconnect_gaps_s`` (how long each reconnection
         took), ``fps``, ``max_frame_gap_ms`` (largest wall-clock gap between consecutive frames
         leaving the chain), ``processors`` (per name: ``calls``, ``mean_us``, ``p99_us``,
-        ``errors``, ``disabled``, ``memory_bytes``), ``captions`` (``started``, ``completed``,
+        ``errors``, ``disabled``, ``memory_bytes``), ``captions`` (``completed`` and ``last``:
+        the captions published on the caption bus, :attr:`caption_stats`; from the processors'
+        requests to the vision server, :class:`.runtime.fetch.FetchStats`: ``started``,
         ``failed``, ``latency_ms_p50``, ``latency_ms_p95``, ``wait_ms_p50`` and ``wait_ms_max``
         (ms a frame request waited for its turn at the vision server, see
-        :class:`.runtime.fetch.FairShare`), ``last``), ``first_frame_unix`` (when the first frame
+        :class:`.runtime.fetch.FairShare`)), ``first_frame_unix`` (when the first frame
         left the chain, Unix time in s), ``rss_bytes_start``, ``rss_bytes_end``.
         """
         end = self.ended or time.perf_counter()
@@ -243,7 +251,8 @@ class Pipeline:
             while key in processors:
                 key, n = f"{p.name}#{n}", n + 1
             processors[key] = {**p.stats.summary(), "disabled": p.disabled, "memory_bytes": p.memory_bytes}
-        fs = self.stream.fetch_stats
+        captions = self.caption_stats.snapshot()
+        fs = self.stream.fetch_stats.snapshot()
         latencies = list(fs.latencies_ms)
         waits = list(fs.waits_ms)
         return {
@@ -264,13 +273,13 @@ class Pipeline:
             "processors": processors,
             "captions": {
                 "started": fs.started,
-                "completed": fs.completed,
+                "completed": captions.completed,
                 "failed": fs.failed,
                 "latency_ms_p50": _percentile(latencies, 50),
                 "latency_ms_p95": _percentile(latencies, 95),
                 "wait_ms_p50": _percentile(waits, 50),
                 "wait_ms_max": round(max(waits), 1) if waits else None,
-                "last": self.stream.processor_store.get("captions", "caption"),
+                "last": captions.last,
             },
             "first_frame_unix": self.first_frame_unix,
             "rss_bytes_start": self.rss_start,

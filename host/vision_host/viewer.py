@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime as _dt
 import json
 import logging
 import re
@@ -47,6 +46,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import __version__
+from .captions import CaptionEvent, CaptionSubscriber
 from .runtime.engine import is_locked_key
 from .webapp import json_response, read_body
 
@@ -165,14 +165,14 @@ class Viewer:
     Args:
         runtime: the run's :class:`.runtime.Runtime` (its streams' config and statistics).
         mjpeg: the :class:`.outputs.MjpegOutput` serving the streams (for PNG snapshots); the
-            viewer attaches itself to it (``mjpeg.viewer``), which must happen before
+            viewer attaches itself to it (``mjpeg.attach_viewer``), which must happen before
             ``mjpeg.start()``.
         token: required on every request when set (see the module docstring).
         captions_kept: completed captions kept for ``/api/captions`` (all streams together).
         limits: what ``POST /api/config`` may store (:class:`ConfigLimits`; defaults when None).
 
-    Call :meth:`attach` with each stream's pipeline once it runs, give each pipeline
-    :meth:`caption_feed` as a caption track, and :meth:`close` at the end.
+    Call :meth:`attach` with each stream's pipeline once it runs, subscribe
+    :attr:`caption_subscriber` to the run's caption bus (every stream), and :meth:`close` at the end.
     """
 
     def __init__(self, runtime, mjpeg, token: str | None = None, captions_kept: int = 500,
@@ -186,7 +186,7 @@ class Viewer:
         self.captions: deque[dict] = deque(maxlen=captions_kept)
         self._next_caption_id = 1
         self._lock = threading.Lock()
-        self._initial_keys = {s.index: frozenset(s.config) for s in runtime.streams}
+        self._initial_keys = {s.index: frozenset(s.config_snapshot()) for s in runtime.streams}
         self._subscribers: list[_Subscriber] = []    # the server's loop's
         self._loop: asyncio.AbstractEventLoop | None = None
         self._png_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -198,24 +198,21 @@ class Viewer:
             self.page = None
         self._ticker = threading.Thread(target=self._tick, name="vision-host-viewer-events", daemon=True)
         self._ticker.start()
-        mjpeg.viewer = self
+        #: Receives every stream's captions from the run's caption bus (subscribe it with ``stream=None``).
+        self.caption_subscriber = _ViewerCaptions(self)
+        mjpeg.attach_viewer(self)
 
     # -- feeding --------------------------------------------------------------------------------
     def attach(self, index: int, pipeline) -> None:
         """Stream ``index`` runs ``pipeline`` (its statistics appear in the state)."""
         self.pipelines[index] = pipeline
 
-    def caption_feed(self, index: int) -> "_CaptionFeed":
-        """A caption track (see :class:`.captions.CaptionTrack`'s methods) for stream ``index``."""
-        return _CaptionFeed(self, index)
-
-    def add_caption(self, index: int, event) -> None:
-        """Record a completed caption (:class:`.captions.CaptionEvent`) and send it to every viewer."""
-        stream = self.runtime.streams[index]
+    def add_caption(self, event: CaptionEvent) -> None:
+        """Record a completed caption and send it to every viewer (from any stream's thread)."""
+        stream = self.runtime.streams[event.stream]
         with self._lock:
-            record = {"id": self._next_caption_id, "stream": index, "stream_name": stream.name,
-                      "wall_time": _dt.datetime.fromtimestamp(event.wall_time, _dt.timezone.utc)
-                      .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            record = {"id": self._next_caption_id, "stream": event.stream, "stream_name": stream.name,
+                      "wall_time": event.wall_time_iso,
                       "stream_time_s": round(event.stream_time_s, 3), "text": event.text,
                       "latency_ms": None if event.latency_ms is None else round(event.latency_ms, 1),
                       "model": event.model}
@@ -244,14 +241,14 @@ class Viewer:
 
     def _stream_state(self, stream) -> dict:
         pipeline = self.pipelines.get(stream.index)
-        fs = stream.fetch_stats
+        fs = stream.fetch_stats.snapshot()
         base = {"index": stream.index, "name": stream.name, "mjpeg": f"/stream/{stream.index}",
-                "snapshot": f"/snapshot/{stream.index}.png", "config": dict(stream.config),
+                "snapshot": f"/snapshot/{stream.index}.png", "config": stream.config_snapshot(),
                 "in_force": settings_in_force(stream)}
         if pipeline is None:
             return {**base, "source": None, "state": "connecting", "fps": 0.0, "frames_out": 0, "frames_dropped": 0,
                     "frame_gap_ms": None, "max_frame_gap_ms": 0.0, "reconnects": 0, "processors": [],
-                    "captions": {"started": fs.started, "completed": fs.completed, "failed": fs.failed,
+                    "captions": {"started": fs.started, "completed": 0, "failed": fs.failed,
                                  "latency_ms_p50": None, "latency_ms_p95": None, "last": None,
                                  "last_latency_ms": None, "server_error": fs.last_error}}
         summary = pipeline.summary()
@@ -260,7 +257,8 @@ class Viewer:
                       for (name, p), proc in zip(summary["processors"].items(), pipeline.processors, strict=True)]
         captions = {k: summary["captions"][k] for k in ("started", "completed", "failed", "latency_ms_p50",
                                                         "latency_ms_p95", "last")}
-        captions["last_latency_ms"] = None if fs.last_latency_ms is None else round(fs.last_latency_ms, 1)
+        last_latency_ms = pipeline.caption_stats.snapshot().last_latency_ms
+        captions["last_latency_ms"] = None if last_latency_ms is None else round(last_latency_ms, 1)
         captions["server_error"] = fs.last_error
         gap = pipeline.last_gap_s
         return {**base, "source": summary["source"], "state": summary["source_state"], "fps": summary["fps"],
@@ -343,8 +341,8 @@ class Viewer:
         log.info("config of stream(s) %s changed: %s", ", ".join(s.name for s in targets),
                  ", ".join(f"{k}={_short(v, 80)}" for k, v in values.items()))
         for stream in targets:
-            self._broadcast(_sse("config", {"stream": stream.index, "config": dict(stream.config)}))
-        return json_response(200, {"streams": [s.index for s in targets], "config": dict(targets[0].config)})
+            self._broadcast(_sse("config", {"stream": stream.index, "config": stream.config_snapshot()}))
+        return json_response(200, {"streams": [s.index for s in targets], "config": targets[0].config_snapshot()})
 
     def _parse_change(self, body: bytes) -> tuple[list, dict[str, str]]:
         """The streams and values of a ``POST /api/config`` body. Raises _BadRequest."""
@@ -387,8 +385,9 @@ class Viewer:
                                        f"{limits.max_value_bytes} bytes (UTF-8)")
         removed = {k for k, v in values.items() if v == ""}
         for stream in targets:
-            initial = self._initial_keys.setdefault(stream.index, frozenset(stream.config))
-            after = (set(stream.config) | set(values)) - removed
+            config = stream.config_snapshot()
+            initial = self._initial_keys.setdefault(stream.index, frozenset(config))
+            after = (set(config) | set(values)) - removed
             added = len(after - initial)
             if added > limits.max_added_keys:
                 raise _BadRequest(400, f"stream {stream.index} would hold {added} keys beyond those it started "
@@ -468,26 +467,14 @@ def _number_arg(request: Request, name: str, least: int = 0) -> int | None:
     return int(value)
 
 
-class _CaptionFeed:
-    """A pipeline's caption track that feeds the viewer (captions only; gaps are in the state)."""
+class _ViewerCaptions(CaptionSubscriber):
+    """The viewer's subscriber of the caption bus: every stream's captions (their gaps are in the state)."""
 
-    def __init__(self, viewer: Viewer, index: int):
-        self.viewer, self.index = viewer, index
+    def __init__(self, viewer: Viewer):
+        self.viewer = viewer
 
-    def add(self, event) -> None:
-        self.viewer.add_caption(self.index, event)
-
-    def gap(self, stream_time_s: float, reason: str) -> None:
-        pass
-
-    def resume(self, stream_time_s: float) -> None:
-        pass
-
-    def tick(self, stream_time_s: float) -> None:
-        pass
-
-    def close(self, stream_time_s: float | None = None) -> None:
-        pass
+    def add(self, event: CaptionEvent) -> None:
+        self.viewer.add_caption(event)
 
 
 def settings_in_force(stream) -> dict[str, str]:
@@ -502,7 +489,7 @@ def settings_in_force(stream) -> dict[str, str]:
 
 
 def _config_reply(stream) -> dict:
-    config = dict(stream.config)
+    config = stream.config_snapshot()
     return {"stream": stream.index, "config": config, "locked": sorted(k for k in config if is_locked_key(k))}
 
 

@@ -220,7 +220,7 @@ class AccessRules:
 
 
 class VideoChannel(Protocol):
-    """What :func:`build_app` needs of one MJPEG stream (``outputs._MjpegChannel`` is one)."""
+    """What :func:`build_app` needs of one MJPEG stream (``outputs.mjpeg._MjpegChannel`` is one)."""
 
     index: int
     name: str

@@ -1,16 +1,16 @@
-"""HTTP for processors: the non-blocking ``vision-host:platform/fetch`` interface and the
-network policy that every processor request (blocking or not) obeys.
+"""HTTP for processors: the non-blocking ``vision-host:platform/fetch`` interface, and the
+client that also serves the blocking ``wasmvision:platform/http`` calls.
 
 Requests run on host worker threads (``requests`` with streaming bodies); the processor
 polls once per frame for the bytes that arrived, so ``process`` never waits on the network.
-The policy: every URL is parsed once, strictly (:func:`parse_request_url` refuses URLs that
-HTTP clients and URL parsers read differently), and the request goes to the URL rebuilt from
-the parsed parts; only destinations on the allow-list (by default the ``host:port`` of every
-``*-url`` config value), credentials only to the exact ``scheme://host:port`` they were given
-for, no redirects, no proxies from the environment, a connect timeout, a read timeout between
-bytes, a response size cap, and per processor a cap on requests in flight and on requests
-running at once, in its own queue, so that one processor's flood cannot delay another's (a
-cancelled request that has not started is never sent). WIT: ``wasm/wit/vision-host.wit``.
+Every request obeys the :class:`~.policy.NetworkPolicy` (:mod:`.policy`: the URL parsed once,
+the allow-list, credentials), goes to the URL rebuilt from the parsed parts with no
+redirects and no proxies from the environment, under a connect timeout, a read timeout
+between bytes and a response size cap. Per processor there is a cap on requests in flight
+and on requests running at once, in its own queue, so that one processor's flood cannot
+delay another's (a cancelled request that has not started is never sent); frame (caption)
+requests take turns at the vision servers by lanes (:class:`FairShare`). WIT:
+``wasm/wit/vision-host.wit``.
 """
 
 from __future__ import annotations
@@ -18,22 +18,22 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import enum
-import ipaddress
 import logging
-import re
 import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import requests
-from urllib3.exceptions import LocationParseError
-from urllib3.util import parse_url
 
 from .canon import ErrResult, implements
+
+if TYPE_CHECKING:
+    from .policy import NetworkPolicy, RequestTarget
 
 log = logging.getLogger("vision_host.fetch")
 
@@ -52,240 +52,12 @@ class FetchError(enum.IntEnum):
     RUNTIME_ERROR = 8
 
 
-# -- URLs: parsed once, strictly, and rebuilt ------------------------------------------------
-#: Printable ASCII without space: every character of an accepted URL is in this range.
-_PRINTABLE = re.compile(r"[\x21-\x7e]*")
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)"
-                  r"(?P<query>\?[^#]*)?(?:#.*)?")
-_HOST_AND_PORT = re.compile(r"(?P<host>[^:\[\]]+|\[(?P<ipv6>[0-9A-Fa-f:.]+)\])(?::(?P<port>[0-9]*))?")
-_REG_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
-_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
-_PORT = re.compile(r"[1-9][0-9]{0,4}")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+class FetchErrorResult(Exception):
+    """A fetch call's error result, carrying the ``fetch-error`` case."""
 
-
-@dataclass(frozen=True)
-class RequestTarget:
-    """Where a request goes, as parsed once by :func:`parse_request_url`.
-
-    Attributes:
-        scheme: ``"http"`` or ``"https"`` (lowercase).
-        host: a lowercase DNS name (letters, digits, ``-``, ``_`` in dot-separated labels), a
-            dotted-quad IPv4 address, or an IPv6 address in brackets in its compressed form
-            (``"[::1]"``).
-        port: 1-65535 (80 or 443 when the URL gave none).
-        target: the path (``"/"`` when empty) and the query (with its ``?``) exactly as given;
-            the fragment is dropped (it is never sent).
-    """
-
-    scheme: str
-    host: str
-    port: int
-    target: str
-
-    @property
-    def destination(self) -> str:
-        """``host:port``: what the allow-list holds."""
-        return f"{self.host}:{self.port}"
-
-    @property
-    def origin(self) -> str:
-        """``scheme://host:port``: what a credential is given for."""
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The URL that is sent: rebuilt from the parsed parts, the port always explicit."""
-        return f"{self.origin}{self.target}"
-
-    def same_destination(self, url: str) -> bool:
-        """Whether urllib3 (which opens the connection) reads ``url`` as this scheme, host and
-        port, without userinfo."""
-        try:
-            parsed = parse_url(url)
-        except (LocationParseError, ValueError):
-            return False
-        port = parsed.port or _DEFAULT_PORTS.get(parsed.scheme or "", 0)
-        return (parsed.scheme, parsed.host, port, parsed.auth) == (self.scheme, self.host, self.port, None)
-
-
-def parse_request_url(url: str) -> RequestTarget | None:
-    """Parse an absolute http(s) URL strictly, or return None when it is refused.
-
-    Refused, because HTTP clients and URL parsers read such URLs differently (WHATWG browsers,
-    ``urllib.parse``, urllib3 and ``inet_aton`` each disagree on some): any character outside
-    printable ASCII (whitespace, control characters, non-ASCII), a backslash anywhere; a scheme
-    other than http/https (either case) or not followed by ``//``; userinfo (any ``@`` before
-    the path) or ``%`` in the authority; an empty host; a host that is not a DNS name, a
-    dotted-quad IPv4 address or a bracketed IPv6 address (so no zone ids, no ``127.1``,
-    ``0x7f.0.0.1`` or ``2130706433`` spellings); an empty port, a port with a sign or a leading
-    zero, or outside 1-65535.
-    """
-    if not isinstance(url, str) or not _PRINTABLE.fullmatch(url) or "\\" in url:
-        return None
-    m = _URL.fullmatch(url)
-    if m is None:
-        return None
-    scheme = m["scheme"].lower()
-    authority = m["authority"]
-    if scheme not in _DEFAULT_PORTS or "@" in authority or "%" in authority:
-        return None
-    hp = _HOST_AND_PORT.fullmatch(authority)
-    if hp is None:
-        return None
-    if hp["ipv6"] is not None:
-        try:
-            host = f"[{ipaddress.IPv6Address(hp['ipv6'])}]"
-        except ValueError:
-            return None
-    else:
-        host = hp["host"].lower()
-        if not _REG_NAME.fullmatch(host):
-            return None
-        if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):    # an IPv4 address: canonical form only
-            try:
-                if str(ipaddress.IPv4Address(host)) != host:
-                    return None
-            except ValueError:
-                return None
-    if hp["port"] is None:
-        port = _DEFAULT_PORTS[scheme]
-    elif _PORT.fullmatch(hp["port"]) and int(hp["port"]) <= 65535:
-        port = int(hp["port"])
-    else:
-        return None
-    return RequestTarget(scheme, host, port, (m["path"] or "/") + (m["query"] or ""))
-
-
-def url_destination(url: str) -> str | None:
-    """``host:port`` of an absolute http(s) URL (default ports filled in; see
-    :func:`parse_request_url` for the URLs refused), else None."""
-    target = parse_request_url(url)
-    return None if target is None else target.destination
-
-
-def url_origin(url: str) -> str | None:
-    """``scheme://host:port`` of an absolute http(s) URL (as :func:`url_destination`), else None."""
-    target = parse_request_url(url)
-    return None if target is None else target.origin
-
-
-@dataclass
-class NetworkPolicy:
-    """What processors may reach and how long they may wait.
-
-    Attributes:
-        allowed: ``host:port`` destinations processors may call (either scheme), as
-            :attr:`RequestTarget.destination` writes them (``"127.0.0.1:11434"``,
-            ``"[::1]:8080"``).
-        credentials: ``Authorization`` header value per origin ``scheme://host:port``
-            (:attr:`RequestTarget.origin`), added by the host to every request to exactly that
-            scheme, host and port (processors never see it; it is never logged).
-        connect_timeout_s / read_timeout_s: seconds to connect, and between received bytes.
-        max_response_bytes: replies longer than this are cut off with ``response-too-large``.
-        max_in_flight: non-blocking requests one processor may have at once: those started
-            and not yet released by ``poll`` or ``cancel``, plus those cancelled but still
-            queued or being sent on a worker. Beyond it ``start`` fails with
-            ``too-many-requests``.
-        max_running: a processor's plain (non-frame) requests being sent or received at once
-            on the shared worker threads; the others wait in the processor's own queue (a
-            cancelled one is dropped from it and never sent). Frame requests are bounded by
-            the fair share instead (one per stream).
-        max_frame_requests: frame (caption) requests running at once across all streams;
-            each stream has at most one running, and waiting streams are served round-robin
-            (:class:`FairShare`). That many worker threads are kept for them: plain requests
-            of all processors together never occupy more than the rest.
-        max_poll_bytes: most body bytes one ``poll`` hands the processor; the rest waits for
-            the next polls (``done`` comes with the last byte). A fast server can deliver
-            megabytes between two frames: handed over at once they cost the processor more
-            than its per-call deadline to parse, and an interrupted call leaks what it had
-            allocated (found by the 20 MB drill in tests/test_drills.py).
-
-    Raises (from the constructor):
-        PolicyError: a credential key that is not a ``scheme://host:port`` origin.
-    """
-
-    allowed: set[str] = field(default_factory=set)
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-    max_response_bytes: int = 8 * 1024 * 1024
-    max_in_flight: int = 4
-    max_running: int = 2
-    max_frame_requests: int = 2
-    max_poll_bytes: int = 64 * 1024
-    credentials: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        normalized = {}
-        for origin, value in self.credentials.items():
-            target = parse_request_url(origin)
-            if target is None or target.target != "/" or origin.rstrip("/").count("/") != 2:
-                raise PolicyError(f"a credential is given for {origin!r}: credentials are keyed by "
-                                  f"scheme://host:port")
-            normalized[target.origin] = value
-        self.credentials = normalized
-
-    @classmethod
-    def from_config(cls, config: dict[str, str], extra_allowed: list[str] = (), environ=None,
-                    **limits) -> NetworkPolicy:
-        """Allow the destination of every ``*-url`` config value, plus ``extra_allowed``
-        (``HOST:PORT`` or URLs).
-
-        A ``PREFIX-api-key-env=NAME`` setting makes the host send ``Authorization: Bearer
-        $NAME`` (read from ``environ``, default the host's environment) with every request
-        to the origin (scheme, host and port) of ``PREFIX-url``: the key stays outside the
-        sandbox.
-
-        Raises:
-            PolicyError: an ``-api-key-env`` setting without a matching ``-url``, or naming
-                an environment variable that is not set.
-        """
-        import os
-        environ = os.environ if environ is None else environ
-        allowed = {d for k, v in config.items() if k.endswith("-url") and (d := url_destination(v))}
-        for item in extra_allowed:
-            as_host_port = url_destination(f"http://{item}/") if re.fullmatch(r".+:[0-9]+", item) else None
-            allowed.add(url_destination(item) or as_host_port or item.lower())
-        credentials = {}
-        for key, name in config.items():
-            if not key.endswith("-api-key-env"):
-                continue
-            url_key = key[: -len("-api-key-env")] + "-url"
-            origin = url_origin(config.get(url_key, ""))
-            if origin is None:
-                raise PolicyError(f"{key} needs {url_key} set to the server's http(s) URL")
-            secret = environ.get(name, "").strip()
-            if not secret:
-                raise PolicyError(f"{key}={name}: the environment variable {name} is not set; "
-                                  f"export it with the API key")
-            credentials[origin] = f"Bearer {secret}"
-        return cls(allowed=allowed, credentials=credentials, **limits)
-
-    def resolve(self, url: str) -> RequestTarget:
-        """The parsed target of ``url`` when it may be requested.
-
-        Raises:
-            FetchErrorResult: ``invalid-url`` (refused by :func:`parse_request_url`) or
-                ``destination-not-allowed`` (well-formed, but its ``host:port`` is not allowed).
-        """
-        target = parse_request_url(url)
-        if target is None:
-            raise FetchErrorResult(FetchError.INVALID_URL)
-        if target.destination not in self.allowed:
-            raise FetchErrorResult(FetchError.DESTINATION_NOT_ALLOWED)
-        return target
-
-    def check(self, url: str) -> FetchError | None:
-        """None when ``url`` may be requested, else the error to report (see :meth:`resolve`)."""
-        try:
-            self.resolve(url)
-        except FetchErrorResult as err:
-            return err.code
-        return None
-
-
-class PolicyError(ValueError):
-    """A network setting that cannot work; the message says what to fix."""
+    def __init__(self, code: FetchError):
+        super().__init__(code.name)
+        self.code = code
 
 
 @dataclass(eq=False)
@@ -309,8 +81,41 @@ class _Request:
     job_over: bool = False        # its work ended, or was dropped before it started
 
 
+@dataclass(frozen=True)
+class FetchStatsSnapshot:
+    """A consistent copy of :class:`FetchStats` (all fields taken under its lock at once).
+
+    Attributes:
+        started / completed / failed: frame requests started, finished with a 2xx reply,
+            failed (an error, a non-2xx status, or cancelled).
+        latencies_ms: start-to-finish ms of the newest completed requests, oldest first.
+        waits_ms: ms each of the newest requests waited for its turn in the
+            :class:`FairShare` before it was sent, oldest first.
+        last_latency_ms: ms of the last completed request (None before the first).
+        last_error: why the last failed request failed (None before the first failure).
+    """
+
+    started: int
+    completed: int
+    failed: int
+    latencies_ms: tuple[float, ...]
+    waits_ms: tuple[float, ...]
+    last_latency_ms: float | None
+    last_error: str | None
+
+
 class FetchStats:
-    """Counts of frame (caption) requests and their start-to-finish latencies in ms."""
+    """Counts of frame (caption) requests and their start-to-finish latencies in ms, updated
+    by the fetch worker threads; thread-safe.
+
+    The counters (``started``, ``completed``, ``failed``, ``last_latency_ms``,
+    ``last_error``) may be read one at a time from any thread; for several at once, or for the
+    latency and wait lists, take a :meth:`snapshot`. Only :class:`FetchClient` updates them,
+    through :meth:`start`, :meth:`admitted` and :meth:`finish`.
+
+    Args:
+        keep: how many of the newest latencies and waits are kept.
+    """
 
     def __init__(self, keep: int = 4096):
         self.started = 0
@@ -322,6 +127,17 @@ class FetchStats:
         self.last_latency_ms: float | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
+
+    def start(self, req: _Request) -> None:
+        """Count a started frame request (others are ignored)."""
+        if req.is_image:
+            with self._lock:
+                self.started += 1
+
+    def admitted(self, req: _Request) -> None:
+        """Record how long a frame request waited for its turn (``dispatched - started``, ms)."""
+        with self._lock:
+            self.waits_ms.append((req.dispatched - req.started) * 1000.0)
 
     def finish(self, req: _Request, ok: bool, why: str | None = None) -> None:
         """Count a finished frame request (others are ignored); ``why`` says why it failed."""
@@ -337,18 +153,25 @@ class FetchStats:
                 self.failed += 1
                 self.last_error = why
 
+    def snapshot(self) -> FetchStatsSnapshot:
+        """Every count and list as of one moment (see :class:`FetchStatsSnapshot`)."""
+        with self._lock:
+            return FetchStatsSnapshot(self.started, self.completed, self.failed, tuple(self.latencies_ms),
+                                      tuple(self.waits_ms), self.last_latency_ms, self.last_error)
+
 
 class FairShare:
-    """Round-robin admission of frame (caption) requests from several streams to the vision
-    servers: at most one request per stream runs at once, at most ``limit`` in all, and when
-    a slot frees the next waiting stream after the one served last gets it. A busy stream
-    therefore waits at most one round of the others and cannot starve them.
+    """Round-robin admission of frame (caption) requests from several lanes to the vision
+    servers: at most one request per lane runs at once, at most ``limit`` in all, and when a
+    slot frees the next waiting lane after the one served last gets it. A busy lane therefore
+    waits at most one round of the others and cannot starve them. A lane is any int; the
+    runtime gives each video stream of a run its own (the stream's index).
 
-    Requests are queued per stream (lane) and started on the caller's worker pool; while
-    queued, ``poll`` reports status 0 and no bytes (the processor simply sees no answer yet).
+    Requests are queued per lane and started on the caller's worker pool; while queued,
+    ``poll`` reports status 0 and no bytes (the processor simply sees no answer yet).
 
     Args:
-        limit: frame requests running at once across all streams (≥ 1).
+        limit: frame requests running at once across all lanes (≥ 1).
     Attributes:
         order: lanes in the order their requests were started (the newest 4096), for checks.
     """
@@ -412,7 +235,7 @@ class _Job:
     def __init__(self, client: FetchClient, req: _Request, run, frame: bool):
         self.client, self.req, self.run, self.frame = client, req, run, frame
         self.state = "new"            # new → queued → running → over (or new/queued → over)
-        #: for frame jobs: what the :class:`FairShare` calls when the stream's turn comes
+        #: for frame jobs: what the :class:`FairShare` calls when the lane's turn comes
         self.admission = (lambda: client._dispatcher.enqueue(self)) if frame else None
 
     def finish(self) -> None:
@@ -579,11 +402,12 @@ def _dispatcher(pool: concurrent.futures.Executor) -> _Dispatcher:
 
 
 class FetchClient:
-    """Runs one processor's HTTP requests on a shared worker pool under a :class:`NetworkPolicy`.
+    """Runs one processor's HTTP requests on a shared worker pool under a
+    :class:`~.policy.NetworkPolicy`.
 
-    Every URL is parsed once (:func:`parse_request_url`); the request is sent to the URL rebuilt
-    from the parsed parts, and only after urllib3 reads that URL as the same scheme, host and
-    port. The processor's requests wait in its own queue and reach the pool's workers through
+    Every URL is parsed once (:func:`~.policy.parse_request_url`); the request is sent to the
+    URL rebuilt from the parsed parts, and only after urllib3 reads that URL as the same
+    scheme, host and port. The processor's requests wait in its own queue and reach the pool's workers through
     a dispatcher shared by every client of that pool (at most ``policy.max_running`` plain
     requests of one processor on workers at once; see :class:`_Dispatcher`). A cancelled
     request that has not started is dropped and never sent.
@@ -592,8 +416,8 @@ class FetchClient:
         policy: destinations and limits.
         pool: the run's worker threads (shared by every processor).
         stats: where caption-request counts go (shared by the stream's processors).
-        fair_share: admission of frame requests across streams (default: one of its own).
-        lane: this processor's stream index in ``fair_share``.
+        fair_share: admission of frame requests across lanes (default: one of its own).
+        lane: this processor's lane in ``fair_share`` (the runtime passes its stream's index).
     """
 
     def __init__(self, policy: NetworkPolicy, pool: concurrent.futures.ThreadPoolExecutor,
@@ -627,7 +451,7 @@ class FetchClient:
 
         Returns the request id. Raises:
             FetchErrorResult: ``invalid-url`` / ``destination-not-allowed`` when the policy
-                refuses the URL (:meth:`NetworkPolicy.resolve`), ``invalid-url`` for a method
+                refuses the URL (:meth:`.policy.NetworkPolicy.resolve`), ``invalid-url`` for a method
                 other than GET/POST, ``too-many-requests`` when ``policy.max_in_flight`` of
                 this processor's requests are unreleased, queued or running.
         """
@@ -644,10 +468,9 @@ class FetchClient:
         self._requests[req.id] = req
         with self._lock:
             self._active.add(req)
+        self.stats.start(req)
         if is_image:
-            with self.stats._lock:
-                self.stats.started += 1
-            # frame requests take turns at the vision server; the stream's turn queues the job
+            # frame requests take turns at the vision server; the lane's turn queues the job
             req.job = _Job(self, req, lambda: self._run_shared(req, method, content_type, make_body), frame=True)
             self.fair_share.submit(self.lane, req.job.admission)
         else:
@@ -764,8 +587,7 @@ class FetchClient:
         req.dispatched = time.monotonic()
         if req.cancelled:
             return
-        with self.stats._lock:
-            self.stats.waits_ms.append((req.dispatched - req.started) * 1000.0)
+        self.stats.admitted(req)
         self._run(req, method, content_type, make_body)
 
     def _run(self, req: _Request, method: str, content_type: str, make_body) -> None:
@@ -854,14 +676,6 @@ class FetchClient:
             resp.close()
 
 
-class FetchErrorResult(Exception):
-    """A fetch call's error result, carrying the ``fetch-error`` case."""
-
-    def __init__(self, code: FetchError):
-        super().__init__(code.name)
-        self.code = code
-
-
 def frame_jpeg_body(frame: np.ndarray, max_side: int, quality: int, template: bytes):
     """Prepare a body builder for ``post-frame``.
 
@@ -934,5 +748,5 @@ def _cancel(ctx, request_id):
     ctx.fetch.cancel(request_id)
 
 
-__all__ = ["FairShare", "FetchClient", "FetchError", "FetchErrorResult", "FetchStats", "NetworkPolicy", "PolicyError",
-           "RequestTarget", "frame_jpeg_body", "parse_request_url", "url_destination", "url_origin"]
+__all__ = ["FairShare", "FetchClient", "FetchError", "FetchErrorResult", "FetchStats", "FetchStatsSnapshot",
+           "frame_jpeg_body"]

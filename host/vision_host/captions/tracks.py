@@ -1,6 +1,7 @@
-"""Caption tracks written while the video runs: WebVTT, SubRip or JSON Lines.
+"""Caption tracks written while the video runs: WebVTT, SubRip or JSON Lines; subscribers of
+one stream on the caption bus (:mod:`.bus`).
 
-One thread (the frame loop) drives a track; it is not thread-safe. Per frame it calls
+One thread (the stream's frame loop, through the bus) drives a track; it is not thread-safe. Per frame it calls
 ``track.tick(stream_time_s)`` (O(1), no I/O), ``track.add(event)`` when a caption completed,
 ``track.gap(t, "reconnecting")`` / ``track.resume(t)`` around a source drop, and
 ``track.close(end_time_s)`` at the end. WebVTT and SubRip hold one timeline: with several streams
@@ -41,45 +42,17 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["CAPTION_FORMATS", "CaptionEvent", "CaptionTrack", "CaptionTrackError", "JsonLinesTrack",
+from .bus import CaptionSubscriber
+from .event import CaptionEvent, iso_utc
+
+__all__ = ["CAPTION_FORMATS", "CaptionTrack", "CaptionTrackError", "JsonLinesTrack",
            "SrtTrack", "SubtitleStreamTrack", "VttTrack", "open_track"]
 
 
 class CaptionTrackError(ValueError):
     """A caption track cannot be opened as asked (unknown extension, bad durations) or is closed."""
-
-
-@dataclass(frozen=True)
-class CaptionEvent:
-    """One completed caption.
-
-    Attributes:
-        text: the caption (may hold newlines; any characters).
-        stream_time_s: position in the video when it completed, seconds from the first frame.
-        wall_time: when it completed, seconds since the epoch (``time.time()``).
-        frame_index: index of the frame it completed on (0 = first frame).
-        source: the video source (``-s`` value).
-        model: the model that wrote it, if known.
-        latency_ms: request-to-completion time in ms, if known.
-        stream: which video stream (camera) it belongs to; 0 for a single source.
-    """
-
-    text: str
-    stream_time_s: float
-    wall_time: float
-    frame_index: int
-    source: str
-    model: str | None = None
-    latency_ms: float | None = None
-    stream: int = 0
-
-
-def _iso_utc(unix_s: float) -> str:
-    return datetime.fromtimestamp(unix_s, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _ms(seconds: float) -> int:
@@ -115,30 +88,35 @@ def _json_line(record: dict) -> str:
     return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
-class CaptionTrack:
-    """Base of the track writers; build one with :func:`open_track`.
+class CaptionTrack(CaptionSubscriber):
+    """Base of the track writers; build one with :func:`open_track`. A track follows one stream
+    of the caption bus (``bus.subscribe(track, stream=INDEX)``), or is driven directly.
 
     Args:
-        path: the file to write (truncated; missing parent folders are created).
+        path: the file to write (truncated; missing parent folders are created); None for a
+            track that hands its cues elsewhere (:class:`SubtitleStreamTrack`).
         max_cue_s: longest a caption cue stays on screen (WebVTT/SubRip), seconds.
         min_cue_s: shortest cue (WebVTT/SubRip), seconds; at least 1 ms, at most ``max_cue_s``.
 
     Attributes:
-        path: the file written (UTF-8, LF line ends).
+        path: the file written (UTF-8, LF line ends), or None.
         cues_written: captions written so far (gap cues and records not counted).
     """
 
-    def __init__(self, path: str | Path, *, max_cue_s: float = 10.0, min_cue_s: float = 1.0):
+    def __init__(self, path: str | Path | None, *, max_cue_s: float = 10.0, min_cue_s: float = 1.0):
         if not 0.001 <= min_cue_s <= max_cue_s:
             raise CaptionTrackError(f"caption cue durations need 0.001 <= min_cue_s <= max_cue_s, "
                                     f"got min_cue_s={min_cue_s}, max_cue_s={max_cue_s}")
-        self.path = Path(path)
+        self.path = None if path is None else Path(path)
         self.max_cue_ms, self.min_cue_ms = _ms(max_cue_s), _ms(min_cue_s)
         self.cues_written = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")  # bytes: the offsets of the tail rewrite are byte offsets
+        self._closed = False
+        self._file = None   # bytes: the offsets of the tail rewrite are byte offsets
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")
+            self._write(self._header())
         self._gap: tuple[int, str] | None = None  # (start ms, reason) of an open gap
-        self._write(self._header())
 
     def _header(self) -> str:
         return ""
@@ -152,13 +130,13 @@ class CaptionTrack:
         return offset
 
     def _check_open(self) -> None:
-        if self._file.closed:
-            raise CaptionTrackError(f"caption track {self.path} is closed")
+        if self._closed:
+            raise CaptionTrackError(f"caption track {self.path or type(self).__name__} is closed")
 
     @property
     def closed(self) -> bool:
         """True after :meth:`close`."""
-        return self._file.closed
+        return self._closed
 
     def add(self, event: CaptionEvent) -> None:
         """Record a completed caption (an open gap ends at its time). Raises if closed."""
@@ -193,11 +171,13 @@ class CaptionTrack:
         Idempotent. Without ``end_time_s`` a pending cue runs its full ``max_cue_s`` and an open
         gap makes no cue; with it, an open gap's cue ends there (JSON Lines: just the end record).
         """
-        if not self.closed:
+        if not self._closed:
+            self._closed = True
             try:
                 self._finish(end_time_s)
             finally:
-                self._file.close()
+                if self._file is not None:
+                    self._file.close()
 
     def __enter__(self) -> CaptionTrack:
         return self
@@ -228,7 +208,7 @@ class JsonLinesTrack(CaptionTrack):
 
     def _record(self, event: str, stream_time_s: float, wall_time: float | None, **fields) -> None:
         wall = time.time() if wall_time is None else wall_time
-        record = {"event": event, "stream_time_s": round(stream_time_s, 3), "wall_time": _iso_utc(wall),
+        record = {"event": event, "stream_time_s": round(stream_time_s, 3), "wall_time": iso_utc(wall),
                   "wall_time_unix": round(wall, 3), **fields}
         self._write(_json_line(record) + "\n")
 
@@ -425,7 +405,7 @@ class SubtitleStreamTrack(_TimedTrack):
 
     def __init__(self, add_subtitle, *, max_cue_s: float = 10.0, min_cue_s: float = 1.0):
         self._add_subtitle = add_subtitle
-        super().__init__(os.devnull, max_cue_s=max_cue_s, min_cue_s=min_cue_s)
+        super().__init__(None, max_cue_s=max_cue_s, min_cue_s=min_cue_s)
 
     def _cue_text(self, text: str) -> str:
         return _srt_text(text)

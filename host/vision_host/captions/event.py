@@ -1,0 +1,55 @@
+"""What the model said, once: :class:`CaptionEvent`, created when a caption completes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+__all__ = ["CaptionEvent", "iso_utc"]
+
+
+@dataclass(frozen=True)
+class CaptionEvent:
+    """One completed caption, as every subscriber of the caption bus receives it.
+
+    Created once per caption by the stream's :class:`.pipeline.Pipeline`, on its frame loop,
+    when the processors store a new ``captions/caption``; never changed afterwards.
+
+    Attributes:
+        text: the caption (a model's reply: untrusted, may hold newlines, any characters).
+        stream_time_s: position in the output video when it completed, seconds from the first
+            frame (frames written / the source's fps, so source outages take no time in it).
+        wall_time: when it completed, seconds since the epoch (``time.time()``).
+        frame_index: index of the frame it completed on (0 = first frame written).
+        source: the video source (``-s`` value, password redacted).
+        model: the model that wrote it, if known (``captions/model`` or ``ollama-model``).
+        latency_ms: request-to-completion time of the request that produced it, ms, if known.
+        stream: index of the video stream (camera) it belongs to; 0 for a single source.
+        stream_name: that stream's name (``--stream NAME=URL``, the ``[[stream]]`` table), if known.
+        prompt: the prompt it answers (``ollama-prompt``), if known.
+        fields: room for a structured answer (the parsed JSON object), None for plain text.
+    """
+
+    text: str
+    stream_time_s: float
+    wall_time: float
+    frame_index: int
+    source: str
+    model: str | None = None
+    latency_ms: float | None = None
+    stream: int = 0
+    stream_name: str | None = None
+    prompt: str | None = None
+    fields: Mapping | None = None
+
+    @property
+    def wall_time_iso(self) -> str:
+        """:attr:`wall_time` as ISO 8601 UTC with milliseconds, e.g. ``2026-12-01T15:01:22.123Z``."""
+        return iso_utc(self.wall_time)
+
+
+def iso_utc(unix_s: float) -> str:
+    """``unix_s`` (seconds since the epoch) as ISO 8601 / RFC 3339 UTC with milliseconds and a
+    ``Z`` suffix, e.g. ``2026-12-01T15:01:22.123Z``."""
+    return datetime.fromtimestamp(unix_s, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,183 @@
+"""Call deadlines: how a processor call that runs away is stopped.
+
+wasmtime's epoch interruption (``Config.epoch_interruption``; wasmtime's documentation of
+``Engine::increment_epoch`` and ``Store::set_epoch_deadline``): an :class:`EpochClock`
+advances the engine's epoch every :data:`EPOCH_TICK_S` s, and a store's epoch deadline, set
+in ticks from now, traps the guest's code once reached. A :class:`CallDeadline` arms one
+processor's deadline for each call, in one of the two modes of
+:meth:`.engine.SandboxLimits.deadlines_ms`: one wall-clock deadline for the whole call, host
+functions included, or a budget of the processor's own code (re-armed after each host
+function) under a wall-clock cap checked whenever the processor calls the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+import time
+
+import wasmtime
+from wasmtime import _bindings as _ffi
+
+#: Seconds between two epoch ticks: the resolution of every deadline.
+EPOCH_TICK_S = 0.005
+
+# wasmtime's C call, through a fresh function pointer without argtypes: the store's context
+# and the ticks are passed as prepared ctypes objects (cheaper than the bindings' checks).
+_set_epoch_deadline = _ffi.dll["wasmtime_context_set_epoch_deadline"]
+_set_epoch_deadline.restype = None
+
+
+class CallTimeout(Exception):
+    """A processor call ran past its wall-clock cap (host functions included)."""
+
+
+class EpochClock:
+    """Advances ``engine``'s epoch every :data:`EPOCH_TICK_S` s on a daemon thread until
+    :meth:`close`.
+
+    Attributes:
+        epoch: ticks so far, as the clock counts them (the engine's count is this or one more).
+    """
+
+    def __init__(self, engine: wasmtime.Engine):
+        self.engine = engine
+        self.epoch = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(EPOCH_TICK_S):
+            self.engine.increment_epoch()
+            self.epoch += 1
+
+    @staticmethod
+    def ticks(ms: float) -> int:
+        """Epoch ticks covering ``ms`` milliseconds (at least 1, plus one for the tick under way)."""
+        return max(1, math.ceil(ms / (EPOCH_TICK_S * 1000.0))) + 1
+
+    def close(self) -> None:
+        """Stop ticking (deadlines armed from now on never fire)."""
+        self._stop.set()
+        self._thread.join()
+
+
+class CallDeadline:
+    """The epoch deadline of one processor's store, armed for each of its calls.
+
+    Args:
+        clock: the run's :class:`EpochClock`.
+        store: the processor's store (its epoch deadline is what this arms).
+
+    Attributes:
+        metered: True during a call whose processor's own code has a budget of its own
+            (``call_timeout_ms`` below the wall-clock cap): host functions then go through
+            :meth:`host_call` (or :meth:`timed`), which keeps their time out of the budget and
+            checks the cap. Otherwise the one wall-clock deadline armed by :meth:`arm` covers
+            the whole call.
+    """
+
+    def __init__(self, clock: EpochClock, store: wasmtime.Store):
+        self.clock = clock
+        self.store = store
+        self._context = ctypes.c_void_p(ctypes.cast(store._context(), ctypes.c_void_p).value)
+        self.metered = False
+        # Accounting of the current metered call (s, time.perf_counter()).
+        self._budget_s = self._hard_s = self._guest_s = 0.0
+        self._call_started = self._resumed = 0.0
+        # The epoch tick (EpochClock.epoch) before which the armed deadline cannot fire; -1:
+        # unknown (armed for something else), so the next call arms its own.
+        self._armed = -1
+        self._wall = (0.0, 0)          # (wall-clock deadline in ms, its epoch ticks), cached
+        self._ticks: dict[int, ctypes.c_uint64] = {}
+
+    def arm(self, own_ms: float, wall_ms: float) -> bool:
+        """Arm the deadline of the call about to start (``(own_ms, wall_ms)`` as
+        :meth:`.engine.SandboxLimits.deadlines_ms` gives them); True when the call is metered
+        (``own_ms < wall_ms``: then call :meth:`begin_metered` right before it).
+
+        With one wall-clock deadline, the armed epoch deadline is reused while it falls in
+        [deadline, deadline + a quarter of it] from now, and re-armed otherwise (about four
+        times per deadline span): a call is never interrupted before its deadline and always
+        by 1.25× it (plus a tick), and most calls skip the C call.
+        """
+        if own_ms < wall_ms:
+            _set_epoch_deadline(self._context, self._ticks_of(self.clock.ticks(own_ms)))
+            self._armed = -1
+            return True
+        if self._wall[0] != wall_ms:
+            self._wall = (wall_ms, self.clock.ticks(wall_ms))
+        ticks = self._wall[1]
+        earliest = self.clock.epoch + ticks
+        if not earliest <= self._armed <= earliest + (ticks >> 2):
+            _set_epoch_deadline(self._context, self._ticks_of(ticks + (ticks >> 2)))
+            self._armed = earliest + (ticks >> 2)
+        return False
+
+    def begin_metered(self, own_ms: float, wall_ms: float) -> float:
+        """A metered call starts now, with ``own_ms`` of its own code and ``wall_ms`` in all;
+        returns its start (``time.perf_counter()``, s). Set :attr:`metered` False when it ends."""
+        self.metered = True
+        self._budget_s, self._hard_s, self._guest_s = own_ms / 1000.0, wall_ms / 1000.0, 0.0
+        started = self._call_started = self._resumed = time.perf_counter()
+        return started
+
+    def host_call(self, impl, ctx, slots, get, n: int):
+        """Call host function ``impl(ctx, *arguments)`` during a metered call, the ``n``
+        arguments read from ``slots`` by ``get``: the wall-clock cap is checked on entry, the
+        time inside is kept out of the guest's budget, and the epoch deadline is re-armed to
+        the guest time left on return.
+
+        Raises:
+            CallTimeout: the call ran past its wall-clock cap before this host call.
+        """
+        entered = time.perf_counter()
+        self._guest_s += entered - self._resumed
+        if entered - self._call_started > self._hard_s:
+            raise CallTimeout(f"call ran for over {self._hard_s * 1000:g} ms including host functions "
+                              f"and was stopped")
+        try:
+            return impl(ctx, *get(slots)) if n > 1 else impl(ctx, get(slots)) if n else impl(ctx)
+        finally:
+            self._resumed = time.perf_counter()
+            self.rearm()
+
+    def timed(self, impl, ctx):
+        """``impl`` bound to ``ctx``, kept out of the guest's budget in a metered call as
+        :meth:`host_call` does (for host functions called with Python arguments)."""
+        perf_counter = time.perf_counter
+
+        def call(*args):
+            if not self.metered:
+                return impl(ctx, *args)
+            entered = perf_counter()
+            self._guest_s += entered - self._resumed
+            if entered - self._call_started > self._hard_s:
+                raise CallTimeout(f"call ran for over {self._hard_s * 1000:g} ms including host functions "
+                                  f"and was stopped")
+            try:
+                return impl(ctx, *args)
+            finally:
+                self._resumed = perf_counter()
+                self.rearm()
+        return call
+
+    def rearm(self) -> None:
+        """In a metered call, set the epoch deadline to the guest time left (host functions
+        run outside it; before re-entering the guest, e.g. its allocator, it must be re-armed).
+        Otherwise nothing: the call's one wall-clock deadline stands."""
+        if self.metered:
+            left_ms = (self._budget_s - self._guest_s) * 1000.0
+            self.store.set_epoch_deadline(self.clock.ticks(left_ms) if left_ms > 0 else 1)
+            self._armed = -1
+
+    def _ticks_of(self, ticks: int) -> ctypes.c_uint64:
+        """``ticks`` as the C value the deadline is set with (cached)."""
+        found = self._ticks.get(ticks)
+        if found is None:
+            if len(self._ticks) > 64:
+                self._ticks.clear()
+            found = self._ticks[ticks] = ctypes.c_uint64(ticks)
+        return found

@@ -1,0 +1,244 @@
+"""Ollama's API (its docs/api.md), as the official ``ollama`` clients, ``curl`` and
+vision-host's own ``ollama`` processor use it.
+
+* ``GET /`` → ``Ollama is running``; ``GET /api/version``; ``GET /api/tags``, ``GET /api/ps``
+  (the loaded model, as ``NAME:latest``); ``POST /api/show``.
+* ``POST /api/generate`` (``model``, ``prompt``, ``images`` as base64, ``stream`` default true,
+  ``raw``, ``keep_alive``, ``options``: ``num_predict``, ``temperature``, ``top_p``,
+  ``top_k``, ``seed``, ``num_beams``, ``min_length``, ``max_length``, ``length_penalty``,
+  ``repeat_penalty``): NDJSON lines ``{"model","created_at","response","done":false}`` then a
+  final ``"done":true`` line with ``done_reason`` (``"stop"``, or ``"length"`` when
+  ``num_predict`` cut it short) and Ollama's metrics (durations in ns); ``"stream": false`` →
+  one JSON object. Without prompt and images: load the model (``done_reason: "load"``), or
+  with ``keep_alive: 0`` unload it (``"unload"``).
+* ``POST /api/chat``: the same with ``messages[]`` (``content``, ``images``) and
+  ``"message": {"role": "assistant", "content": ...}``; the last user message is the prompt.
+
+Errors are Ollama's ``{"error": "..."}`` (:func:`.errors.ollama_error`); one that comes after
+a stream's 200 is its last line.
+"""
+
+import base64
+import binascii
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import RequestError
+from ..models.base import VisionLanguageModel
+from ..parsing import go_type, json_object, parse_keep_alive, typed_field
+from ..scheduler import SERVER_DEFAULT, GenerationResult, Job
+from ..served_model import ServedModel
+
+log = logging.getLogger(__name__)
+
+#: What ``/api/version`` answers: the Ollama API level this server follows.
+OLLAMA_API_VERSION = "0.12.0"
+#: ``expires_at`` of a model that never unloads: Ollama's far-future date.
+FOREVER_ISO = "2318-01-01T00:00:00Z"
+_JSON_UTF8 = "application/json; charset=utf-8"
+
+
+def utc_iso(when: datetime | None = None) -> str:
+    """``when`` (default now; a UTC datetime) as ISO 8601 with ``Z``, as Ollama writes times."""
+    return (when or datetime.now(timezone.utc)).isoformat().replace("+00:00", "Z")
+
+
+def param_size(model: VisionLanguageModel) -> str:
+    """The model's parameter count as Ollama writes it (``"247.4M"``, ``"7B"``; ``""`` unknown)."""
+    n = model.n_params
+    if not n:
+        return ""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}".replace(".0", "")
+    return str(n)
+
+
+def metrics(res: GenerationResult) -> dict:
+    """Ollama's metrics of a finished generation (durations in ns, token counts)."""
+    end = res.ended_at or time.perf_counter()
+    first = res.first_token_at or end
+    return {"total_duration": int((end - res.started_at + res.lock_wait_s) * 1e9),
+            "load_duration": int(res.lock_wait_s * 1e9),
+            "prompt_eval_count": res.prompt_tokens,
+            "prompt_eval_duration": int((first - res.started_at) * 1e9),
+            "eval_count": res.eval_count,
+            "eval_duration": int((end - first) * 1e9)}
+
+
+def _b64_image(s: Any) -> bytes:
+    if not isinstance(s, str):
+        raise RequestError(400, f"json: cannot unmarshal {go_type(s)} into Go struct field .images of type string")
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        bad = next((i for i, c in enumerate(s) if not (c.isalnum() or c in "+/=")), len(s))
+        raise RequestError(400, f"illegal base64 data at input byte {bad}") from None
+
+
+def _keep_alive(body: dict) -> Any:
+    """The request's ``keep_alive`` (see :func:`.parsing.parse_keep_alive`), or the server's default."""
+    if body.get("keep_alive") is None:
+        return SERVER_DEFAULT
+    return parse_keep_alive(body["keep_alive"])
+
+
+def _line(obj: dict, ensure_ascii: bool = False) -> bytes:
+    return (json.dumps(obj, ensure_ascii=ensure_ascii, separators=(",", ":")) + "\n").encode()
+
+
+def routes(served: ServedModel) -> APIRouter:
+    """Ollama's routes for ``served``."""
+    router = APIRouter()
+    model, scheduler = served.model, served.scheduler
+
+    def details() -> dict:
+        return {"parent_model": "", "format": "safetensors", "family": model.family,
+                "families": [model.family], "parameter_size": param_size(model),
+                "quantization_level": "F16" if model.device == "cuda" else "F32"}
+
+    def model_entry() -> dict:
+        return {"name": served.name, "model": served.name, "modified_at": model.loaded_at.isoformat(),
+                "size": model.size, "digest": "", "details": details()}
+
+    @router.get("/", response_class=PlainTextResponse)
+    @router.head("/", response_class=PlainTextResponse)
+    def root():
+        return "Ollama is running"
+
+    @router.get("/api/version")
+    def version():
+        return {"version": OLLAMA_API_VERSION}
+
+    @router.get("/api/tags")
+    def tags():
+        return {"models": [model_entry()]}
+
+    @router.get("/api/ps")
+    def ps():
+        """The model while it is loaded (with ``expires_at``), and, as an extra field the
+        clients ignore, ``vision_host``: the scheduler's statistics (batch sizes, queue) and
+        ``limits``, the request limits in force."""
+        models = []
+        if model.loaded:
+            entry = model_entry()
+            expires = scheduler.expires_wall
+            entry.update(expires_at=FOREVER_ISO if expires is None else utc_iso(expires),
+                         size_vram=model.size if model.device == "cuda" else 0)
+            models.append(entry)
+        return {"models": models, "vision_host": {**scheduler.stats(), "limits": served.limits_in_force}}
+
+    @router.post("/api/show")
+    async def show(request: Request):
+        body = json_object(await request.body())
+        served.check_model(body.get("model") or body.get("name"))
+        return {"license": "", "modelfile": f"# served by vision-host serve\nFROM {model.source}\n",
+                "parameters": "", "template": "{{ .Prompt }}", "details": details(),
+                "model_info": {"general.architecture": model.family, "general.basename": model.source},
+                "capabilities": ["completion", "vision"], "modified_at": model.loaded_at.isoformat()}
+
+    async def reply(kind: str, name: str, job: Job):
+        """The /api/generate or /api/chat answer (``kind`` "response" or "message") to a
+        queued ``job``: a load/unload, a whole answer, or (a streamed reply) NDJSON lines."""
+        def piece_obj(text: str, done: bool) -> dict:
+            obj: dict[str, Any] = {"model": name, "created_at": utc_iso()}
+            if kind == "response":
+                obj["response"] = text
+            else:
+                obj["message"] = {"role": "assistant", "content": text}
+            obj["done"] = done
+            return obj
+
+        if job.prepared is None:   # nothing to caption: Ollama's "load" (or, with keep_alive 0, "unload") answer
+            await scheduler.wait_done(job)
+            obj = piece_obj("", True)
+            obj["done_reason"] = job.done_reason
+            return JSONResponse(obj, media_type=_JSON_UTF8)
+        if job.streamed_reply is None:
+            res = await scheduler.wait_done(job)
+            obj = piece_obj(res.text, True)
+            obj.update(done_reason=res.done_reason, **metrics(res))
+            return JSONResponse(obj, media_type=_JSON_UTF8)
+        await scheduler.wait_started(job)
+
+        def lines() -> Iterator[bytes]:
+            first = True
+            try:
+                for piece in job.streamed_reply:
+                    if first:
+                        job.result.first_token_at = job.result.first_token_at or time.perf_counter()
+                        piece = piece.lstrip()
+                    if not piece:
+                        continue
+                    first = False
+                    yield _line(piece_obj(piece, False))
+                problem = scheduler.stream_finished(job)
+                if problem is not None:   # after the 200 went out: Ollama's last-line error
+                    yield _line({"error": str(problem)}, ensure_ascii=True)
+                    return
+                obj = piece_obj("", True)
+                obj["done_reason"] = job.result.done_reason
+                obj.update(metrics(job.result))
+                yield _line(obj)
+            except GeneratorExit:
+                job.cancel.set()
+                raise
+            except Exception as exc:  # noqa: BLE001 — the 200 went out: the error is the last line
+                job.cancel.set()
+                log.exception("generation failed")
+                yield _line({"error": str(exc)}, ensure_ascii=True)
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    def load_job(keep_alive: Any) -> Job:
+        """Ollama's request without prompt and images: load the model (unload with keep_alive 0)."""
+        return scheduler.submit(scheduler.new_job(None, keep_alive=keep_alive))
+
+    @router.post("/api/generate")
+    async def generate(request: Request):
+        body = json_object(await request.body())
+        name = typed_field(body, "model", (str,), "string", "")
+        served.check_model(name)
+        prompt = typed_field(body, "prompt", (str,), "string", "")
+        images = [_b64_image(s) for s in typed_field(body, "images", (list,), "[]api.ImageData", [])]
+        streamed = typed_field(body, "stream", (bool,), "bool", True)
+        raw = typed_field(body, "raw", (bool,), "bool", False)
+        settings = served.settings_of(typed_field(body, "options", (dict,), "map[string]interface {}", {}))
+        keep_alive = _keep_alive(body)
+        if not prompt and not images:
+            return await reply("response", name, load_job(keep_alive))
+        job = await served.queue_generation(images[-1] if images else None, prompt, settings, raw=raw,
+                                            streamed=streamed, keep_alive=keep_alive)
+        return await reply("response", name, job)
+
+    @router.post("/api/chat")
+    async def chat(request: Request):
+        body = json_object(await request.body())
+        name = typed_field(body, "model", (str,), "string", "")
+        if not name:
+            raise RequestError(400, "model is required")
+        served.check_model(name)
+        messages = typed_field(body, "messages", (list,), "[]api.Message", [])
+        streamed = typed_field(body, "stream", (bool,), "bool", True)
+        settings = served.settings_of(typed_field(body, "options", (dict,), "map[string]interface {}", {}))
+        keep_alive = _keep_alive(body)
+        prompt, images = "", []
+        for m in messages:
+            if not isinstance(m, dict):
+                raise RequestError(400, f"json: cannot unmarshal {go_type(m)} into Go value of type api.Message")
+            content = typed_field(m, "content", (str,), "string", "")
+            if m.get("role", "user") == "user" and content.strip():
+                prompt = content
+            images += [_b64_image(s) for s in typed_field(m, "images", (list,), "[]api.ImageData", [])]
+        if not messages:
+            return await reply("message", name, load_job(keep_alive))
+        job = await served.queue_generation(images[-1] if images else None, prompt, settings, streamed=streamed,
+                                            keep_alive=keep_alive)
+        return await reply("message", name, job)
+
+    return router

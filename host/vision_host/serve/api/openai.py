@@ -1,0 +1,176 @@
+"""OpenAI's chat completions API (as Ollama's OpenAI compatibility serves it, which the official
+``openai`` clients use): ``POST /v1/chat/completions`` (content parts with ``image_url`` data
+URLs; ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``;
+``stream`` → SSE ``chat.completion.chunk`` events then ``data: [DONE]``, with a usage chunk for
+``stream_options.include_usage``), ``GET /v1/models``, ``GET /v1/models/{id}``.
+
+Errors are OpenAI's ``{"error": {"message", "type", ...}}`` (:func:`.errors.openai_error`);
+one that comes after a stream's 200 is its last event before ``[DONE]``.
+"""
+
+import base64
+import binascii
+import json
+import logging
+import time
+from typing import Any, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import RequestError
+from ..models import normalize_model_name
+from ..parsing import json_object, typed_field
+from ..scheduler import GenerationResult
+from ..served_model import ServedModel
+
+log = logging.getLogger(__name__)
+
+#: Our ``done_reason`` → OpenAI's ``finish_reason``.
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def _decode_data_url(url: Any) -> bytes:
+    """An ``image_url`` part's image: a ``data:…;base64,`` URL (Ollama takes no other)."""
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str):
+        raise RequestError(400, "invalid message format")
+    if url.startswith(("http://", "https://")):
+        raise RequestError(400, "image URLs are not currently supported, please use base64 encoded data instead")
+    head, sep, data = url.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        raise RequestError(400, "invalid image input")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "invalid image input") from None
+
+
+def _prompt_and_images(messages: list) -> tuple[str, list[bytes]]:
+    """The last non-blank user text, and every image, of a chat's ``messages``."""
+    prompt, images = "", []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise RequestError(400, "invalid message format")
+        content = m.get("content")
+        texts = []
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    raise RequestError(400, "invalid message format")
+                if part.get("type") == "text":
+                    texts.append(str(part.get("text") or ""))
+                elif part.get("type") == "image_url":
+                    images.append(_decode_data_url(part.get("image_url")))
+                else:
+                    raise RequestError(400, "invalid message format")
+        elif content is None and m.get("role") != "assistant":
+            raise RequestError(400, "invalid message content type: <nil>")
+        if m.get("role", "user") == "user":
+            for t in texts:
+                if t.strip():
+                    prompt = t
+    return prompt, images
+
+
+def _usage(res: GenerationResult) -> dict:
+    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.eval_count,
+            "total_tokens": res.prompt_tokens + res.eval_count}
+
+
+def _event(obj: dict, ensure_ascii: bool = True) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=ensure_ascii)}\n\n".encode()
+
+
+def routes(served: ServedModel) -> APIRouter:
+    """OpenAI's routes for ``served``."""
+    router = APIRouter()
+    model, scheduler = served.model, served.scheduler
+
+    def model_object(name: str) -> dict:
+        owner = name.split("/", 1)[0] if "/" in name else "library"
+        return {"id": name, "object": "model", "created": int(model.loaded_at.timestamp()), "owned_by": owner}
+
+    @router.get("/v1/models")
+    def v1_models():
+        return {"object": "list", "data": [model_object(served.name)]}
+
+    @router.get("/v1/models/{model_id:path}")
+    def v1_model(model_id: str):
+        if not served.answers_to(model_id):
+            raise RequestError(404, f"model '{normalize_model_name(model_id)}' not found")
+        return model_object(model_id)
+
+    @router.post("/v1/chat/completions")
+    async def v1_chat(request: Request):
+        raw = await request.body()
+        if not raw.strip():
+            raise RequestError(400, "EOF")
+        body = json_object(raw)
+        name = typed_field(body, "model", (str,), "string", "")
+        messages = typed_field(body, "messages", (list,), "[]openai.Message", [])
+        if not messages:
+            raise RequestError(400, "[] is too short - 'messages'")
+        streamed = typed_field(body, "stream", (bool,), "bool", False)
+        include_usage = bool((typed_field(body, "stream_options", (dict,), "openai.StreamOptions", {}) or {})
+                             .get("include_usage"))
+        max_tokens = typed_field(body, "max_tokens", (int,), "int", None)
+        if max_tokens is None:
+            max_tokens = typed_field(body, "max_completion_tokens", (int,), "int", None)
+        temperature = typed_field(body, "temperature", (int, float), "float64", None)
+        seed = typed_field(body, "seed", (int,), "int", None)
+        top_p = typed_field(body, "top_p", (int, float), "float64", None)
+        settings = served.settings_of({"num_predict": max_tokens, "temperature": temperature, "seed": seed,
+                                       "top_p": top_p})
+        prompt, images = _prompt_and_images(messages)
+        if not name:
+            raise RequestError(400, "model is required")
+        served.check_model(name)
+        job = await served.queue_generation(images[-1] if images else None, prompt, settings, streamed=streamed)
+        head = {"id": f"chatcmpl-{int(time.time() * 1000) % 1000}", "object": "chat.completion",
+                "created": int(time.time()), "model": name, "system_fingerprint": "fp_ollama"}
+
+        if not streamed:
+            res = await scheduler.wait_done(job)
+            return JSONResponse({**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                                                      "finish_reason": _FINISH.get(res.done_reason, "stop")}],
+                                 "usage": _usage(res)})
+        await scheduler.wait_started(job)
+        head["object"] = "chat.completion.chunk"
+
+        def chunk(delta: dict, reason: str | None) -> bytes:
+            return _event({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]},
+                          ensure_ascii=False)
+
+        def events() -> Iterator[bytes]:
+            first = True
+            try:
+                for piece in job.streamed_reply:
+                    if first:
+                        piece = piece.lstrip()
+                    if not piece:
+                        continue
+                    yield chunk({"role": "assistant", "content": piece} if first else {"content": piece}, None)
+                    first = False
+                problem = scheduler.stream_finished(job)
+                if problem is not None:
+                    status = getattr(problem, "status", 500)
+                    kind = "server_error" if status in (503, 504) else "api_error"
+                    yield _event({"error": {"message": str(problem), "type": kind}})
+                else:
+                    yield chunk({}, _FINISH.get(job.result.done_reason, "stop"))
+                    if include_usage:
+                        yield _event({**head, "choices": [], "usage": _usage(job.result)})
+            except GeneratorExit:
+                job.cancel.set()
+                raise
+            except Exception as exc:  # noqa: BLE001 — the 200 went out: the error is the last event
+                log.exception("generation failed")
+                yield _event({"error": {"message": str(exc), "type": "api_error"}})
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return router

@@ -1,0 +1,338 @@
+"""What every model family shares (:class:`VisionLanguageModel`): loading through
+transformers' ``from_pretrained``, decoding a request's image and building its inputs, batched
+``generate`` with per-row stopping and streaming, and unloading after ``keep_alive``. The
+families (``blip.py``, ``blip2.py``, ``llava.py``) set their transformers classes and prompt.
+
+CUDA with float16 when present, CPU with float32 otherwise. torch and transformers are
+imported inside methods, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+from .hub import ModelLoadError, from_local_or_hub, quiet_transformers
+from .settings import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
+from .streaming import GenerationRow, RowStreamer
+
+log = logging.getLogger(__name__)
+
+#: Image formats :meth:`VisionLanguageModel.prepare` opens (Pillow's names; MPO is the JPEG of
+#: many phone cameras, a format of its own in older Pillows). Others (TIFF, EPS, PSD, …) are
+#: refused: a smaller attack surface.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP")
+
+
+class BadImage(ValueError):
+    """The request's image bytes are not a decodable image (or not of :data:`IMAGE_FORMATS`)."""
+
+
+class ImageTooLarge(BadImage):
+    """The image's header says it decodes to more pixels than allowed; nothing was decoded."""
+
+    @classmethod
+    def of(cls, width: int, height: int, limit: int) -> "ImageTooLarge":
+        """The error for a ``width``×``height`` image over ``limit`` pixels."""
+        return cls(f"the image is {width}×{height} pixels ({width * height / 1e6:.1f} megapixels), above "
+                   f"this server's limit of {limit / 1e6:.1f} megapixels (--max-image-pixels)")
+
+
+class PromptTooLong(ValueError):
+    """The prompt (with the image's tokens and the model's template) leaves no room for an
+    answer in the text model's positions."""
+
+
+@dataclass
+class Prepared:
+    """One request's model inputs, on the model's device.
+
+    ``tensors``: ``input_ids`` and ``attention_mask`` (1×L int64), ``pixel_values``
+    (1×3×H×W, the model's dtype); ``prompt_tokens``: L as Ollama counts it.
+    """
+
+    tensors: dict
+    prompt_tokens: int
+
+    @property
+    def length(self) -> int:
+        """L: the prompt's length in tokens (image tokens included)."""
+        return int(self.tensors["input_ids"].shape[1])
+
+
+class VisionLanguageModel:
+    """A captioning / visual question answering model, loaded through ``from_pretrained``.
+
+    Only the serving worker thread calls :meth:`generate`, :meth:`load_weights` and
+    :meth:`unload`; :meth:`prepare` (image decoding, tokenising) runs on any thread, also
+    while the weights are unloaded. Subclasses set the transformers classes and the prompt.
+    """
+
+    family = ""
+    model_type = ""
+    model_class = ""
+    #: Whether prompts of different lengths can share a batch (left padding).
+    pads_prompts = True
+    #: Beams for a non-streamed, non-sampled answer unless the request says.
+    default_num_beams = 1
+    #: Whether ``generate`` takes the padding id from us (BLIP's sets its own).
+    pass_pad_id = True
+
+    def __init__(self, name: str, source: str, local: bool, config: Any = None) -> None:
+        self.name, self.source, self.local = name, source, local
+        self.config = config
+        self.loaded_at = datetime.now(timezone.utc)
+        self.load_duration_ns = 0
+        self.model = self.processor = None
+        self.dtype = None
+        self.device = "cpu"
+        self.size = 0
+        self.n_params = 0
+        self.eos_ids: set[int] = set()
+        self.pad_id = 0
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are in memory (False after a keep_alive unload)."""
+        return self.model is not None
+
+    # -- loading ------------------------------------------------------------------------------
+    def _classes(self):
+        import transformers
+        return getattr(transformers, self.model_class), transformers.AutoProcessor
+
+    def load(self) -> "VisionLanguageModel":
+        """Load the processor and weights: local directory or cache first, then the Hub.
+
+        Raises:
+            ModelLoadError: not cached and not downloadable, not of this family.
+        """
+        t0 = time.perf_counter()
+        import torch
+        model_cls, processor_cls = self._classes()
+        cuda = torch.cuda.is_available()
+        self.dtype = torch.float16 if cuda else torch.float32
+        self.device = "cuda" if cuda else "cpu"
+
+        def read():
+            with quiet_transformers():
+                proc = processor_cls.from_pretrained(self.source, local_files_only=True)
+                mod = model_cls.from_pretrained(self.source, local_files_only=True, dtype=self.dtype)
+            return proc, mod
+
+        self.processor, self.model = from_local_or_hub(self.source, self.local, read)
+        if self.model.config.model_type != self.model_type:
+            raise ModelLoadError(f"model {self.source} is a {self.model.config.model_type!r} model, not {self.family}")
+        self.config = self.model.config
+        self.model.to(self.device).eval()
+        self.size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self._special_ids()
+        self.load_duration_ns = int((time.perf_counter() - t0) * 1e9)
+        self.loaded_at = datetime.now(timezone.utc)
+        return self
+
+    def _special_ids(self) -> None:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = getattr(self._text_config(), "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        pad = self.processor.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.model.generation_config.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+
+    def _text_config(self):
+        return getattr(self.config, "text_config", self.config)
+
+    def load_weights(self) -> float:
+        """Reload the weights after :meth:`unload` (from the same files): seconds it took.
+
+        Raises:
+            ModelLoadError: the files are gone.
+        """
+        if self.model is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        model_cls, _ = self._classes()
+        try:
+            with quiet_transformers():
+                model = model_cls.from_pretrained(self.source, local_files_only=True, dtype=self.dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot reload model {self.source}: {str(exc).splitlines()[0]}") from None
+        self.model = model.to(self.device).eval()
+        self.load_duration_ns = int((time.perf_counter() - t0) * 1e9)
+        self.loaded_at = datetime.now(timezone.utc)
+        log.info("model %s reloaded in %.2f s", self.source, self.load_duration_ns / 1e9)
+        return self.load_duration_ns / 1e9
+
+    def unload(self) -> None:
+        """Drop the weights (the processor stays: it is small and :meth:`prepare` needs it)."""
+        if self.model is None:
+            return
+        self.model = None
+        import gc
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+            torch.cuda.empty_cache()
+        log.info("model %s unloaded", self.source)
+
+    # -- requests -------------------------------------------------------------------------------
+    def prompt_text(self, prompt: str, raw: bool) -> str:
+        """The text the processor gets for a user's ``prompt`` (``raw``: as it is)."""
+        return prompt
+
+    def prepare(self, image_bytes: bytes, prompt: str, raw: bool = False,
+                max_pixels: int | None = None) -> Prepared:
+        """Decode the image (of :data:`IMAGE_FORMATS`) and build the model inputs.
+
+        ``max_pixels``: the most pixels (width × height) the image may decode to (None: no
+        limit but Pillow's own); read from the image's header, before anything is decoded.
+
+        Raises:
+            BadImage: the bytes are not an image of those formats.
+            ImageTooLarge: the image has more than ``max_pixels`` pixels (nothing decoded).
+            PromptTooLong: the prompt's tokens (with the image's) fill the model's positions.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        Image.init()   # register every plugin (WEBP), so that formats= can name them
+        formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]   # (newer Pillows open MPO as JPEG)
+        try:
+            image = Image.open(io.BytesIO(image_bytes), formats=formats)   # the header only
+        except Image.DecompressionBombError as exc:   # over Pillow's own limit (2 × MAX_IMAGE_PIXELS)
+            raise ImageTooLarge(f"the image is too large to decode: {exc}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise BadImage("Failed to load image or audio file") from None
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLarge.of(width, height, max_pixels)
+        try:
+            image.load()
+            image = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise BadImage("Failed to load image or audio file") from None
+        text = self.prompt_text(prompt.strip(), raw)
+        inputs = self.processor(images=image, text=text, return_tensors="pt")
+        tensors = {}
+        for key in ("input_ids", "attention_mask", "pixel_values"):
+            value = inputs[key]
+            tensors[key] = value.to(self.device, dtype=self.dtype) if key == "pixel_values" else value.to(self.device)
+        prepared = Prepared(tensors, int(tensors["input_ids"].shape[1]))
+        if prepared.length >= self.position_limit():
+            raise PromptTooLong(f"the prompt is {prepared.length} tokens with the image's; model {self.name} takes "
+                                f"{self.position_limit()} positions for prompt and answer: shorten the prompt")
+        return prepared
+
+    def answer_start(self, padded_length: int) -> int:
+        """Where the new tokens start in a row of ``generate``'s output."""
+        return padded_length
+
+    def position_limit(self) -> int:
+        """Most positions (prompt plus answer) the text model takes."""
+        return int(getattr(self._text_config(), "max_position_embeddings", 2048) or 2048)
+
+    def max_new_tokens(self, prepared: Prepared, settings: GenerationSettings) -> int:
+        """Tokens to generate: ``num_predict`` (default :data:`DEFAULT_MAX_NEW_TOKENS`) and
+        ``max_length``, capped so prompt plus answer fit the text model's positions."""
+        n = settings.num_predict if settings.num_predict and settings.num_predict > 0 else DEFAULT_MAX_NEW_TOKENS
+        if settings.max_length and settings.max_length > 0:
+            n = min(n, settings.max_length)
+        return max(1, min(n, self.position_limit() - prepared.length))
+
+    def decoding(self, settings: GenerationSettings, streamed: bool) -> tuple:
+        """``generate`` keyword arguments (as a hashable tuple of pairs) for these settings:
+        sampling, else greedy when the reply is ``streamed``, else beam search with ``num_beams``."""
+        kw: dict[str, Any] = {}
+        if settings.sampling:
+            kw.update(do_sample=True, temperature=settings.temperature, num_beams=1)
+            if settings.top_p is not None:
+                kw["top_p"] = settings.top_p
+            if settings.top_k is not None:
+                kw["top_k"] = settings.top_k
+        else:
+            beams = 1 if streamed else (settings.num_beams or self.default_num_beams)
+            kw.update(do_sample=False, num_beams=beams)
+            if beams > 1 and settings.length_penalty is not None:
+                kw["length_penalty"] = settings.length_penalty
+        if settings.repetition_penalty is not None:
+            kw["repetition_penalty"] = settings.repetition_penalty
+        if settings.min_length:
+            kw["min_new_tokens"] = settings.min_length
+        return tuple(sorted(kw.items()))
+
+    def batch_key(self, prepared: Prepared, decoding: tuple, max_new: int, seed: int | None) -> tuple:
+        """Requests with equal keys can share one batched ``generate``."""
+        return (None if self.pads_prompts else prepared.length, decoding, max_new, seed)
+
+    def collate(self, rows: Sequence[Prepared]) -> tuple[dict, int]:
+        """Stack the rows' inputs, padding prompts on the left: ``(tensors, padded length)``."""
+        import torch
+
+        length = max(r.length for r in rows)
+        ids, masks = [], []
+        for r in rows:
+            pad = length - r.length
+            ids.append(torch.nn.functional.pad(r.tensors["input_ids"], (pad, 0), value=self.pad_id))
+            masks.append(torch.nn.functional.pad(r.tensors["attention_mask"], (pad, 0), value=0))
+        pixels = torch.cat([r.tensors["pixel_values"] for r in rows])
+        return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks), "pixel_values": pixels}, length
+
+    def generate(self, rows: Sequence[GenerationRow], decoding: tuple, max_new: int, seed: int | None) -> None:
+        """One batched ``generate`` for ``rows`` (equal :meth:`batch_key`); streamed rows get
+        their text pieces as tokens arrive. Fills in each row's result."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        inputs, length = self.collate([r.prepared for r in rows])
+        kwargs = dict(decoding)
+        kwargs["max_new_tokens"] = max_new
+        if self.pass_pad_id:
+            kwargs["pad_token_id"] = self.pad_id
+        if seed is not None:
+            torch.manual_seed(int(seed))
+
+        class Stop(StoppingCriteria):
+            """Per row: stop once it is cancelled (client gone) or past its deadline."""
+
+            def __call__(self, input_ids, scores, **kw):
+                flags = [r.should_stop() for r in rows]
+                n = input_ids.shape[0]
+                if n % len(rows):
+                    return torch.full((n,), all(flags), dtype=torch.bool, device=input_ids.device)
+                return torch.tensor(flags, dtype=torch.bool, device=input_ids.device).repeat_interleave(n // len(rows))
+        kwargs["stopping_criteria"] = StoppingCriteriaList([Stop()])
+        streamer = None
+        if any(r.streamed_reply is not None for r in rows):
+            streamer = kwargs["streamer"] = RowStreamer(self, rows)
+        started = time.perf_counter()
+        for r in rows:
+            r.started(started)
+        try:
+            with torch.inference_mode():
+                sequences = self.model.generate(**inputs, **kwargs)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        ended = time.perf_counter()
+        start = self.answer_start(length)
+        for i, r in enumerate(rows):
+            ids = self.cut(sequences[i][start:].tolist())
+            ended_on_eos = bool(ids) and ids[-1] in self.eos_ids
+            text = self.processor.decode(ids, skip_special_tokens=True).strip()
+            reason = "length" if len(ids) >= max_new and not ended_on_eos else "stop"
+            r.finished(text, len(ids), reason, ended)
+
+    def cut(self, ids: list[int]) -> list[int]:
+        """A row's new token ids up to and including its first end-of-sequence token."""
+        for i, t in enumerate(ids):
+            if t in self.eos_ids:
+                return ids[:i + 1]
+        return ids
+
+

@@ -1,0 +1,34 @@
+"""BLIP (``Salesforce/blip-image-captioning-large``, model type ``blip``): conditional
+captioning, as its model card shows. The prompt is the text prefix of the caption (``"a photo
+of"``; empty = an unconditional caption) and the answer is the continuation. Beam search with
+3 beams by default. Its text decoder's positions are absolute, so padding a shorter prompt
+would change its answer: BLIP batches only prompts of equal token length."""
+
+from __future__ import annotations
+
+from .base import Prepared, VisionLanguageModel
+
+
+class Blip(VisionLanguageModel):
+    """BLIP conditional captioning: the prompt is the caption's prefix; 3 beams by default."""
+
+    family = "blip"
+    model_type = "blip"
+    model_class = "BlipForConditionalGeneration"
+    pads_prompts = False
+    default_num_beams = 3
+    pass_pad_id = False
+
+    def _special_ids(self) -> None:
+        super()._special_ids()
+        self.eos_ids = {self._text_config().sep_token_id}
+
+    def prepare(self, image_bytes: bytes, prompt: str, raw: bool = False,
+                max_pixels: int | None = None) -> Prepared:
+        prepared = super().prepare(image_bytes, prompt, raw, max_pixels)
+        # BLIP's generate swaps [CLS] for its BOS and drops the trailing [SEP].
+        prepared.prompt_tokens = prepared.length - 1
+        return prepared
+
+    def answer_start(self, padded_length: int) -> int:
+        return padded_length - 1

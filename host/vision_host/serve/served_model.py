@@ -1,0 +1,95 @@
+"""What every API's routes share (:class:`ServedModel`): the model, its scheduler, the names it
+answers to, the generation defaults and the request limits; and the one path by which a
+request's image and prompt reach the model worker (:meth:`ServedModel.queue_generation`)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .errors import RequestError
+from .models import normalize_model_name
+from .models.base import BadImage, ImageTooLarge, PromptTooLong, VisionLanguageModel
+from .models.settings import GenerationLimits, GenerationSettings
+from .scheduler import SERVER_DEFAULT, Job, Scheduler
+
+
+class ServedModel:
+    """The model (loaded) that the routes of every API serve, through ``scheduler``.
+
+    ``defaults``: the generation options a request's own override; ``limits``: bounds on a
+    request's options (400 beyond); ``max_body_bytes``: the request body limit (the guard
+    enforces it; listed in ``/api/ps``); ``max_image_pixels``: most pixels an image may decode
+    to, read from its header (413 beyond, nothing decoded); ``max_prompt_chars``: longest prompt
+    in characters, checked before tokenising (400); ``decode_threads``: images decoded (and
+    prompts tokenised) at once, the others wait in the queue. None: no limit.
+    """
+
+    def __init__(self, model: VisionLanguageModel, scheduler: Scheduler, *, defaults: GenerationSettings,
+                 limits: GenerationLimits, max_body_bytes: int | None, max_image_pixels: int | None,
+                 max_prompt_chars: int | None, decode_threads: int) -> None:
+        self.model = model
+        self.scheduler = scheduler
+        self.defaults = defaults
+        self.limits = limits
+        self.max_image_pixels = max_image_pixels
+        self.max_prompt_chars = max_prompt_chars
+        self.decode_slots = asyncio.Semaphore(int(decode_threads))
+        #: The name the model is listed under (Ollama's ``NAME:latest``).
+        self.name = normalize_model_name(model.name)
+        #: Names a request may use: the served name, and the Hub id (also as Workers AI's ``@cf/…``).
+        self.known = {self.name, normalize_model_name(model.source), normalize_model_name("@cf/" + model.source)}
+        #: The request limits in force, as ``/api/ps`` lists them.
+        self.limits_in_force = {"max_beams": limits.max_beams, "max_new_tokens": limits.max_new_tokens,
+                                "max_top_k": limits.max_top_k, "max_body_bytes": max_body_bytes,
+                                "max_image_pixels": max_image_pixels, "max_prompt_chars": max_prompt_chars,
+                                "decode_threads": int(decode_threads)}
+
+    def answers_to(self, name: str) -> bool:
+        """Whether a request for model ``name`` is for this model (Ollama's name matching)."""
+        return normalize_model_name(name) in self.known
+
+    def check_model(self, name: Any) -> None:
+        """Raises :class:`RequestError` 404 (``model 'x' not found``) unless ``name`` is this model's."""
+        if not isinstance(name, str) or not self.answers_to(name):
+            raise RequestError(404, f"model '{name or ''}' not found")
+
+    def settings_of(self, options: dict) -> GenerationSettings:
+        """A request's Ollama-style ``options`` over the server's defaults. Raises
+        :class:`RequestError` 400 for a bad value or one past :attr:`limits`."""
+        try:
+            return GenerationSettings.from_options(options, self.defaults, self.limits)
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
+
+    async def queue_generation(self, image: bytes | None, prompt: str, settings: GenerationSettings, *,
+                               raw: bool = False, streamed: bool = False, keep_alive: Any = SERVER_DEFAULT,
+                               field_name: str = "images") -> Job:
+        """Check the prompt, take a place in the queue, decode the image and tokenise
+        (``decode_threads`` at once), queue the generation: its job (a ``streamed`` one's
+        reply comes as text pieces).
+
+        Raises:
+            RequestError: 400 no image (named by ``field_name``), a prompt too long, a bad
+                image; 413 an image over ``max_image_pixels``.
+            Busy: the queue is full (503), before anything is decoded.
+        """
+        from starlette.concurrency import run_in_threadpool
+
+        model = self.model
+        if image is None:
+            raise RequestError(400, f"model '{model.name}' answers about images: add one to \"{field_name}\"")
+        if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
+            raise RequestError(400, f"the prompt is {len(prompt)} characters, above this server's limit of "
+                                    f"{self.max_prompt_chars} (--max-prompt-chars)")
+        with self.scheduler.reserve() as place:
+            async with self.decode_slots:
+                try:
+                    inputs = await run_in_threadpool(model.prepare, image, prompt, raw, self.max_image_pixels)
+                except ImageTooLarge as exc:
+                    raise RequestError(413, str(exc)) from None
+                except (BadImage, PromptTooLong) as exc:
+                    raise RequestError(400, str(exc)) from None
+            job = self.scheduler.new_job(inputs, settings, streamed=streamed, keep_alive=keep_alive)
+            self.scheduler.submit(job, place)
+        return job
