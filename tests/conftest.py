@@ -18,7 +18,8 @@ try:
 except ImportError:  # not installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "host"))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Stand-ins and helpers (tests/support/) are imported by name from every tier.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from vision_host.runtime import NetworkPolicy, Runtime, SandboxLimits  # noqa: E402
 from wat import driver_module  # noqa: E402

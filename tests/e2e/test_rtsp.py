@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO, SAMPLE_CLIP, has_gst_rtsp_server, missing_system_package
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-SERVER = Path(__file__).with_name("rtsp_server.py")
+SERVER = REPO / "tests" / "support" / "rtsp_server.py"
 
 
 _gst_rtsp_available = has_gst_rtsp_server
@@ -81,6 +81,7 @@ def _run(*args: str, timeout: float = 120) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_a_killed_and_restarted_server_is_reconnected_without_restarting_the_run(rtsp_server, tmp_path):
     stats_path, out = tmp_path / "stats.json", tmp_path / "out.mp4"
     track = tmp_path / "track.jsonl"
@@ -112,6 +113,7 @@ def test_a_killed_and_restarted_server_is_reconnected_without_restarting_the_run
     assert abs(records[1]["outage_s"] - gap) < 1.0, records    # … which the track records in wall time
 
 
+@pytest.mark.slow
 def test_a_stream_that_never_opens_fails_clearly_after_its_retries(tmp_path):
     port = _free_port()
     t0 = time.monotonic()
@@ -136,6 +138,7 @@ def _sockets() -> int:
     return n
 
 
+@pytest.mark.slow
 def test_thirty_reconnects_leak_no_threads_sockets_or_memory(rtsp_server):
     """Soak: drop the clients 30 times; the source comes back every time, and threads,
     sockets and RSS stay flat (reported)."""

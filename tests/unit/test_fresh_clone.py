@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import MEDIA, REPO
 
 
@@ -16,7 +18,7 @@ def test_no_test_reads_anything_outside_the_repository():
     """A clone has nothing beside it: no test may reach for a folder above the repository."""
     outside = re.compile(r"parents\[[2-9]\]|(REPO|ROOT)\.parent|[\"']shared[\"']")
     offenders = [f"{path.name}:{n}: {line.strip()}"
-                 for path in sorted((REPO / "tests").glob("*.py")) if path.name != "test_fresh_clone.py"
+                 for path in sorted((REPO / "tests").rglob("*.py")) if path.name != "test_fresh_clone.py"
                  for n, line in enumerate(path.read_text().splitlines(), 1) if outside.search(line)]
     assert offenders == []
 
@@ -32,6 +34,7 @@ def test_every_shipped_clip_is_attributed_with_its_checksum():
         assert hashlib.sha256((MEDIA / name).read_bytes()).hexdigest() == listed[name], name
 
 
+@pytest.mark.slow
 def test_skips_for_missing_system_packages_end_with_one_line_to_install_them(tmp_path):
     """Tests skipped for a missing Debian package are summed up in one `apt-get install` line."""
     (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""

@@ -400,6 +400,7 @@ _HOSTILE_PIECES = ["-", "--", ">", "-->", " ", "\t", "<", "&", "amp;", "\n", "\r
                    "\x00", "\x0b", "\x1c", "\x7f", "\ud800", "\u3000", "0", "1", ":", ",", ".", "NOTE", "é", "🍾"]
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reply=st.lists(st.one_of(st.sampled_from(_HOSTILE_PIECES), st.characters(codec=None)), max_size=40).map("".join))
 def test_any_reply_gives_one_cue_with_its_text(tmp_path, reply):

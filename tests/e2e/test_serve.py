@@ -30,7 +30,8 @@ ollama = pytest.importorskip("ollama")
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO  # noqa: E402
+
 CLIP = REPO / "media" / "bottle-detection.mp4"
 from tiny_models import WORDS, build_tiny_blip  # noqa: E402
 
@@ -121,6 +122,7 @@ def _words(text: str) -> list[str]:
 
 
 # -- Ollama API ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_root_version_list_show(server):
     assert requests.get(server + "/").text == "Ollama is running"
     assert requests.get(server + "/api/version").json()["version"]
@@ -226,6 +228,7 @@ def test_openai(server, frame_jpeg):
 
 
 # -- start-up errors ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_offline_uncached_model_is_a_clear_error(tmp_path):
     r = subprocess.run(_serve_cmd("--model", "someone/not-cached-blip", "--port", str(_free_port())),
                        env=_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hub")),
@@ -254,6 +257,7 @@ def test_run_does_not_import_torch():
     assert out.stdout.split() == ["False", "False", "False"], out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", ["generate", "chat", "openai"])
 def test_the_ollama_processor_captions_real_footage_through_each_protocol(server, tmp_path, api):
     """End to end: `vision-host run -p ollama` on the shipped clip against `vision-host serve`."""
@@ -375,6 +379,7 @@ def _wait_queued(scheduler, n: int) -> None:
         assert scheduler.cond.wait_for(lambda: len(scheduler.queue) == n, _WAIT_S), scheduler.stats()
 
 
+@pytest.mark.slow
 def test_parallel_clients_are_micro_batched(batching_server, frame_jpeg):
     """16 official clients at once, each with a real JPEG: all answered, in shared batches.
     The first batch is held in ``generate`` until the other requests wait in the queue."""
@@ -418,6 +423,7 @@ def test_parallel_clients_are_micro_batched(batching_server, frame_jpeg):
     assert {r.response for r in replies} == {alone.response}
 
 
+@pytest.mark.slow
 def test_keep_alive_unloads_and_the_next_request_reloads(server, frame_jpeg):
     client = ollama.Client(host=server)
     assert [m.model for m in client.ps().models] == ["tiny-blip:latest"]
@@ -452,6 +458,7 @@ def test_keep_alive_unloads_and_the_next_request_reloads(server, frame_jpeg):
     client.generate(model="tiny-blip", keep_alive="5m")   # back to the default for the other tests
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_503_with_retry_after(queue_server, frame_jpeg):
     """One request held in ``generate`` and two waiting (the queue's limit): each API refuses
     the next at once (503, ``Retry-After``, its own error shape); the three are answered."""
@@ -528,6 +535,7 @@ def test_a_complete_row_is_not_timed_out_while_its_batch_generates():
     assert late.should_stop() and late.timed_out
 
 
+@pytest.mark.slow
 def test_a_request_past_its_timeout_is_stopped(timeout_server, frame_jpeg):
     """504 at ``request_timeout_s`` (1.5 s) while the generation is held in ``generate`` (so
     the timeout answered, not the generation's end), which then stops at its next token; a
@@ -677,6 +685,7 @@ def _answered(url: str, image: bytes, **extra: Any) -> None:
     assert r.done and r.response.strip()
 
 
+@pytest.mark.slow
 def test_no_keep_alive_stops_the_model_worker(sturdy_server, frame_jpeg):
     """8. Huge ``keep_alive`` values mean forever; NaN and infinity are 400; none of them (nor
     a text/plain one from a foreign page) leaves the worker dead: the next request is answered."""
@@ -703,6 +712,7 @@ def test_no_keep_alive_stops_the_model_worker(sturdy_server, frame_jpeg):
     assert scheduler.thread.is_alive()
 
 
+@pytest.mark.slow
 def test_the_model_worker_survives_any_exception(sturdy_server, frame_jpeg, monkeypatch):
     """8. A generation that raises answers 500 in its API's shape; unloading that raises (in
     the worker's own bookkeeping after an answer) is logged; the worker serves on."""
@@ -724,6 +734,7 @@ def test_the_model_worker_survives_any_exception(sturdy_server, frame_jpeg, monk
     assert scheduler.thread.is_alive()
 
 
+@pytest.mark.slow
 def test_a_full_queue_refuses_before_decoding(queue_server, frame_jpeg, monkeypatch):
     """9. With the queue full, a request gets 503 in each API without its image being decoded."""
     url, scheduler, gated = queue_server
@@ -805,6 +816,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(server, frame_jpeg):
     _answered(server, frame_jpeg)
 
 
+@pytest.mark.slow
 def test_the_pixel_limit_follows_its_flag(limited_server):
     """9. ``--max-image-pixels 1000000``: 1000×1000 is answered, 1001×1000 refused (413)."""
     r = requests.post(limited_server + _GEN, json=_bodies(_png_1bit(1000, 1000))[_GEN], timeout=_WAIT_S)
@@ -836,6 +848,7 @@ def _post_unfinished(url: str, path: str, headers: dict, chunks: tuple = ()) -> 
         conn.close()
 
 
+@pytest.mark.slow
 def test_a_body_over_the_size_limit_is_refused_unread(server, limited_server):
     """9. 413 from ``Content-Length`` alone (default 32 MiB; ``--max-body-mb 1``), and from a
     chunked body once 1 MiB of it has come; the rest is never waited for."""
@@ -854,6 +867,7 @@ def test_a_body_over_the_size_limit_is_refused_unread(server, limited_server):
     assert requests.get(limited_server + "/", timeout=_WAIT_S).text == "Ollama is running"
 
 
+@pytest.mark.slow
 def test_costly_options_are_capped(server, limited_server, frame_jpeg):
     """10. ``num_beams``, ``num_predict`` / ``max_tokens`` / ``max_length`` / ``min_length`` and
     ``top_k`` past their limits (defaults 8, 512, 1000; and as set by their flags) are 400 in
@@ -893,6 +907,7 @@ def test_costly_options_are_capped(server, limited_server, frame_jpeg):
                                                 "max_prompt_chars": 200, "decode_threads": 1}
 
 
+@pytest.mark.slow
 def test_bad_numbers_and_text_are_400_in_each_apis_shape(server, limited_server, frame_jpeg):
     """11. Not-finite numbers, integers past 64 bits, a lone surrogate, a prompt past the
     model's positions (or ``--max-prompt-chars``), JSON nested 50 000 deep: 400, never 500."""
@@ -929,6 +944,7 @@ def test_bad_numbers_and_text_are_400_in_each_apis_shape(server, limited_server,
         assert post(path, json.dumps(body).encode()).status_code == 200, path
 
 
+@pytest.mark.slow
 def test_web_pages_cannot_drive_the_server(server, limited_server, frame_jpeg):
     """12. POSTs that are not ``application/json`` get 415 (a page can send text/plain and form
     types without a CORS preflight); requests with a foreign ``Origin`` get 403, GET too; the
@@ -1006,6 +1022,7 @@ def test_images_are_decoded_decode_threads_at_a_time(tiny_blip, frame_jpeg):
         assert entered.qsize() == 1   # the second one's decode
 
 
+@pytest.mark.slow
 def test_limit_flags_are_checked_at_start(tmp_path):
     """A limit that is no positive number, an ``--allow-origin`` that is no origin, or a default
     option past its limit stops ``serve`` at once with a message naming the flag."""
@@ -1018,6 +1035,7 @@ def test_limit_flags_are_checked_at_start(tmp_path):
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
+@pytest.mark.slow
 def test_keep_alive_and_json_parsing_units():
     """The parsers behind items 8 and 11, without a server."""
     from vision_host.serve.errors import RequestError

@@ -77,6 +77,7 @@ def test_the_default_deadline_is_one_second_for_the_whole_call():
     assert SandboxLimits(call_timeout_ms=1000, call_hard_timeout_ms=60_000).deadlines_ms() == (1000, 60_000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wasm", [ASCIIFY_LIKE, CLOCK_READER], ids=["get-uchar-at", "python-host-function"])
 def test_a_processor_making_14400_host_calls_a_frame_is_never_disabled(runtime_factory, real_frame, wasm):
     p = runtime_factory(limits=SandboxLimits()).load_bytes(wasm, "chatty")
@@ -89,6 +90,7 @@ def test_a_processor_making_14400_host_calls_a_frame_is_never_disabled(runtime_f
         assert p.exports["sum"].value(p.store) == int(real_frame[0:360:4, 0:640:4, 0].astype(np.int64).sum())
 
 
+@pytest.mark.slow
 def test_the_python_path_too_makes_14400_calls_a_frame_without_being_disabled(runtime_factory, real_frame):
     """The same asciify-style reads with the in-wasm accessors switched off: every call
     crosses into Python, as with a host that cannot link them."""
@@ -103,6 +105,7 @@ def test_the_python_path_too_makes_14400_calls_a_frame_without_being_disabled(ru
     assert p.exports["sum"].value(p.store) == int(real_frame[0:360:4, 0:640:4, 0].astype(np.int64).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wasm", [LOOP_FOREVER, LOOP_FOREVER_CALLING_THE_HOST], ids=["spins", "calls-the-host"])
 def test_a_runaway_is_interrupted_at_the_default_deadline_and_disabled(runtime_factory, real_frame, wasm, caplog):
     p = runtime_factory(limits=SandboxLimits()).load_bytes(wasm, "runaway")

@@ -105,6 +105,7 @@ def first_start(tmp_path_factory, hub) -> SimpleNamespace:
                            seconds=time.monotonic() - t0)
 
 
+@pytest.mark.slow
 def test_first_start_downloads_with_progress_bar_and_serves(first_start, hub, model_dir):
     stderr = first_start.stderr
     assert f"model {REPO_ID} is not in the local Hugging Face cache: downloading it" in stderr, stderr
@@ -137,6 +138,7 @@ def test_first_start_downloads_with_progress_bar_and_serves(first_start, hub, mo
     assert first_start.seconds < 30
 
 
+@pytest.mark.slow
 def test_second_start_offline_loads_from_cache(first_start, hub, tmp_path):
     hub.clear()
     env = _hub_env(first_start.tmp, hub.url, offline=True)   # the first start's cache
@@ -148,6 +150,7 @@ def test_second_start_offline_loads_from_cache(first_start, hub, tmp_path):
     assert hub.requests == [], [(r.method, r.path) for r in hub.requests]
 
 
+@pytest.mark.slow
 def test_missing_repo_exits_with_a_clear_message(hub, tmp_path):
     hub.clear()
     env = _hub_env(tmp_path, hub.url, offline=False)
@@ -183,6 +186,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_standin_speaks_the_hub_protocol(hub, model_dir, tmp_path):
     """huggingface_hub's own client (in a subprocess, so HF_ENDPOINT applies) against the stand-in."""
     env = _hub_env(tmp_path, hub.url, offline=False)

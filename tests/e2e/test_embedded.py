@@ -14,6 +14,7 @@ test_serve = pytest.importorskip("test_serve")      # skips with the same rules 
 import tiny_models  # noqa: E402
 
 
+@pytest.mark.slow
 def test_run_with_an_embedded_server_captions_real_footage_and_stops_it(tmp_path):
     model_dir = tiny_models.build_tiny_blip(tmp_path / "tiny-embedded")
     stats = tmp_path / "stats.json"
@@ -48,6 +49,7 @@ def test_serve_flags_reach_the_server(tmp_path):
     assert result.returncode == 1 and "--keep-alive" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_with_no_ollama_configured_or_running_run_uses_the_embedded_server(tmp_path):
     _nothing_on_ollamas_port()
     model_dir = tiny_models.build_tiny_blip(tmp_path / "tiny-fallback")
@@ -82,6 +84,7 @@ def _nothing_on_ollamas_port() -> None:
         pass
 
 
+@pytest.mark.slow
 def test_the_readme_command_with_no_server_and_no_weights_stops_before_writing(tmp_path):
     """The README's main command on a machine with no Ollama and no way to download BLIP: the
     embedded server's own message, exit status 1, no video written, and no waiting on the clip."""

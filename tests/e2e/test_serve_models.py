@@ -25,6 +25,7 @@ from conftest import SAMPLE_CLIP  # noqa: E402
 from tiny_models import BUILDERS, LM_WORDS, WORDS  # noqa: E402
 
 frame_jpeg = test_serve.frame_jpeg   # the module-scoped fixture: frame 30 of the shipped clip
+pytestmark = pytest.mark.slow   # loads tiny BLIP-2 and LLaVA models: the fast tier covers serve through test_serve
 
 
 def _words(text: str) -> set[str]:
@@ -40,6 +41,7 @@ def family_server(request, tmp_path_factory):
         yield family, f"tiny-{family}", url
 
 
+@pytest.mark.slow
 def test_each_protocol_answers_with_the_model(family_server, frame_jpeg):
     family, name, url = family_server
     client = ollama.Client(host=url)
@@ -76,6 +78,7 @@ def test_each_protocol_answers_with_the_model(family_server, frame_jpeg):
     assert r.json() == {"result": {"description": whole.response}, "success": True, "errors": [], "messages": []}
 
 
+@pytest.mark.slow
 def test_prompts_of_any_length_share_a_batch_and_get_their_own_answers(family_server, frame_jpeg):
     """Left padding: 8 different prompts (3 of them streamed) in one batch answer exactly as alone."""
     family, name, url = family_server
@@ -116,6 +119,7 @@ def test_prompts_of_any_length_share_a_batch_and_get_their_own_answers(family_se
     assert len(set(alone)) > 1   # the prompts matter
 
 
+@pytest.mark.slow
 def test_blip_batches_only_prompts_of_equal_length(test_server_blip, frame_jpeg):
     """BLIP's absolute positions: different prompt lengths run in separate batches, and every
     answer is still the one it gets alone."""
@@ -199,6 +203,7 @@ def test_workers_ai_schema_and_its_errors(test_server_blip, frame_jpeg):
     assert (status, code) == (400, 5007) and "No such model" in message
 
 
+@pytest.mark.slow
 def test_the_ollama_processor_through_workers_ai_and_llava_chat(test_server_blip, tmp_path):
     """End to end on the shipped clip: the Workers AI protocol against serve (BLIP), and the
     chat protocol against serve (LLaVA)."""
@@ -220,6 +225,7 @@ def test_the_ollama_processor_through_workers_ai_and_llava_chat(test_server_blip
             assert stats["processors"]["ollama"]["errors"] == 0
 
 
+@pytest.mark.slow
 def test_a_model_of_another_kind_is_refused_clearly(tmp_path):
     from transformers import BertConfig, BertModel
     model_dir = tmp_path / "bert"

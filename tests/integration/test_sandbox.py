@@ -245,6 +245,7 @@ def test_streams_on_threads_each_get_their_own_host_function_errors(runtime_fact
         assert all(own in kind for kind in p._errors_by_kind), (p.name, list(p._errors_by_kind))
 
 
+@pytest.mark.slow
 def test_a_host_function_that_waited_can_still_return_a_string(runtime_factory, real_frame):
     """A blocking ``post-image`` that takes 100 ms (five times the 20 ms guest budget) returns
     its text through the guest's allocator: that re-entry must not count the wait as guest

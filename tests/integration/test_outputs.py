@@ -245,6 +245,7 @@ def test_index_page_is_self_contained_and_unknown_paths_404(mjpeg):
     assert requests.get(mjpeg.url + "stream/x", timeout=5).status_code == 404
 
 
+@pytest.mark.slow
 def test_snapshot_503_before_first_frame_then_newest_frame(mjpeg, frames):
     r = requests.get(mjpeg.url + "snapshot.jpg", timeout=5)
     assert r.status_code == 503
@@ -267,6 +268,7 @@ def test_snapshot_503_before_first_frame_then_newest_frame(mjpeg, frames):
     assert r2.content == r.content and mjpeg.frames_encoded == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["stream", "stream.mjpg"])
 def test_stream_delivers_decodable_jpegs_of_written_frames(mjpeg, frames, path):
     client = StreamClient(mjpeg.url + path)
@@ -290,6 +292,7 @@ def test_stream_delivers_decodable_jpegs_of_written_frames(mjpeg, frames, path):
     assert client.error is None, client.error
 
 
+@pytest.mark.slow
 def test_stalled_viewer_does_not_slow_write_or_other_viewers(mjpeg, frames):
     stalled = stalled_client(mjpeg.port)
     normal = StreamClient(mjpeg.url + "stream")
@@ -329,6 +332,7 @@ def test_stalled_viewer_does_not_slow_write_or_other_viewers(mjpeg, frames):
     assert normal.ended.wait(5)
 
 
+@pytest.mark.slow
 def test_disconnected_viewers_are_removed(mjpeg, frames):
     # one that reads a frame and hangs up
     with requests.get(mjpeg.url + "stream", stream=True, timeout=5) as r:
@@ -350,6 +354,7 @@ def test_disconnected_viewers_are_removed(mjpeg, frames):
     assert mjpeg.frames_encoded == encoded, "encoding must stop when nobody watches"
 
 
+@pytest.mark.slow
 def test_close_ends_connections_and_joins_every_thread(frames):
     before = set(threading.enumerate())
     out = MjpegOutput(":0")
@@ -382,6 +387,7 @@ def test_close_ends_connections_and_joins_every_thread(frames):
     session.close()
 
 
+@pytest.mark.slow
 def test_exit_without_close_does_not_abort(tmp_path):
     """A program that forgets close() while a viewer watches must still exit cleanly.
 
@@ -429,6 +435,7 @@ def test_write_rejects_non_bgr_frames(mjpeg):
         MjpegOutput(":0").write(np.zeros((2, 2, 3), np.uint8))
 
 
+@pytest.mark.slow
 def test_write_cost_microseconds(mjpeg, frames, capsys):
     """write() costs about one frame copy, with or without a viewer (numbers printed with -s)."""
 
@@ -478,6 +485,7 @@ def stream_frames(frames: list[np.ndarray]) -> list[list[np.ndarray]]:
     return [frames, [cv2.bitwise_not(f) for f in frames], [RED] * len(frames)]
 
 
+@pytest.mark.slow
 def test_each_stream_shows_its_own_frames(multi, frames):
     out, streams = multi
     shown = stream_frames(frames)
@@ -540,6 +548,7 @@ def test_unknown_stream_number_is_404_with_a_sentence(multi, mjpeg):
         MjpegOutput(":0", stream_names=[])
 
 
+@pytest.mark.slow
 def test_stalled_viewer_of_one_stream_does_not_slow_another(multi, frames):
     out, streams = multi
     stalled = stalled_client(out.port, "/stream/0")
@@ -736,6 +745,7 @@ def test_a_client_holding_its_maximum_of_idle_connections_delays_nobody_else(mjp
     assert viewer.ended.wait(5) and viewer.error is None, viewer.error
 
 
+@pytest.mark.slow
 def test_a_connection_without_a_complete_request_head_is_closed_after_the_header_timeout(frames):
     """header_timeout_s=0.5: a connection that sends nothing, half a request line, or whole
     headers but no blank line, and one that trickles a second request after its first answer,

@@ -28,6 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_captions_appear_after_the_first_answer_and_the_video_never_stalls(tmp_path, capsys):
     server = OllamaStandin(latency_s=2.0, token_delay_s=0.02)
     out, stats_path = tmp_path / "annotated.mp4", tmp_path / "stats.json"
@@ -64,6 +65,7 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 def test_mjpeg_output_serves_the_annotated_stream_and_stops_on_sigint(tmp_path):
     """Started as `vision-host run … &` would be (SIGINT ignored), `kill -INT` still stops it cleanly."""
     port = _free_port()
@@ -105,6 +107,7 @@ def _run_cli(*args, env=None):
                           timeout=60, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, status, message", [
     (["run", "-p", "nosuch"], 2, "unknown processor 'nosuch': known processors are"),
     (["run", "-p", "hello", "-c", "ollama-model"], 2, "is not key=value"),
@@ -126,6 +129,7 @@ def test_errors_say_what_to_do(args, status, message):
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_port_in_use_is_reported(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -136,6 +140,7 @@ def test_port_in_use_is_reported(tmp_path):
     assert f"port {port} on 127.0.0.1 is in use" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_broken_wasm_names_the_problem(tmp_path):
     bad = tmp_path / "bad.wasm"
     bad.write_bytes((REPO / "wasm" / "hello.wasm").read_bytes()[:100])
@@ -143,6 +148,7 @@ def test_a_broken_wasm_names_the_problem(tmp_path):
     assert result.returncode == 1 and "is not a valid WebAssembly module" in result.stderr
 
 
+@pytest.mark.slow
 def test_list_checks_every_processor():
     result = _run_cli("list")
     assert result.returncode == 0, result.stdout
@@ -156,6 +162,7 @@ def test_example_configs_parse():
         assert settings["processor"], path
 
 
+@pytest.mark.slow
 def test_run_file_errors_are_clear(tmp_path):
     bad = tmp_path / "run.toml"
     bad.write_text("[main]\nsource = \n")
@@ -166,6 +173,7 @@ def test_run_file_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "unknown key 'sorce' in [main]" in result.stderr
 
 
+@pytest.mark.slow
 def test_wasmvision_keys_vision_host_does_not_support_are_ignored_with_one_warning(tmp_path):
     """A wasmVision run file runs: its keys for what vision-host lacks (capture back ends, CUDA,
     downloads, the MCP server) are named once on stderr as ignored; a key of neither stays an error."""
@@ -187,6 +195,7 @@ def test_wasmvision_keys_vision_host_does_not_support_are_ignored_with_one_warni
     assert result.returncode == 2 and "unknown key 'port' in [server]" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_blur_and_hello_run_in_a_chain(tmp_path):
     out = tmp_path / "blurred.mp4"
     result = _run_cli("run", "-p", "hello", "-p", "blur", "-s", str(SAMPLE_CLIP), "--no-pace", "--max-frames", "30",
@@ -201,6 +210,7 @@ def test_blur_and_hello_run_in_a_chain(tmp_path):
     assert np.abs(a.astype(int) - cv2.blur(b, (25, 25))).mean() < 3
 
 
+@pytest.mark.slow
 def test_info_lists_backends_and_versions():
     result = _run_cli("info")
     assert result.returncode == 0, result.stderr
@@ -212,6 +222,7 @@ def test_info_lists_backends_and_versions():
     assert any(cv2.videoio_registry.getBackendName(b) in writers for b in cv2.videoio_registry.getWriterBackends())
 
 
+@pytest.mark.slow
 def test_list_flags_a_processor_importing_what_the_host_lacks(tmp_path):
     from wat import module
     (tmp_path / "odd.wasm").write_bytes(module("""(module
@@ -229,6 +240,7 @@ def test_models_dir_must_exist(tmp_path):
     assert result.returncode == 2 and "--models-dir" in result.stderr and "is not a directory" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ext", [".vtt", ".srt", ".jsonl"])
 def test_the_caption_track_holds_every_completed_caption(tmp_path, capsys, ext):
     """--captions on real footage: one cue per completed caption, readable by real subtitle readers."""
@@ -265,6 +277,7 @@ def test_the_caption_track_holds_every_completed_caption(tmp_path, capsys, ext):
     assert all(end is None or end > start for start, end, _ in cues)
 
 
+@pytest.mark.slow
 def test_captions_muxed_as_a_subtitle_stream_in_h264_segments(tmp_path, capsys):
     """--subtitles with --segment-seconds: H.264 files, each with a mov_text stream ffprobe sees."""
     pytest.importorskip("av")
@@ -300,6 +313,7 @@ def test_run_help_lists_the_ollama_settings_and_the_embedded_server():
         assert key in result.stdout, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api, named", [("generate", "Ollama"), ("openai", "the OpenAI-compatible server")])
 def test_a_file_run_with_no_caption_completed_ends_non_zero_and_says_why(tmp_path, api, named):
     """Nothing listens at the server's address: the video is written, and the run says no caption
@@ -359,6 +373,7 @@ def test_bench_default_clip_ships_inside_the_package():
     assert any(fnmatch.fnmatch(str(inside), pattern) for pattern in data), (inside, data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signals", [[signal.SIGHUP], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM, signal.SIGINT]],
                          ids=["hup", "int-int", "term-int"])
 def test_a_stop_signal_finalizes_the_recording_and_writes_the_stats(tmp_path, signals):
@@ -389,6 +404,7 @@ def test_a_stop_signal_finalizes_the_recording_and_writes_the_stats(tmp_path, si
     assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == summary["frames_out"]
 
 
+@pytest.mark.slow
 def test_processors_that_are_not_regular_files_are_refused_with_a_sentence(tmp_path):
     """A FIFO named NAME.wasm would block the run forever; a directory named x.wasm broke `list`."""
     os.mkfifo(tmp_path / "fifo.wasm")
@@ -417,6 +433,7 @@ def test_credentials_in_stream_urls_are_hidden_as_ffmpeg_splits_them(url, shown)
     assert redact_url(url) == shown
 
 
+@pytest.mark.slow
 def test_a_password_with_at_and_slash_never_reaches_the_messages(tmp_path):
     port = _free_port()      # nothing listens: the run fails to open the stream and says so
     for password in ("p@ss-secret", "pa/ss-secret"):

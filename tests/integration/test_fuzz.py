@@ -187,6 +187,7 @@ def fuzzer():
     f.close()
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck), print_blob=True)
 @given(call=host_calls())
@@ -243,6 +244,7 @@ def ollama(scripted):
     runtime.close()
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck), print_blob=True)
 @given(reply=replies())
@@ -462,6 +464,7 @@ def _same_mat(x, y) -> bool:
     return bool(np.array_equal(x, y, equal_nan=x.dtype.kind == "f"))
 
 
+@pytest.mark.slow
 @settings(max_examples=max(EXAMPLES // 10, 300), deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck), print_blob=True)
 @given(ops=accessor_programs())

@@ -176,6 +176,7 @@ def check_recording(path: Path, clip_frames: list[np.ndarray], at_least: int) ->
     return count
 
 
+@pytest.mark.slow
 @needs_ffprobe
 def test_published_frames_are_recorded_with_their_annotation(server, clip, tmp_path, capsys):
     frames, fps = clip
@@ -202,6 +203,7 @@ def test_published_frames_are_recorded_with_their_annotation(server, clip, tmp_p
               f" write() median {statistics.median(durations) * 1e6:.0f} µs, max {max(durations) * 1e6:.0f} µs")
 
 
+@pytest.mark.slow
 def test_write_cost_microseconds(server, clip, capsys):
     """write() costs about one frame copy while the sender encodes and sends (numbers printed with -s)."""
     frames, fps = clip
@@ -238,6 +240,7 @@ def test_unreachable_server_fails_open_with_advice():
     assert out.closed
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_fails_open_within_the_timeout():
     """A port that accepts connections but never speaks RTSP: open() gives up after timeout_s."""
     with socket.socket() as listener:
@@ -251,6 +254,7 @@ def test_a_server_that_never_answers_fails_open_within_the_timeout():
         assert time.monotonic() - t0 < 2
 
 
+@pytest.mark.slow
 @needs_ffprobe
 def test_killed_server_never_blocks_write_and_the_output_reconnects_when_it_is_back(clip, tmp_path, caplog):
     frames, fps = clip
@@ -293,6 +297,7 @@ def test_killed_server_never_blocks_write_and_the_output_reconnects_when_it_is_b
     assert "secret" not in log_text
 
 
+@pytest.mark.slow
 @needs_ffprobe
 def test_dropped_connection_reconnects_into_a_new_session(server, clip, tmp_path):
     """The server survives but drops its publisher (SIGUSR1): the output starts a new session, a new file."""
@@ -317,6 +322,7 @@ def test_dropped_connection_reconnects_into_a_new_session(server, clip, tmp_path
 
 
 
+@pytest.mark.slow
 @needs_ffprobe
 def test_run_republishes_the_annotated_video(server, tmp_path):
     """``vision-host run -o rtsp``: the ``hello`` processor's overlay reaches the RTSP server."""

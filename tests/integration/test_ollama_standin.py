@@ -317,6 +317,7 @@ def test_one_line_per_chunk_when_asked(ollama_standin, bottle_jpeg):
     assert json.loads(chunks[-1])["done"] is True
 
 
+@pytest.mark.slow
 def test_latency_and_token_delay(ollama_standin, bottle_jpeg):
     ollama_standin.latency_s = 0.3
     ollama_standin.token_delay_s = 0.05
@@ -412,6 +413,7 @@ def test_reset_mid_stream(ollama_standin, client):
         client.generate(model="llava", prompt="x", stream=False)
 
 
+@pytest.mark.slow
 def test_drip_sends_one_byte_per_chunk(ollama_standin, client, bottle_jpeg):
     ollama_standin.failure = "drip"
     resp = raw_post(ollama_standin.url, "/api/generate", {"model": "llava", "prompt": "x", "images": [b64(bottle_jpeg)]})
@@ -446,6 +448,7 @@ def test_midstream_error_is_an_error_line(ollama_standin, client):
 # --------------------------------------------------------------------------- concurrency & keep-alive
 
 
+@pytest.mark.slow
 def test_concurrent_keep_alive_clients(ollama_standin, bottle_jpeg, car_jpeg):
     ollama_standin.token_delay_s = 0.002
     jpegs = [bottle_jpeg, car_jpeg]
@@ -726,6 +729,7 @@ def test_openai_sse_events_are_cut_and_merged_across_chunks(ollama_standin, fram
     assert any(c.count(b"data: ") >= 2 for c in chunks), "no chunk carried two events"
 
 
+@pytest.mark.slow
 def test_openai_drip_reset_and_malformed(ollama_standin, oai, frame_jpeg):
     want = default_caption("", frame_jpeg)
     ollama_standin.failure = "drip"

@@ -127,6 +127,7 @@ class Probe:
 # --------------------------------------------------------------------------- video
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["out.mp4", "out.mkv"])
 def test_h264_file_has_every_frame_at_the_source_rate(tmp_path, clip, name):
     frames, fps = clip
@@ -199,6 +200,7 @@ def test_caller_may_reuse_the_frame_buffer(tmp_path, clip):
 # --------------------------------------------------------------------------- segments
 
 
+@pytest.mark.slow
 def test_segments_roll_every_n_seconds_and_each_plays_alone(tmp_path, clip):
     frames, _ = clip
     path = tmp_path / "rec" / "out.mp4"
@@ -230,6 +232,7 @@ def test_segment_length_is_counted_in_video_time(tmp_path, clip):
 # --------------------------------------------------------------------------- subtitles
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "codec"), [("subs.mp4", "mov_text"), ("subs.mkv", "subrip")])
 def test_subtitle_cues_are_muxed_into_the_file(tmp_path, clip, name, codec):
     frames, fps = clip
@@ -258,6 +261,7 @@ def test_subtitle_cues_are_muxed_into_the_file(tmp_path, clip, name, codec):
         assert start == pytest.approx(want_start, abs=0.002) and end == pytest.approx(want_end, abs=0.002)
 
 
+@pytest.mark.slow
 def test_cues_go_to_the_segment_holding_their_start(tmp_path, clip, monkeypatch):
     frames, _ = clip
     monkeypatch.setattr(recording, "_CUE_GRACE_S", 1.0)  # a finished segment takes late cues for 1 s of video
@@ -389,6 +393,7 @@ def test_life_cycle_errors(tmp_path, clip):
     assert len(Probe(tmp_path / "x.mp4").frames) == 1
 
 
+@pytest.mark.slow
 def test_write_cost_per_frame(tmp_path, clip, capsys):
     """Median ms per write() for 640×360: H.264 (PyAV) vs mp4v (OpenCV); printed with -s."""
     frames, fps = clip

@@ -246,6 +246,7 @@ PROCESSOR_DRILLS = {
 DRILL_STALL_MS = {"loops-forever": 1000 + 500}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drill", list(PROCESSOR_DRILLS))
 def test_a_misbehaving_processor_is_stopped_and_the_video_goes_on(runtimes, caplog, drill):
     """Chained before ``hello``: the bad processor's calls fail one by one (the frame passes
@@ -332,6 +333,7 @@ def _cli(args: list[str], cwd, timeout_s: float = 60.0) -> subprocess.CompletedP
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=cwd, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drill", ["truncated", "not-wasm"])
 def test_the_cli_refuses_a_broken_wasm_with_the_same_sentence_and_no_traceback(tmp_path, drill):
     data, message = WASM_FILE_DRILLS[drill]
@@ -396,6 +398,7 @@ SERVER_DRILLS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drill", list(SERVER_DRILLS))
 def test_a_misbehaving_server_is_reported_and_the_video_never_waits(runtimes, caplog, drill):
     """The ollama processor against a bad server for a whole run: every frame flows without
@@ -419,6 +422,7 @@ def test_a_misbehaving_server_is_reported_and_the_video_never_waits(runtimes, ca
     assert p.ctx.fetch.in_flight == 0
 
 
+@pytest.mark.slow
 def test_invalid_utf8_in_the_streamed_caption_becomes_replacement_characters(runtimes, caplog):
     server = ReplyServer(200, "application/x-ndjson", BAD_UTF8)
     try:
@@ -449,6 +453,7 @@ BAD_OLLAMA_CONFIG = {
 }
 
 
+@pytest.mark.slow
 def test_bad_ollama_config_values_are_each_reported_once_and_captions_still_flow(runtimes, caplog):
     server = OllamaStandin()
     try:
@@ -484,6 +489,7 @@ def test_bad_cli_values_are_refused_before_anything_starts(tmp_path, args, messa
     assert not (tmp_path / "out.mp4").exists()
 
 
+@pytest.mark.slow
 def test_a_config_table_in_the_run_file_is_reported_by_the_processor_and_the_run_goes_on(tmp_path):
     """``[config] ollama-interval-ms = { a = 1 }``: the run file gives a table where a value
     belongs; the processor reports the value as invalid and uses its default, every frame
@@ -501,6 +507,7 @@ def test_a_config_table_in_the_run_file_is_reported_by_the_processor_and_the_run
     assert stats["frames_in"] == stats["frames_out"] == 120
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sandbox", ['processor-timeout-ms = "abc"', "memory-limit-mb = { x = 1 }",
                                      "processor-timeout-ms = -3"])
 def test_bad_sandbox_values_in_the_run_file_are_refused_with_a_sentence(tmp_path, sandbox):

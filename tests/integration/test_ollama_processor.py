@@ -68,6 +68,7 @@ def test_streams_a_caption_into_the_store_and_onto_the_frame(runtime_factory, st
     assert rt.fetch_stats.completed >= 1
 
 
+@pytest.mark.slow
 def test_one_request_in_flight_and_the_current_frame_is_sent(runtime_factory, standin):
     standin.latency_s = 0.5
     rt, p = _processor(runtime_factory, standin.url, ollama_interval_ms=0, ollama_image_max_side=320)
@@ -126,6 +127,7 @@ def test_server_failures_are_shown_and_logged_once(runtime_factory, standin, rea
     assert p.stats.errors == 0 and not p.disabled             # the processor itself is healthy
 
 
+@pytest.mark.slow
 def test_unreachable_server_backs_off_and_recovers(runtime_factory, real_frame, caplog):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,6 +146,7 @@ def test_unreachable_server_backs_off_and_recovers(runtime_factory, real_frame, 
     assert "is answering" in caplog.text
 
 
+@pytest.mark.slow
 def test_timeout_cancels_the_request(runtime_factory, standin, real_frame, caplog):
     standin.failure = "hang"
     rt, p = _processor(runtime_factory, standin.url, ollama_timeout_ms=1000)
@@ -281,6 +284,7 @@ def _workers_processor(runtime_factory, workers, monkeypatch, **config):
                       ollama_model="@cf/llava-hf/llava-1.5-7b-hf", ollama_api_key_env="VH_TEST_CF_TOKEN", **config)
 
 
+@pytest.mark.slow
 def test_workers_ai_gets_the_frame_as_byte_numbers_and_a_bearer_token(runtime_factory, workers, real_frame,
                                                                       monkeypatch):
     workers.reply = lambda prompt, jpeg: f"A frame of {len(jpeg)} bytes about {prompt}"
@@ -301,6 +305,7 @@ def test_workers_ai_gets_the_frame_as_byte_numbers_and_a_bearer_token(runtime_fa
     assert not np.array_equal(out, real_frame)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, expected", [
     (lambda w, mp: setattr(w, "token", "rotated"), "refused the credentials (HTTP 401)"),
     (lambda w, mp: setattr(w, "failure", "http500"), "server error 500: Internal server error"),
@@ -313,6 +318,7 @@ def test_workers_ai_failures_are_reported(runtime_factory, workers, real_frame, 
     assert rt.processor_store.get("captions", "caption") is None
 
 
+@pytest.mark.slow
 def test_workers_ai_unknown_model_reads_the_envelope_error(runtime_factory, workers, real_frame, monkeypatch, caplog):
     monkeypatch.setenv("VH_TEST_CF_TOKEN", workers.token)
     rt, p = _processor(runtime_factory, workers.run_url, ollama_api="workers-ai", ollama_model="@cf/nosuch",
@@ -355,6 +361,7 @@ def test_messages_name_the_server_as_configured(runtime_factory, real_frame, cap
         assert not [m for m in messages if "Ollama" in m], messages
 
 
+@pytest.mark.slow
 def test_a_timeout_names_the_configured_server(runtime_factory, standin, real_frame, caplog):
     standin.failure = "hang"
     name = "the embedded vision server (blip)"
@@ -366,6 +373,7 @@ def test_a_timeout_names_the_configured_server(runtime_factory, standin, real_fr
     assert not [m for m in messages if "Ollama" in m], messages
 
 
+@pytest.mark.slow
 def test_recovery_names_the_configured_server(runtime_factory, real_frame, caplog):
     url = _closed_port_url()
     rt, p = _processor(runtime_factory, url, ollama_api="chat", ollama_server_name="the lab server")
@@ -391,6 +399,7 @@ def test_a_missing_model_on_a_named_server_gets_no_ollama_pull_hint(runtime_fact
     assert "ollama pull" not in caplog.text
 
 
+@pytest.mark.slow
 def test_the_server_name_can_change_while_running(runtime_factory, real_frame, caplog):
     url = _closed_port_url()
     rt, p = _processor(runtime_factory, url)
@@ -493,6 +502,7 @@ _TOO_DEEP = b'{"response":"deep","context":' + b"[" * 64 + b"]" * 64 + b',"done"
 MALFORMED = "malformed reply from URL"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api, status, chunks, expected", [
     # captions: lone surrogates and bad UTF-8 become U+FFFD, keys are compared decoded,
     # a character or a line may be cut between chunks, nesting up to 64 levels

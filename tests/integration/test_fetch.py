@@ -69,6 +69,7 @@ def test_post_frame_streams_ndjson_and_releases_the_id(driver, standin, real_fra
         _poll_all(d, rid)
 
 
+@pytest.mark.slow
 def test_errors_are_reported_once_per_request(driver, standin, real_frame):
     d = _fetch_driver(driver, standin, max_response_bytes=100)
     frame = d.mats.insert(real_frame)

@@ -155,6 +155,7 @@ def runs(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 def test_a_file_damaged_midway_is_read_past_the_damage_and_the_loss_counted(runs, capsys):
     run = runs("damaged", capsys)
     stats = run.stats
@@ -171,6 +172,7 @@ def test_a_file_damaged_midway_is_read_past_the_damage_and_the_loss_counted(runs
     assert f"{stats['frames_undecodable']} frames could not be decoded" in run.stderr   # the summary says so
 
 
+@pytest.mark.slow
 def test_a_truncated_file_says_it_could_not_be_read_to_its_end(runs, capsys):
     run = runs("truncated", capsys)
     stats = run.stats
@@ -186,6 +188,7 @@ def test_a_truncated_file_says_it_could_not_be_read_to_its_end(runs, capsys):
     assert run.rc != 0, "a file that could not be read to its end fails the run"
 
 
+@pytest.mark.slow
 @needs_ffprobe
 @pytest.mark.parametrize("kind", ["damaged", "truncated"])
 def test_as_many_frames_are_written_as_ffmpeg_decodes(runs, capsys, kind):
@@ -196,6 +199,7 @@ def test_as_many_frames_are_written_as_ffmpeg_decodes(runs, capsys, kind):
     assert decodable - 1 <= run.stats["frames_out"] <= decodable, (run.stats["frames_out"], decodable)
 
 
+@pytest.mark.slow
 def test_an_undamaged_clip_has_no_undecodable_frames_and_no_source_error(runs, capsys):
     run = runs("clean", capsys)
     assert run.rc == 0, run.stderr
@@ -205,6 +209,7 @@ def test_an_undamaged_clip_has_no_undecodable_frames_and_no_source_error(runs, c
     assert "could not be decoded" not in run.stderr and "source error" not in run.stderr
 
 
+@pytest.mark.slow
 def test_the_source_stays_ended_and_counts_skipped_frames_as_it_goes(tmp_path, caplog):
     path = make_damaged(tmp_path / "damaged.mp4")
     source = FileSource(str(path), pace=False)

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import collections
 import struct
-from pathlib import Path
 
 import wasmtime
 
+from conftest import REPO
 from vision_host.runtime import Runtime
 from vision_host.runtime.linking import HOST_FUNCTIONS
 from vision_host.runtime.wit import EnumT, FlagsT, Handle, ListT, OptionT, Prim, RecordT, ResultT, TupleT, parse_dir
 
-REPO = Path(__file__).resolve().parents[1]
 WIT = parse_dir(REPO / "wasm" / "wit")
 FUNCTIONS = {(fn.interface, fn.import_name): fn for iface in WIT.values() for fn in iface.functions.values()}
 

@@ -26,6 +26,8 @@ from conftest import SAMPLE_CLIP, missing_system_package
 from ollama_standin import OllamaStandin, default_caption
 from run_process import RunProcess, free_port, wait_for
 
+pytestmark = pytest.mark.slow   # starts Chromium: the page is checked in the full run
+
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:  # pragma: no cover - depends on the machine
@@ -120,6 +122,7 @@ def _wait_status(page, kind: str = "ok") -> str:
 
 
 # -- the page on loopback ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_page_shows_moving_video_and_requests_nothing_from_elsewhere(page, captioned_run):
     img = page.locator('[data-stream="0"] img')
     page.wait_for_function("document.querySelector('[data-stream=\"0\"] img').naturalWidth > 0")
@@ -177,6 +180,7 @@ def test_the_fields_show_the_values_in_force_when_nobody_set_them(page, captione
     assert not page.errors
 
 
+@pytest.mark.slow
 def test_a_prompt_and_a_model_changed_in_the_page_reach_the_next_requests(page, captioned_run):
     standin = captioned_run.standin
     page.fill("#prompt", "x" * 5000)              # the server refuses it: its sentence is shown
@@ -208,6 +212,7 @@ def test_a_prompt_and_a_model_changed_in_the_page_reach_the_next_requests(page, 
     assert all(r.body["prompt"] == NEW_PROMPT for r in _generate_requests(standin, applied + 0.2))
 
 
+@pytest.mark.slow
 def test_pause_stops_caption_requests_and_resume_brings_them_back(page, captioned_run):
     standin = captioned_run.standin
     page.check("#pause")
@@ -251,6 +256,7 @@ def test_full_page_screenshot(page, captioned_run, tmp_path):
 
 
 # -- beyond loopback: the token ------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_non_loopback_bind_needs_the_printed_token_and_the_page_works_with_it(browser, tmp_path):
     standin = OllamaStandin(latency_s=0.3)
     port = free_port()

@@ -481,6 +481,7 @@ def _tiny_onnx(path):
     return path
 
 
+@pytest.mark.slow
 def test_onnx_network_forward_matches_opencv(guest, tmp_path, real_frame):
     _tiny_onnx(tmp_path / "tiny.onnx")
     g = guest(models_dir=tmp_path)
@@ -575,6 +576,7 @@ def test_blob_helpers_match_opencv(guest, real_frame):
 HAAR = "haarcascade_frontalface_default.xml"
 
 
+@pytest.mark.slow
 def test_haar_cascade_matches_opencv(guest, tmp_path, gray, caplog):
     shutil.copy(cv2.data.haarcascades + HAAR, tmp_path / "faces.xml")
     g = guest(models_dir=tmp_path)
@@ -808,6 +810,7 @@ def test_resource_drops_release_handles(guest, tmp_path, real_frame):
 
 
 # -- ABI violations trap the call; the instance keeps working -----------------------------------------
+@pytest.mark.slow
 def test_abi_violations_trap_and_the_instance_keeps_working(guest, real_frame):
     g = guest()
     h = g.new_mat(real_frame)

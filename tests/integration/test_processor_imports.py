@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
+ROOT = REPO
 WIT = ROOT / "wasm" / "wit"
 PROCESSOR_NAMES = sorted(
     p.parent.name for p in (ROOT / "processor").glob("*/main.zig") if p.parent.name != "sdk"

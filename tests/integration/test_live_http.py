@@ -146,6 +146,7 @@ def _check_content(frame: np.ndarray, refs: np.ndarray, index: int | None = None
 
 # ------------------------------------------------------------------------------------------ MJPEG
 
+@pytest.mark.slow
 def test_mjpeg_frames_are_the_clip_and_a_slow_reader_gets_only_the_newest(mjpeg, clip):
     _, refs, _ = clip
     source = open_source(mjpeg.url, live_options=LiveOptions(open_timeout_s=5, stall_timeout_s=3, retries=1))
@@ -172,6 +173,7 @@ def test_mjpeg_frames_are_the_clip_and_a_slow_reader_gets_only_the_newest(mjpeg,
         source.close()
 
 
+@pytest.mark.slow
 def test_mjpeg_server_restarted_on_the_same_port_is_reconnected(mjpeg):
     source = LiveSource(mjpeg.url, LiveOptions(stall_timeout_s=2, backoff_s=0.2, backoff_max_s=0.5, retries=0))
     try:
@@ -195,6 +197,7 @@ def test_mjpeg_server_restarted_on_the_same_port_is_reconnected(mjpeg):
         source.close()
 
 
+@pytest.mark.slow
 def test_mjpeg_server_that_stops_sending_is_reported_stalled_within_the_stall_timeout(mjpeg):
     source = LiveSource(mjpeg.url, LiveOptions(stall_timeout_s=1.0, backoff_s=0.2, backoff_max_s=0.5, retries=0))
     try:
@@ -214,6 +217,7 @@ def test_mjpeg_server_that_stops_sending_is_reported_stalled_within_the_stall_ti
         source.close()
 
 
+@pytest.mark.slow
 def test_an_http_url_that_never_answers_fails_after_its_retries_with_the_password_redacted():
     with socket.socket() as listener:           # accepts connections (backlog), never answers
         listener.bind(("127.0.0.1", 0))
@@ -284,6 +288,7 @@ def hls(tmp_path):
     server.close()
 
 
+@pytest.mark.slow
 @needs_ffmpeg
 def test_live_hls_is_paced_and_comes_back_when_the_encoder_restarts(hls, clip):
     _, refs, _ = clip

@@ -50,6 +50,7 @@ def run(standin):
     r.stop()
 
 
+@pytest.mark.slow
 def test_state_reports_the_stream_its_processors_and_captions(run, standin):
     # a request counts as completed when its last byte arrives; the caption is stored on the next frame
     state = wait_for(lambda: (s := requests.get(run.base + "/api/state", timeout=5).json())["streams"][0]["captions"]
@@ -72,6 +73,7 @@ def _stream0(run) -> dict:
     return requests.get(run.base + "/api/state", timeout=5).json()["streams"][0]
 
 
+@pytest.mark.slow
 def test_state_shows_the_settings_in_force_with_the_processors_own_defaults(run, standin):
     """Keys nobody set still have a value in force (the ollama processor's defaults, which
     live in its Zig source): /api/state's `in_force` carries what the processor stored."""
@@ -92,6 +94,7 @@ def test_state_shows_the_settings_in_force_with_the_processors_own_defaults(run,
     assert "ollama-interval-ms" not in _stream0(run)["config"]
 
 
+@pytest.mark.slow
 def test_captions_history_lists_completed_captions_oldest_first(run):
     captions = wait_for(lambda: len(c := requests.get(run.base + "/api/captions", timeout=5).json()["captions"]) >= 2
                         and c, 10, "two captions")
@@ -104,6 +107,7 @@ def test_captions_history_lists_completed_captions_oldest_first(run):
     assert requests.get(run.base + "/api/captions?stream=1", timeout=5).json()["captions"] == []
 
 
+@pytest.mark.slow
 def test_a_prompt_changed_through_the_api_reaches_the_server_in_the_next_request(run, standin):
     wait_for(lambda: standin.requests, 10, "a first request")
     reply = requests.post(run.base + "/api/config", json={"set": {"ollama-prompt": "Count the bottles."}}, timeout=5)
@@ -118,6 +122,7 @@ def test_a_prompt_changed_through_the_api_reaches_the_server_in_the_next_request
     assert got["config"]["ollama-prompt"] == "Count the bottles." and got["locked"] == ["ollama-url"]
 
 
+@pytest.mark.slow
 def test_pausing_captions_stops_requests_and_resuming_brings_them_back(run, standin):
     wait_for(lambda: standin.requests, 10, "a first request")
     assert requests.post(run.base + "/api/config", json={"set": {"ollama-paused": "true"}}, timeout=5).ok
@@ -129,6 +134,7 @@ def test_pausing_captions_stops_requests_and_resuming_brings_them_back(run, stan
     wait_for(lambda: len(standin.requests) > paused_at, 10, "requests after resuming")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, status, message", [
     ({"set": {"ollama-url": "http://elsewhere:1"}}, 400, "network allow-list is fixed"),
     ({"set": {"ollama-prompt": 5}}, 400, "give a string"),
@@ -141,6 +147,7 @@ def test_bad_config_changes_are_refused_with_a_reason(run, body, status, message
     assert reply.status_code == status and message in reply.json()["error"]
 
 
+@pytest.mark.slow
 def test_other_origins_cannot_drive_the_controls(run):
     reply = requests.post(run.base + "/api/config", json={"set": {"ollama-prompt": "x"}},
                           headers={"Origin": "http://evil.example"}, timeout=5)
@@ -153,6 +160,7 @@ def test_other_origins_cannot_drive_the_controls(run):
     assert requests.get(run.base + "/api/config", timeout=5).json()["config"].get("ollama-prompt") is None
 
 
+@pytest.mark.slow
 def test_events_stream_state_every_second_and_each_caption(run):
     events: list[tuple[str, dict]] = []
     with requests.get(run.base + "/api/events", stream=True, timeout=10) as resp:
@@ -172,6 +180,7 @@ def test_events_stream_state_every_second_and_each_caption(run):
     assert caption["text"].startswith("a 640x360 scene") and caption["stream"] == 0
 
 
+@pytest.mark.slow
 def test_snapshot_png_is_the_annotated_frame(run):
     wait_for(lambda: requests.get(run.base + "/api/state", timeout=5).json()["streams"][0]["captions"]["completed"],
              10, "a caption")
@@ -183,6 +192,7 @@ def test_snapshot_png_is_the_annotated_frame(run):
     assert requests.get(run.base + "/snapshot/4.png", timeout=5).status_code == 404
 
 
+@pytest.mark.slow
 def test_beyond_loopback_every_request_needs_the_printed_token(standin):
     run = Run(standin, bind="0.0.0.0")
     try:
@@ -203,6 +213,7 @@ def test_beyond_loopback_every_request_needs_the_printed_token(standin):
         run.stop()
 
 
+@pytest.mark.slow
 def test_a_given_token_is_required_on_loopback_too(standin):
     run = Run(standin, "--token", "s3cret")
     try:
@@ -544,6 +555,7 @@ def test_a_viewer_that_stops_reading_its_events_is_dropped_without_delaying_the_
     assert _MAX_BACKLOG == 64
 
 
+@pytest.mark.slow
 def test_the_token_never_reaches_the_log(standin):
     """--logging debug logs every request: with ?token=, Authorization: Bearer, a POST and the
     event stream, no line but the one printing the address holds the token."""
@@ -565,6 +577,7 @@ def test_the_token_never_reaches_the_log(standin):
     assert any("GET /api/state?token=…" in line for line in run.lines)
 
 
+@pytest.mark.slow
 def test_allow_host_and_a_viewer_limit_given_to_run_are_in_force(standin):
     """`vision-host run --allow-host NAME --viewer-max-added-keys 1`: NAME is answered, another
     name gets 421, and the second added key is refused."""

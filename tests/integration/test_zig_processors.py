@@ -32,10 +32,10 @@ import numpy as np
 import pytest
 import wasmtime
 
-from conftest import PEOPLE_CLIP
+from conftest import PEOPLE_CLIP, REPO
 from vision_host.runtime import Runtime, SandboxLimits
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 WASM = ROOT / "wasm"
 FACE_CASCADE = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
 
@@ -435,6 +435,7 @@ def face_frame() -> np.ndarray:
         cap.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["bottles", "people"])
 def test_cascade_matches_opencv(cvcheck, real_frame, face_frame, which):
     frame = real_frame if which == "bottles" else face_frame
@@ -481,6 +482,7 @@ def assert_keypoints(got, want, what: str) -> None:
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3, err_msg=what)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_detector_matches_opencv(cvcheck, real_frame, name):
     create, width = DETECTORS[name]
@@ -506,6 +508,7 @@ def test_detector_matches_opencv(cvcheck, real_frame, name):
     assert r["desc"]["rows"] == len(kps_c) and r["desc"]["cols"] == desc_c.shape[1]
 
 
+@pytest.mark.slow
 def test_orb_with_params(cvcheck, real_frame):
     orb = cv2.ORB_create(300, 1.2, 8, 31, 0, 2, cv2.ORB_HARRIS_SCORE, 31, 20)
     assert_keypoints(cvcheck("orb-params").result["kps"], orb.detect(real_frame), "orb-params")
@@ -623,6 +626,7 @@ def http_server():
     server.server_close()
 
 
+@pytest.mark.slow
 def test_blocking_http(cvcheck, http_server):
     r = cvcheck("http", config={"cvcheck-url": http_server}).result
     assert r == {"get": "got /get", "post": "posted cvcheck body", "post_image": "jpeg True",
@@ -862,6 +866,7 @@ def test_asciify_fits_the_default_deadline(run, real_frame):
 # ==========================================================================================
 # No per-frame leaks
 # ==========================================================================================
+@pytest.mark.slow
 @pytest.mark.parametrize("name,config", [
     ("gaussianblur", {}), ("captions", {}), ("asciify", {}), ("faceblur", {"faceblur-detect-width": "0"}),
     ("cvcheck", {"op": "copy-to"}), ("cvcheck", {"op": "orb-detect-and-compute"}),
@@ -883,12 +888,14 @@ def test_no_per_frame_leaks(run, face_frame, name, config):
 # ==========================================================================================
 # The generated bindings
 # ==========================================================================================
+@pytest.mark.slow
 def test_generated_bindings_are_current():
     res = subprocess.run([sys.executable, str(ROOT / "processor" / "bindgen.py"), "--check"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow
 def test_bindings_import_exactly_the_world(tmp_path):
     """Every raw import of wit.zig, forced into one module, has the core signature that
     `wasm-tools component embed --dummy-names legacy wasm/wit -w processor` gives."""

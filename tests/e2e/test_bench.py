@@ -31,6 +31,7 @@ def standin():
     server.stop()
 
 
+@pytest.mark.slow
 def test_ollama_call_per_frame(benchmark, runtime_factory, standin, real_frame):
     """Steady-state cost of one `ollama` process call: poll-free, caption drawn (µs)."""
     cfg = {"ollama-url": standin.url, "ollama-interval-ms": "3600000"}
@@ -63,6 +64,7 @@ def _pipeline(runtime_factory, url, out_path, frames):
     return stats["fps"]
 
 
+@pytest.mark.slow
 def test_pipeline_fps_vs_plain_opencv(benchmark, runtime_factory, standin, tmp_path):
     """Whole pipeline (-p ollama, file output, --no-pace) vs an OpenCV read+write loop over
     the same frames, 3 rounds each, interleaved (``vision-host bench``'s measure): the median
@@ -182,6 +184,7 @@ def _serve_load(model_dir, max_batch: int, jpeg: bytes) -> dict:
             "requests": len(lat)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["blip", "llava"])
 def test_serve_batched_vs_unbatched(benchmark, family, tmp_path, real_frame):
     """Tiny random-weight model on CPU: 16 clients × 8 requests with micro-batching (max 8)
@@ -244,6 +247,7 @@ def _viewer_run(url: str, port: int, stats_path, viewers: int, frames: int) -> d
     return stats
 
 
+@pytest.mark.slow
 def test_twenty_viewers_cost_under_five_percent_of_the_fps(benchmark, standin, tmp_path):
     """The paced clip (29.8 fps, 450 frames) with no viewer, then with 20 open pages."""
     frames = 450
@@ -268,6 +272,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_vision_host_bench_quick_json(tmp_path):
     """``vision-host bench --quick --json`` runs every scenario and its figures hang together."""
     import subprocess
@@ -325,6 +330,7 @@ def _hang_up_on(url: str, body: bytes, sent: int, read_reply: bool) -> bytes:
         return b""
 
 
+@pytest.mark.slow
 def test_bench_server_is_quiet_when_a_client_hangs_up_and_loud_on_real_errors(capsys, monkeypatch):
     """``vision-host bench`` printed a ``ConnectionResetError`` traceback mid-run: its local
     server's handler met a client that dropped a request (the host cancels one in flight when
@@ -389,6 +395,7 @@ def test_jpeg_encode_and_base64(benchmark, real_frame):
     assert body.startswith(b'{"images":["/9j/')
 
 
+@pytest.mark.slow
 def test_ndjson_reply_parsing_in_the_processor(benchmark, runtime_factory, real_frame):
     """The ``ollama`` processor's share of a streamed reply: a frame's ``process`` call while
     a 200-line NDJSON reply (Ollama's /api/generate pieces) has arrived since the last poll."""

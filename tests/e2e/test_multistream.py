@@ -139,6 +139,7 @@ def test_display_shows_one_stream_only(tmp_path):
 
 
 # -- end to end on real clips ---------------------------------------------------------------
+@pytest.mark.slow
 def test_two_files_get_their_own_processors_recordings_and_caption_tracks(tmp_path):
     """The 640×360 and the 768×432 clip in one run: each stream's recording has its own size
     and its caption track only captions of its own frames (the stand-in names the size)."""
@@ -198,6 +199,7 @@ def _run_rtsp_streams(rtsp_server, server, tmp_path, names, frames: int) -> dict
     return stats["streams"] if "streams" in stats else [stats]
 
 
+@pytest.mark.slow
 def test_four_rtsp_streams_share_a_slow_vision_server_fairly_at_full_frame_rate(tmp_path, benchmark):
     """Four RTSP cameras (gst-rtsp-server), a vision server taking 1 s per caption, two
     requests at once: every stream gets captions in turn, none waits more than one round of
@@ -263,6 +265,7 @@ def _mjpeg_frame(url: str) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(data[start:data.index(b"\xff\xd9", start) + 2], np.uint8), cv2.IMREAD_COLOR)
 
 
+@pytest.mark.slow
 def test_mjpeg_serves_every_stream_and_ctrl_c_stops_them_all(tmp_path):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vision_host", "run", "-p", "hello", "-s", str(SAMPLE_CLIP),
