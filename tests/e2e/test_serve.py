@@ -600,7 +600,7 @@ _GEN, _OAI, _CF = "/api/generate", "/v1/chat/completions", "/ai/run/tiny-blip"
 _JSON = {"Content-Type": "application/json"}
 _LIMIT_FLAGS = ("--max-beams", "2", "--max-new-tokens", "16", "--max-top-k", "5", "--max-body-mb", "1",
                 "--max-image-pixels", "1000000", "--max-prompt-chars", "200", "--decode-threads", "1",
-                "--allow-origin", "http://app.example:3000")
+                "--allow-origin", "http://app.example:3000", "--allow-host", "app.example")
 
 
 @pytest.fixture(scope="module")
@@ -984,6 +984,34 @@ def test_web_pages_cannot_drive_the_server(server, limited_server, frame_jpeg):
     r = requests.post(limited_server + _GEN, json=bodies[_GEN], headers={"Origin": "http://app.example:3001"},
                       timeout=_WAIT_S)
     _assert_error(r, 403, "origin")
+    # --allow-host app.example: a name the server answers to besides its own
+    lport = urlsplit(limited_server).port
+    assert requests.get(limited_server + "/", headers={"Host": f"app.example:{lport}"}, timeout=_WAIT_S).status_code == 200
+    assert requests.get(limited_server + "/", headers={"Host": f"app2.example:{lport}"}, timeout=_WAIT_S).status_code == 403
+
+
+def test_a_host_that_does_not_name_the_server_gets_403_so_dns_rebinding_reads_nothing(server, frame_jpeg):
+    """A page whose name an attacker rebinds to 127.0.0.1 reaches the server as same-origin (no
+    foreign ``Origin``) but sends its own name as ``Host``: every route answers 403 in its API's
+    shape and nothing runs; localhost and the server's addresses, with or without the port, are
+    served (as Ollama's own host check does)."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(server).port
+    bodies = _bodies(frame_jpeg)
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", f"app.example:{port}",
+                 f"10.1.2.3:{port}"):
+        for path in ("/", "/api/version", "/api/tags", "/api/ps", "/v1/models"):
+            r = requests.get(server + path, headers={"Host": host}, timeout=_WAIT_S)
+            assert r.status_code == 403 and "does not name this server" in r.text and "--allow-host" in r.text, \
+                (host, path, r.status_code, r.text)
+        for path, body in bodies.items():
+            r = requests.post(server + path, json=body, headers={"Host": host}, timeout=_WAIT_S)
+            _assert_error(r, 403, "does not name this server")
+    assert requests.get(server + "/api/ps", timeout=_WAIT_S).json()["models"] is not None
+    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+        r = requests.get(server + "/", headers={"Host": host}, timeout=_WAIT_S)
+        assert r.status_code == 200 and r.text == "Ollama is running", (host, r.text)
 
 
 def test_images_are_decoded_decode_threads_at_a_time(tiny_blip, frame_jpeg):

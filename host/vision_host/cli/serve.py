@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
     lim.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                      help="let web pages of ORIGIN (e.g. http://localhost:3000) use the server (repeatable); "
                           "requests with any other Origin header but the server's own get 403")
+    lim.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also answer requests whose Host header is NAME (besides localhost, this machine's "
+                          "addresses and the --host name); others get 403, which stops DNS rebinding; repeatable")
     srv.set_defaults(handler=cmd_serve)
 
 
@@ -79,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               max_beams=args.max_beams, max_new_tokens=args.max_new_tokens, max_top_k=args.max_top_k,
               max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
               max_prompt_chars=args.max_prompt_chars, decode_threads=args.decode_threads,
-              allow_origins=args.allow_origin)
+              allow_origins=args.allow_origin, allow_hosts=args.allow_host)
     except ServeError as exc:
         print(f"vision-host: {exc}", file=sys.stderr)
         return 1

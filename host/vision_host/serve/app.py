@@ -68,7 +68,8 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
                max_body_mb: float | None = DEFAULT_MAX_BODY_MB,
                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
-               decode_threads: int = DEFAULT_DECODE_THREADS, allow_origins: Sequence[str] = ()):
+               decode_threads: int = DEFAULT_DECODE_THREADS, allow_origins: Sequence[str] = (),
+               bind_host: str = DEFAULT_HOST, allow_hosts: Sequence[str] = ()):
     """The FastAPI app serving ``model`` (already loaded) through a :class:`.scheduler.Scheduler`
     (``app.state.scheduler``).
 
@@ -78,8 +79,9 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
     pixels an image may decode to, read from its header (413 beyond, nothing decoded);
     ``max_prompt_chars``: longest prompt in characters, checked before tokenising (400);
     ``decode_threads``: images decoded (and prompts tokenised) at once, the others wait in
-    the queue; ``allow_origins``: web origins allowed besides the server's own (see
-    :class:`.guard.RequestGuard`). None: no limit. The other keyword arguments are the scheduler's.
+    the queue; ``allow_origins``: web origins allowed besides the server's own;
+    ``bind_host``: the address or name listened on and ``allow_hosts``: more names a request's
+    ``Host`` may give (see :class:`.guard.RequestGuard`). None: no limit. The other keyword arguments are the scheduler's.
 
     Raises:
         ValueError: an ``allow_origins`` entry that is not an http(s) origin, or a limit below 1.
@@ -105,7 +107,8 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
     max_body_bytes = None if max_body_mb is None else int(max_body_mb * 2 ** 20)
 
     app = FastAPI(title="vision-host serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, allowed_origins=frozenset(origins))
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, allowed_origins=frozenset(origins),
+                       bind_host=bind_host, allowed_hosts=tuple(allow_hosts))
     add_error_handlers(app)
     scheduler = Scheduler(model, max_batch=max_batch, batch_window_s=batch_window_ms / 1000.0,
                           max_queue=max_queue, request_timeout_s=request_timeout_s, keep_alive=keep_alive)
@@ -151,7 +154,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS_LIMIT, max_top_k: int = DEFAULT_MAX_TOP_K,
           max_body_mb: float = DEFAULT_MAX_BODY_MB, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
           max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, decode_threads: int = DEFAULT_DECODE_THREADS,
-          allow_origins: Sequence[str] = ()) -> None:
+          allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = ()) -> None:
     """Bind ``host:port`` (first, so a taken port fails fast), load the model, serve until stopped.
 
     ``model``: alias, Hub id or ``save_pretrained`` directory (see :func:`.models.open_model`);
@@ -170,7 +173,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
     ``max_body_mb`` (request body, MiB; 32) → 413; ``max_image_pixels`` (width × height read
     from the image's header; 40 000 000) → 413; ``max_prompt_chars`` (32 768) → 400;
     ``decode_threads`` (images decoded at once; 2); ``allow_origins``: web origins allowed
-    besides the server's own (others get 403).
+    besides the server's own (others get 403); ``allow_hosts``: names a request's ``Host`` may
+    give besides localhost and the server's addresses (others get 403).
 
     Raises:
         ServeError: port taken, model not loadable, serve extra missing, bad option or limit.
@@ -214,7 +218,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
                          request_timeout_s=request_timeout_s, keep_alive=keep_alive, options=defaults,
                          limits=limits, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
                          max_prompt_chars=max_prompt_chars, decode_threads=decode_threads,
-                         allow_origins=allow_origins)
+                         allow_origins=allow_origins, bind_host=host, allow_hosts=allow_hosts)
         shown = f"[{host}]" if ":" in host else host
         print(f"vision-host serve: {normalize_model_name(vision_model.name)} ({vision_model.source}, "
               f"{vision_model.family}, {vision_model.device}) loaded in {vision_model.load_duration_ns / 1e9:.1f} s; "

@@ -6,6 +6,7 @@ request's API's error shape (:mod:`.errors`)."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -61,6 +62,11 @@ def origin_allowed(origin: str, server: tuple | None, allowed: frozenset = froze
 class RequestGuard:
     """ASGI middleware in front of every route; what it refuses never reaches a route.
 
+    * A ``Host`` header that does not name this server (:class:`.webapp.HostRule`: ``localhost``,
+      a loopback address, the address the connection came in on, the name listened on, the
+      machine's name when listening on every interface, or one of ``allowed_hosts``): **403**,
+      as Ollama answers. A web page that rebinds its own name to this machine's address (DNS
+      rebinding) sends its own name, so it can read nothing, not even ``GET /api/tags``.
     * An ``Origin`` header that is not the server's own (:func:`origin_allowed`): **403**. A web
       page's ``fetch`` always sends one, so a page cannot drive the server; the official
       clients send none.
@@ -73,16 +79,26 @@ class RequestGuard:
     Errors come in the shape of the request's API (:func:`error_body`).
     """
 
-    def __init__(self, app: Any, *, max_body_bytes: int | None = None, allowed_origins: frozenset = frozenset()) -> None:
+    def __init__(self, app: Any, *, max_body_bytes: int | None = None, allowed_origins: frozenset = frozenset(),
+                 bind_host: str = "127.0.0.1", allowed_hosts: Sequence[str] = ()) -> None:
+        from ..webapp import HostRule
+
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.allowed_origins = allowed_origins
+        self.host_rule = HostRule(bind_host, allowed_hosts)
 
     def refusal(self, scope: dict) -> RequestError | None:
         """Why the request is refused before its route, or None."""
         from starlette.datastructures import Headers
 
         headers = Headers(scope=scope)
+        host = headers.get("host")
+        local = scope.get("server")
+        if not self.host_rule.allows(host, str(local[0]) if local else None):
+            return RequestError(403, f"Host {host[:100]!r} does not name this server (a web page using DNS rebinding "
+                                     f"sends its own name): reach it as localhost or by its address, or start it "
+                                     f"with --allow-host NAME to answer to that name")
         origin = headers.get("origin")
         if origin is not None and not origin_allowed(origin, scope.get("server"), self.allowed_origins):
             return RequestError(403, f"origin {origin[:100]!r} is not allowed: this server answers no web page but "
