@@ -239,7 +239,11 @@ class Pipeline:
         requests to the vision server, :class:`.runtime.fetch.FetchStats`: ``started``,
         ``failed``, ``latency_ms_p50``, ``latency_ms_p95``, ``wait_ms_p50`` and ``wait_ms_max``
         (ms a frame request waited for its turn at the vision server, see
-        :class:`.runtime.fetch.FairShare`)), ``first_frame_unix`` (when the first frame
+        :class:`.runtime.fetch.FairShare`); from the ``ollama`` processor's counters in the
+        processor store: ``requests_by_trigger`` (``{"interval": n, "change": n, "heartbeat":
+        n}``: the requests it started, by what started them, see ``ollama-trigger``) and
+        ``frames_unchanged`` (frames its change check found unchanged; 0 when absent)),
+        ``first_frame_unix`` (when the first frame
         left the chain, Unix time in s), ``rss_bytes_start``, ``rss_bytes_end``.
         """
         end = self.ended or time.perf_counter()
@@ -255,6 +259,14 @@ class Pipeline:
         fs = self.stream.fetch_stats.snapshot()
         latencies = list(fs.latencies_ms)
         waits = list(fs.waits_ms)
+        store = self.stream.processor_store
+
+        def ollama_count(key: str) -> int:
+            value = store.get("ollama-stats", key)
+            try:
+                return int(value) if value is not None else 0
+            except ValueError:
+                return 0
         return {
             "stream": self.stream.name,
             "source": self.source.name,
@@ -279,6 +291,8 @@ class Pipeline:
                 "latency_ms_p95": _percentile(latencies, 95),
                 "wait_ms_p50": _percentile(waits, 50),
                 "wait_ms_max": round(max(waits), 1) if waits else None,
+                "requests_by_trigger": {t: ollama_count(f"requests-{t}") for t in ("interval", "change", "heartbeat")},
+                "frames_unchanged": ollama_count("frames-unchanged"),
                 "last": captions.last,
             },
             "first_frame_unix": self.first_frame_unix,
@@ -296,7 +310,8 @@ def write_stats(path: Path, stats: dict) -> None:
 
 def format_summary(stats: dict) -> str:
     """A few human-readable lines summarising ``stats`` for the end of a run (with a line for
-    ``frames_undecodable`` when non-zero and one for ``source_error`` when set)."""
+    ``frames_undecodable`` when non-zero and one for ``source_error`` when set; the captions
+    line says what started the requests when ``ollama-trigger=change`` was used)."""
     lines = [f"{stats['frames_out']} frames in {stats['duration_s']:.1f} s ({stats['fps']:.1f} fps), "
              f"largest gap between frames {stats['max_frame_gap_ms']:.0f} ms"]
     if stats.get("frames_undecodable"):
@@ -310,7 +325,12 @@ def format_summary(stats: dict) -> str:
     c = stats["captions"]
     if c["started"]:
         lat = f", latency p50 {c['latency_ms_p50']:.0f} ms" if c["latency_ms_p50"] is not None else ""
-        lines.append(f"  captions: {c['completed']} completed, {c['failed']} failed{lat}")
+        by = c.get("requests_by_trigger") or {}
+        trig = ""
+        if by.get("change") or by.get("heartbeat") or c.get("frames_unchanged"):
+            trig = (f"; requests: {by.get('change', 0)} on change, {by.get('heartbeat', 0)} heartbeat, "
+                    f"{by.get('interval', 0)} interval, {c.get('frames_unchanged', 0)} unchanged frames skipped")
+        lines.append(f"  captions: {c['completed']} completed, {c['failed']} failed{lat}{trig}")
         if c["last"]:
             lines.append(f"  last caption: {c['last']}")
     return "\n".join(lines)

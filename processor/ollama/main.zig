@@ -4,9 +4,31 @@
 //!
 //! Per frame, `process` makes at most these host calls: `time.now`; `fetch.poll` while a
 //! request is in flight; `fetch.post-frame` when it is time to start one; `overlay.caption`
-//! (none with ollama-overlay=false). (Plus, only on events: `fetch.cancel` for a
-//! timed-out/abandoned request, `processor-store.set` for a finished caption and for the
-//! settings in force after the config was read, and a log line when the state changes.)
+//! (none with ollama-overlay=false); with ollama-trigger=change, while no request is in
+//! flight and the cooldown is over, the change check: two `cv.resize` (bilinear to 128×72,
+//! area to a 32×18 thumbnail), `mat.mattype`, `cv.cvt-color` to grey, the thumbnail's 576
+//! pixels read with `mat.get-uchar-at` (accessors served inside the sandbox) and the three
+//! mats dropped.
+//! (Plus, only on events: `fetch.cancel` for a timed-out/abandoned request,
+//! `processor-store.set` for a finished caption, for the settings in force after the config
+//! was read, for a request counter when a request starts and for frames-unchanged at most
+//! once a second, and a log line when the state changes.)
+//!
+//! Triggers (`ollama-trigger`): `interval` starts a request every ollama-interval-ms.
+//! `change` starts one when the scene has changed by more than ollama-change-threshold since
+//! the frame sent with the last request: both frames are shrunk to a 32×18 grey thumbnail
+//! and the score is the mean absolute difference of their pixels / 255 (0 = identical,
+//! 1 = black turned white). Never sooner than ollama-min-interval-ms after the last request
+//! start (the cooldown), and at the latest every ollama-interval-ms (the heartbeat; 0 =
+//! none). The first request starts on the first frame. A request that fails (no caption)
+//! forgets the reference, so the next one starts as soon as the cooldown and the backoff
+//! allow. In both modes a request only starts when none is in flight, and the
+//! connection-failure backoff applies. Counters in the processor store under "ollama-stats" (apart
+//! from the settings in force under "ollama"), as
+//! decimal strings, written when they change: requests-interval, requests-change,
+//! requests-heartbeat (requests started, by what started them), frames-unchanged (frames
+//! the change check found unchanged: each a request not made; written at most once a
+//! second and whenever a request starts).
 //!
 //! Wire protocols (`ollama-api`; each is one entry of `protocols` below). The host fills in
 //! the image: the body is sent as a template whose first `%IMAGE%` becomes the base64 JPEG
@@ -46,7 +68,8 @@
 //! The settings in force (defaults filled in, invalid values replaced by the defaults) are
 //! stored in the processor store under processor "ollama" each time the config is read, one
 //! key per setting, named as the config key without "ollama-": url, api, server-name, model,
-//! prompt, interval-ms, paused, overlay (e.g. ollama/model = "llava"; the viewer shows them).
+//! prompt, interval-ms, paused, overlay, trigger, change-threshold, min-interval-ms (e.g.
+//! ollama/model = "llava"; the viewer shows them).
 //!
 //! Config (read on the first frame, and again on the next frame whenever the stream's config
 //! changes while running, e.g. from the viewer: vision-host:platform/config-watch; an invalid
@@ -56,7 +79,14 @@
 //!   ollama-model             llava
 //!   ollama-prompt            Describe what is in this picture in highly complimentary terms using 6 words or less.
 //!   ollama-interval-ms       3000   minimum time between request starts (0–86400000);
-//!                                   a request starts only when none is in flight
+//!                                   a request starts only when none is in flight.
+//!                                   With ollama-trigger=change: the heartbeat, the longest
+//!                                   time between request starts (0 = no heartbeat)
+//!   ollama-trigger           interval  interval | change (above: when a request starts)
+//!   ollama-change-threshold  0.01   0–1: the change score (mean grey difference / 255 of
+//!                                   32×18 thumbnails) a frame must exceed (trigger=change)
+//!   ollama-min-interval-ms   1000   cooldown with trigger=change: no request starts sooner
+//!                                   after the last start (0–86400000)
 //!   ollama-max-tokens        40     options.num_predict (1–4096)
 //!   ollama-image-max-side    672    px, longer side of the JPEG sent (0 = full size, or 32–16384)
 //!   ollama-jpeg-quality      80     1–100
@@ -346,6 +376,9 @@ const Config = struct {
     model: []const u8 = "llava",
     prompt: []const u8 = "Describe what is in this picture in highly complimentary terms using 6 words or less.",
     interval_ms: u64 = 3000,
+    trigger: Trigger = .interval,
+    change_threshold: f32 = default_change_threshold,
+    min_interval_ms: u64 = 1000,
     max_tokens: u64 = 40,
     image_max_side: u64 = 672,
     jpeg_quality: u64 = 80,
@@ -361,6 +394,13 @@ const Config = struct {
     /// Whether `ollama-server-name` was given.
     server_named: bool = false,
 };
+
+/// `ollama-trigger`: what starts a request (see the file comment).
+const Trigger = enum { interval, change };
+/// `ollama-change-threshold`'s default: above the noise of a still camera (JPEG and sensor
+/// noise score ≤ 0.003 on the clips in media/), below a person or a car entering (0.01–0.02
+/// within a frame or two of their arrival, up to 0.1–0.2 once in view).
+const default_change_threshold: f32 = 0.01;
 
 /// Longest `ollama-server-name` kept (bytes, cut at a character boundary).
 const max_server_name = 200;
@@ -405,6 +445,8 @@ fn configure() void {
     storeSettings();
     if (cfg.paused) {
         vh.log.infof("ollama: captions paused (ollama-paused=true)", .{});
+    } else if (cfg.trigger == .change) {
+        vh.log.infof("ollama: captions from model {s} of {s} at {s} when the scene changes, at most every {d} ms, heartbeat every {d} ms (0 = none)", .{ cfg.model, cfg.server_name, cfg.url, cfg.min_interval_ms, cfg.interval_ms });
     } else {
         vh.log.infof("ollama: captions from model {s} of {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.server_name, cfg.url, cfg.interval_ms });
     }
@@ -420,6 +462,9 @@ fn readConfig(arena: std.mem.Allocator) error{ OutOfMemory, WriteFailed }!void {
         .model = try s.text(arena, "ollama-model", d.model, s.nonBlank, "a non-empty text"),
         .prompt = try s.text(arena, "ollama-prompt", d.prompt, s.nonBlank, "a non-empty text"),
         .interval_ms = @intCast(s.int("ollama-interval-ms", d.interval_ms, 0, 86_400_000, "an integer 0-86400000 ms")),
+        .trigger = s.choice(Trigger, "ollama-trigger", d.trigger, .ignore_case),
+        .change_threshold = s.decimal("ollama-change-threshold", default_change_threshold, 0, 1, "a number 0-1"),
+        .min_interval_ms = @intCast(s.int("ollama-min-interval-ms", d.min_interval_ms, 0, 86_400_000, "an integer 0-86400000 ms")),
         .max_tokens = @intCast(s.int("ollama-max-tokens", d.max_tokens, 1, 4096, "an integer 1-4096")),
         .image_max_side = @intCast(s.intOr("ollama-image-max-side", d.image_max_side, 32, 16384, 0, "0 (full size) or an integer 32-16384 px")),
         .jpeg_quality = @intCast(s.int("ollama-jpeg-quality", d.jpeg_quality, 1, 100, "an integer 1-100")),
@@ -443,6 +488,8 @@ fn readConfig(arena: std.mem.Allocator) error{ OutOfMemory, WriteFailed }!void {
 /// the file comment), so that the host can show them (the viewer's fields).
 fn storeSettings() void {
     var interval: [20]u8 = undefined;
+    var min_interval: [20]u8 = undefined;
+    var threshold: [24]u8 = undefined;
     const settings = [_][2][]const u8{
         .{ "url", cfg.url },
         .{ "api", cfg.protocol.name },
@@ -452,10 +499,21 @@ fn storeSettings() void {
         .{ "interval-ms", std.fmt.bufPrint(&interval, "{d}", .{cfg.interval_ms}) catch unreachable },
         .{ "paused", if (cfg.paused) "true" else "false" },
         .{ "overlay", if (cfg.overlay) "true" else "false" },
+        .{ "trigger", @tagName(cfg.trigger) },
+        .{ "change-threshold", formatFraction(&threshold, cfg.change_threshold) },
+        .{ "min-interval-ms", std.fmt.bufPrint(&min_interval, "{d}", .{cfg.min_interval_ms}) catch unreachable },
     };
     for (settings) |kv| {
         processorStore().set("ollama", kv[0], kv[1]) catch |err| return storeFailed(err);
     }
+}
+
+/// `v` (0–1) with up to 4 decimals, trailing zeros dropped ("0.01", "1"), without std's
+/// float printing.
+fn formatFraction(buf: *[24]u8, v: f32) []const u8 {
+    const scaled: u32 = @intFromFloat(@round(std.math.clamp(v, 0, 1) * 10000));
+    const text = std.fmt.bufPrint(buf, "{d}.{d:0>4}", .{ scaled / 10000, scaled % 10000 }) catch unreachable;
+    return std.mem.trimEnd(u8, std.mem.trimEnd(u8, text, "0"), ".");
 }
 
 /// The run's processor store (created on first use).
@@ -559,6 +617,94 @@ var store_failed_logged = false;
 var overlay_failed_logged = false;
 
 // ==========================================================================================
+// Triggers: the change check and the request counters
+// ==========================================================================================
+
+/// What started a request (counted as ollama/requests-NAME).
+const Reason = enum { interval, change, heartbeat };
+
+const thumb_w = 32;
+const thumb_h = 18;
+/// The current frame's grey thumbnail (valid when `thumb_valid`).
+var cur_thumb: [thumb_w * thumb_h]u8 = undefined;
+var thumb_valid = false;
+/// The thumbnail of the frame sent with the last request (valid when `has_ref`).
+var ref_thumb: [thumb_w * thumb_h]u8 = undefined;
+var has_ref = false;
+var thumb_failed_logged = false;
+
+var requests_by: [std.enums.values(Reason).len]u64 = @splat(0);
+var frames_unchanged: u64 = 0;
+var frames_unchanged_stored: u64 = 0;
+var unchanged_stored_us: u64 = 0;
+
+/// Fills `cur_thumb` with `frame` shrunk to thumb_w × thumb_h grey pixels; false (logged
+/// once) if the host could not make it.
+fn thumbnail(frame: u32) bool {
+    // Two steps: bilinear to 4× the thumbnail, then area averaging (4 × 4 px a pixel). The
+    // same scores on the clips in media/ as one area resize of the whole frame, ~6× cheaper.
+    const mid = vh.cv.resize(vh.Mat.borrow(frame), .{ .x = 4 * thumb_w, .y = 4 * thumb_h }, 0, 0, .linear) catch
+        return thumbFailed("resize");
+    defer mid.drop();
+    const small = vh.cv.resize(mid, .{ .x = thumb_w, .y = thumb_h }, 0, 0, .area) catch
+        return thumbFailed("resize");
+    defer small.drop();
+    const grey: ?vh.Mat = if (small.mattype() == 0) null else vh.cv.cvtColor(small, .bgr_to_gray) catch
+        return thumbFailed("cvt-color");
+    defer if (grey) |g| g.drop();
+    const g = grey orelse small;
+    if (g.rows() != thumb_h or g.cols() != thumb_w) return thumbFailed("the thumbnail's size");
+    var i: usize = 0;
+    for (0..thumb_h) |r| {
+        for (0..thumb_w) |c| {
+            cur_thumb[i] = g.getUcharAt(@intCast(r), @intCast(c));
+            i += 1;
+        }
+    }
+    return true;
+}
+
+fn thumbFailed(what: []const u8) bool {
+    if (!thumb_failed_logged) {
+        thumb_failed_logged = true;
+        vh.log.warnf("ollama: the change check failed ({s}: {s}); requests start only on the heartbeat", .{ what, vh.lastError() });
+    }
+    return false;
+}
+
+/// How much the scene changed since the last captioned frame: the mean absolute difference
+/// of the two thumbnails / 255, 0–1.
+fn changeScore() f32 {
+    var sum: u32 = 0;
+    for (cur_thumb, ref_thumb) |a, b| sum += if (a > b) a - b else b - a;
+    return @as(f32, @floatFromInt(sum)) / @as(f32, @floatFromInt(cur_thumb.len * 255));
+}
+
+/// A request started for `reason`: its counter (and frames-unchanged, if it moved) into the
+/// processor store.
+fn countRequest(reason: Reason, now: u64) void {
+    const i = @intFromEnum(reason);
+    requests_by[i] += 1;
+    var key_buf: [32]u8 = undefined;
+    const key = std.fmt.bufPrint(&key_buf, "requests-{s}", .{@tagName(reason)}) catch unreachable;
+    storeCount(key, requests_by[i]);
+    if (frames_unchanged != frames_unchanged_stored) storeUnchanged(now);
+}
+
+fn storeUnchanged(now: u64) void {
+    unchanged_stored_us = now;
+    if (frames_unchanged == frames_unchanged_stored) return;
+    frames_unchanged_stored = frames_unchanged;
+    storeCount("frames-unchanged", frames_unchanged);
+}
+
+fn storeCount(key: []const u8, n: u64) void {
+    var buf: [20]u8 = undefined;
+    const text = std.fmt.bufPrint(&buf, "{d}", .{n}) catch unreachable;
+    processorStore().set("ollama-stats", key, text) catch |err| storeFailed(err);
+}
+
+// ==========================================================================================
 // State messages
 // ==========================================================================================
 
@@ -589,15 +735,35 @@ fn setOk() void {
 // Requests
 // ==========================================================================================
 
-fn timeToStart(now: u64) bool {
-    if (stopped or cfg.paused or request_id != null) return false;
-    if (now < retry_at_us) return false;
-    const last = last_start_us orelse return true;
-    return now -| last >= cfg.interval_ms * std.time.us_per_ms;
+/// What starts a request now, or null: none may start, or it is not time.
+fn timeToStart(frame: u32, now: u64) ?Reason {
+    if (stopped or cfg.paused or request_id != null) return null;
+    if (now < retry_at_us) return null;
+    switch (cfg.trigger) {
+        .interval => {
+            const last = last_start_us orelse return .interval;
+            return if (now -| last >= cfg.interval_ms * std.time.us_per_ms) .interval else null;
+        },
+        .change => {
+            if (last_start_us) |last| if (now -| last < cfg.min_interval_ms * std.time.us_per_ms) return null;
+            thumb_valid = thumbnail(frame);
+            if (thumb_valid and (!has_ref or changeScore() > cfg.change_threshold)) return .change;
+            const last = last_start_us orelse return .change; // the first frame (no thumbnail)
+            if (cfg.interval_ms > 0 and now -| last >= cfg.interval_ms * std.time.us_per_ms) return .heartbeat;
+            frames_unchanged += 1;
+            if (now -| unchanged_stored_us >= std.time.us_per_s) storeUnchanged(now);
+            return null;
+        },
+    }
 }
 
-fn startRequest(frame: u32, now: u64) void {
+fn startRequest(frame: u32, now: u64, reason: Reason) void {
     last_start_us = now;
+    // The frame sent is the new reference for the change check.
+    if (cfg.trigger == .change and thumb_valid) {
+        ref_thumb = cur_thumb;
+        has_ref = true;
+    }
     const id = vh.fetch.postFrame(
         request_url,
         "application/json",
@@ -610,6 +776,7 @@ fn startRequest(frame: u32, now: u64) void {
         return;
     };
     request_id = id;
+    countRequest(reason, now);
     reply_open = true;
     request_started_us = now;
     reply_status = 0;
@@ -623,14 +790,17 @@ fn startRequest(frame: u32, now: u64) void {
 fn transportFailed(err: vh.fetch.Error, now: u64) void {
     reply_open = false;
     partial.clear();
+    has_ref = false; // no caption: the next request need not wait for a change
     const url = cfg.url;
     const name = cfg.server_name;
     switch (err) {
         error.ConnectionFailed => {
             backoff_s = if (backoff_s == 0) 1 else @min(backoff_s * 2, 30);
             retry_at_us = now + backoff_s * std.time.us_per_s;
-            // The next start also waits for the interval; report the real wait.
-            const next_interval = (last_start_us orelse now) + cfg.interval_ms * std.time.us_per_ms;
+            // The next start also waits for the interval (the cooldown with
+            // trigger=change); report the real wait.
+            const gap_ms = if (cfg.trigger == .change) cfg.min_interval_ms else cfg.interval_ms;
+            const next_interval = (last_start_us orelse now) + gap_ms * std.time.us_per_ms;
             const wait_us = @max(retry_at_us, next_interval) -| now;
             const wait_s = (wait_us + std.time.us_per_s - 1) / std.time.us_per_s;
             setProblem("cannot reach {s} at {s}, retrying in {d} s", .{ name, url, wait_s });
@@ -746,6 +916,7 @@ fn errorText(body: []const u8, out: *TextBuf(300)) void {
 fn fail(comptime fmt: []const u8, args: anytype) void {
     reply_open = false;
     partial.clear();
+    has_ref = false; // no caption: the next request need not wait for a change
     setProblem(fmt, args);
 }
 
@@ -835,7 +1006,7 @@ export fn process(frame: u32) u32 {
     }
     const now = vh.time.nowUs();
     if (request_id) |id| pollRequest(id, now);
-    if (timeToStart(now)) startRequest(frame, now);
+    if (timeToStart(frame, now)) |reason| startRequest(frame, now, reason);
     drawOverlay(frame);
     return frame;
 }

@@ -427,3 +427,52 @@ def test_ndjson_reply_parsing_in_the_processor(benchmark, runtime_factory, real_
     finally:
         bench.BENCH_CAPTION = old
         server.stop()
+
+
+@pytest.mark.slow
+def test_ollama_change_trigger_vs_interval_on_a_still_then_moving_scene(benchmark, runtime_factory, standin, capsys):
+    """Real footage: 10 s of the car clip's first frame held still, then the clip (12.5 fps,
+    played in real time). ``ollama-trigger=change`` (cooldown 1 s, no heartbeat) and
+    ``interval`` (every 1 s) see the same frames; counted: requests on the still stretch and
+    overall, and the delay from the car's arrival (clip frame 55, the first whose score
+    against the still frame passes 0.005) to the first request start after it."""
+    from conftest import CAR_CLIP
+    cap = cv2.VideoCapture(str(CAR_CLIP))
+    clip = []
+    while (got := cap.read())[0]:
+        clip.append(got[1])
+    cap.release()
+    fps, still_frames, arrival = 12.5, 125, 55
+    frames = [clip[0]] * still_frames + clip
+    runs = {}
+    for trigger, extra in (("change", {"ollama-interval-ms": "0"}), ("interval", {"ollama-interval-ms": "1000"})):
+        cfg = {"ollama-url": standin.url, "ollama-trigger": trigger, "ollama-min-interval-ms": "1000", **extra}
+        rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
+        runs[trigger] = (rt, rt.load(REPO / "wasm" / "ollama.wasm"), [])
+
+    def started(rt):
+        return sum(int(rt.processor_store.get("ollama-stats", f"requests-{t}") or 0) for t in ("interval", "change", "heartbeat"))
+    t0 = time.monotonic()
+    for i, frame in enumerate(frames):
+        time.sleep(max(0.0, t0 + i / fps - time.monotonic()))        # played in real time
+        for rt, p, starts in runs.values():
+            before = started(rt)
+            p.process(frame.copy())
+            if started(rt) > before:
+                starts.append(i)
+    figures = {}
+    for trigger, (rt, p, starts) in runs.items():
+        after = [s for s in starts if s >= still_frames + arrival]
+        figures[trigger] = {
+            "requests_still": sum(s < still_frames for s in starts),
+            "requests_total": len(starts),
+            "arrival_to_request_ms": round((after[0] - still_frames - arrival) / fps * 1000) if after else None,
+        }
+        assert p.stats.errors == 0
+    benchmark.extra_info.update(figures)
+    benchmark.pedantic(lambda: None, rounds=1)
+    with capsys.disabled():
+        print(f"\nrequests change vs interval: {figures}")
+    assert figures["change"]["requests_still"] == 1 < figures["interval"]["requests_still"]
+    assert figures["change"]["requests_total"] < figures["interval"]["requests_total"]
+    assert figures["change"]["arrival_to_request_ms"] is not None

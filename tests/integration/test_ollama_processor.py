@@ -447,7 +447,11 @@ def test_an_invalid_overlay_value_is_reported_and_the_default_used(runtime_facto
 DEFAULT_PROMPT = "Describe what is in this picture in highly complimentary terms using 6 words or less."
 
 
+TRIGGER_DEFAULTS = {"trigger": "interval", "change-threshold": "0.01", "min-interval-ms": "1000"}
+
+
 def _in_force(rt) -> dict[str, str]:
+    """The settings in force (processor "ollama" in the store; its counters are under "ollama-stats")."""
     store = rt.processor_store
     return {key: store.get("ollama", key) for key in store.keys("ollama")}
 
@@ -459,7 +463,8 @@ def test_the_settings_in_force_are_stored_at_start_and_after_each_change(runtime
     p = rt.load(OLLAMA_WASM)
     p.process(real_frame.copy())
     assert _in_force(rt) == {"url": standin.url, "api": "generate", "server-name": "Ollama", "model": "llava",
-                             "prompt": DEFAULT_PROMPT, "interval-ms": "3000", "paused": "false", "overlay": "true"}
+                             "prompt": DEFAULT_PROMPT, "interval-ms": "3000", "paused": "false", "overlay": "true",
+                             **TRIGGER_DEFAULTS}
 
     rt.streams[0].set_config({"ollama-model": " bakllava ", "ollama-interval-ms": "1500", "ollama-paused": "true",
                               "ollama-prompt": "How many bottles?", "ollama-api": "openai",
@@ -468,7 +473,7 @@ def test_the_settings_in_force_are_stored_at_start_and_after_each_change(runtime
     p.process(real_frame.copy())
     assert _in_force(rt) == {"url": standin.url, "api": "openai", "server-name": "the OpenAI-compatible server",
                              "model": "bakllava", "prompt": "How many bottles?", "interval-ms": "1500",
-                             "paused": "true", "overlay": "false"}
+                             "paused": "true", "overlay": "false", **TRIGGER_DEFAULTS}
 
     # removed keys fall back to the defaults; invalid values are reported and the default is in force
     with caplog.at_level(logging.ERROR, logger="vision_host.processor.ollama"):
@@ -479,7 +484,7 @@ def test_the_settings_in_force_are_stored_at_start_and_after_each_change(runtime
     assert "ollama-interval-ms" in caplog.text
     assert _in_force(rt) == {"url": standin.url, "api": "generate", "server-name": "the lab server",
                              "model": "llava", "prompt": DEFAULT_PROMPT, "interval-ms": "3000", "paused": "false",
-                             "overlay": "true"}
+                             "overlay": "true", **TRIGGER_DEFAULTS}
 
 
 def test_with_the_captions_processor_after_it_one_caption_is_drawn(runtime_factory, standin, real_frame):
