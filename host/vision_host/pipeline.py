@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from .captions import CaptionBus, CaptionEvent, CaptionStats
+from .captions.structured import FormatError, StructuredFormat
 from .outputs import Output
 from .runtime import Processor, Runtime
 from .sources import Source
@@ -91,6 +92,8 @@ class Pipeline:
         self.model = model
         self._store_version = self.stream.processor_store.version
         self._last_caption: str | None = None
+        self._format_value = ""         # the ollama/format last seen, and what it became
+        self._format: StructuredFormat | FormatError | None = None
         self._captions_completed = 0
         self._in_gap = False
         self._last_frame: np.ndarray | None = None
@@ -162,11 +165,28 @@ class Pipeline:
             return
         self._last_caption, self._captions_completed = text, fs.completed
         store = self.stream.processor_store
+        fields, fields_error = self._structured(store.get("ollama", "format") or "", text)
         self.caption_bus.publish(CaptionEvent(
             text=text, stream_time_s=self.frames_out / self.source.fps, wall_time=time.time(),
             frame_index=self.frames_out - 1, source=self.source.name,
             model=store.get("captions", "model") or self.model, latency_ms=fs.last_latency_ms,
-            stream=self.stream.index, stream_name=self.stream.name, prompt=store.get("ollama", "prompt")))
+            stream=self.stream.index, stream_name=self.stream.name, prompt=store.get("ollama", "prompt"),
+            fields=fields, fields_error=fields_error))
+
+    def _structured(self, format_value: str, text: str) -> tuple[dict | None, str | None]:
+        """``text`` as a structured answer when the processor asked for one (its ``ollama/format``
+        in force: ``json`` or a schema; see :mod:`.captions.structured`), else ``(None, None)``."""
+        if not format_value:
+            return None, None
+        if format_value != self._format_value:    # first use, or changed while running (the viewer)
+            self._format_value = format_value
+            try:
+                self._format = StructuredFormat(format_value)
+            except FormatError as exc:
+                self._format = exc
+        if isinstance(self._format, FormatError):
+            return None, str(self._format)
+        return self._format.parse(text)
 
     def _show_gap(self) -> None:
         """While a live source reconnects: the last frame with a "reconnecting" band, to the
@@ -234,8 +254,9 @@ class Pipeline:
         ``live``/``reconnecting``/``ended``), ``reconnect_gaps_s`` (how long each reconnection
         took), ``fps``, ``max_frame_gap_ms`` (largest wall-clock gap between consecutive frames
         leaving the chain), ``processors`` (per name: ``calls``, ``mean_us``, ``p99_us``,
-        ``errors``, ``disabled``, ``memory_bytes``), ``captions`` (``completed`` and ``last``:
-        the captions published on the caption bus, :attr:`caption_stats`; from the processors'
+        ``errors``, ``disabled``, ``memory_bytes``), ``captions`` (``completed``, ``last`` and
+        ``invalid`` (structured answers that were not: see ``ollama-format``): the captions
+        published on the caption bus, :attr:`caption_stats`; from the processors'
         requests to the vision server, :class:`.runtime.fetch.FetchStats`: ``started``,
         ``failed``, ``latency_ms_p50``, ``latency_ms_p95``, ``wait_ms_p50`` and ``wait_ms_max``
         (ms a frame request waited for its turn at the vision server, see
@@ -291,6 +312,7 @@ class Pipeline:
                 "latency_ms_p95": _percentile(latencies, 95),
                 "wait_ms_p50": _percentile(waits, 50),
                 "wait_ms_max": round(max(waits), 1) if waits else None,
+                "invalid": captions.invalid,
                 "requests_by_trigger": {t: ollama_count(f"requests-{t}") for t in ("interval", "change", "heartbeat")},
                 "frames_unchanged": ollama_count("frames-unchanged"),
                 "last": captions.last,

@@ -216,6 +216,8 @@ class Viewer:
                       "stream_time_s": round(event.stream_time_s, 3), "text": event.text,
                       "latency_ms": None if event.latency_ms is None else round(event.latency_ms, 1),
                       "model": event.model}
+            if event.fields is not None or event.fields_error is not None:
+                record.update(fields=event.fields, fields_error=event.fields_error)
             self._next_caption_id += 1
             self.captions.append(record)
         self._broadcast(_sse("caption", record))

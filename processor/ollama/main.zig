@@ -36,7 +36,8 @@
 //! body, so that a prompt (or model name) containing the text %IMAGE% cannot be mistaken
 //! for it. Each reply is streamed except Workers AI's; its pieces cut anywhere.
 //!   generate  (the default; Ollama's API) POST {url}/api/generate with
-//!           {"images":["%IMAGE%"],"model":M,"prompt":P,"stream":true,"options":{"num_predict":N}};
+//!           {"images":["%IMAGE%"],"model":M,"prompt":P,"stream":true,"options":{"num_predict":N}}
+//!           (+ "format":"json" or "format":{schema} with ollama-format);
 //!           the reply is NDJSON, one object per line:
 //!               {"model":"llava","created_at":"…","response":" A","done":false}
 //!               …
@@ -45,14 +46,17 @@
 //!           "content":P}],…}; NDJSON lines carry `message.content` pieces and `done`.
 //!   openai  POST {url}/v1/chat/completions ({url}/chat/completions when the URL ends in
 //!           /v1) with the image as a content part `{"type":"image_url","image_url":
-//!           {"url":"data:image/jpeg;base64,…"}}` and "max_tokens":N; the reply is
+//!           {"url":"data:image/jpeg;base64,…"}}` and "max_tokens":N (+ with ollama-format
+//!           "response_format":{"type":"json_object"} or {"type":"json_schema","json_schema":
+//!           {"name":"caption","schema":{schema}}}); the reply is
 //!           server-sent events, `data: {chunk}` lines whose `choices[0].delta.content`
 //!           are the pieces, complete at a `finish_reason` or `data: [DONE]`; errors are
 //!           {"error":{"message":…}}.
 //!           (vLLM, llama.cpp's server, LM Studio and Ollama's own /v1 speak it.)
 //!   workers-ai  Cloudflare Workers AI: POST {url}/{model} (url = https://api.cloudflare.com/
 //!           client/v4/accounts/ID/ai/run, model = @cf/llava-hf/llava-1.5-7b-hf) with
-//!           {"image":[JPEG bytes as numbers],"prompt":P,"max_tokens":N}; one JSON reply
+//!           {"image":[JPEG bytes as numbers],"prompt":P,"max_tokens":N} (no format: its LLaVA
+//!           API has none; ollama-format is refused there, logged once); one JSON reply
 //!           {"result":{"description":…},"success":true}, errors as
 //!           {"success":false,"errors":[{"code":…,"message":…}]}. Needs an API key:
 //!           ollama-api-key-env names the variable, the host sends it (Authorization: Bearer).
@@ -68,8 +72,9 @@
 //! The settings in force (defaults filled in, invalid values replaced by the defaults) are
 //! stored in the processor store under processor "ollama" each time the config is read, one
 //! key per setting, named as the config key without "ollama-": url, api, server-name, model,
-//! prompt, interval-ms, paused, overlay, trigger, change-threshold, min-interval-ms (e.g.
-//! ollama/model = "llava"; the viewer shows them).
+//! prompt, interval-ms, paused, overlay, trigger, change-threshold, min-interval-ms, format
+//! (e.g. ollama/model = "llava"; the viewer shows them; ollama/format is "", "json" or the
+//! schema's text: the host reads it to know whether to parse captions as JSON).
 //!
 //! Config (read on the first frame, and again on the next frame whenever the stream's config
 //! changes while running, e.g. from the viewer: vision-host:platform/config-watch; an invalid
@@ -99,13 +104,24 @@
 //!   ollama-overlay           true   false: draw nothing (no overlay call); captions are still
 //!                                   requested, stored and logged (wasmVision's layout, where
 //!                                   the `captions` processor draws captions/caption)
+//!   ollama-format            (empty) empty: plain text | json: a JSON object | a JSON Schema (a
+//!                                   JSON object, inline): an object matching it. Sent with
+//!                                   the request (above); not with workers-ai. captions/caption
+//!                                   is the reply as written (the JSON text)
+//!   ollama-overlay-template  (none)  e.g. `{count} people · {activity}`: when a complete reply
+//!                                   is a JSON object, the overlay shows this with each {name}
+//!                                   replaced by that top-level field (a string decoded, a
+//!                                   number or boolean as written, null or missing `?`, an
+//!                                   object or array as compact JSON; {{ and }} for braces);
+//!                                   otherwise the reply's text. While a reply streams, the
+//!                                   last caption stays (no partial JSON is drawn)
 //!   ollama-server-name       after ollama-api: Ollama (generate, chat), the OpenAI-compatible
 //!                                   server (openai), Workers AI (workers-ai). Free text: how
 //!                                   messages name the server ("cannot reach NAME at URL");
 //!                                   blank = unset, cut at 200 bytes
 //!
-//! On screen: while a reply streams, its partial caption; otherwise the last complete
-//! caption. Before the first caption nothing is drawn (no overlay call) unless there is a
+//! On screen: while a reply streams, its partial caption (not with ollama-overlay-template);
+//! otherwise the last complete caption (through the template, when it applies). Before the first caption nothing is drawn (no overlay call) unless there is a
 //! problem, whose message is then shown (e.g. "cannot reach Ollama at …": every message
 //! names the server as ollama-server-name says).
 //!
@@ -208,6 +224,7 @@ const generate = struct {
             .prompt = c.prompt,
             .stream = true,
             .options = .{ .num_predict = c.max_tokens },
+            .format = ollamaFormat(c),
         });
     }
     fn line(text: []const u8) void {
@@ -230,6 +247,7 @@ const chat = struct {
             .model = c.model,
             .stream = true,
             .options = .{ .num_predict = c.max_tokens },
+            .format = ollamaFormat(c),
         });
     }
     fn line(text: []const u8) void {
@@ -276,6 +294,7 @@ const openai = struct {
             .model = c.model,
             .stream = true,
             .max_tokens = c.max_tokens,
+            .response_format = if (c.format == .plain) null else ResponseFormat{ .c = c },
         });
     }
     /// One line of the event stream (https://html.spec.whatwg.org/multipage/
@@ -351,10 +370,32 @@ const workers_ai = struct {
     }
 };
 
-/// Writes `value` as JSON (std.json: strings escaped, no whitespace).
+/// Writes `value` as JSON (std.json: strings escaped, no whitespace; a null optional
+/// field, e.g. `format` with ollama-format empty, is left out).
 fn writeJson(w: *std.Io.Writer, value: anytype) std.Io.Writer.Error!void {
-    try std.json.Stringify.value(value, .{}, w);
+    try std.json.Stringify.value(value, .{ .emit_null_optional_fields = false }, w);
 }
+
+/// Ollama's `format` (generate, chat): "json", the schema object, or none (plain text).
+fn ollamaFormat(c: *const Config) ?Raw {
+    return switch (c.format) {
+        .plain => null,
+        .json => Raw{ .text = "\"json\"" },
+        .schema => Raw{ .text = c.format_text },
+    };
+}
+
+/// OpenAI's `response_format`: {"type":"json_object"}, or {"type":"json_schema",
+/// "json_schema":{"name":"caption","schema":SCHEMA}}.
+const ResponseFormat = struct {
+    c: *const Config,
+    pub fn jsonStringify(self: ResponseFormat, jw: *std.json.Stringify) std.Io.Writer.Error!void {
+        switch (self.c.format) {
+            .plain, .json => try jw.write(.{ .type = "json_object" }),
+            .schema => try jw.write(.{ .type = "json_schema", .json_schema = .{ .name = "caption", .schema = Raw{ .text = self.c.format_text } } }),
+        }
+    }
+};
 
 /// A value written as it is (the `%IMAGE_BYTES%` placeholder, which the host replaces by an
 /// array).
@@ -393,7 +434,16 @@ const Config = struct {
     server_name: []const u8 = "Ollama",
     /// Whether `ollama-server-name` was given.
     server_named: bool = false,
+    /// `ollama-format`: what the reply is asked to be (never .json/.schema for workers-ai).
+    format: Format = .plain,
+    /// The setting in force as stored (ollama/format): "", "json" or the schema's text.
+    format_text: []const u8 = "",
+    /// `ollama-overlay-template` (null: unset; the overlay shows the caption).
+    overlay_template: ?[]const u8 = null,
 };
+
+/// `ollama-format`: plain text (empty), any JSON object ("json"), or a JSON Schema.
+const Format = enum { plain, json, schema };
 
 /// `ollama-trigger`: what starts a request (see the file comment).
 const Trigger = enum { interval, change };
@@ -443,6 +493,7 @@ fn configure() void {
     _ = config_arena.reset(.retain_capacity);
     readConfig(config_arena.allocator()) catch @panic("out of memory reading the config");
     storeSettings();
+    renderTemplate(); // the template may have changed
     if (cfg.paused) {
         vh.log.infof("ollama: captions paused (ollama-paused=true)", .{});
     } else if (cfg.trigger == .change) {
@@ -477,11 +528,46 @@ fn readConfig(arena: std.mem.Allocator) error{ OutOfMemory, WriteFailed }!void {
     };
     cfg.server_name = if (server_name) |name| vh.utf8Prefix(name, max_server_name) else cfg.protocol.server_name;
     cfg.server_named = server_name != null;
+    try readFormat(arena);
+    cfg.overlay_template = try s.optionalText(arena, "ollama-overlay-template");
     var out: std.Io.Writer.Allocating = .init(arena);
     try cfg.protocol.url(&out.writer, &cfg);
     request_url = try out.toOwnedSlice();
     try cfg.protocol.body(&out.writer, &cfg);
     template = try out.toOwnedSlice();
+}
+
+/// `ollama-format` into cfg.format / cfg.format_text: empty, `json` (any case) or a JSON
+/// object (the schema, kept as given). Anything else is reported and plain text used; so is
+/// a JSON format with workers-ai, whose LLaVA API has no such field (reported).
+fn readFormat(arena: std.mem.Allocator) error{OutOfMemory}!void {
+    const s = vh.settings;
+    const value = vh.config.get("ollama-format") orelse return;
+    defer vh.free(value);
+    const v = s.trim(value);
+    if (v.len == 0) return;
+    if (std.ascii.eqlIgnoreCase(v, "json")) {
+        cfg.format = .json;
+        cfg.format_text = "json";
+    } else if (isJsonObject(v)) {
+        cfg.format = .schema;
+        cfg.format_text = try arena.dupe(u8, v);
+    } else {
+        return s.reportInvalid("ollama-format", value, "empty, json or a JSON Schema object", "\"\" (plain text)");
+    }
+    if (std.mem.eql(u8, cfg.protocol.name, "workers-ai")) {
+        vh.log.errf("ollama-format={s}: Workers AI's LLaVA cannot be asked for JSON (its API has no such field); the captions stay plain text", .{if (cfg.format == .json) "json" else "a JSON Schema"});
+        cfg.format = .plain;
+        cfg.format_text = "";
+    }
+}
+
+/// Whether `text` is one valid JSON object.
+fn isJsonObject(text: []const u8) bool {
+    var doc = json.select(vh.allocator, text, &.{""}) catch return false;
+    defer doc.deinit();
+    const root = doc.get("") orelse return false;
+    return root.kind == .object;
 }
 
 /// The settings in force, into the processor store as ollama/{key without "ollama-"} (see
@@ -502,6 +588,7 @@ fn storeSettings() void {
         .{ "trigger", @tagName(cfg.trigger) },
         .{ "change-threshold", formatFraction(&threshold, cfg.change_threshold) },
         .{ "min-interval-ms", std.fmt.bufPrint(&min_interval, "{d}", .{cfg.min_interval_ms}) catch unreachable },
+        .{ "format", cfg.format_text },
     };
     for (settings) |kv| {
         processorStore().set("ollama", kv[0], kv[1]) catch |err| return storeFailed(err);
@@ -604,6 +691,9 @@ var lines: json.LineSplitter = .{ .buf = &line_storage };
 var partial: TextBuf(2048) = .{};
 /// The last complete caption.
 var caption: TextBuf(2048) = .{};
+/// The overlay text of the last caption from ollama-overlay-template (when `templated_ok`).
+var templated: TextBuf(2048) = .{};
+var templated_ok = false;
 /// Body of a non-200 reply (for its error text), or of a whole non-streamed reply.
 var reply_body: TextBuf(16 * 1024) = .{};
 
@@ -953,6 +1043,7 @@ fn completeCaption() void {
     }
     caption.set(text);
     partial.clear();
+    renderTemplate();
     vh.log.infof("caption: {s}", .{caption.slice()});
     // the model first: a reader of captions/caption finds the model that wrote it
     processorStore().set("captions", "model", cfg.model) catch {};
@@ -965,14 +1056,124 @@ fn completeCaption() void {
 
 /// What to draw: the streaming caption, else the last caption, else a problem message,
 /// else nothing (before the first caption, with no problem, the frame is left untouched).
+/// With ollama-overlay-template set, a streaming reply is not shown (its JSON is incomplete):
+/// the last caption, as the template made it, stays until the reply is complete.
 fn overlayText() ?[]const u8 {
-    if (reply_open) {
+    if (reply_open and cfg.overlay_template == null) {
         const streaming = trimmed(partial.slice());
         if (streaming.len > 0) return streaming;
     }
-    if (caption.len > 0) return caption.slice();
+    if (caption.len > 0) return if (templated_ok) templated.slice() else caption.slice();
     if (health == .problem) return problem.slice();
     return null;
+}
+
+/// The overlay text of the last caption from ollama-overlay-template (into `templated`,
+/// `templated_ok`): each `{name}` replaced by the caption's top-level field `name` (a string
+/// decoded, a number or boolean as written, null or missing `?`, an object or array as
+/// compact JSON), `{{` and `}}` literal braces. Nothing (the caption is shown as it is)
+/// without a template or when the caption is not a JSON object. Once per caption and per
+/// config read.
+fn renderTemplate() void {
+    templated.clear();
+    templated_ok = false;
+    const template_text = cfg.overlay_template orelse return;
+    if (caption.len == 0) return;
+    var doc = json.select(vh.allocator, caption.slice(), &.{""}) catch return;
+    defer doc.deinit();
+    const root = doc.get("") orelse return;
+    if (root.kind != .object) return;
+    var i: usize = 0;
+    while (i < template_text.len) {
+        const c = template_text[i];
+        if ((c == '{' or c == '}') and i + 1 < template_text.len and template_text[i + 1] == c) {
+            templated.appendRaw(template_text[i .. i + 1]);
+            i += 2;
+            continue;
+        }
+        if (c == '{') {
+            if (std.mem.indexOfScalarPos(u8, template_text, i + 1, '}')) |end| {
+                appendField(root.text, template_text[i + 1 .. end]);
+                i = end + 1;
+                continue;
+            }
+        }
+        templated.appendRaw(template_text[i .. i + 1]);
+        i += 1;
+    }
+    templated_ok = true;
+}
+
+/// Appends top-level field `name` of the (valid) JSON object `doc` to `templated`, as
+/// `renderTemplate` says.
+fn appendField(doc: []const u8, name: []const u8) void {
+    const raw = memberText(doc, name) orelse return templated.appendRaw("?");
+    switch (raw[0]) {
+        '"' => templated.appendJson(.{ .kind = .string, .text = raw }),
+        'n' => templated.appendRaw("?"),
+        '{', '[' => {
+            // compact: the blanks outside strings dropped
+            var in_string = false;
+            var escaped = false;
+            for (raw, 0..) |ch, k| {
+                if (in_string) {
+                    if (escaped) {
+                        escaped = false;
+                    } else if (ch == '\\') {
+                        escaped = true;
+                    } else if (ch == '"') {
+                        in_string = false;
+                    }
+                } else if (ch == '"') {
+                    in_string = true;
+                } else if (ch == ' ' or ch == '\t' or ch == '\r' or ch == '\n') {
+                    continue;
+                }
+                templated.appendRaw(raw[k .. k + 1]);
+            }
+        },
+        else => templated.appendRaw(raw),
+    }
+}
+
+/// The JSON text of top-level member `name` of the valid JSON object `doc` (the last one
+/// when it repeats), or null when there is none.
+fn memberText(doc: []const u8, name: []const u8) ?[]const u8 {
+    var stack_buf: [256]u8 = undefined;
+    var fba: std.heap.FixedBufferAllocator = .init(&stack_buf);
+    var s: std.json.Scanner = .initCompleteInput(fba.allocator(), doc);
+    if ((s.next() catch return null) != .object_begin) return null;
+    var found: ?[]const u8 = null;
+    while (true) {
+        // the key, decoded (a longer one than the buffer matches nothing)
+        var key: TextBuf(256) = .{};
+        var fits = true;
+        var escaped: [4]u8 = undefined;
+        while (true) {
+            const token = s.next() catch return found;
+            const piece: []const u8 = switch (token) {
+                .object_end => return found,
+                .partial_string, .string => |p| p,
+                inline .partial_string_escaped_1,
+                .partial_string_escaped_2,
+                .partial_string_escaped_3,
+                .partial_string_escaped_4,
+                => |bytes| blk: {
+                    @memcpy(escaped[0..bytes.len], &bytes);
+                    break :blk escaped[0..bytes.len];
+                },
+                else => return found,
+            };
+            if (piece.len > 256 - key.len) fits = false;
+            key.appendRaw(piece);
+            if (token == .string) break;
+        }
+        const start = s.cursor;
+        s.skipValue() catch return found;
+        if (fits and std.mem.eql(u8, key.slice(), name)) {
+            found = std.mem.trim(u8, doc[start..s.cursor], " \t\r\n:,");
+        }
+    }
 }
 
 fn drawOverlay(frame: u32) void {

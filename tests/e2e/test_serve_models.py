@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+jsonschema = pytest.importorskip("jsonschema")
 test_serve = pytest.importorskip("test_serve")      # skips with the same rules (serve extra present)
 import ollama  # noqa: E402
 import openai  # noqa: E402
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow   # loads tiny BLIP-2 and LLaVA models: the fast t
 
 
 def _words(text: str) -> set[str]:
-    return set(text.replace(":", " : ").replace("?", " ? ").replace(".", " . ").split())
+    return set(text.replace(":", " : ").replace("?", " ? ").replace(".", " . ").replace(",", " , ").split())
 
 
 @pytest.fixture(scope="module", params=["blip2", "llava"])
@@ -238,3 +239,169 @@ def test_a_model_of_another_kind_is_refused_clearly(tmp_path):
     r = subprocess.run(test_serve._serve_cmd("--model", str(model_dir), "--option", "bogus=1"),
                        env=test_serve._env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "--option bogus" in r.stderr, r.stderr
+
+
+# -- structured output: Ollama's format, OpenAI's response_format --------------------------------
+
+SCHEMA = {"type": "object", "properties": {"person": {"type": "boolean"}, "count": {"type": "integer"}},
+          "required": ["person", "count"]}
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 40), color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_a_schema_holds_every_answer_in_a_batch_with_free_text(family_server, frame_jpeg):
+    """Constrained (schema, "json", json_object; streamed and not; both APIs) and free-text
+    requests share one batch: every constrained answer parses and validates, the free one is
+    the answer it gets alone."""
+    family, name, url = family_server
+    images = [frame_jpeg, _jpeg((200, 30, 30)), _jpeg((20, 40, 220))]
+    n_predict = 40
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+    def oai_messages(prompt: str, image: bytes) -> list:
+        data_url = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+        return [{"role": "user", "content": [{"type": "text", "text": prompt},
+                                             {"type": "image_url", "image_url": {"url": data_url}}]}]
+    schema_format = {"type": "json_schema", "json_schema": {"name": "scene", "schema": SCHEMA, "strict": True}}
+
+    def ollama_generate(prompt, image, fmt, stream):
+        client = ollama.Client(host=url)
+        if stream:
+            return "".join(p.response for p in client.generate(model=name, prompt=prompt, images=[image], stream=True,
+                                                                format=fmt, options={"num_predict": n_predict}))
+        return client.generate(model=name, prompt=prompt, images=[image], stream=False, format=fmt,
+                               options={"num_predict": n_predict}).response
+
+    def ollama_chat(prompt, image, fmt, stream):
+        client = ollama.Client(host=url)
+        messages = [{"role": "user", "content": prompt, "images": [image]}]
+        if stream:
+            return "".join(p.message.content for p in client.chat(model=name, messages=messages, stream=True,
+                                                                   format=fmt, options={"num_predict": n_predict}))
+        return client.chat(model=name, messages=messages, stream=False, format=fmt,
+                           options={"num_predict": n_predict}).message.content
+
+    def openai_chat(prompt, image, fmt, stream):
+        kw = dict(model=name, messages=oai_messages(prompt, image), max_tokens=n_predict, response_format=fmt)
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(stream=True, **kw)
+                           if c.choices)
+        return oai.chat.completions.create(**kw).choices[0].message.content
+
+    # (call, prompt, image, format, streamed, expectation)
+    cases = [(ollama_generate, "what is there?", images[0], SCHEMA, False, "schema"),
+             (ollama_generate, "is there a man?", images[1], SCHEMA, True, "schema"),
+             (ollama_chat, "how many people?", images[2], SCHEMA, False, "schema"),
+             (ollama_chat, "describe this image", images[0], SCHEMA, True, "schema"),
+             (openai_chat, "who is there?", images[1], schema_format, False, "schema"),
+             (openai_chat, "count the people", images[2], schema_format, True, "schema"),
+             (ollama_generate, "what is in the image?", images[2], "json", False, "object"),
+             (openai_chat, "what is there?", images[1], {"type": "json_object"}, True, "object"),
+             (ollama_generate, "what is there?", images[0], None, False, "free")]
+    before = requests.get(url + "/api/ps").json()["vision_host"]
+    barrier = threading.Barrier(len(cases))
+    answers: list = [None] * len(cases)
+
+    def one(i: int) -> None:
+        call, prompt, image, fmt, stream, _ = cases[i]
+        barrier.wait(10)
+        try:
+            answers[i] = call(prompt, image, fmt, stream)
+        except Exception as exc:  # noqa: BLE001 — reported by the assertions below
+            answers[i] = exc
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    deadline = time.monotonic() + 10
+    while True:
+        after = requests.get(url + "/api/ps").json()["vision_host"]
+        if after["batched_requests"] - before["batched_requests"] >= len(cases) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert after["batches"] - before["batches"] < len(cases), after["recent_batch_sizes"]   # they shared batches
+    for (call, prompt, _, fmt, stream, expect), answer in zip(cases, answers):
+        assert isinstance(answer, str), (call.__name__, stream, answer)
+        if expect == "free":
+            assert answer == ollama_generate(prompt, images[0], None, False)   # the constraints were per row
+            continue
+        value = json.loads(answer)
+        assert isinstance(value, dict), answer
+        if expect == "schema":
+            jsonschema.validate(value, SCHEMA)
+
+
+@pytest.mark.slow
+def test_a_constrained_answer_that_runs_out_of_tokens_is_an_error(family_server, frame_jpeg):
+    family, name, url = family_server
+    client = ollama.Client(host=url)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model=name, prompt="what is there?", images=[frame_jpeg], format=SCHEMA,
+                        options={"num_predict": 3})
+    assert err.value.status_code == 500 and "before its JSON was complete" in err.value.error
+    parts = list(client.generate(model=name, prompt="what is there?", images=[frame_jpeg], format=SCHEMA,
+                                 stream=True, options={"num_predict": 40}))
+    jsonschema.validate(json.loads("".join(p.response for p in parts)), SCHEMA)
+
+
+@pytest.mark.slow
+def test_invalid_formats_are_refused(family_server, frame_jpeg):
+    family, name, url = family_server
+    b64 = base64.b64encode(frame_jpeg).decode()
+    body = {"model": name, "prompt": "what is there?", "images": [b64], "stream": False}
+    for fmt, words in (("xml", 'invalid format: "xml"; expected "json" or a valid JSON Schema object'),
+                       (3, 'invalid format: 3'),
+                       ({"type": 5}, "invalid JSON schema in format"),
+                       ({"type": "string", "pattern": "[a-"}, "invalid JSON schema in format")):
+        for path, extra in (("/api/generate", {}), ("/api/chat", {"messages": [{"role": "user", "content": "x",
+                                                                                  "images": [b64]}]})):
+            r = requests.post(url + path, json={**body, **extra, "format": fmt}, timeout=60)
+            assert r.status_code == 400 and set(r.json()) == {"error"} and words in r.json()["error"], (fmt, r.text)
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {
+        "url": "data:image/jpeg;base64," + b64}}]}]
+    for fmt, words in (({"type": "json_schema", "json_schema": {"name": "x"}},
+                        "Missing required parameter: 'response_format.json_schema.schema'."),
+                       ({"type": "xml"}, "Invalid value: \"xml\". Supported values are: 'text', 'json_object', "
+                                          "and 'json_schema'."),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                                        "required": 3}}},
+                        "invalid JSON schema in response_format")):
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.chat.completions.create(model=name, messages=messages, max_tokens=4, response_format=fmt)
+        assert err.value.status_code == 400 and words in err.value.body["message"], (fmt, err.value.body)
+        assert err.value.body["type"] == "invalid_request_error"
+    # "text" is no constraint
+    reply = oai.chat.completions.create(model=name, messages=messages, max_tokens=4, response_format={"type": "text"})
+    assert reply.choices[0].message.content
+
+
+def test_blip_refuses_a_format_naming_the_families_that_follow_one(test_server_blip, frame_jpeg):
+    url = test_server_blip
+    client = ollama.Client(host=url)
+    for fmt in (SCHEMA, "json"):
+        with pytest.raises(ollama.ResponseError) as err:
+            client.generate(model="tiny-blip", prompt="a photo of", images=[frame_jpeg], format=fmt)
+        assert err.value.status_code == 400
+        assert "cannot follow a format" in err.value.error and "llava and blip2" in err.value.error
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    data_url = "data:image/jpeg;base64," + base64.b64encode(frame_jpeg).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a photo of"},
+                                             {"type": "image_url", "image_url": {"url": data_url}}]}]
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="tiny-blip", messages=messages, max_tokens=4,
+                                    response_format={"type": "json_object"})
+    assert "llava and blip2" in err.value.body["message"]
+    # without a format BLIP answers as ever, also with {"type": "text"}
+    reply = oai.chat.completions.create(model="tiny-blip", messages=messages, max_tokens=4,
+                                        response_format={"type": "text"})
+    assert reply.choices[0].message.content

@@ -758,3 +758,116 @@ def test_openai_latency_and_unknown_paths(ollama_standin, frame_jpeg):
     assert requests.get(ollama_standin.url + "/v1/chat/completions", timeout=5).status_code == 405
     r = requests.get(ollama_standin.url + "/v1/nope", timeout=5)
     assert (r.status_code, r.text) == (404, "404 page not found")
+
+
+# --------------------------------------------------------------------------- structured answers
+
+CAPTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer"},
+        "activity": {"type": "string"},
+        "mood": {"type": "string", "enum": ["calm", "busy"]},
+        "outdoors": {"type": "boolean"},
+        "share": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "where": {"type": "object", "properties": {"room": {"type": "string"}, "floor": {"type": "integer"}}},
+    },
+    "required": ["count", "activity"],
+}
+
+
+def _matches(instance, schema) -> bool:
+    import jsonschema
+
+    jsonschema.validate(instance, schema)
+    return set(instance) == set(schema["properties"])            # every property, required or not
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_format_json_and_schema_on_generate_and_chat(client, frame_jpeg, stream):
+    caption = default_caption("", frame_jpeg)
+    r = client.generate(model="llava", prompt="x", images=[b64(frame_jpeg)], format="json", stream=stream)
+    text = "".join(p.response for p in r) if stream else r.response
+    assert json.loads(text) == {"caption": caption}
+    msgs = [{"role": "user", "content": "x", "images": [b64(frame_jpeg)]}]
+    r = client.chat(model="llava", messages=msgs, format=CAPTION_SCHEMA, stream=stream)
+    pieces = [p.message.content for p in r] if stream else [r.message.content]
+    if stream:
+        assert len([p for p in pieces if p]) > 5                     # streamed in pieces, like any reply
+    obj = json.loads("".join(pieces))
+    assert _matches(obj, CAPTION_SCHEMA)
+    assert obj["activity"] == caption and obj["mood"] == "calm" and obj["where"]["floor"] == 1
+
+
+def test_format_plain_is_unchanged_and_a_json_reply_is_kept(client, ollama_standin):
+    assert client.generate(model="llava", prompt="x", format="").response == "there is no image to describe"
+    ollama_standin.reply = '{"count": 3, "activity": "queueing"}'
+    r = client.generate(model="llava", prompt="x", format=CAPTION_SCHEMA)
+    assert json.loads(r.response) == {"count": 3, "activity": "queueing"}
+
+
+@pytest.mark.parametrize("fmt, quoted", [("xml", '"\\"xml\\""'), (["json"], '"[\\"json\\"]"'), (3, '"3"')])
+@pytest.mark.parametrize("path", ["/api/generate", "/api/chat"])
+def test_an_invalid_format_is_refused_like_ollama(ollama_standin, path, fmt, quoted):
+    body = {"model": "llava", "format": fmt, "stream": False}
+    body.update({"prompt": "x"} if path == "/api/generate" else {"messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(ollama_standin.url + path, json=body, timeout=10)
+    assert r.status_code == 500
+    # (raw HTTP: the ollama client itself only lets "", "json" or a dict through)
+    assert r.json() == {"error": f'invalid format: {quoted}; expected "json" or a valid JSON Schema object'}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_response_format_on_openai(oai, frame_jpeg, stream):
+    caption = default_caption("", frame_jpeg)
+
+    def ask(response_format):
+        r = oai.chat.completions.create(model="llava", messages=image_message(frame_jpeg), stream=stream,
+                                        response_format=response_format)
+        if stream:
+            pieces = [c.choices[0].delta.content for c in r if c.choices and c.choices[0].delta.content]
+            assert len(pieces) > 1
+            return "".join(pieces)
+        return r.choices[0].message.content
+
+    assert json.loads(ask({"type": "json_object"})) == {"caption": caption}
+    obj = json.loads(ask({"type": "json_schema", "json_schema": {"name": "caption", "schema": CAPTION_SCHEMA}}))
+    assert _matches(obj, CAPTION_SCHEMA)
+    # Ollama's compat layer: no name is fine, no schema is plain text, other types are ignored
+    assert _matches(json.loads(ask({"type": "json_schema", "json_schema": {"schema": CAPTION_SCHEMA}})),
+                    CAPTION_SCHEMA)
+    assert ask({"type": "json_schema", "json_schema": {"name": "caption"}}) == caption
+    assert ask({"type": "text"}) == caption
+
+
+def test_response_format_refusals_like_ollama(ollama_standin, oai):
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.InternalServerError) as e:
+        oai.chat.completions.create(model="llava", messages=msgs,
+                                    response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": "yaml"}})
+    assert e.value.body == {"message": 'invalid format: "\\"yaml\\""; expected "json" or a valid JSON Schema object',
+                            "type": "api_error", "param": None, "code": None}
+    r = httpx.post(ollama_standin.url + "/v1/chat/completions", timeout=10,
+                   json={"model": "llava", "messages": msgs, "response_format": "json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "json: cannot unmarshal string into Go struct field ChatCompletionRequest.response_format "
+        "of type openai.ResponseFormat")
+
+
+@pytest.mark.parametrize("response_format, message, param, code", [
+    ({"type": "xml"}, "Invalid value: 'xml'. Supported values are: 'json_object', 'json_schema', and 'text'.",
+     "response_format.type", "invalid_value"),
+    ({"type": "json_schema"}, "Missing required parameter: 'response_format.json_schema'.",
+     "response_format.json_schema", "missing_required_parameter"),
+    ({"type": "json_schema", "json_schema": {"schema": CAPTION_SCHEMA}},
+     "Missing required parameter: 'response_format.json_schema.name'.",
+     "response_format.json_schema.name", "missing_required_parameter"),
+])
+def test_response_format_refusals_like_openai(ollama_standin, oai, response_format, message, param, code):
+    ollama_standin.openai_strict = True
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="llava", messages=[{"role": "user", "content": "x"}],
+                                    response_format=response_format)
+    assert e.value.status_code == 400
+    assert e.value.body == {"message": message, "type": "invalid_request_error", "param": param, "code": code}

@@ -33,6 +33,30 @@ Errors as Ollama sends them, ``{"error": "..."}`` with ``application/json; chars
 * Errors after streaming began arrive as a last NDJSON line ``{"error": "..."}`` with
   status 200 (failure mode ``"midstream_error"``).
 
+Structured answers (``format``), as Ollama does them (llm/server.go ``Completion``, server/routes.go):
+
+* /api/generate and /api/chat take ``format``: ``"json"`` (the reply is some JSON object) or a JSON
+  Schema object (the reply is an instance of it); absent, ``null`` or ``""`` is plain text. Anything
+  else is refused once the model is loaded, as Ollama's runner refuses it: 500
+  ``{"error": "invalid format: \"<the raw JSON, Go-quoted>\"; expected \"json\" or a valid JSON Schema
+  object"}`` (e.g. ``format: "xml"`` → ``invalid format: "\"xml\""; ...``).
+* /v1/chat/completions takes ``response_format`` as Ollama's compat layer (openai/openai.go) reads it:
+  ``{"type": "json_object"}`` is ``format: "json"``; ``{"type": "json_schema", "json_schema": {"schema":
+  S}}`` is ``format: S`` (``name`` is not checked; no ``json_schema`` or no ``schema``: plain text);
+  another ``type`` (``"text"``, ...) is ignored. A ``response_format`` that is not an object is a
+  400 bind error; a ``schema`` that is not an object is the 500 ``invalid format`` above, in the
+  OpenAI error shape. ``openai_strict=True`` refuses instead as OpenAI's own API does, 400
+  ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``: ``Invalid value:
+  'xml'. Supported values are: 'json_object', 'json_schema', and 'text'.`` (param
+  ``response_format.type``, code ``invalid_value``), ``Missing required parameter:
+  'response_format.json_schema'.`` and ``... 'response_format.json_schema.name'.`` (code
+  ``missing_required_parameter``). (OpenAI's reference makes ``schema`` optional: without it any
+  JSON object is answered.)
+* The reply with a format: the reply text if it already is a JSON object (so a test can give
+  one); else with ``json`` ``{"caption": text}``, and with a schema an instance made from it
+  (:func:`schema_instance`: every property, required or not; a string is the reply text).
+  It is written with ``", "`` and ``": "`` separators and streams in pieces like any reply.
+
 Model names match like Ollama's: case-insensitively, and a name without a tag means ``:latest``.
 
 OpenAI compatibility (``/v1``), as Ollama's layer behaves (checked against docs/api/openai-compatibility.mdx,
@@ -139,7 +163,7 @@ import cv2
 import numpy as np
 import pytest
 
-__all__ = ["FAILURE_MODES", "OllamaStandin", "RecordedRequest", "default_caption", "ollama_standin"]
+__all__ = ["FAILURE_MODES", "OllamaStandin", "RecordedRequest", "default_caption", "ollama_standin", "schema_instance"]
 
 #: Accepted values of ``OllamaStandin.failure``.
 FAILURE_MODES = (None, "http500", "malformed", "hang", "reset", "drip", "midstream_error")
@@ -156,6 +180,87 @@ _V1_MODELS = "/v1/models"
 _DATA_URL_PREFIXES = ("data:;base64,",) + tuple(f"data:image/{t};base64," for t in ("jpeg", "jpg", "png", "webp"))
 _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 _IMAGE_TOKENS = 576  # prompt_eval_count charged per image, like a LLaVA-style projector
+
+
+def schema_instance(schema: Any, text: str) -> Any:
+    """An instance of JSON Schema ``schema`` (what a model constrained by it could answer).
+
+    ``const`` / ``enum`` (first value) first; ``anyOf`` / ``oneOf`` / ``allOf``: the first
+    subschema; then by ``type`` (the first that is not ``"null"`` of a list): an object has
+    every property (required or not), a string is ``text``, an integer 1, a number 0.5, a
+    boolean true, an array one item of ``items`` (none without ``items``), null None. No
+    ``type`` but ``properties``: an object; no type at all: ``text``.
+    """
+    if not isinstance(schema, dict):
+        return text
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return schema_instance(schema[key][0], text)
+    t = schema.get("type")
+    if isinstance(t, list):
+        t = next((x for x in t if x != "null"), "null")
+    if t is None and isinstance(schema.get("properties"), dict):
+        t = "object"
+    if t == "object":
+        props = schema.get("properties")
+        return {k: schema_instance(v, text) for k, v in (props.items() if isinstance(props, dict) else ())}
+    if t == "integer":
+        return 1
+    if t == "number":
+        return 0.5
+    if t == "boolean":
+        return True
+    if t == "null":
+        return None
+    if t == "array":
+        items = schema.get("items")
+        return [schema_instance(items, text)] if isinstance(items, dict) else []
+    return text
+
+
+def _go_quote(s: str) -> str:
+    """``s`` as Go's ``%q`` writes it (printable characters kept, quotes and controls escaped)."""
+    out = ['"']
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out) + '"'
+
+
+def _check_format(fmt: Any) -> Any:
+    """Ollama's ``format`` as its runner takes it: None (plain text), ``"json"`` or a schema dict.
+
+    Raises:
+        _BadRequest: 500 ``invalid format: ...`` for anything else (see the module docstring).
+    """
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json" or isinstance(fmt, dict):
+        return fmt
+    raise _BadRequest(500, f'invalid format: {_go_quote(_dumps(fmt).decode())}; expected "json" or a valid JSON Schema object')
+
+
+def _formatted(text: str, fmt: Any) -> str:
+    """The reply text under format ``fmt`` (see the module docstring)."""
+    if fmt is None:
+        return text
+    try:
+        if isinstance(json.loads(text), dict):
+            return text
+    except ValueError:
+        pass
+    obj = {"caption": text} if fmt == "json" else schema_instance(fmt, text)
+    return json.dumps(obj, ensure_ascii=False)
 
 
 def default_caption(prompt: str, jpeg: bytes | None) -> str:
@@ -226,6 +331,15 @@ class _OpenAIBindError(_BadRequest):
 
     def __init__(self, message: str) -> None:
         super().__init__(400, message)
+
+
+class _OpenAIStrictError(_BadRequest):
+    """A 400 as OpenAI's own API refuses a request (``openai_strict``): with ``param`` and ``code``."""
+
+    def __init__(self, message: str, param: str, code: str) -> None:
+        super().__init__(400, message)
+        self.param = param
+        self.code = code
 
 
 class _Stopped(Exception):
@@ -693,7 +807,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, resp)
             return
 
-        gen = self._generate(model, prompt, images, (body.get("options") or {}).get("num_predict"))
+        gen = self._generate(model, prompt, images, (body.get("options") or {}).get("num_predict"), body.get("format"))
         failure, pieces, done_reason, prompt_tokens = gen.failure, gen.pieces, gen.done_reason, gen.prompt_tokens
         t_start, t_loaded = gen.t_start, gen.t_loaded
 
@@ -778,6 +892,10 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ OpenAI compatibility (/v1)
 
     def _send_openai_error(self, e: _BadRequest) -> None:
+        if isinstance(e, _OpenAIStrictError):
+            err = {"error": {"message": e.message, "type": "invalid_request_error", "param": e.param, "code": e.code}}
+            self._send_full(e.status, _OPENAI_JSON_CT, _dumps(err) + b"\n")
+            return
         if isinstance(e, _OpenAIBindError):  # gin's AbortWithStatusJSON in the middleware
             self._send_full(e.status, _JSON_CT, _dumps(_openai_error(e.status, e.message)))
         else:  # the handler's error, rewritten by the middleware's writer (json.Encoder: trailing newline)
@@ -813,6 +931,11 @@ class _Handler(BaseHTTPRequestHandler):
         expect(body, "max_tokens", is_int, "max_tokens", "int")
         expect(body, "temperature", is_num, "temperature", "float64")
         expect(body, "stream_options", lambda v: isinstance(v, dict), "stream_options", "openai.StreamOptions")
+        expect(body, "response_format", lambda v: isinstance(v, dict), "response_format", "openai.ResponseFormat")
+        if isinstance(body.get("response_format"), dict):
+            rf = body["response_format"]
+            expect(rf, "type", lambda v: isinstance(v, str), "response_format.type", "string")
+            expect(rf, "json_schema", lambda v: isinstance(v, dict), "response_format.json_schema", "openai.JsonSchema")
         expect(body, "messages", lambda v: isinstance(v, list), "messages", "[]openai.Message")
         for m in body.get("messages") or []:
             if not isinstance(m, dict):
@@ -889,7 +1012,7 @@ class _Handler(BaseHTTPRequestHandler):
         stream = body.get("stream") is True  # OpenAI's default: false
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         # max_completion_tokens is not a field of Ollama's ChatCompletionRequest: ignored, as Ollama does
-        gen = self._generate(model, prompt, images, body.get("max_tokens"))
+        gen = self._generate(model, prompt, images, body.get("max_tokens"), self._openai_format(body))
         failure, pieces = gen.failure, gen.pieces
         cid = f"chatcmpl-{random.randrange(999)}"
         created = int(time.time())
@@ -981,7 +1104,36 @@ class _Handler(BaseHTTPRequestHandler):
 
         self._send_units(gen_events(), failure)
 
-    def _generate(self, model: str, prompt: str, images: list[bytes], num_predict: Any) -> "_Generation":
+    def _openai_format(self, body: dict) -> Any:
+        """``response_format`` as Ollama's compat layer turns it into ``format`` (or, with
+        ``openai_strict``, refuses it as OpenAI does); see the module docstring."""
+        rf = body.get("response_format")
+        if rf is None:
+            return None
+        rtype = rf.get("type")
+        js = rf.get("json_schema")
+        if self.server.standin.openai_strict:
+            if rtype not in ("text", "json_object", "json_schema"):
+                raise _OpenAIStrictError(
+                    f"Invalid value: '{rtype}'. Supported values are: 'json_object', 'json_schema', and 'text'.",
+                    "response_format.type", "invalid_value")
+            if rtype == "json_schema":
+                if not isinstance(js, dict):
+                    raise _OpenAIStrictError("Missing required parameter: 'response_format.json_schema'.",
+                                             "response_format.json_schema", "missing_required_parameter")
+                if "name" not in js:
+                    raise _OpenAIStrictError("Missing required parameter: 'response_format.json_schema.name'.",
+                                             "response_format.json_schema.name", "missing_required_parameter")
+                return js.get("schema", "json")
+        kind = (rtype or "").strip().lower()
+        if kind == "json_object":
+            return "json"
+        if kind == "json_schema" and isinstance(js, dict):
+            return js.get("schema")
+        return None
+
+    def _generate(self, model: str, prompt: str, images: list[bytes], num_predict: Any,
+                  fmt: Any = None) -> "_Generation":
         """What /api/generate, /api/chat and /v1/chat/completions share once the request is valid:
         the image check, ``latency_s``, the ``http500``/``hang`` failures, the reply and its pieces."""
         standin = self.server.standin
@@ -1001,9 +1153,10 @@ class _Handler(BaseHTTPRequestHandler):
             standin._stopped.wait()
             raise _Stopped
 
+        fmt = _check_format(fmt)
         reply = standin.reply
         jpeg = images[0] if images else None
-        text = reply(prompt, jpeg) if callable(reply) else str(reply)
+        text = _formatted(reply(prompt, jpeg) if callable(reply) else str(reply), fmt)
         pieces = _pieces(text)
         done_reason = "stop"
         if isinstance(num_predict, int) and not isinstance(num_predict, bool) and 0 < num_predict < len(pieces):
@@ -1066,6 +1219,9 @@ class OllamaStandin:
         sse_error_events: ``"midstream_error"`` on a streamed ``/v1/chat/completions`` sends an SSE
             ``data: {"error": {...}}`` event (what OpenAI's own API does) instead of what Ollama
             does (see module docstring). Default False: Ollama's behaviour.
+        openai_strict: ``response_format`` on ``/v1/chat/completions`` is checked as OpenAI's own API
+            checks it (400 for an unknown ``type``, a ``json_schema`` without ``name``) instead of
+            as Ollama's compat layer reads it (see the module docstring). Default False.
         version: what ``GET /api/version`` reports.
         port: the port to bind (constructor only); 0, the default, picks a free one.
 
@@ -1090,6 +1246,7 @@ class OllamaStandin:
         drip_delay_s: float = 0.0005,
         split_chunks: bool = True,
         sse_error_events: bool = False,
+        openai_strict: bool = False,
         version: str = "0.12.6",
         port: int = 0,
     ) -> None:
@@ -1102,6 +1259,7 @@ class OllamaStandin:
         self.drip_delay_s = drip_delay_s
         self.split_chunks = split_chunks
         self.sse_error_events = sse_error_events
+        self.openai_strict = openai_strict
         self.version = version
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []

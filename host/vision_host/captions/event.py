@@ -28,7 +28,10 @@ class CaptionEvent:
         stream: index of the video stream (camera) it belongs to; 0 for a single source.
         stream_name: that stream's name (``--stream NAME=URL``, the ``[[stream]]`` table), if known.
         prompt: the prompt it answers (``ollama-prompt``), if known.
-        fields: room for a structured answer (the parsed JSON object), None for plain text.
+        fields: the structured answer (the reply parsed as a JSON object and, with a schema,
+            validated: :mod:`.structured`) when ``ollama-format`` asks for one, else None.
+        fields_error: why a reply that should have been structured is not (not JSON, not an
+            object, or the first schema violation); None otherwise. The text is kept either way.
     """
 
     text: str
@@ -42,6 +45,7 @@ class CaptionEvent:
     stream_name: str | None = None
     prompt: str | None = None
     fields: Mapping | None = None
+    fields_error: str | None = None
 
     @property
     def wall_time_iso(self) -> str:

@@ -20,12 +20,15 @@ class CaptionCounts:
         last: the last caption's text (None before the first).
         last_latency_ms: the last caption's request-to-completion time, ms (None if unknown).
         last_wall_time: when the last caption completed, seconds since the epoch (None before the first).
+        invalid: captions that should have been structured answers and were not
+            (:attr:`.CaptionEvent.fields_error`); they count in ``completed`` too.
     """
 
     completed: int = 0
     last: str | None = None
     last_latency_ms: float | None = None
     last_wall_time: float | None = None
+    invalid: int = 0
 
 
 class CaptionStats(CaptionSubscriber):
@@ -42,7 +45,9 @@ class CaptionStats(CaptionSubscriber):
     def add(self, event: CaptionEvent) -> None:
         """Count ``event`` and keep it as the last caption."""
         with self._lock:
-            self._counts = CaptionCounts(self._counts.completed + 1, event.text, event.latency_ms, event.wall_time)
+            c = self._counts
+            self._counts = CaptionCounts(c.completed + 1, event.text, event.latency_ms, event.wall_time,
+                                         c.invalid + (event.fields_error is not None))
 
     def snapshot(self) -> CaptionCounts:
         """The counts as they are now (immutable)."""

@@ -197,7 +197,8 @@ class JsonLinesTrack(CaptionTrack):
     flushed when it happens (see :func:`_json_line` for the text: kept as it is).
 
     Captions: ``{"event": "caption", "stream_time_s", "wall_time"`` (ISO 8601 UTC with ms),
-    ``"wall_time_unix", "frame_index", "source", "model", "latency_ms", "stream", "text"}``.
+    ``"wall_time_unix", "frame_index", "source", "model", "latency_ms", "stream", "text"}``, plus
+    ``"fields"`` (the structured answer) or ``"fields_error"`` when ``ollama-format`` asked for one.
     Gaps: ``{"event": "gap", "stream_time_s", "wall_time", "wall_time_unix", "reason"}``, then
     ``{"event": "resume", …, "reason", "gap_s", "outage_s"}`` (``gap_s``: the gap in stream time,
     0 where the video skips the outage; ``outage_s``: in wall-clock time); ``close(end_time_s)``
@@ -214,9 +215,11 @@ class JsonLinesTrack(CaptionTrack):
 
     def _caption(self, event: CaptionEvent) -> None:
         latency = None if event.latency_ms is None else round(event.latency_ms, 1)
+        structured = {k: v for k, v in (("fields", event.fields), ("fields_error", event.fields_error))
+                      if v is not None}
         self._record("caption", event.stream_time_s, event.wall_time, frame_index=event.frame_index,
                      source=event.source, model=event.model, latency_ms=latency, stream=event.stream,
-                     text=event.text)
+                     text=event.text, **structured)
         self.cues_written += 1
 
     def _gap_started(self, at_ms, stream_time_s, reason, wall_time) -> None:

@@ -298,6 +298,20 @@ def refuse_url_credentials(config: dict[str, str]) -> None:
                              f"-c {prefix}-api-key-env=VARIABLE")
 
 
+def resolve_formats(config: dict[str, str]) -> None:
+    """``*-format`` settings (``ollama-format``): ``@PATH`` replaced, in place, by the JSON
+    Schema read from that file; a schema given inline or in a file is checked once here, so a
+    bad one stops the run before it starts (see :mod:`..captions.structured`). Raises UsageError."""
+    from ..captions.structured import FormatError, read_format_value
+
+    for key, value in config.items():
+        if key.endswith("-format"):
+            try:
+                config[key] = read_format_value(value, key)
+            except FormatError as exc:
+                raise UsageError(str(exc)) from None
+
+
 def ollama_host_url(value: str | None) -> str | None:
     """Ollama's ``OLLAMA_HOST`` (``host``, ``host:port`` or a URL) as a base URL."""
     if not value:
@@ -407,6 +421,7 @@ def build_settings(args: argparse.Namespace) -> RunSettings:
             values[key.name] = given
     check_numbers(values)
     refuse_url_credentials(config)
+    resolve_formats(config)
     if "ollama-url" not in config:
         configured = ollama_host_url(os.environ.get("OLLAMA_HOST"))
         config["ollama-url"] = configured or DEFAULT_OLLAMA_URL
@@ -435,6 +450,7 @@ def build_settings(args: argparse.Namespace) -> RunSettings:
     streams = stream_specs(values)
     for spec in streams:
         refuse_url_credentials(spec.config)
+        resolve_formats(spec.config)
     output = values["output"]
     if output in ("file", "rtsp") and not all(s.destination for s in streams):
         raise UsageError("-o file needs -d PATH.mp4 for the video file to write" if output == "file"

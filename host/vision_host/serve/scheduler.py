@@ -103,6 +103,8 @@ class Job(GenerationRow):
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     #: The streamed reply's text pieces (None: the reply is not streamed).
     streamed_reply: TextQueue | None = None
+    #: The request's output format (:class:`.structured.Constraint`; None: free text).
+    constraint: Any = None
     keep_alive: Any = SERVER_DEFAULT     # seconds, None = forever
     deadline: float = float("inf")       # time.monotonic()
     max_new: int = 0
@@ -141,8 +143,14 @@ class Job(GenerationRow):
         res.text, res.eval_count, res.done_reason, res.ended_at = text, tokens, reason, at
         if res.first_token_at is None:
             res.first_token_at = at
-        if not self.cancel.is_set():
-            self.finish()
+        if self.cancel.is_set():
+            return
+        if self.constraint is not None and not self.constraint.complete(text):
+            # the token budget ran out inside the JSON: never answer it as if it were whole
+            self.finish(RequestError(500, f"the answer reached its limit of {tokens} tokens before its JSON was "
+                                          f"complete: raise num_predict (max_tokens on /v1) for this format"))
+            return
+        self.finish()
 
     def _call(self, fut: Any, value: Any = None, exc: BaseException | None = None) -> None:
         if fut is None or self._loop is None:
@@ -230,11 +238,12 @@ class Scheduler:
 
     # -- the request side --------------------------------------------------------------------
     def new_job(self, prepared: Prepared | None, settings: GenerationSettings | None = None,
-                streamed: bool = False, keep_alive: Any = SERVER_DEFAULT) -> Job:
+                streamed: bool = False, keep_alive: Any = SERVER_DEFAULT, constraint: Any = None) -> Job:
         """A generation for ``prepared`` inputs (None = load/unload only), to :meth:`submit`;
-        ``settings`` default to :class:`GenerationSettings`'s."""
+        ``settings`` default to :class:`GenerationSettings`'s; ``constraint``: the answer's
+        output format (:mod:`.structured`; per row, so it does not split batches)."""
         settings = settings or GenerationSettings()
-        job = Job(prepared, settings, keep_alive=keep_alive)
+        job = Job(prepared, settings, keep_alive=keep_alive, constraint=constraint)
         if self.request_timeout_s is not None:
             job.deadline = job.enqueued_at + self.request_timeout_s
         if prepared is None:

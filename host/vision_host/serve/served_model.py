@@ -12,6 +12,7 @@ from .models import normalize_model_name
 from .models.base import BadImage, ImageTooLarge, PromptTooLong, VisionLanguageModel
 from .models.settings import GenerationLimits, GenerationSettings
 from .scheduler import SERVER_DEFAULT, Job, Scheduler
+from .structured import refuse_unless_supported
 
 
 class ServedModel:
@@ -64,19 +65,22 @@ class ServedModel:
 
     async def queue_generation(self, image: bytes | None, prompt: str, settings: GenerationSettings, *,
                                raw: bool = False, streamed: bool = False, keep_alive: Any = SERVER_DEFAULT,
-                               field_name: str = "images") -> Job:
+                               field_name: str = "images", constraint: Any = None) -> Job:
         """Check the prompt, take a place in the queue, decode the image and tokenise
         (``decode_threads`` at once), queue the generation: its job (a ``streamed`` one's
-        reply comes as text pieces).
+        reply comes as text pieces; ``constraint``: its output format, see :mod:`.structured`).
 
         Raises:
             RequestError: 400 no image (named by ``field_name``), a prompt too long, a bad
-                image; 413 an image over ``max_image_pixels``.
+                image, an output format the model cannot follow (BLIP); 413 an image over
+                ``max_image_pixels``.
             Busy: the queue is full (503), before anything is decoded.
         """
         from starlette.concurrency import run_in_threadpool
 
         model = self.model
+        if constraint is not None:
+            refuse_unless_supported(model.family, model.follows_formats, model.name)
         if image is None:
             raise RequestError(400, f"model '{model.name}' answers about images: add one to \"{field_name}\"")
         if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
@@ -90,6 +94,7 @@ class ServedModel:
                     raise RequestError(413, str(exc)) from None
                 except (BadImage, PromptTooLong) as exc:
                     raise RequestError(400, str(exc)) from None
-            job = self.scheduler.new_job(inputs, settings, streamed=streamed, keep_alive=keep_alive)
+            job = self.scheduler.new_job(inputs, settings, streamed=streamed, keep_alive=keep_alive,
+                                         constraint=constraint)
             self.scheduler.submit(job, place)
         return job

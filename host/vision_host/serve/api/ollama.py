@@ -6,7 +6,7 @@ vision-host's own ``ollama`` processor use it.
 * ``POST /api/generate`` (``model``, ``prompt``, ``images`` as base64, ``stream`` default true,
   ``raw``, ``keep_alive``, ``options``: ``num_predict``, ``temperature``, ``top_p``,
   ``top_k``, ``seed``, ``num_beams``, ``min_length``, ``max_length``, ``length_penalty``,
-  ``repeat_penalty``): NDJSON lines ``{"model","created_at","response","done":false}`` then a
+  ``repeat_penalty``; ``format``: ``"json"`` or a JSON Schema object, see :mod:`..structured`): NDJSON lines ``{"model","created_at","response","done":false}`` then a
   final ``"done":true`` line with ``done_reason`` (``"stop"``, or ``"length"`` when
   ``num_predict`` cut it short) and Ollama's metrics (durations in ns); ``"stream": false`` →
   one JSON object. Without prompt and images: load the model (``done_reason: "load"``), or
@@ -34,6 +34,7 @@ from ..models.base import VisionLanguageModel
 from ..parsing import go_type, json_object, parse_keep_alive, typed_field
 from ..scheduler import SERVER_DEFAULT, GenerationResult, Job
 from ..served_model import ServedModel
+from ..structured import ollama_format
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +211,11 @@ def routes(served: ServedModel) -> APIRouter:
         raw = typed_field(body, "raw", (bool,), "bool", False)
         settings = served.settings_of(typed_field(body, "options", (dict,), "map[string]interface {}", {}))
         keep_alive = _keep_alive(body)
+        constraint = ollama_format(body.get("format"))
         if not prompt and not images:
             return await reply("response", name, load_job(keep_alive))
         job = await served.queue_generation(images[-1] if images else None, prompt, settings, raw=raw,
-                                            streamed=streamed, keep_alive=keep_alive)
+                                            streamed=streamed, keep_alive=keep_alive, constraint=constraint)
         return await reply("response", name, job)
 
     @router.post("/api/chat")
@@ -227,6 +229,7 @@ def routes(served: ServedModel) -> APIRouter:
         streamed = typed_field(body, "stream", (bool,), "bool", True)
         settings = served.settings_of(typed_field(body, "options", (dict,), "map[string]interface {}", {}))
         keep_alive = _keep_alive(body)
+        constraint = ollama_format(body.get("format"))
         prompt, images = "", []
         for m in messages:
             if not isinstance(m, dict):
@@ -238,7 +241,7 @@ def routes(served: ServedModel) -> APIRouter:
         if not messages:
             return await reply("message", name, load_job(keep_alive))
         job = await served.queue_generation(images[-1] if images else None, prompt, settings, streamed=streamed,
-                                            keep_alive=keep_alive)
+                                            keep_alive=keep_alive, constraint=constraint)
         return await reply("message", name, job)
 
     return router

@@ -1,6 +1,7 @@
 """OpenAI's chat completions API (as Ollama's OpenAI compatibility serves it, which the official
 ``openai`` clients use): ``POST /v1/chat/completions`` (content parts with ``image_url`` data
 URLs; ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``;
+``response_format``: ``text``, ``json_object`` or ``json_schema``, see :mod:`.structured`;
 ``stream`` → SSE ``chat.completion.chunk`` events then ``data: [DONE]``, with a usage chunk for
 ``stream_options.include_usage``), ``GET /v1/models``, ``GET /v1/models/{id}``.
 
@@ -23,6 +24,7 @@ from ..models import normalize_model_name
 from ..parsing import json_object, typed_field
 from ..scheduler import GenerationResult
 from ..served_model import ServedModel
+from ..structured import openai_response_format
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +127,13 @@ def routes(served: ServedModel) -> APIRouter:
         top_p = typed_field(body, "top_p", (int, float), "float64", None)
         settings = served.settings_of({"num_predict": max_tokens, "temperature": temperature, "seed": seed,
                                        "top_p": top_p})
+        constraint = openai_response_format(body.get("response_format"))
         prompt, images = _prompt_and_images(messages)
         if not name:
             raise RequestError(400, "model is required")
         served.check_model(name)
-        job = await served.queue_generation(images[-1] if images else None, prompt, settings, streamed=streamed)
+        job = await served.queue_generation(images[-1] if images else None, prompt, settings, streamed=streamed,
+                                            constraint=constraint)
         head = {"id": f"chatcmpl-{int(time.time() * 1000) % 1000}", "object": "chat.completion",
                 "created": int(time.time()), "model": name, "system_fingerprint": "fp_ollama"}
 

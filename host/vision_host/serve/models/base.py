@@ -81,6 +81,9 @@ class VisionLanguageModel:
     default_num_beams = 1
     #: Whether ``generate`` takes the padding id from us (BLIP's sets its own).
     pass_pad_id = True
+    #: Whether a request's output format (JSON, a JSON Schema) can constrain its answer: a
+    #: language-model decoder (see :mod:`..structured`).
+    follows_formats = True
 
     def __init__(self, name: str, source: str, local: bool, config: Any = None) -> None:
         self.name, self.source, self.local = name, source, local
@@ -94,6 +97,7 @@ class VisionLanguageModel:
         self.n_params = 0
         self.eos_ids: set[int] = set()
         self.pad_id = 0
+        self._format_data = None   # lm-format-enforcer's tables for the tokenizer, built on first use
 
     @property
     def loaded(self) -> bool:
@@ -307,6 +311,10 @@ class VisionLanguageModel:
                     return torch.full((n,), all(flags), dtype=torch.bool, device=input_ids.device)
                 return torch.tensor(flags, dtype=torch.bool, device=input_ids.device).repeat_interleave(n // len(rows))
         kwargs["stopping_criteria"] = StoppingCriteriaList([Stop()])
+        constraints = self.row_constraints(rows)
+        if constraints is not None:
+            from transformers import LogitsProcessorList
+            kwargs["logits_processor"] = LogitsProcessorList([constraints])
         streamer = None
         if any(r.streamed_reply is not None for r in rows):
             streamer = kwargs["streamer"] = RowStreamer(self, rows)
@@ -327,6 +335,19 @@ class VisionLanguageModel:
             text = self.processor.decode(ids, skip_special_tokens=True).strip()
             reason = "length" if len(ids) >= max_new and not ended_on_eos else "stop"
             r.finished(text, len(ids), reason, ended)
+
+    def row_constraints(self, rows: Sequence[GenerationRow]) -> Any:
+        """The logits processor that holds each row with an output format to it (None: no row
+        has one); see :mod:`..structured`."""
+        if not any(getattr(r, "constraint", None) is not None for r in rows):
+            return None
+        from .. import structured
+
+        if self._format_data is None:
+            self._format_data = structured.tokenizer_data(self.processor.tokenizer, sorted(self.eos_ids))
+        enforcers = [None if getattr(r, "constraint", None) is None
+                     else structured.enforcer(self._format_data, r.constraint) for r in rows]
+        return structured.RowConstraints(enforcers, self.eos_ids | {self.pad_id})
 
     def cut(self, ids: list[int]) -> list[int]:
         """A row's new token ids up to and including its first end-of-sequence token."""

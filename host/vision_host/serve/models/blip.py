@@ -18,6 +18,7 @@ class Blip(VisionLanguageModel):
     pads_prompts = False
     default_num_beams = 3
     pass_pad_id = False
+    follows_formats = False   # a captioner: no language-model decoder to hold to a JSON format
 
     def _special_ids(self) -> None:
         super()._special_ids()

@@ -42,11 +42,13 @@ class TextQueue:
 class GenerationRow(Protocol):
     """What :meth:`.base.VisionLanguageModel.generate` needs of one request (the scheduler's
     ``Job``): its inputs, its :class:`TextQueue` when its reply is streamed, whether to stop now
-    (cancelled or past its deadline), and where to put the start (``time.perf_counter()`` s) and
+    (cancelled or past its deadline), its output format (``constraint``), and where to put the start (``time.perf_counter()`` s) and
     the answer (text, new tokens counted with the end token, ``"stop"``/``"length"``, end time)."""
 
     prepared: Prepared
     streamed_reply: TextQueue | None
+    #: The request's output format (a :class:`..structured.Constraint`), or None.
+    constraint: object | None
 
     def should_stop(self) -> bool: ...
 
