@@ -8,7 +8,10 @@
 //! flight and the cooldown is over, the change check: two `cv.resize` (bilinear to 128×72,
 //! area to a 32×18 thumbnail), `mat.mattype`, `cv.cvt-color` to grey, the thumbnail's 576
 //! pixels read with `mat.get-uchar-at` (accessors served inside the sandbox) and the three
-//! mats dropped.
+//! mats dropped. With ollama-region set, also `mat.cols` and `mat.rows` (served inside the
+//! sandbox) and, when the change check or a request needs it, one `mat.region` (a view of
+//! the frame's pixels, no copy), dropped before `process` returns; with
+//! ollama-show-region=true, two `cv.rectangle`.
 //! (Plus, only on events: `fetch.cancel` for a timed-out/abandoned request,
 //! `processor-store.set` for a finished caption, for the settings in force after the config
 //! was read, for a request counter when a request starts and for frames-unchanged at most
@@ -16,7 +19,8 @@
 //!
 //! Triggers (`ollama-trigger`): `interval` starts a request every ollama-interval-ms.
 //! `change` starts one when the scene has changed by more than ollama-change-threshold since
-//! the frame sent with the last request: both frames are shrunk to a 32×18 grey thumbnail
+//! the frame sent with the last request: both frames (their ollama-region only, when set)
+//! are shrunk to a 32×18 grey thumbnail
 //! and the score is the mean absolute difference of their pixels / 255 (0 = identical,
 //! 1 = black turned white). Never sooner than ollama-min-interval-ms after the last request
 //! start (the cooldown), and at the latest every ollama-interval-ms (the heartbeat; 0 =
@@ -72,9 +76,10 @@
 //! The settings in force (defaults filled in, invalid values replaced by the defaults) are
 //! stored in the processor store under processor "ollama" each time the config is read, one
 //! key per setting, named as the config key without "ollama-": url, api, server-name, model,
-//! prompt, interval-ms, paused, overlay, trigger, change-threshold, min-interval-ms, format
-//! (e.g. ollama/model = "llava"; the viewer shows them; ollama/format is "", "json" or the
-//! schema's text: the host reads it to know whether to parse captions as JSON).
+//! prompt, interval-ms, paused, overlay, trigger, change-threshold, min-interval-ms, format,
+//! region, show-region (e.g. ollama/model = "llava"; the viewer shows them; ollama/format is
+//! "", "json" or the schema's text: the host reads it to know whether to parse captions as
+//! JSON; ollama/region is the value as given, or "" for the whole frame).
 //!
 //! Config (read on the first frame, and again on the next frame whenever the stream's config
 //! changes while running, e.g. from the viewer: vision-host:platform/config-watch; an invalid
@@ -115,6 +120,17 @@
 //!                                   object or array as compact JSON; {{ and }} for braces);
 //!                                   otherwise the reply's text. While a reply streams, the
 //!                                   last caption stays (no partial JSON is drawn)
+//!   ollama-region            (empty) x,y,w,h: only this rectangle of the frame is sent (and,
+//!                                   with trigger=change, watched), e.g. a door or a till.
+//!                                   Whole px (100,50,300,200) or fractions of the frame's
+//!                                   width/height, 0-1, when any of the four has a decimal
+//!                                   point (0.5,0,0.5,1: the right half). Clamped to each
+//!                                   frame; a value that does not parse, or a rectangle
+//!                                   empty once clamped, is reported once and the whole frame
+//!                                   used. Empty: the whole frame
+//!   ollama-show-region       false  true: outline the region on every frame (2 px: its
+//!                                   border pixels yellow, a black line just outside), also
+//!                                   with ollama-overlay=false; the outline is not sent
 //!   ollama-server-name       after ollama-api: Ollama (generate, chat), the OpenAI-compatible
 //!                                   server (openai), Workers AI (workers-ai). Free text: how
 //!                                   messages name the server ("cannot reach NAME at URL");
@@ -440,6 +456,19 @@ const Config = struct {
     format_text: []const u8 = "",
     /// `ollama-overlay-template` (null: unset; the overlay shows the caption).
     overlay_template: ?[]const u8 = null,
+    /// `ollama-region` (null: the whole frame, also when the value was invalid).
+    region: ?Region = null,
+    /// The setting in force as stored (ollama/region): the value as given, or "".
+    region_text: []const u8 = "",
+    /// `ollama-show-region`: outline the region on every frame.
+    show_region: bool = false,
+};
+
+/// `ollama-region`: the part of the frame sent and watched, x,y,w,h in px or as fractions
+/// of the frame's width and height (worked out against each frame's size: `regionRect`).
+const Region = union(enum) {
+    px: [4]i64,
+    fraction: [4]f32,
 };
 
 /// `ollama-format`: plain text (empty), any JSON object ("json"), or a JSON Schema.
@@ -490,8 +519,12 @@ fn validUrl(text: []const u8) bool {
 
 fn configure() void {
     configured = true;
+    const old_region = cfg.region;
     _ = config_arena.reset(.retain_capacity);
     readConfig(config_arena.allocator()) catch @panic("out of memory reading the config");
+    region_empty_logged = false;
+    // A thumbnail of another part of the frame is no reference for the change check.
+    if (!std.meta.eql(old_region, cfg.region)) has_ref = false;
     storeSettings();
     renderTemplate(); // the template may have changed
     if (cfg.paused) {
@@ -525,10 +558,12 @@ fn readConfig(arena: std.mem.Allocator) error{ OutOfMemory, WriteFailed }!void {
         .max_lines = @intCast(s.int("ollama-max-lines", d.max_lines, 1, 50, "an integer 1-50")),
         .paused = s.boolean("ollama-paused", d.paused),
         .overlay = s.boolean("ollama-overlay", d.overlay),
+        .show_region = s.boolean("ollama-show-region", d.show_region),
     };
     cfg.server_name = if (server_name) |name| vh.utf8Prefix(name, max_server_name) else cfg.protocol.server_name;
     cfg.server_named = server_name != null;
     try readFormat(arena);
+    try readRegion(arena);
     cfg.overlay_template = try s.optionalText(arena, "ollama-overlay-template");
     var out: std.Io.Writer.Allocating = .init(arena);
     try cfg.protocol.url(&out.writer, &cfg);
@@ -562,6 +597,84 @@ fn readFormat(arena: std.mem.Allocator) error{OutOfMemory}!void {
     }
 }
 
+/// `ollama-region` into cfg.region / cfg.region_text: empty (the whole frame), or x,y,w,h as
+/// whole numbers of px (x, y may be negative; w, h not) or as fractions of the frame's width
+/// and height (a decimal point in any of the four, e.g. 0.5,0,0.5,1; each then 0-1).
+/// Anything else is reported and the whole frame used.
+fn readRegion(arena: std.mem.Allocator) error{OutOfMemory}!void {
+    const s = vh.settings;
+    const value = vh.config.get("ollama-region") orelse return;
+    defer vh.free(value);
+    const v = s.trim(value);
+    if (v.len == 0) return;
+    cfg.region = parseRegion(v) orelse
+        return s.reportInvalid("ollama-region", value, "x,y,w,h in whole px or as fractions 0-1 of the frame, e.g. 0.5,0,0.5,1", "\"\" (the whole frame)");
+    cfg.region_text = try arena.dupe(u8, v);
+}
+
+fn parseRegion(text: []const u8) ?Region {
+    var parts: [4][]const u8 = undefined;
+    var it = std.mem.splitScalar(u8, text, ',');
+    var n: usize = 0;
+    while (it.next()) |part| : (n += 1) {
+        if (n == 4) return null;
+        parts[n] = vh.settings.trim(part);
+    }
+    if (n != 4) return null;
+    // A decimal point anywhere: fractions ("0.5,0,0.5,1"), all four 0-1.
+    const fraction = std.mem.indexOfScalar(u8, text, '.') != null;
+    if (fraction) {
+        var f: [4]f32 = undefined;
+        for (parts, &f) |part, *out| {
+            out.* = vh.parseDecimal(part) orelse return null;
+            if (out.* < 0 or out.* > 1) return null;
+        }
+        return .{ .fraction = f };
+    }
+    var px: [4]i64 = undefined;
+    for (parts, &px, 0..) |part, *out, i| {
+        out.* = std.fmt.parseInt(i32, part, 10) catch return null;
+        if (i >= 2 and out.* < 0) return null; // a negative width or height
+    }
+    return .{ .px = px };
+}
+
+/// The region on a frame of `cols` × `rows` px, clamped to it (max exclusive), or null when
+/// the rectangle is empty after clamping.
+fn regionRect(region: Region, cols: u32, rows: u32) ?vh.Rect {
+    const w: i64 = cols;
+    const h: i64 = rows;
+    var x0: i64 = undefined;
+    var y0: i64 = undefined;
+    var x1: i64 = undefined;
+    var y1: i64 = undefined;
+    switch (region) {
+        .px => |r| {
+            x0 = r[0];
+            y0 = r[1];
+            x1 = r[0] + r[2];
+            y1 = r[1] + r[3];
+        },
+        .fraction => |r| {
+            const fw: f32 = @floatFromInt(cols);
+            const fh: f32 = @floatFromInt(rows);
+            x0 = @intFromFloat(@round(r[0] * fw));
+            y0 = @intFromFloat(@round(r[1] * fh));
+            x1 = @intFromFloat(@round(@min(r[0] + r[2], 1) * fw));
+            y1 = @intFromFloat(@round(@min(r[1] + r[3], 1) * fh));
+        },
+    }
+    x0 = std.math.clamp(x0, 0, w);
+    x1 = std.math.clamp(x1, 0, w);
+    y0 = std.math.clamp(y0, 0, h);
+    y1 = std.math.clamp(y1, 0, h);
+    if (x1 <= x0 or y1 <= y0) return null;
+    return .{
+        .min = .{ .x = @intCast(x0), .y = @intCast(y0) },
+        .max = .{ .x = @intCast(x1), .y = @intCast(y1) },
+    };
+}
+
 /// Whether `text` is one valid JSON object.
 fn isJsonObject(text: []const u8) bool {
     var doc = json.select(vh.allocator, text, &.{""}) catch return false;
@@ -589,6 +702,8 @@ fn storeSettings() void {
         .{ "change-threshold", formatFraction(&threshold, cfg.change_threshold) },
         .{ "min-interval-ms", std.fmt.bufPrint(&min_interval, "{d}", .{cfg.min_interval_ms}) catch unreachable },
         .{ "format", cfg.format_text },
+        .{ "region", cfg.region_text },
+        .{ "show-region", if (cfg.show_region) "true" else "false" },
     };
     for (settings) |kv| {
         processorStore().set("ollama", kv[0], kv[1]) catch |err| return storeFailed(err);
@@ -705,6 +820,75 @@ var problem: TextBuf(512) = .{};
 var store: ?vh.datastore.Store = null;
 var store_failed_logged = false;
 var overlay_failed_logged = false;
+var region_draw_failed_logged = false;
+/// A region empty on the frame was reported (once per config read).
+var region_empty_logged = false;
+
+// ==========================================================================================
+// The region (ollama-region): what is sent and watched
+// ==========================================================================================
+
+/// The frame being processed and, once needed, its region: a view (`mat.region`, sharing
+/// the frame's pixels) made at most once a frame and dropped when `process` returns.
+const FrameView = struct {
+    frame: u32,
+    rect_known: bool = false,
+    /// The region in px on this frame (null: the whole frame).
+    rect: ?vh.Rect = null,
+    crop: ?vh.Mat = null,
+
+    /// The region in px on this frame, or null for the whole frame (no region, or one empty
+    /// on this frame: reported once).
+    fn region(self: *FrameView) ?vh.Rect {
+        if (self.rect_known) return self.rect;
+        self.rect_known = true;
+        const r = cfg.region orelse return null;
+        const f = vh.Mat.borrow(self.frame);
+        const cols = f.cols();
+        const rows = f.rows();
+        self.rect = regionRect(r, cols, rows);
+        if (self.rect == null and !region_empty_logged) {
+            region_empty_logged = true;
+            vh.log.errf("config ollama-region=\"{s}\" is empty on a {d}x{d} frame once clamped to it; using the whole frame", .{ cfg.region_text, cols, rows });
+        }
+        return self.rect;
+    }
+
+    /// What is sent and watched: the region's view, or the frame.
+    fn image(self: *FrameView) vh.Mat {
+        if (self.crop) |c| return c;
+        const rect = self.region() orelse return vh.Mat.borrow(self.frame);
+        self.crop = vh.Mat.borrow(self.frame).region(rect);
+        return self.crop.?;
+    }
+
+    fn deinit(self: *FrameView) void {
+        if (self.crop) |c| c.drop();
+        self.crop = null;
+    }
+};
+
+/// ollama-show-region: a 2 px outline around the region, its inner line (the region's
+/// border pixels) bright yellow and its outer line (just outside) black, so that it reads
+/// on light and dark footage alike.
+fn drawRegion(view: *FrameView) void {
+    if (!cfg.show_region) return;
+    const r = view.region() orelse return;
+    const f = vh.Mat.borrow(view.frame);
+    const inner: vh.Rect = .{ .min = r.min, .max = .{ .x = r.max.x - 1, .y = r.max.y - 1 } };
+    const outer: vh.Rect = .{ .min = .{ .x = r.min.x - 1, .y = r.min.y - 1 }, .max = r.max };
+    vh.cv.rectangle(f, outer, region_outer_color, 1) catch return regionDrawFailed();
+    vh.cv.rectangle(f, inner, region_inner_color, 1) catch return regionDrawFailed();
+}
+
+const region_inner_color: vh.Rgba = .{ .r = 255, .g = 230, .b = 0, .a = 255 };
+const region_outer_color: vh.Rgba = .{ .r = 0, .g = 0, .b = 0, .a = 255 };
+
+fn regionDrawFailed() void {
+    if (region_draw_failed_logged) return;
+    region_draw_failed_logged = true;
+    vh.log.warnf("ollama: drawing the region failed: {s}", .{vh.cv.lastError()});
+}
 
 // ==========================================================================================
 // Triggers: the change check and the request counters
@@ -728,12 +912,12 @@ var frames_unchanged: u64 = 0;
 var frames_unchanged_stored: u64 = 0;
 var unchanged_stored_us: u64 = 0;
 
-/// Fills `cur_thumb` with `frame` shrunk to thumb_w × thumb_h grey pixels; false (logged
+/// Fills `cur_thumb` with `image` (the frame, or its region) shrunk to thumb_w × thumb_h grey pixels; false (logged
 /// once) if the host could not make it.
-fn thumbnail(frame: u32) bool {
+fn thumbnail(image: vh.Mat) bool {
     // Two steps: bilinear to 4× the thumbnail, then area averaging (4 × 4 px a pixel). The
     // same scores on the clips in media/ as one area resize of the whole frame, ~6× cheaper.
-    const mid = vh.cv.resize(vh.Mat.borrow(frame), .{ .x = 4 * thumb_w, .y = 4 * thumb_h }, 0, 0, .linear) catch
+    const mid = vh.cv.resize(image, .{ .x = 4 * thumb_w, .y = 4 * thumb_h }, 0, 0, .linear) catch
         return thumbFailed("resize");
     defer mid.drop();
     const small = vh.cv.resize(mid, .{ .x = thumb_w, .y = thumb_h }, 0, 0, .area) catch
@@ -826,7 +1010,7 @@ fn setOk() void {
 // ==========================================================================================
 
 /// What starts a request now, or null: none may start, or it is not time.
-fn timeToStart(frame: u32, now: u64) ?Reason {
+fn timeToStart(view: *FrameView, now: u64) ?Reason {
     if (stopped or cfg.paused or request_id != null) return null;
     if (now < retry_at_us) return null;
     switch (cfg.trigger) {
@@ -836,7 +1020,7 @@ fn timeToStart(frame: u32, now: u64) ?Reason {
         },
         .change => {
             if (last_start_us) |last| if (now -| last < cfg.min_interval_ms * std.time.us_per_ms) return null;
-            thumb_valid = thumbnail(frame);
+            thumb_valid = thumbnail(view.image());
             if (thumb_valid and (!has_ref or changeScore() > cfg.change_threshold)) return .change;
             const last = last_start_us orelse return .change; // the first frame (no thumbnail)
             if (cfg.interval_ms > 0 and now -| last >= cfg.interval_ms * std.time.us_per_ms) return .heartbeat;
@@ -847,18 +1031,20 @@ fn timeToStart(frame: u32, now: u64) ?Reason {
     }
 }
 
-fn startRequest(frame: u32, now: u64, reason: Reason) void {
+fn startRequest(view: *FrameView, now: u64, reason: Reason) void {
     last_start_us = now;
     // The frame sent is the new reference for the change check.
     if (cfg.trigger == .change and thumb_valid) {
         ref_thumb = cur_thumb;
         has_ref = true;
     }
+    // The host copies the image (scaled down) before post-frame returns: the region's view
+    // may be dropped as soon as the frame is processed.
     const id = vh.fetch.postFrame(
         request_url,
         "application/json",
         template,
-        vh.Mat.borrow(frame),
+        view.image(),
         @intCast(cfg.image_max_side),
         @intCast(cfg.jpeg_quality),
     ) catch |err| {
@@ -1206,8 +1392,11 @@ export fn process(frame: u32) u32 {
         configure();
     }
     const now = vh.time.nowUs();
+    var view: FrameView = .{ .frame = frame };
+    defer view.deinit();
     if (request_id) |id| pollRequest(id, now);
-    if (timeToStart(frame, now)) |reason| startRequest(frame, now, reason);
+    if (timeToStart(&view, now)) |reason| startRequest(&view, now, reason);
+    drawRegion(&view); // after the request: the outline is not sent
     drawOverlay(frame);
     return frame;
 }
