@@ -34,7 +34,7 @@
 //! the change check found unchanged: each a request not made; written at most once a
 //! second and whenever a request starts).
 //!
-//! Wire protocols (`ollama-api`; each is one entry of `protocols` below). The host fills in
+//! Wire protocols (`ollama-api`; each is one entry of `protocols` in protocols.zig). The host fills in
 //! the image: the body is sent as a template whose first `%IMAGE%` becomes the base64 JPEG
 //! (`%IMAGE_BYTES%`: its bytes as a JSON array of numbers). The image comes first in every
 //! body, so that a prompt (or model name) containing the text %IMAGE% cannot be mistaken
@@ -153,336 +153,33 @@
 //! texts, the request URL and body live in an arena reset whenever the config is read
 //! again. Reading a reply allocates nothing, except a transient copy of a line that needs
 //! repair (invalid UTF-8; see json.zig). Every buffer the host returns is freed.
+//!
+//! This file holds the state, the request cycle and `process`; the rest is beside it:
+//! protocols.zig (the wire protocols), config.zig (reading the config), change.zig (the
+//! change check, the counters), region.zig (ollama-region), overlay.zig (drawing, the
+//! overlay template), store.zig (the processor store), text.zig (bounded text buffers).
 const std = @import("std");
 const vh = @import("vh");
 const json = vh.json;
 
 pub const panic = vh.panic;
+const protocols = @import("protocols.zig");
+const config = @import("config.zig");
+const Config = config.Config;
+const region = @import("region.zig");
+const FrameView = region.FrameView;
+const change = @import("change.zig");
+const Reason = change.Reason;
+const overlay = @import("overlay.zig");
+const store = @import("store.zig");
+const text_mod = @import("text.zig");
+const TextBuf = text_mod.TextBuf;
+const Caption = text_mod.Caption;
+const trimmed = text_mod.trimmed;
 
 // ==========================================================================================
-// Wire protocols
+// State
 // ==========================================================================================
-
-/// A wire protocol (`ollama-api`): all that differs between them. Adding a protocol is
-/// adding an entry to `protocols` (the first is the default).
-const Protocol = struct {
-    /// Its `ollama-api` value.
-    name: []const u8,
-    /// How messages name the server when `ollama-server-name` is not set.
-    server_name: []const u8,
-    /// HTTP 404 suggests `ollama pull MODEL` (unless `ollama-server-name` is set: the
-    /// server may not be Ollama then).
-    pull_hint: bool,
-    /// Writes the request URL: the base URL `ollama-url` and a path.
-    url: *const fn (w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void,
-    /// Writes the request body (see the file comment for the image placeholder).
-    body: *const fn (w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void,
-    /// How a 200 reply is read.
-    reply: union(enum) {
-        /// As it streams, line by line (NDJSON, server-sent events).
-        lines: *const fn (line: []const u8) void,
-        /// Whole, once complete (at most `reply_body`'s capacity).
-        whole: *const fn (body: []const u8) void,
-    },
-};
-
-const protocols = [_]Protocol{
-    .{
-        .name = "generate",
-        .server_name = "Ollama",
-        .pull_hint = true,
-        .url = generate.url,
-        .body = generate.body,
-        .reply = .{ .lines = generate.line },
-    },
-    .{
-        .name = "chat",
-        .server_name = "Ollama",
-        .pull_hint = true,
-        .url = chat.url,
-        .body = chat.body,
-        .reply = .{ .lines = chat.line },
-    },
-    .{
-        .name = "openai",
-        .server_name = "the OpenAI-compatible server",
-        .pull_hint = false,
-        .url = openai.url,
-        .body = openai.body,
-        .reply = .{ .lines = openai.line },
-    },
-    .{
-        .name = "workers-ai",
-        .server_name = "Workers AI",
-        .pull_hint = false,
-        .url = workers_ai.url,
-        .body = workers_ai.body,
-        .reply = .{ .whole = workers_ai.reply },
-    },
-};
-
-const protocol_names = names: {
-    var names: [protocols.len][]const u8 = undefined;
-    for (protocols, &names) |p, *n| n.* = p.name;
-    const final = names;
-    break :names &final;
-};
-
-/// Ollama's POST /api/generate: NDJSON lines {"response":piece,…,"done":bool}.
-const generate = struct {
-    fn url(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
-        try w.print("{s}/api/generate", .{c.url});
-    }
-    fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
-        try writeJson(w, .{
-            .images = .{"%IMAGE%"},
-            .model = c.model,
-            .prompt = c.prompt,
-            .stream = true,
-            .options = .{ .num_predict = c.max_tokens },
-            .format = ollamaFormat(c),
-        });
-    }
-    fn line(text: []const u8) void {
-        var doc = json.select(vh.allocator, text, &.{ "/response", "/done", "/error" }) catch return malformed();
-        defer doc.deinit();
-        const piece = doc.get("/response");
-        if (piece) |p| if (p.kind != .string) return malformed();
-        ollamaLine(piece, doc.get("/done"), doc.get("/error"));
-    }
-};
-
-/// Ollama's POST /api/chat: NDJSON lines {"message":{"content":piece,…},…,"done":bool}.
-const chat = struct {
-    fn url(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
-        try w.print("{s}/api/chat", .{c.url});
-    }
-    fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
-        try writeJson(w, .{
-            .messages = .{.{ .role = "user", .images = .{"%IMAGE%"}, .content = c.prompt }},
-            .model = c.model,
-            .stream = true,
-            .options = .{ .num_predict = c.max_tokens },
-            .format = ollamaFormat(c),
-        });
-    }
-    fn line(text: []const u8) void {
-        var doc = json.select(vh.allocator, text, &.{ "/message", "/message/content", "/done", "/error" }) catch return malformed();
-        defer doc.deinit();
-        var piece: ?json.Value = null;
-        if (doc.get("/message")) |message| {
-            if (message.kind != .object) return malformed();
-            piece = doc.get("/message/content") orelse return malformed();
-            if (piece.?.kind != .string) return malformed();
-        }
-        ollamaLine(piece, doc.get("/done"), doc.get("/error"));
-    }
-};
-
-/// One line of an Ollama stream: its caption piece (a string, when there is one), "done"
-/// and "error".
-fn ollamaLine(piece: ?json.Value, done: ?json.Value, err: ?json.Value) void {
-    if (done) |d| if (d.boolean() == null) return malformed();
-    if (err) |e| {
-        var text: TextBuf(300) = .{};
-        text.appendJson(e); // (nothing unless a string)
-        return fail("error from {s}: {s}", .{ cfg.server_name, text.slice() });
-    }
-    if (piece == null and done == null) return malformed();
-    if (piece) |p| partial.appendJson(p);
-    if (done) |d| if (d.boolean().?) completeCaption();
-}
-
-/// OpenAI chat completions (vLLM, llama.cpp's server, LM Studio, Ollama's /v1): POST
-/// …/chat/completions, server-sent events whose `choices[0].delta.content` are the pieces.
-const openai = struct {
-    fn url(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
-        // An OpenAI base URL usually ends in /v1 already ("http://host:8000/v1").
-        const v1 = std.mem.endsWith(u8, c.url, "/v1");
-        try w.print("{s}{s}/chat/completions", .{ c.url, if (v1) "" else "/v1" });
-    }
-    fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
-        try writeJson(w, .{
-            .messages = .{.{ .role = "user", .content = .{
-                .{ .type = "image_url", .image_url = .{ .url = "data:image/jpeg;base64,%IMAGE%" } },
-                .{ .type = "text", .text = c.prompt },
-            } }},
-            .model = c.model,
-            .stream = true,
-            .max_tokens = c.max_tokens,
-            .response_format = if (c.format == .plain) null else ResponseFormat{ .c = c },
-        });
-    }
-    /// One line of the event stream (https://html.spec.whatwg.org/multipage/
-    /// server-sent-events.html): `data: {chunk}` lines carry the pieces, `data: [DONE]`
-    /// ends the stream; blank lines, comments and other fields are skipped.
-    fn line(raw: []const u8) void {
-        const text = std.mem.trimEnd(u8, raw, "\r");
-        if (!std.mem.startsWith(u8, text, "data:")) return;
-        const data = std.mem.trim(u8, text["data:".len..], " ");
-        if (std.mem.eql(u8, data, "[DONE]")) return completeCaption();
-        var doc = json.select(vh.allocator, data, &.{
-            "/error",                    "/choices",                 "/choices/0",
-            "/choices/0/delta",          "/choices/0/delta/content", "/choices/0/finish_reason",
-        }) catch return malformed();
-        defer doc.deinit();
-        const choices = doc.get("/choices");
-        if (choices) |c| if (c.kind != .array) return malformed();
-        if (doc.get("/error") != null) {
-            var text_buf: TextBuf(300) = .{};
-            errorText(data, &text_buf);
-            return fail("server error: {s}", .{if (text_buf.len > 0) text_buf.slice() else "unknown"});
-        }
-        if (choices == null) return malformed();
-        const first = doc.get("/choices/0") orelse return; // e.g. a usage-only chunk
-        if (first.kind != .object) return malformed();
-        if (doc.get("/choices/0/delta")) |delta| {
-            if (delta.kind != .object) return malformed();
-            if (doc.get("/choices/0/delta/content")) |content| switch (content.kind) {
-                .string => partial.appendJson(content),
-                .null => {},
-                else => return malformed(),
-            };
-        }
-        // "stop"/"length": the reply is complete even if the server never sends [DONE]. A
-        // stream that just ends without one (Ollama's /v1 after a runner error) is a
-        // malformed reply.
-        if (doc.get("/choices/0/finish_reason")) |reason| if (reason.kind == .string) completeCaption();
-    }
-};
-
-/// Cloudflare Workers AI (`@cf/llava-hf/llava-1.5-7b-hf`): POST {url}/{model}, one JSON
-/// reply (the model does not stream).
-const workers_ai = struct {
-    fn url(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
-        // {url} is the account's …/ai/run endpoint, the model its path ("@cf/llava-hf/…").
-        try w.print("{s}/{s}", .{ c.url, c.model });
-    }
-    fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
-        try writeJson(w, .{
-            .image = Raw{ .text = "%IMAGE_BYTES%" },
-            .prompt = c.prompt,
-            .max_tokens = c.max_tokens,
-        });
-    }
-    /// {"result":{"description":…},"success":true,…}, or
-    /// {"success":false,"errors":[{"code":…,"message":…}],…}.
-    fn reply(body_text: []const u8) void {
-        var doc = json.select(vh.allocator, body_text, &.{ "/success", "/result", "/result/description" }) catch return malformed();
-        defer doc.deinit();
-        const success = (doc.get("/success") orelse return malformed()).boolean() orelse return malformed();
-        if (!success) {
-            var text: TextBuf(300) = .{};
-            errorText(body_text, &text);
-            return fail("server error: {s}", .{if (text.len > 0) text.slice() else "unknown"});
-        }
-        const result = doc.get("/result") orelse return malformed();
-        if (result.kind != .object) return malformed();
-        const description = doc.get("/result/description") orelse return malformed();
-        if (description.kind != .string) return malformed();
-        partial.clear();
-        partial.appendJson(description);
-        completeCaption();
-    }
-};
-
-/// Writes `value` as JSON (std.json: strings escaped, no whitespace; a null optional
-/// field, e.g. `format` with ollama-format empty, is left out).
-fn writeJson(w: *std.Io.Writer, value: anytype) std.Io.Writer.Error!void {
-    try std.json.Stringify.value(value, .{ .emit_null_optional_fields = false }, w);
-}
-
-/// Ollama's `format` (generate, chat): "json", the schema object, or none (plain text).
-fn ollamaFormat(c: *const Config) ?Raw {
-    return switch (c.format) {
-        .plain => null,
-        .json => Raw{ .text = "\"json\"" },
-        .schema => Raw{ .text = c.format_text },
-    };
-}
-
-/// OpenAI's `response_format`: {"type":"json_object"}, or {"type":"json_schema",
-/// "json_schema":{"name":"caption","schema":SCHEMA}}.
-const ResponseFormat = struct {
-    c: *const Config,
-    pub fn jsonStringify(self: ResponseFormat, jw: *std.json.Stringify) std.Io.Writer.Error!void {
-        switch (self.c.format) {
-            .plain, .json => try jw.write(.{ .type = "json_object" }),
-            .schema => try jw.write(.{ .type = "json_schema", .json_schema = .{ .name = "caption", .schema = Raw{ .text = self.c.format_text } } }),
-        }
-    }
-};
-
-/// A value written as it is (the `%IMAGE_BYTES%` placeholder, which the host replaces by an
-/// array).
-const Raw = struct {
-    text: []const u8,
-    pub fn jsonStringify(self: Raw, jw: *std.json.Stringify) std.Io.Writer.Error!void {
-        try jw.print("{s}", .{self.text});
-    }
-};
-
-// ==========================================================================================
-// Configuration
-// ==========================================================================================
-
-const Config = struct {
-    /// Base URL without trailing '/', e.g. "http://localhost:11434".
-    url: []const u8 = "http://localhost:11434",
-    protocol: *const Protocol = &protocols[0],
-    model: []const u8 = "llava",
-    prompt: []const u8 = "Describe what is in this picture in highly complimentary terms using 6 words or less.",
-    interval_ms: u64 = 3000,
-    trigger: Trigger = .interval,
-    change_threshold: f32 = default_change_threshold,
-    min_interval_ms: u64 = 1000,
-    max_tokens: u64 = 40,
-    image_max_side: u64 = 672,
-    jpeg_quality: u64 = 80,
-    timeout_ms: u64 = 60000,
-    placement: vh.overlay.Placement = .bottom,
-    font_scale: f32 = 0.6,
-    max_lines: u64 = 3,
-    paused: bool = false,
-    /// false: nothing drawn (another processor draws captions/caption).
-    overlay: bool = true,
-    /// How messages name the server: `ollama-server-name`, else the protocol's name for it.
-    server_name: []const u8 = "Ollama",
-    /// Whether `ollama-server-name` was given.
-    server_named: bool = false,
-    /// `ollama-format`: what the reply is asked to be (never .json/.schema for workers-ai).
-    format: Format = .plain,
-    /// The setting in force as stored (ollama/format): "", "json" or the schema's text.
-    format_text: []const u8 = "",
-    /// `ollama-overlay-template` (null: unset; the overlay shows the caption).
-    overlay_template: ?[]const u8 = null,
-    /// `ollama-region` (null: the whole frame, also when the value was invalid).
-    region: ?Region = null,
-    /// The setting in force as stored (ollama/region): the value as given, or "".
-    region_text: []const u8 = "",
-    /// `ollama-show-region`: outline the region on every frame.
-    show_region: bool = false,
-};
-
-/// `ollama-region`: the part of the frame sent and watched, x,y,w,h in px or as fractions
-/// of the frame's width and height (worked out against each frame's size: `regionRect`).
-const Region = union(enum) {
-    px: [4]i64,
-    fraction: [4]f32,
-};
-
-/// `ollama-format`: plain text (empty), any JSON object ("json"), or a JSON Schema.
-const Format = enum { plain, json, schema };
-
-/// `ollama-trigger`: what starts a request (see the file comment).
-const Trigger = enum { interval, change };
-/// `ollama-change-threshold`'s default: above the noise of a still camera (JPEG and sensor
-/// noise score ≤ 0.003 on the clips in media/), below a person or a car entering (0.01–0.02
-/// within a frame or two of their arrival, up to 0.1–0.2 once in view).
-const default_change_threshold: f32 = 0.01;
-
-/// Longest `ollama-server-name` kept (bytes, cut at a character boundary).
-const max_server_name = 200;
 
 var cfg: Config = .{};
 var configured = false;
@@ -494,287 +191,6 @@ var config_arena: std.heap.ArenaAllocator = .init(vh.allocator);
 var request_url: []const u8 = "";
 /// The request body with the image placeholder (the protocol's `body`).
 var template: []const u8 = "";
-
-const text_color: vh.Rgba = .{ .r = 255, .g = 255, .b = 255, .a = 255 };
-const band_color: vh.Rgba = .{ .r = 0, .g = 0, .b = 0, .a = 200 };
-
-fn trimmed(s: []const u8) []const u8 {
-    return std.mem.trim(u8, s, " \t\r\n");
-}
-
-/// An http:// or https:// URL with a host (a trailing / aside), nothing that would break
-/// the request line or the JSON of a message.
-fn validUrl(text: []const u8) bool {
-    const url = std.mem.trimEnd(u8, text, "/");
-    const rest = if (std.ascii.startsWithIgnoreCase(url, "http://"))
-        url["http://".len..]
-    else if (std.ascii.startsWithIgnoreCase(url, "https://"))
-        url["https://".len..]
-    else
-        return false;
-    if (rest.len == 0 or rest[0] == '/') return false;
-    for (url) |c| if (c <= ' ' or c == '"' or c == '\\' or c == 0x7f) return false;
-    return true;
-}
-
-fn configure() void {
-    configured = true;
-    const old_region = cfg.region;
-    _ = config_arena.reset(.retain_capacity);
-    readConfig(config_arena.allocator()) catch @panic("out of memory reading the config");
-    region_empty_logged = false;
-    // A thumbnail of another part of the frame is no reference for the change check.
-    if (!std.meta.eql(old_region, cfg.region)) has_ref = false;
-    storeSettings();
-    renderTemplate(); // the template may have changed
-    if (cfg.paused) {
-        vh.log.infof("ollama: captions paused (ollama-paused=true)", .{});
-    } else if (cfg.trigger == .change) {
-        vh.log.infof("ollama: captions from model {s} of {s} at {s} when the scene changes, at most every {d} ms, heartbeat every {d} ms (0 = none)", .{ cfg.model, cfg.server_name, cfg.url, cfg.min_interval_ms, cfg.interval_ms });
-    } else {
-        vh.log.infof("ollama: captions from model {s} of {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.server_name, cfg.url, cfg.interval_ms });
-    }
-}
-
-fn readConfig(arena: std.mem.Allocator) error{ OutOfMemory, WriteFailed }!void {
-    const s = vh.settings;
-    const d: Config = .{};
-    const server_name = try s.optionalText(arena, "ollama-server-name");
-    cfg = .{
-        .url = std.mem.trimEnd(u8, try s.text(arena, "ollama-url", d.url, validUrl, "an http:// or https:// URL"), "/"),
-        .protocol = &protocols[s.oneOf("ollama-api", protocol_names, 0, .exact, comptime s.listed(protocol_names))],
-        .model = try s.text(arena, "ollama-model", d.model, s.nonBlank, "a non-empty text"),
-        .prompt = try s.text(arena, "ollama-prompt", d.prompt, s.nonBlank, "a non-empty text"),
-        .interval_ms = @intCast(s.int("ollama-interval-ms", d.interval_ms, 0, 86_400_000, "an integer 0-86400000 ms")),
-        .trigger = s.choice(Trigger, "ollama-trigger", d.trigger, .ignore_case),
-        .change_threshold = s.decimal("ollama-change-threshold", default_change_threshold, 0, 1, "a number 0-1"),
-        .min_interval_ms = @intCast(s.int("ollama-min-interval-ms", d.min_interval_ms, 0, 86_400_000, "an integer 0-86400000 ms")),
-        .max_tokens = @intCast(s.int("ollama-max-tokens", d.max_tokens, 1, 4096, "an integer 1-4096")),
-        .image_max_side = @intCast(s.intOr("ollama-image-max-side", d.image_max_side, 32, 16384, 0, "0 (full size) or an integer 32-16384 px")),
-        .jpeg_quality = @intCast(s.int("ollama-jpeg-quality", d.jpeg_quality, 1, 100, "an integer 1-100")),
-        .timeout_ms = @intCast(s.int("ollama-timeout-ms", d.timeout_ms, 1000, 3_600_000, "an integer 1000-3600000 ms")),
-        .placement = s.choice(vh.overlay.Placement, "ollama-caption-placement", d.placement, .ignore_case),
-        .font_scale = s.decimal("ollama-font-scale", d.font_scale, 0.1, 10, "a number 0.1-10"),
-        .max_lines = @intCast(s.int("ollama-max-lines", d.max_lines, 1, 50, "an integer 1-50")),
-        .paused = s.boolean("ollama-paused", d.paused),
-        .overlay = s.boolean("ollama-overlay", d.overlay),
-        .show_region = s.boolean("ollama-show-region", d.show_region),
-    };
-    cfg.server_name = if (server_name) |name| vh.utf8Prefix(name, max_server_name) else cfg.protocol.server_name;
-    cfg.server_named = server_name != null;
-    try readFormat(arena);
-    try readRegion(arena);
-    cfg.overlay_template = try s.optionalText(arena, "ollama-overlay-template");
-    var out: std.Io.Writer.Allocating = .init(arena);
-    try cfg.protocol.url(&out.writer, &cfg);
-    request_url = try out.toOwnedSlice();
-    try cfg.protocol.body(&out.writer, &cfg);
-    template = try out.toOwnedSlice();
-}
-
-/// `ollama-format` into cfg.format / cfg.format_text: empty, `json` (any case) or a JSON
-/// object (the schema, kept as given). Anything else is reported and plain text used; so is
-/// a JSON format with workers-ai, whose LLaVA API has no such field (reported).
-fn readFormat(arena: std.mem.Allocator) error{OutOfMemory}!void {
-    const s = vh.settings;
-    const value = vh.config.get("ollama-format") orelse return;
-    defer vh.free(value);
-    const v = s.trim(value);
-    if (v.len == 0) return;
-    if (std.ascii.eqlIgnoreCase(v, "json")) {
-        cfg.format = .json;
-        cfg.format_text = "json";
-    } else if (isJsonObject(v)) {
-        cfg.format = .schema;
-        cfg.format_text = try arena.dupe(u8, v);
-    } else {
-        return s.reportInvalid("ollama-format", value, "empty, json or a JSON Schema object", "\"\" (plain text)");
-    }
-    if (std.mem.eql(u8, cfg.protocol.name, "workers-ai")) {
-        vh.log.errf("ollama-format={s}: Workers AI's LLaVA cannot be asked for JSON (its API has no such field); the captions stay plain text", .{if (cfg.format == .json) "json" else "a JSON Schema"});
-        cfg.format = .plain;
-        cfg.format_text = "";
-    }
-}
-
-/// `ollama-region` into cfg.region / cfg.region_text: empty (the whole frame), or x,y,w,h as
-/// whole numbers of px (x, y may be negative; w, h not) or as fractions of the frame's width
-/// and height (a decimal point in any of the four, e.g. 0.5,0,0.5,1; each then 0-1).
-/// Anything else is reported and the whole frame used.
-fn readRegion(arena: std.mem.Allocator) error{OutOfMemory}!void {
-    const s = vh.settings;
-    const value = vh.config.get("ollama-region") orelse return;
-    defer vh.free(value);
-    const v = s.trim(value);
-    if (v.len == 0) return;
-    cfg.region = parseRegion(v) orelse
-        return s.reportInvalid("ollama-region", value, "x,y,w,h in whole px or as fractions 0-1 of the frame, e.g. 0.5,0,0.5,1", "\"\" (the whole frame)");
-    cfg.region_text = try arena.dupe(u8, v);
-}
-
-fn parseRegion(text: []const u8) ?Region {
-    var parts: [4][]const u8 = undefined;
-    var it = std.mem.splitScalar(u8, text, ',');
-    var n: usize = 0;
-    while (it.next()) |part| : (n += 1) {
-        if (n == 4) return null;
-        parts[n] = vh.settings.trim(part);
-    }
-    if (n != 4) return null;
-    // A decimal point anywhere: fractions ("0.5,0,0.5,1"), all four 0-1.
-    const fraction = std.mem.indexOfScalar(u8, text, '.') != null;
-    if (fraction) {
-        var f: [4]f32 = undefined;
-        for (parts, &f) |part, *out| {
-            out.* = vh.parseDecimal(part) orelse return null;
-            if (out.* < 0 or out.* > 1) return null;
-        }
-        return .{ .fraction = f };
-    }
-    var px: [4]i64 = undefined;
-    for (parts, &px, 0..) |part, *out, i| {
-        out.* = std.fmt.parseInt(i32, part, 10) catch return null;
-        if (i >= 2 and out.* < 0) return null; // a negative width or height
-    }
-    return .{ .px = px };
-}
-
-/// The region on a frame of `cols` × `rows` px, clamped to it (max exclusive), or null when
-/// the rectangle is empty after clamping.
-fn regionRect(region: Region, cols: u32, rows: u32) ?vh.Rect {
-    const w: i64 = cols;
-    const h: i64 = rows;
-    var x0: i64 = undefined;
-    var y0: i64 = undefined;
-    var x1: i64 = undefined;
-    var y1: i64 = undefined;
-    switch (region) {
-        .px => |r| {
-            x0 = r[0];
-            y0 = r[1];
-            x1 = r[0] + r[2];
-            y1 = r[1] + r[3];
-        },
-        .fraction => |r| {
-            const fw: f32 = @floatFromInt(cols);
-            const fh: f32 = @floatFromInt(rows);
-            x0 = @intFromFloat(@round(r[0] * fw));
-            y0 = @intFromFloat(@round(r[1] * fh));
-            x1 = @intFromFloat(@round(@min(r[0] + r[2], 1) * fw));
-            y1 = @intFromFloat(@round(@min(r[1] + r[3], 1) * fh));
-        },
-    }
-    x0 = std.math.clamp(x0, 0, w);
-    x1 = std.math.clamp(x1, 0, w);
-    y0 = std.math.clamp(y0, 0, h);
-    y1 = std.math.clamp(y1, 0, h);
-    if (x1 <= x0 or y1 <= y0) return null;
-    return .{
-        .min = .{ .x = @intCast(x0), .y = @intCast(y0) },
-        .max = .{ .x = @intCast(x1), .y = @intCast(y1) },
-    };
-}
-
-/// Whether `text` is one valid JSON object.
-fn isJsonObject(text: []const u8) bool {
-    var doc = json.select(vh.allocator, text, &.{""}) catch return false;
-    defer doc.deinit();
-    const root = doc.get("") orelse return false;
-    return root.kind == .object;
-}
-
-/// The settings in force, into the processor store as ollama/{key without "ollama-"} (see
-/// the file comment), so that the host can show them (the viewer's fields).
-fn storeSettings() void {
-    var interval: [20]u8 = undefined;
-    var min_interval: [20]u8 = undefined;
-    var threshold: [24]u8 = undefined;
-    const settings = [_][2][]const u8{
-        .{ "url", cfg.url },
-        .{ "api", cfg.protocol.name },
-        .{ "server-name", cfg.server_name },
-        .{ "model", cfg.model },
-        .{ "prompt", cfg.prompt },
-        .{ "interval-ms", std.fmt.bufPrint(&interval, "{d}", .{cfg.interval_ms}) catch unreachable },
-        .{ "paused", if (cfg.paused) "true" else "false" },
-        .{ "overlay", if (cfg.overlay) "true" else "false" },
-        .{ "trigger", @tagName(cfg.trigger) },
-        .{ "change-threshold", formatFraction(&threshold, cfg.change_threshold) },
-        .{ "min-interval-ms", std.fmt.bufPrint(&min_interval, "{d}", .{cfg.min_interval_ms}) catch unreachable },
-        .{ "format", cfg.format_text },
-        .{ "region", cfg.region_text },
-        .{ "show-region", if (cfg.show_region) "true" else "false" },
-    };
-    for (settings) |kv| {
-        processorStore().set("ollama", kv[0], kv[1]) catch |err| return storeFailed(err);
-    }
-}
-
-/// `v` (0–1) with up to 4 decimals, trailing zeros dropped ("0.01", "1"), without std's
-/// float printing.
-fn formatFraction(buf: *[24]u8, v: f32) []const u8 {
-    const scaled: u32 = @intFromFloat(@round(std.math.clamp(v, 0, 1) * 10000));
-    const text = std.fmt.bufPrint(buf, "{d}.{d:0>4}", .{ scaled / 10000, scaled % 10000 }) catch unreachable;
-    return std.mem.trimEnd(u8, std.mem.trimEnd(u8, text, "0"), ".");
-}
-
-/// The run's processor store (created on first use).
-fn processorStore() vh.datastore.Store {
-    if (store == null) store = vh.datastore.Store.init();
-    return store.?;
-}
-
-/// A processor-store write failed: logged the first time only.
-fn storeFailed(err: vh.datastore.Error) void {
-    if (store_failed_logged) return;
-    store_failed_logged = true;
-    // (a switch, not @errorName, which would link the names of every error in std)
-    const why: []const u8 = switch (err) {
-        error.NoSuchFrame => "no such frame",
-        error.NoSuchKey => "no such key",
-        error.RuntimeError => "runtime error",
-    };
-    vh.log.warnf("could not write to the processor store: {s}", .{why});
-}
-
-// ==========================================================================================
-// Bounded text buffers
-// ==========================================================================================
-
-fn TextBuf(comptime capacity: usize) type {
-    return struct {
-        const Self = @This();
-        buf: [capacity]u8 = undefined,
-        len: usize = 0,
-
-        fn slice(self: *const Self) []const u8 {
-            return self.buf[0..self.len];
-        }
-        fn clear(self: *Self) void {
-            self.len = 0;
-        }
-        /// Replaces the content; text longer than the capacity is cut at a char boundary.
-        fn set(self: *Self, text: []const u8) void {
-            const t = vh.utf8Prefix(text, capacity);
-            @memcpy(self.buf[0..t.len], t);
-            self.len = t.len;
-        }
-        /// Appends a JSON string value, decoded; what does not fit is dropped.
-        fn appendJson(self: *Self, s: json.Value) void {
-            _ = s.decodeAppend(&self.buf, &self.len);
-        }
-        /// Appends raw bytes; what does not fit is dropped.
-        fn appendRaw(self: *Self, bytes: []const u8) void {
-            const k = @min(bytes.len, capacity - self.len);
-            @memcpy(self.buf[self.len..][0..k], bytes[0..k]);
-            self.len += k;
-        }
-    };
-}
-
-// ==========================================================================================
-// State
-// ==========================================================================================
 
 /// Request id held at the host (poll it; cancel it to abandon it), or null.
 var request_id: ?u32 = null;
@@ -803,12 +219,11 @@ var line_storage: [64 * 1024]u8 = undefined;
 /// The lines of a streamed 200 reply, reassembled across polls.
 var lines: json.LineSplitter = .{ .buf = &line_storage };
 /// The caption of the reply streaming now.
-var partial: TextBuf(2048) = .{};
+var partial: Caption = .{};
 /// The last complete caption.
-var caption: TextBuf(2048) = .{};
-/// The overlay text of the last caption from ollama-overlay-template (when `templated_ok`).
-var templated: TextBuf(2048) = .{};
-var templated_ok = false;
+var caption: Caption = .{};
+/// The overlay text of the last caption from ollama-overlay-template.
+var templated: overlay.Template = .{};
 /// Body of a non-200 reply (for its error text), or of a whole non-streamed reply.
 var reply_body: TextBuf(16 * 1024) = .{};
 
@@ -817,165 +232,47 @@ var health: Health = .unknown;
 /// The current problem message (shown on screen while there is no caption).
 var problem: TextBuf(512) = .{};
 
-var store: ?vh.datastore.Store = null;
-var store_failed_logged = false;
-var overlay_failed_logged = false;
-var region_draw_failed_logged = false;
-/// A region empty on the frame was reported (once per config read).
-var region_empty_logged = false;
+/// The change check (trigger=change) and the request counters.
+var check: change.Check = .{};
+var stats: change.Stats = .{};
 
 // ==========================================================================================
-// The region (ollama-region): what is sent and watched
+// Configuration
 // ==========================================================================================
 
-/// The frame being processed and, once needed, its region: a view (`mat.region`, sharing
-/// the frame's pixels) made at most once a frame and dropped when `process` returns.
-const FrameView = struct {
-    frame: u32,
-    rect_known: bool = false,
-    /// The region in px on this frame (null: the whole frame).
-    rect: ?vh.Rect = null,
-    crop: ?vh.Mat = null,
-
-    /// The region in px on this frame, or null for the whole frame (no region, or one empty
-    /// on this frame: reported once).
-    fn region(self: *FrameView) ?vh.Rect {
-        if (self.rect_known) return self.rect;
-        self.rect_known = true;
-        const r = cfg.region orelse return null;
-        const f = vh.Mat.borrow(self.frame);
-        const cols = f.cols();
-        const rows = f.rows();
-        self.rect = regionRect(r, cols, rows);
-        if (self.rect == null and !region_empty_logged) {
-            region_empty_logged = true;
-            vh.log.errf("config ollama-region=\"{s}\" is empty on a {d}x{d} frame once clamped to it; using the whole frame", .{ cfg.region_text, cols, rows });
-        }
-        return self.rect;
+fn configure() void {
+    configured = true;
+    const old_region = cfg.region;
+    _ = config_arena.reset(.retain_capacity);
+    readConfig(config_arena.allocator()) catch @panic("out of memory reading the config");
+    region.configRead();
+    // A thumbnail of another part of the frame is no reference for the change check.
+    if (!std.meta.eql(old_region, cfg.region)) check.forget();
+    config.storeSettings(&cfg);
+    renderTemplate(); // the template may have changed
+    if (cfg.paused) {
+        vh.log.infof("ollama: captions paused (ollama-paused=true)", .{});
+    } else if (cfg.trigger == .change) {
+        vh.log.infof("ollama: captions from model {s} of {s} at {s} when the scene changes, at most every {d} ms, heartbeat every {d} ms (0 = none)", .{ cfg.model, cfg.server_name, cfg.url, cfg.min_interval_ms, cfg.interval_ms });
+    } else {
+        vh.log.infof("ollama: captions from model {s} of {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.server_name, cfg.url, cfg.interval_ms });
     }
-
-    /// What is sent and watched: the region's view, or the frame.
-    fn image(self: *FrameView) vh.Mat {
-        if (self.crop) |c| return c;
-        const rect = self.region() orelse return vh.Mat.borrow(self.frame);
-        self.crop = vh.Mat.borrow(self.frame).region(rect);
-        return self.crop.?;
-    }
-
-    fn deinit(self: *FrameView) void {
-        if (self.crop) |c| c.drop();
-        self.crop = null;
-    }
-};
-
-/// ollama-show-region: a 2 px outline around the region, its inner line (the region's
-/// border pixels) bright yellow and its outer line (just outside) black, so that it reads
-/// on light and dark footage alike.
-fn drawRegion(view: *FrameView) void {
-    if (!cfg.show_region) return;
-    const r = view.region() orelse return;
-    const f = vh.Mat.borrow(view.frame);
-    const inner: vh.Rect = .{ .min = r.min, .max = .{ .x = r.max.x - 1, .y = r.max.y - 1 } };
-    const outer: vh.Rect = .{ .min = .{ .x = r.min.x - 1, .y = r.min.y - 1 }, .max = r.max };
-    vh.cv.rectangle(f, outer, region_outer_color, 1) catch return regionDrawFailed();
-    vh.cv.rectangle(f, inner, region_inner_color, 1) catch return regionDrawFailed();
 }
 
-const region_inner_color: vh.Rgba = .{ .r = 255, .g = 230, .b = 0, .a = 255 };
-const region_outer_color: vh.Rgba = .{ .r = 0, .g = 0, .b = 0, .a = 255 };
-
-fn regionDrawFailed() void {
-    if (region_draw_failed_logged) return;
-    region_draw_failed_logged = true;
-    vh.log.warnf("ollama: drawing the region failed: {s}", .{vh.cv.lastError()});
+/// The config into `cfg`, the request URL and body (the protocol's) into `request_url`,
+/// `template`; all texts in `arena`.
+fn readConfig(arena: std.mem.Allocator) error{ OutOfMemory, WriteFailed }!void {
+    try config.read(arena, &cfg);
+    var out: std.Io.Writer.Allocating = .init(arena);
+    try cfg.protocol.url(&out.writer, &cfg);
+    request_url = try out.toOwnedSlice();
+    try cfg.protocol.body(&out.writer, &cfg);
+    template = try out.toOwnedSlice();
 }
 
-// ==========================================================================================
-// Triggers: the change check and the request counters
-// ==========================================================================================
-
-/// What started a request (counted as ollama/requests-NAME).
-const Reason = enum { interval, change, heartbeat };
-
-const thumb_w = 32;
-const thumb_h = 18;
-/// The current frame's grey thumbnail (valid when `thumb_valid`).
-var cur_thumb: [thumb_w * thumb_h]u8 = undefined;
-var thumb_valid = false;
-/// The thumbnail of the frame sent with the last request (valid when `has_ref`).
-var ref_thumb: [thumb_w * thumb_h]u8 = undefined;
-var has_ref = false;
-var thumb_failed_logged = false;
-
-var requests_by: [std.enums.values(Reason).len]u64 = @splat(0);
-var frames_unchanged: u64 = 0;
-var frames_unchanged_stored: u64 = 0;
-var unchanged_stored_us: u64 = 0;
-
-/// Fills `cur_thumb` with `image` (the frame, or its region) shrunk to thumb_w × thumb_h grey pixels; false (logged
-/// once) if the host could not make it.
-fn thumbnail(image: vh.Mat) bool {
-    // Two steps: bilinear to 4× the thumbnail, then area averaging (4 × 4 px a pixel). The
-    // same scores on the clips in media/ as one area resize of the whole frame, ~6× cheaper.
-    const mid = vh.cv.resize(image, .{ .x = 4 * thumb_w, .y = 4 * thumb_h }, 0, 0, .linear) catch
-        return thumbFailed("resize");
-    defer mid.drop();
-    const small = vh.cv.resize(mid, .{ .x = thumb_w, .y = thumb_h }, 0, 0, .area) catch
-        return thumbFailed("resize");
-    defer small.drop();
-    const grey: ?vh.Mat = if (small.mattype() == 0) null else vh.cv.cvtColor(small, .bgr_to_gray) catch
-        return thumbFailed("cvt-color");
-    defer if (grey) |g| g.drop();
-    const g = grey orelse small;
-    if (g.rows() != thumb_h or g.cols() != thumb_w) return thumbFailed("the thumbnail's size");
-    var i: usize = 0;
-    for (0..thumb_h) |r| {
-        for (0..thumb_w) |c| {
-            cur_thumb[i] = g.getUcharAt(@intCast(r), @intCast(c));
-            i += 1;
-        }
-    }
-    return true;
-}
-
-fn thumbFailed(what: []const u8) bool {
-    if (!thumb_failed_logged) {
-        thumb_failed_logged = true;
-        vh.log.warnf("ollama: the change check failed ({s}: {s}); requests start only on the heartbeat", .{ what, vh.lastError() });
-    }
-    return false;
-}
-
-/// How much the scene changed since the last captioned frame: the mean absolute difference
-/// of the two thumbnails / 255, 0–1.
-fn changeScore() f32 {
-    var sum: u32 = 0;
-    for (cur_thumb, ref_thumb) |a, b| sum += if (a > b) a - b else b - a;
-    return @as(f32, @floatFromInt(sum)) / @as(f32, @floatFromInt(cur_thumb.len * 255));
-}
-
-/// A request started for `reason`: its counter (and frames-unchanged, if it moved) into the
-/// processor store.
-fn countRequest(reason: Reason, now: u64) void {
-    const i = @intFromEnum(reason);
-    requests_by[i] += 1;
-    var key_buf: [32]u8 = undefined;
-    const key = std.fmt.bufPrint(&key_buf, "requests-{s}", .{@tagName(reason)}) catch unreachable;
-    storeCount(key, requests_by[i]);
-    if (frames_unchanged != frames_unchanged_stored) storeUnchanged(now);
-}
-
-fn storeUnchanged(now: u64) void {
-    unchanged_stored_us = now;
-    if (frames_unchanged == frames_unchanged_stored) return;
-    frames_unchanged_stored = frames_unchanged;
-    storeCount("frames-unchanged", frames_unchanged);
-}
-
-fn storeCount(key: []const u8, n: u64) void {
-    var buf: [20]u8 = undefined;
-    const text = std.fmt.bufPrint(&buf, "{d}", .{n}) catch unreachable;
-    processorStore().set("ollama-stats", key, text) catch |err| storeFailed(err);
+/// The overlay text of the last caption (once per caption and per config read).
+fn renderTemplate() void {
+    templated.render(cfg.overlay_template, caption.slice());
 }
 
 // ==========================================================================================
@@ -1020,12 +317,11 @@ fn timeToStart(view: *FrameView, now: u64) ?Reason {
         },
         .change => {
             if (last_start_us) |last| if (now -| last < cfg.min_interval_ms * std.time.us_per_ms) return null;
-            thumb_valid = thumbnail(view.image());
-            if (thumb_valid and (!has_ref or changeScore() > cfg.change_threshold)) return .change;
+            const sampled = check.sample(view.image());
+            if (sampled and (!check.has_ref or check.score() > cfg.change_threshold)) return .change;
             const last = last_start_us orelse return .change; // the first frame (no thumbnail)
             if (cfg.interval_ms > 0 and now -| last >= cfg.interval_ms * std.time.us_per_ms) return .heartbeat;
-            frames_unchanged += 1;
-            if (now -| unchanged_stored_us >= std.time.us_per_s) storeUnchanged(now);
+            stats.unchanged(now);
             return null;
         },
     }
@@ -1034,10 +330,7 @@ fn timeToStart(view: *FrameView, now: u64) ?Reason {
 fn startRequest(view: *FrameView, now: u64, reason: Reason) void {
     last_start_us = now;
     // The frame sent is the new reference for the change check.
-    if (cfg.trigger == .change and thumb_valid) {
-        ref_thumb = cur_thumb;
-        has_ref = true;
-    }
+    if (cfg.trigger == .change) check.keep();
     // The host copies the image (scaled down) before post-frame returns: the region's view
     // may be dropped as soon as the frame is processed.
     const id = vh.fetch.postFrame(
@@ -1052,7 +345,7 @@ fn startRequest(view: *FrameView, now: u64, reason: Reason) void {
         return;
     };
     request_id = id;
-    countRequest(reason, now);
+    stats.countRequest(reason, now);
     reply_open = true;
     request_started_us = now;
     reply_status = 0;
@@ -1066,7 +359,7 @@ fn startRequest(view: *FrameView, now: u64, reason: Reason) void {
 fn transportFailed(err: vh.fetch.Error, now: u64) void {
     reply_open = false;
     partial.clear();
-    has_ref = false; // no caption: the next request need not wait for a change
+    check.forget(); // no caption: the next request need not wait for a change
     const url = cfg.url;
     const name = cfg.server_name;
     switch (err) {
@@ -1148,7 +441,7 @@ fn pollRequest(id: u32, now: u64) void {
 fn finishReply() void {
     switch (reply_status) {
         200 => switch (cfg.protocol.reply) {
-            .whole => |read| read(reply_body.slice()),
+            .whole => |read| replyOutcome(read(reply_body.slice(), &partial)),
             .lines => {
                 if (lines.finish()) |item| handleLine(item); // a last line without '\n'
                 if (reply_open) malformed(); // the stream ended before the reply said it was complete
@@ -1161,7 +454,7 @@ fn finishReply() void {
             fail("model {s} not found on {s} at {s}", .{ cfg.model, cfg.server_name, cfg.url }),
         else => {
             var text: TextBuf(300) = .{};
-            errorText(reply_body.slice(), &text);
+            protocols.errorText(reply_body.slice(), &text);
             if (text.len > 0) {
                 fail("server error {d}: {s}", .{ reply_status, text.slice() });
             } else {
@@ -1171,28 +464,10 @@ fn finishReply() void {
     }
 }
 
-/// The error message of an error reply `body`, decoded into `out` (nothing if there is none):
-/// Ollama sends {"error":"text"}, OpenAI-compatible servers {"error":{"message":"text",…}}
-/// (both read as far as the body is valid JSON), Cloudflare {"success":false,"errors":
-/// [{"code":…,"message":"text"}]}.
-fn errorText(body: []const u8, out: *TextBuf(300)) void {
-    var doc = json.selectPrefix(vh.allocator, body, &.{ "/error", "/error/message" });
-    defer doc.deinit();
-    if (doc.get("/error")) |err| switch (err.kind) {
-        .string => out.appendJson(err),
-        .object => if (doc.get("/error/message")) |m| out.appendJson(m),
-        else => {},
-    };
-    if (out.len > 0) return;
-    var cloudflare = json.select(vh.allocator, body, &.{"/errors/0/message"}) catch return;
-    defer cloudflare.deinit();
-    if (cloudflare.get("/errors/0/message")) |m| out.appendJson(m);
-}
-
 fn fail(comptime fmt: []const u8, args: anytype) void {
     reply_open = false;
     partial.clear();
-    has_ref = false; // no caption: the next request need not wait for a change
+    check.forget(); // no caption: the next request need not wait for a change
     setProblem(fmt, args);
 }
 
@@ -1214,7 +489,18 @@ fn handleLine(item: json.LineSplitter.Item) void {
     if (first_line and std.mem.startsWith(u8, std.mem.trimStart(u8, line, " \t\r\xef\xbb\xbf"), "<")) {
         return fail("{s} answered with an HTML page, not the {s} API: check ollama-url and ollama-api", .{ cfg.url, cfg.protocol.name });
     }
-    cfg.protocol.reply.lines(line);
+    replyOutcome(cfg.protocol.reply.lines(line, &partial));
+}
+
+/// Acts on what a line (or a whole reply) of a 200 reply meant.
+fn replyOutcome(outcome: protocols.Outcome) void {
+    switch (outcome) {
+        .more => {},
+        .complete => completeCaption(),
+        .malformed => malformed(),
+        .error_line => |text| fail("error from {s}: {s}", .{ cfg.server_name, text.slice() }),
+        .server_error => |text| fail("server error: {s}", .{if (text.len > 0) text.slice() else "unknown"}),
+    }
 }
 
 /// The reply is complete: the partial caption becomes the caption.
@@ -1232,8 +518,8 @@ fn completeCaption() void {
     renderTemplate();
     vh.log.infof("caption: {s}", .{caption.slice()});
     // the model first: a reader of captions/caption finds the model that wrote it
-    processorStore().set("captions", "model", cfg.model) catch {};
-    processorStore().set("captions", "caption", caption.slice()) catch |err| storeFailed(err);
+    store.get().set("captions", "model", cfg.model) catch {};
+    store.get().set("captions", "caption", caption.slice()) catch |err| store.failed(err);
 }
 
 // ==========================================================================================
@@ -1249,136 +535,9 @@ fn overlayText() ?[]const u8 {
         const streaming = trimmed(partial.slice());
         if (streaming.len > 0) return streaming;
     }
-    if (caption.len > 0) return if (templated_ok) templated.slice() else caption.slice();
+    if (caption.len > 0) return if (templated.ok) templated.text.slice() else caption.slice();
     if (health == .problem) return problem.slice();
     return null;
-}
-
-/// The overlay text of the last caption from ollama-overlay-template (into `templated`,
-/// `templated_ok`): each `{name}` replaced by the caption's top-level field `name` (a string
-/// decoded, a number or boolean as written, null or missing `?`, an object or array as
-/// compact JSON), `{{` and `}}` literal braces. Nothing (the caption is shown as it is)
-/// without a template or when the caption is not a JSON object. Once per caption and per
-/// config read.
-fn renderTemplate() void {
-    templated.clear();
-    templated_ok = false;
-    const template_text = cfg.overlay_template orelse return;
-    if (caption.len == 0) return;
-    var doc = json.select(vh.allocator, caption.slice(), &.{""}) catch return;
-    defer doc.deinit();
-    const root = doc.get("") orelse return;
-    if (root.kind != .object) return;
-    var i: usize = 0;
-    while (i < template_text.len) {
-        const c = template_text[i];
-        if ((c == '{' or c == '}') and i + 1 < template_text.len and template_text[i + 1] == c) {
-            templated.appendRaw(template_text[i .. i + 1]);
-            i += 2;
-            continue;
-        }
-        if (c == '{') {
-            if (std.mem.indexOfScalarPos(u8, template_text, i + 1, '}')) |end| {
-                appendField(root.text, template_text[i + 1 .. end]);
-                i = end + 1;
-                continue;
-            }
-        }
-        templated.appendRaw(template_text[i .. i + 1]);
-        i += 1;
-    }
-    templated_ok = true;
-}
-
-/// Appends top-level field `name` of the (valid) JSON object `doc` to `templated`, as
-/// `renderTemplate` says.
-fn appendField(doc: []const u8, name: []const u8) void {
-    const raw = memberText(doc, name) orelse return templated.appendRaw("?");
-    switch (raw[0]) {
-        '"' => templated.appendJson(.{ .kind = .string, .text = raw }),
-        'n' => templated.appendRaw("?"),
-        '{', '[' => {
-            // compact: the blanks outside strings dropped
-            var in_string = false;
-            var escaped = false;
-            for (raw, 0..) |ch, k| {
-                if (in_string) {
-                    if (escaped) {
-                        escaped = false;
-                    } else if (ch == '\\') {
-                        escaped = true;
-                    } else if (ch == '"') {
-                        in_string = false;
-                    }
-                } else if (ch == '"') {
-                    in_string = true;
-                } else if (ch == ' ' or ch == '\t' or ch == '\r' or ch == '\n') {
-                    continue;
-                }
-                templated.appendRaw(raw[k .. k + 1]);
-            }
-        },
-        else => templated.appendRaw(raw),
-    }
-}
-
-/// The JSON text of top-level member `name` of the valid JSON object `doc` (the last one
-/// when it repeats), or null when there is none.
-fn memberText(doc: []const u8, name: []const u8) ?[]const u8 {
-    var stack_buf: [256]u8 = undefined;
-    var fba: std.heap.FixedBufferAllocator = .init(&stack_buf);
-    var s: std.json.Scanner = .initCompleteInput(fba.allocator(), doc);
-    if ((s.next() catch return null) != .object_begin) return null;
-    var found: ?[]const u8 = null;
-    while (true) {
-        // the key, decoded (a longer one than the buffer matches nothing)
-        var key: TextBuf(256) = .{};
-        var fits = true;
-        var escaped: [4]u8 = undefined;
-        while (true) {
-            const token = s.next() catch return found;
-            const piece: []const u8 = switch (token) {
-                .object_end => return found,
-                .partial_string, .string => |p| p,
-                inline .partial_string_escaped_1,
-                .partial_string_escaped_2,
-                .partial_string_escaped_3,
-                .partial_string_escaped_4,
-                => |bytes| blk: {
-                    @memcpy(escaped[0..bytes.len], &bytes);
-                    break :blk escaped[0..bytes.len];
-                },
-                else => return found,
-            };
-            if (piece.len > 256 - key.len) fits = false;
-            key.appendRaw(piece);
-            if (token == .string) break;
-        }
-        const start = s.cursor;
-        s.skipValue() catch return found;
-        if (fits and std.mem.eql(u8, key.slice(), name)) {
-            found = std.mem.trim(u8, doc[start..s.cursor], " \t\r\n:,");
-        }
-    }
-}
-
-fn drawOverlay(frame: u32) void {
-    if (!cfg.overlay) return; // ollama-overlay=false: another processor draws the caption
-    const text = overlayText() orelse return;
-    vh.overlay.caption(
-        vh.Mat.borrow(frame),
-        text,
-        cfg.placement,
-        cfg.font_scale,
-        text_color,
-        band_color,
-        @intCast(cfg.max_lines),
-    ) catch {
-        if (!overlay_failed_logged) {
-            overlay_failed_logged = true;
-            vh.log.warnf("overlay.caption failed: {s}", .{vh.cv.lastError()});
-        }
-    };
 }
 
 // ==========================================================================================
@@ -1392,11 +551,11 @@ export fn process(frame: u32) u32 {
         configure();
     }
     const now = vh.time.nowUs();
-    var view: FrameView = .{ .frame = frame };
+    var view: FrameView = .{ .frame = frame, .cfg = &cfg };
     defer view.deinit();
     if (request_id) |id| pollRequest(id, now);
     if (timeToStart(&view, now)) |reason| startRequest(&view, now, reason);
-    drawRegion(&view); // after the request: the outline is not sent
-    drawOverlay(frame);
+    region.draw(&view); // after the request: the outline is not sent
+    overlay.draw(frame, &cfg, overlayText());
     return frame;
 }
