@@ -3,18 +3,16 @@ processor (wasm/ollama.wasm) in the sandbox, on real frames, against the stand-i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import time
 
 import jsonschema
 import pytest
 import vision_host.runtime.overlay as overlay_module
-from conftest import REPO
+from ollama_driver import feed_until, load_ollama
 from ollama_standin import OllamaStandin, default_caption
-from vision_host.runtime import NetworkPolicy
 
-OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
 LOGGER = "vision_host.processor.ollama"
 
 SCHEMA = {
@@ -28,6 +26,9 @@ SCHEMA = {
     "required": ["count", "activity"],
 }
 SCHEMA_TEXT = json.dumps(SCHEMA, separators=(",", ":"))
+
+_processor = functools.partial(load_ollama, ollama_interval_ms=100)
+_run_until = feed_until
 
 
 @pytest.fixture
@@ -50,20 +51,8 @@ def overlay_texts(monkeypatch):
     return texts
 
 
-def _processor(runtime_factory, url, **config):
-    cfg = {"ollama-url": url, "ollama-interval-ms": "100", **{k.replace("_", "-"): str(v) for k, v in config.items()}}
-    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
-    return rt, rt.load(OLLAMA_WASM)
 
 
-def _run_until(processor, frame, condition, timeout_s=10.0, step_s=0.01):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        processor.process(frame.copy())
-        if condition():
-            return
-        time.sleep(step_s)
-    raise AssertionError("condition not reached in time")
 
 
 def _caption(rt, p, frame):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import socket
 import time
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import CAR_CLIP, REPO
+from ollama_driver import OLLAMA_WASM, feed_until, load_ollama
 from ollama_standin import OllamaStandin
 from vision_host.runtime import NetworkPolicy
 
-OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
+
+_processor = functools.partial(load_ollama, ollama_interval_ms=100)
+_run_until = feed_until
 
 
 @pytest.fixture
@@ -25,22 +29,8 @@ def standin():
     server.stop()
 
 
-def _processor(runtime_factory, url, **config):
-    cfg = {"ollama-url": url, "ollama-interval-ms": "100", **{k.replace("_", "-"): str(v) for k, v in config.items()}}
-    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
-    return rt, rt.load(OLLAMA_WASM)
 
 
-def _run_until(processor, frame, condition, timeout_s=10.0, step_s=0.01):
-    """Feed copies of ``frame`` every ``step_s`` until ``condition()``; returns the last output."""
-    deadline = time.monotonic() + timeout_s
-    out = None
-    while time.monotonic() < deadline:
-        out = processor.process(frame.copy())
-        if condition():
-            return out
-        time.sleep(step_s)
-    raise AssertionError("condition not reached in time")
 
 
 def test_streams_a_caption_into_the_store_and_onto_the_frame(runtime_factory, standin, real_frame):

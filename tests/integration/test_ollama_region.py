@@ -5,23 +5,25 @@ as the server)."""
 from __future__ import annotations
 
 import base64
+import functools
 import logging
-import time
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import CAR_CLIP, REPO
+from conftest import CAR_CLIP
+from ollama_driver import load_ollama, run_until, stats_count
 from ollama_standin import OllamaStandin
-from vision_host.runtime import NetworkPolicy
 
-OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
 STEP_S = 0.01          # one frame every 10 ms
 LOGGER = "vision_host.processor.ollama"
 #: Mean absolute difference (0-255) of a JPEG sent at quality 80 from the pixels it shows
 #: (about 0.8 on these frames; the same crop 10 px off: over 2).
 CLOSE = 1.5
+
+_processor = functools.partial(load_ollama, ollama_interval_ms=100)
+_count = stats_count
 
 
 @pytest.fixture
@@ -40,31 +42,15 @@ def car():
     return frames[0], frames[80]
 
 
-def _processor(runtime_factory, url, **config):
-    cfg = {"ollama-url": url, "ollama-interval-ms": "100",
-           **{k.replace("_", "-"): str(v) for k, v in config.items()}}
-    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
-    return rt, rt.load(OLLAMA_WASM)
 
 
-def _until(step, condition, timeout_s=10.0):
-    """Call ``step()`` (one frame) every STEP_S until ``condition()``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        step()
-        if condition():
-            return
-        time.sleep(STEP_S)
-    raise AssertionError("condition not reached in time")
 
 
-def _count(rt, key) -> int:
-    return int(rt.processor_store.get("ollama-stats", key) or 0)
 
 
 def _sent(standin, frame, p, n=1) -> np.ndarray:
     """Feed ``frame`` until the stand-in has ``n`` requests; the image of the n-th, decoded."""
-    _until(lambda: p.process(frame.copy()), lambda: len(standin.requests) >= n)
+    run_until(lambda: p.process(frame.copy()), lambda: len(standin.requests) >= n)
     jpeg = base64.b64decode(standin.requests[n - 1].body["images"][0])
     image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None
@@ -186,11 +172,11 @@ def test_with_trigger_change_only_a_change_inside_the_region_starts_a_request(ru
     inside[100:300, 500:700] = 255 - inside[100:300, 500:700]
     rt, p = _processor(runtime_factory, standin.url, ollama_region=",".join(map(str, region)),
                        ollama_trigger="change", ollama_interval_ms=0, ollama_min_interval_ms=50)
-    _until(lambda: p.process(still.copy()), lambda: _count(rt, "frames-unchanged") >= 1)   # cooldown over
+    run_until(lambda: p.process(still.copy()), lambda: _count(rt, "frames-unchanged") >= 1)   # cooldown over
     assert _count(rt, "requests-change") == 1
     unchanged = _count(rt, "frames-unchanged")
     # frames-unchanged is stored at most once a second (and whenever a request starts)
-    _until(lambda: p.process(outside.copy()), lambda: _count(rt, "frames-unchanged") >= unchanged + 5)
+    run_until(lambda: p.process(outside.copy()), lambda: _count(rt, "frames-unchanged") >= unchanged + 5)
     assert _count(rt, "requests-change") == 1, "a change outside the region started a request"
     p.process(inside.copy())
     assert _count(rt, "requests-change") == 2, "the first frame changed inside the region starts one"
@@ -209,10 +195,10 @@ def test_the_region_leaks_nothing_per_frame(runtime_factory, standin, car):
         i[0] += 1
         p.process((frame if frame is not None else frames[i[0] // 3 % 2]).copy())   # a change every 3 frames
         assert len(p.ctx.mats) == 0, "mats left in the host's table after process"
-    _until(step, lambda: len(standin.requests) >= 3 and rt.processor_store.get("captions", "caption"))
+    run_until(step, lambda: len(standin.requests) >= 3 and rt.processor_store.get("captions", "caption"))
     # a still scene: the region's view made (change check) and outlined on every frame
     settled = _count(rt, "frames-unchanged")
-    _until(lambda: step(still), lambda: _count(rt, "frames-unchanged") > settled)   # nothing in flight
+    run_until(lambda: step(still), lambda: _count(rt, "frames-unchanged") > settled)   # nothing in flight
     for _ in range(3):
         step(still)
     memory = p.memory_bytes
@@ -221,7 +207,7 @@ def test_the_region_leaks_nothing_per_frame(runtime_factory, standin, car):
         step(still)
     assert p.memory_bytes == memory, "guest memory grows frame after frame"
     assert p.stats.errors == 0 and p.last_error is None
-    _until(lambda: step(still), lambda: _count(rt, "frames-unchanged") > unchanged)   # it did check
+    run_until(lambda: step(still), lambda: _count(rt, "frames-unchanged") > unchanged)   # it did check
     for request in standin.requests:                        # each sent the region's view
         jpeg = base64.b64decode(request.body["images"][0])
         assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (216, 384, 3)

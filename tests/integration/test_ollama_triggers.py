@@ -11,15 +11,17 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import CAR_CLIP, REPO
+from conftest import CAR_CLIP
+from ollama_driver import load_ollama, run_until, stats_count
 from ollama_standin import OllamaStandin
 from vision_host.outputs import FileOutput
 from vision_host.pipeline import Pipeline, format_summary
-from vision_host.runtime import NetworkPolicy
 from vision_host.sources import FileSource
 
-OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
 STEP_S = 0.01          # one frame every 10 ms
+
+_processor = load_ollama
+_count = stats_count
 
 
 @pytest.fixture
@@ -38,25 +40,10 @@ def car():
     return frames[0], frames[80]
 
 
-def _processor(runtime_factory, url, **config):
-    cfg = {"ollama-url": url, **{k.replace("_", "-"): str(v) for k, v in config.items()}}
-    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
-    return rt, rt.load(OLLAMA_WASM)
 
 
-def _until(step, condition, timeout_s=10.0):
-    """Call ``step()`` (one frame) every STEP_S until ``condition()``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        step()
-        if condition():
-            return
-        time.sleep(STEP_S)
-    raise AssertionError("condition not reached in time")
 
 
-def _count(rt, key) -> int:
-    return int(rt.processor_store.get("ollama-stats", key) or 0)
 
 
 def _by_model(standin, model):
@@ -74,7 +61,7 @@ def test_a_static_scene_is_asked_once_on_change_but_every_interval_on_interval(r
         interval.process(still.copy())
     # the same frames to both, until interval mode has asked 5 times and change mode has
     # found the scene unchanged (its counter, stored at most once a second)
-    _until(step, lambda: len(_by_model(standin, "bakllava")) >= 5 and _count(rt_c, "frames-unchanged") >= 5)
+    run_until(step, lambda: len(_by_model(standin, "bakllava")) >= 5 and _count(rt_c, "frames-unchanged") >= 5)
     assert len(_by_model(standin, "llava")) == 1
     assert _count(rt_c, "requests-change") == 1 and _count(rt_c, "requests-heartbeat") == 0
     assert _count(rt_i, "requests-interval") >= 5 and _count(rt_i, "frames-unchanged") == 0
@@ -85,11 +72,11 @@ def test_a_cut_starts_a_request_on_its_first_frame(runtime_factory, standin, car
     rt, p = _processor(runtime_factory, standin.url, ollama_trigger="change", ollama_interval_ms=0,
                        ollama_min_interval_ms=200, ollama_image_max_side=0)
     store = rt.processor_store
-    _until(lambda: p.process(before.copy()), lambda: _count(rt, "frames-unchanged") >= 1)   # cooldown over
+    run_until(lambda: p.process(before.copy()), lambda: _count(rt, "frames-unchanged") >= 1)   # cooldown over
     assert _count(rt, "requests-change") == 1
     p.process(after.copy())                                  # the first frame after the cut
     assert _count(rt, "requests-change") == 2, "the request starts on the first changed frame"
-    _until(lambda: p.process(after.copy()), lambda: len(standin.requests) >= 2 and store.get("captions", "caption"))
+    run_until(lambda: p.process(after.copy()), lambda: len(standin.requests) >= 2 and store.get("captions", "caption"))
     jpeg = base64.b64decode(standin.requests[1].body["images"][0])
     sent = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert np.abs(sent.astype(int) - after).mean() < 4        # the new scene was sent
@@ -109,7 +96,7 @@ def test_a_change_during_the_cooldown_waits_for_its_end(runtime_factory, standin
         p.process(after.copy())                              # the scene changed at once
         if _count(rt, "requests-change") == 2 and not starts:
             starts.append(time.monotonic())
-    _until(step, lambda: bool(starts))
+    run_until(step, lambda: bool(starts))
     waited = starts[0] - first
     assert cooldown_s - 0.05 <= waited <= cooldown_s + STEP_S + 0.15, waited   # cooldown + one frame (+ slack)
 
@@ -118,7 +105,7 @@ def test_the_heartbeat_asks_a_static_scene_every_interval(runtime_factory, stand
     still, _ = car
     rt, p = _processor(runtime_factory, standin.url, ollama_trigger="change", ollama_interval_ms=300,
                        ollama_min_interval_ms=50)
-    _until(lambda: p.process(still.copy()), lambda: len(standin.requests) >= 3)
+    run_until(lambda: p.process(still.copy()), lambda: len(standin.requests) >= 3)
     arrived = [r.arrived for r in standin.requests[:3]]
     gaps = np.diff(arrived)
     assert all(0.25 <= g <= 0.6 for g in gaps), gaps
@@ -130,7 +117,7 @@ def test_invalid_trigger_settings_are_reported_once_and_the_defaults_used(runtim
     with caplog.at_level(logging.ERROR, logger="vision_host.processor.ollama"):
         rt, p = _processor(runtime_factory, standin.url, ollama_trigger="sometimes", ollama_change_threshold="2",
                            ollama_min_interval_ms="-5", ollama_interval_ms=100)
-        _until(lambda: p.process(still.copy()), lambda: len(standin.requests) >= 2)
+        run_until(lambda: p.process(still.copy()), lambda: len(standin.requests) >= 2)
     for key in ("ollama-trigger", "ollama-change-threshold", "ollama-min-interval-ms"):
         assert caplog.text.count(f"config {key}=") == 1, caplog.text
     assert 'config ollama-trigger="sometimes" is invalid (expected interval or change); using the default interval' \
@@ -160,7 +147,7 @@ def test_the_change_check_leaks_nothing_per_frame(runtime_factory, standin, car)
     still, _ = car
     rt, p = _processor(runtime_factory, standin.url, ollama_trigger="change", ollama_interval_ms=0,
                        ollama_min_interval_ms=0)
-    _until(lambda: p.process(still.copy()), lambda: rt.processor_store.get("captions", "caption") is not None)
+    run_until(lambda: p.process(still.copy()), lambda: rt.processor_store.get("captions", "caption") is not None)
     for _ in range(3):
         p.process(still.copy())
     memory = p.memory_bytes
@@ -170,7 +157,7 @@ def test_the_change_check_leaks_nothing_per_frame(runtime_factory, standin, car)
         assert len(p.ctx.mats) == 0, "mats left in the host's table after process"
     assert p.memory_bytes == memory, "guest memory grows frame after frame"
     assert p.stats.errors == 0 and p.last_error is None
-    _until(lambda: p.process(still.copy()), lambda: _count(rt, "frames-unchanged") > unchanged)   # it did check
+    run_until(lambda: p.process(still.copy()), lambda: _count(rt, "frames-unchanged") > unchanged)   # it did check
 
 
 @pytest.mark.slow

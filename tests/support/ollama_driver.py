@@ -1,0 +1,43 @@
+"""The ``ollama`` processor driven frame by frame in tests: loaded against a server, fed frames
+until something happened (a condition on the store, the server's requests), never a fixed sleep."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import REPO
+from vision_host.runtime import NetworkPolicy
+
+OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
+
+
+def load_ollama(runtime_factory, url: str, **config):
+    """``(runtime, processor)``: the ``ollama`` processor in a runtime whose config is
+    ``ollama-url=url`` plus ``config`` (``ollama_model="x"`` → ``ollama-model=x``) and whose
+    network policy allows exactly those URLs."""
+    cfg = {"ollama-url": url, **{k.replace("_", "-"): str(v) for k, v in config.items()}}
+    rt = runtime_factory(config=cfg, policy=NetworkPolicy.from_config(cfg))
+    return rt, rt.load(OLLAMA_WASM)
+
+
+def run_until(step, condition, timeout_s: float = 10.0, step_s: float = 0.01):
+    """Call ``step()`` (one frame) every ``step_s`` s until ``condition()``; returns the last
+    ``step()`` result. Raises AssertionError after ``timeout_s`` s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = step()
+        if condition():
+            return out
+        time.sleep(step_s)
+    raise AssertionError("condition not reached in time")
+
+
+def feed_until(processor, frame, condition, timeout_s: float = 10.0, step_s: float = 0.01):
+    """:func:`run_until` feeding copies of ``frame`` (H×W×3 uint8 BGR) to ``processor``; returns
+    the last processed frame."""
+    return run_until(lambda: processor.process(frame.copy()), condition, timeout_s, step_s)
+
+
+def stats_count(rt, key: str) -> int:
+    """The ``ollama`` processor's counter ``key`` (``requests-change``, ``frames-unchanged``, …)."""
+    return int(rt.processor_store.get("ollama-stats", key) or 0)
