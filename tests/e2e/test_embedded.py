@@ -33,6 +33,7 @@ def test_run_with_an_embedded_server_captions_real_footage_and_stops_it(tmp_path
     assert left.stdout.strip() == "", "the embedded server must stop with the run"
 
 
+@pytest.mark.slow
 def test_an_embedded_model_that_cannot_exist_is_refused_before_the_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vision_host", "run", "-p", "ollama", "-s", str(SAMPLE_CLIP),
                              "-c", "ollama-url=embedded", "-c", f"ollama-model={tmp_path}/missing/dir"],
@@ -41,6 +42,7 @@ def test_an_embedded_model_that_cannot_exist_is_refused_before_the_run(tmp_path)
     assert "no such directory" in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_flags_reach_the_server(tmp_path):
     model_dir = tiny_models.build_tiny_blip(tmp_path / "tiny-flags")
     result = subprocess.run([sys.executable, "-m", "vision_host", "serve", "--model", str(model_dir),

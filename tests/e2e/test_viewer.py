@@ -458,6 +458,7 @@ def test_the_caption_limit_keeps_the_newest(served):
     assert [c["text"] for c in json.loads(body)["captions"]] == [f"caption {i}" for i in range(5)]
 
 
+@pytest.mark.slow
 def test_a_body_that_does_not_arrive_in_time_gets_408():
     from vision_host.webserver import ServerLimits
 
@@ -509,6 +510,7 @@ def test_keys_added_while_running_are_capped_and_so_are_key_and_value_sizes(serv
     assert status == 400 and "at most 128 bytes" in json.loads(reply)["error"]
 
 
+@pytest.mark.slow
 def test_a_viewer_that_stops_reading_its_events_is_dropped_without_delaying_the_others(served):
     """An event stream whose reader stalls (a 4 KiB receive buffer, never read) is closed once
     it falls 64 events behind; broadcasting never waits for it and another reader gets all."""

@@ -342,6 +342,7 @@ def test_live_hls_is_paced_and_comes_back_when_the_encoder_restarts(hls, clip):
         source.close()
 
 
+@pytest.mark.slow
 @needs_ffmpeg
 def test_vod_hls_is_read_like_a_file_every_frame_then_it_ends(hls, clip):
     _, refs, fps = clip

@@ -110,6 +110,7 @@ def test_the_format_changes_live_and_is_stored(runtime_factory, standin, real_fr
     assert standin.requests[0].body["format"] == "json"       # the first, before the change
 
 
+@pytest.mark.slow
 def test_workers_ai_is_not_asked_for_json_and_says_so_once(runtime_factory, real_frame, monkeypatch, caplog):
     from workers_ai_standin import WorkersAIStandin
     workers = WorkersAIStandin(token="cf-5e6b1d")

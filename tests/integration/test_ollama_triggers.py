@@ -50,6 +50,7 @@ def _by_model(standin, model):
     return [r for r in standin.requests if r.body["model"] == model]
 
 
+@pytest.mark.slow
 def test_a_static_scene_is_asked_once_on_change_but_every_interval_on_interval(runtime_factory, standin, car):
     still, _ = car
     rt_c, change = _processor(runtime_factory, standin.url, ollama_trigger="change", ollama_interval_ms=0,
@@ -101,6 +102,7 @@ def test_a_change_during_the_cooldown_waits_for_its_end(runtime_factory, standin
     assert cooldown_s - 0.05 <= waited <= cooldown_s + STEP_S + 0.15, waited   # cooldown + one frame (+ slack)
 
 
+@pytest.mark.slow
 def test_the_heartbeat_asks_a_static_scene_every_interval(runtime_factory, standin, car):
     still, _ = car
     rt, p = _processor(runtime_factory, standin.url, ollama_trigger="change", ollama_interval_ms=300,

@@ -781,6 +781,7 @@ def test_flann_knn_match_on_sift_descriptors(guest, real_frame):
         g.call(F2D, "[method]flann-based-matcher.KNN-match", fl, g.new_mat(d1), g.new_mat(d2), 2)
 
 
+@pytest.mark.slow
 def test_resource_drops_release_handles(guest, tmp_path, real_frame):
     g = guest(models_dir=tmp_path)
     h = g.new_mat(real_frame)

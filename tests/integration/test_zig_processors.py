@@ -448,6 +448,7 @@ def test_cascade_matches_opencv(cvcheck, real_frame, face_frame, which):
     assert sorted(r["rects"]) == sorted(xywh_to_rect(want))
 
 
+@pytest.mark.slow
 def test_hog_matches_opencv(cvcheck, real_frame):
     hog = cv2.HOGDescriptor()
     hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
