@@ -96,32 +96,13 @@ fn memberText(doc: []const u8, name: []const u8) ?[]const u8 {
     if ((s.next() catch return null) != .object_begin) return null;
     var found: ?[]const u8 = null;
     while (true) {
-        // the key, decoded (a longer one than the buffer matches nothing)
-        var key: TextBuf(256) = .{};
-        var fits = true;
-        var escaped: [4]u8 = undefined;
-        while (true) {
-            const token = s.next() catch return found;
-            const piece: []const u8 = switch (token) {
-                .object_end => return found,
-                .partial_string, .string => |p| p,
-                inline .partial_string_escaped_1,
-                .partial_string_escaped_2,
-                .partial_string_escaped_3,
-                .partial_string_escaped_4,
-                => |bytes| blk: {
-                    @memcpy(escaped[0..bytes.len], &bytes);
-                    break :blk escaped[0..bytes.len];
-                },
-                else => return found,
-            };
-            if (piece.len > 256 - key.len) fits = false;
-            key.appendRaw(piece);
-            if (token == .string) break;
-        }
+        const first = s.next() catch return found;
+        if (first == .object_end) return found;
+        var key_buf: [256]u8 = undefined; // a longer key matches nothing
+        const key = json.readKey(&s, first, &key_buf) catch return found;
         const start = s.cursor;
         s.skipValue() catch return found;
-        if (fits and std.mem.eql(u8, key.slice(), name)) {
+        if (key != null and std.mem.eql(u8, key.?, name)) {
             found = std.mem.trim(u8, doc[start..s.cursor], " \t\r\n:,");
         }
     }

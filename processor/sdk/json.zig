@@ -417,8 +417,11 @@ fn store(values: []?Value, which: u32, value: ?Value) void {
     }
 }
 
-/// The decoded key starting with `first`; null when longer than `buf`.
-fn readKey(s: *std.json.Scanner, first: std.json.Token, buf: []u8) !?[]const u8 {
+/// The decoded key (escapes resolved) of the object member whose first token is `first`,
+/// read on from `s`; null when longer than `buf` (its tokens are still consumed). The result
+/// is a slice of the scanner's input when the key has no escapes, else of `buf`. Fails with
+/// the scanner's errors, or `error.SyntaxError` when `first` does not start a string.
+pub fn readKey(s: *std.json.Scanner, first: std.json.Token, buf: []u8) !?[]const u8 {
     var token = first;
     var len: usize = 0;
     var fits = true;
