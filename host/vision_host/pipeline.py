@@ -160,10 +160,11 @@ class Pipeline:
         """The processor store changed: a new ``captions/caption`` is published as a caption event."""
         self._store_version = self.stream.processor_store.version
         text = self.stream.processor_store.get("captions", "caption")
-        fs = self.stream.fetch_stats.snapshot()
-        if text is None or (text == self._last_caption and fs.completed == self._captions_completed):
+        fs = self.stream.fetch_stats     # two counters, read one at a time: no copy of its lists here
+        completed = fs.completed
+        if text is None or (text == self._last_caption and completed == self._captions_completed):
             return
-        self._last_caption, self._captions_completed = text, fs.completed
+        self._last_caption, self._captions_completed = text, completed
         store = self.stream.processor_store
         fields, fields_error = self._structured(store.get("ollama", "format") or "", text)
         self.caption_bus.publish(CaptionEvent(
@@ -233,10 +234,10 @@ class Pipeline:
             parts.insert(0, self.source.state.upper())
         if captions.last_latency_ms is not None:
             parts.append(f"last caption {captions.last_latency_ms / 1000:.1f} s")
-        fs = self.stream.fetch_stats.snapshot()
         errors = [f"{p.name}: {p.last_error}" for p in self.processors if p.last_error]
-        if fs.last_error:
-            errors.append(f"server: {fs.last_error}")
+        server_error = self.stream.fetch_stats.last_error    # one counter: no snapshot needed
+        if server_error:
+            errors.append(f"server: {server_error}")
         if errors:
             parts.append("last error: " + errors[-1])
         return " | ".join(parts)
