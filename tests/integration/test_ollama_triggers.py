@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import CAR_CLIP
-from ollama_driver import load_ollama, run_until, stats_count
+from ollama_driver import car, load_ollama, run_until, stats_count  # noqa: F401 (car: a fixture)
 from ollama_standin import OllamaStandin
 from vision_host.outputs import FileOutput
 from vision_host.pipeline import Pipeline, format_summary
@@ -30,14 +30,6 @@ def standin():
     yield server
     server.stop()
 
-
-@pytest.fixture(scope="module")
-def car():
-    """Frame 0 of the car clip (a still street) and frame 80 (the car in the middle)."""
-    cap = cv2.VideoCapture(str(CAR_CLIP))
-    frames = [cap.read()[1] for _ in range(81)]
-    cap.release()
-    return frames[0], frames[80]
 
 
 

@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import time
 
-from conftest import REPO
+import cv2
+import pytest
+
+from conftest import CAR_CLIP, REPO
 from vision_host.runtime import NetworkPolicy
 
 OLLAMA_WASM = REPO / "wasm" / "ollama.wasm"
+
+
+@pytest.fixture(scope="module")
+def car():
+    """Frames 0 (a still street) and 80 (the car in view) of the shipped car clip: 768×432×3
+    uint8 BGR each. A fixture: import it into a test module to use it."""
+    cap = cv2.VideoCapture(str(CAR_CLIP))
+    frames = [cap.read()[1] for _ in range(81)]
+    cap.release()
+    return frames[0], frames[80]
 
 
 def load_ollama(runtime_factory, url: str, **config):
