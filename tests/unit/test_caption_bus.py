@@ -82,22 +82,33 @@ def test_only_caption_subscribers_can_subscribe():
 def test_subscribing_while_streams_publish_loses_no_event():
     bus = CaptionBus()
     counts = [bus.subscribe(CaptionStats(), stream=i) for i in range(4)]
-    go = threading.Event()
+    reached, resume = threading.Barrier(5), threading.Barrier(5)   # the four streams and this thread
 
     def publish(stream):
-        go.wait()
         for n in range(2000):
+            if n == 1000:               # halfway: wait for the first subscriber
+                reached.wait()
+                resume.wait()
             bus.publish(_event(f"{stream}:{n}", stream=stream))
 
     threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    go.set()
+    reached.wait()
+    first = bus.subscribe(_Recorder())   # before the second half: it must get all of it
+    resume.wait()
     late = [bus.subscribe(_Recorder()) for _ in range(50)]   # while the streams publish
     for t in threads:
         t.join()
     assert [c.snapshot().completed for c in counts] == [2000] * 4
-    assert all(r.calls[-1][1:] in {(i, f"{i}:1999") for i in range(4)} for r in late if r.calls)
+    # from the moment it subscribed, a subscriber got every event of every stream, in order: per
+    # stream, a run of consecutive numbers that ends with the last one published
+    for r in [first, *late]:
+        for stream in range(4):
+            got = [int(text.split(":")[1]) for _, i, text in r.calls if i == stream]
+            assert not got or got == list(range(got[0], 2000)), (stream, got[:5])
+    for stream in range(4):
+        assert [c for c in first.calls if c[1] == stream] == [("add", stream, f"{stream}:{n}") for n in range(1000, 2000)]
 
 
 def test_caption_stats_keeps_count_last_text_and_latency():
