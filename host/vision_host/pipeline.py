@@ -172,7 +172,8 @@ class Pipeline:
             frame_index=self.frames_out - 1, source=self.source.name,
             model=store.get("captions", "model") or self.model, latency_ms=fs.last_latency_ms,
             stream=self.stream.index, stream_name=self.stream.name, prompt=store.get("ollama", "prompt"),
-            fields=fields, fields_error=fields_error))
+            fields=fields, fields_error=fields_error,
+            frame=self._last_frame.copy() if self.caption_bus.frames_wanted and self._last_frame is not None else None))
 
     def _structured(self, format_value: str, text: str) -> tuple[dict | None, str | None]:
         """``text`` as a structured answer when the processor asked for one (its ``ollama/format``

@@ -140,3 +140,36 @@ def test_the_subtitle_stream_track_needs_no_file():
     track.add(_event("a blue car", t=3.0))
     track.close(5.0)
     assert track.closed and cues == [(1.0, 3.0, "a red car"), (3.0, 5.0, "a blue car")]
+
+
+def test_frames_are_wanted_only_while_a_subscriber_asks_and_alerts_reach_stream_and_everyone():
+    from vision_host.captions import AlertEvent as _  # noqa: F401  (exported)
+    from vision_host.captions.bus import CaptionBus, CaptionSubscriber
+    from vision_host.captions.event import AlertEvent
+
+    class Plain(CaptionSubscriber):
+        def __init__(self):
+            self.alerts = []
+
+        def add(self, event):
+            pass
+
+        def alert(self, event):
+            self.alerts.append(event)
+
+    class Framed(Plain):
+        wants_frames = True
+
+    bus = CaptionBus()
+    plain, framed, other = Plain(), Framed(), Plain()
+    bus.subscribe(plain)
+    assert bus.frames_wanted is False
+    bus.subscribe(framed, stream=1)
+    bus.subscribe(other, stream=2)
+    assert bus.frames_wanted is True
+    edge = AlertEvent(name="door", state="ON", stream=1, stream_name="front", wall_time=0.0, reason="matched")
+    bus.publish_alert(edge)
+    assert plain.alerts == [edge] and framed.alerts == [edge] and other.alerts == []
+    assert bus.alerts_published == 1
+    bus.end_stream(1)
+    assert bus.frames_wanted is False

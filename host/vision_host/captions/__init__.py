@@ -1,7 +1,8 @@
 """One home for what the model says.
 
 * :mod:`.event` — :class:`CaptionEvent`: one completed caption (stream, frame, times, model,
-  prompt, text, latency, structured fields), created once by the stream's pipeline.
+  prompt, text, latency, structured fields), created once by the stream's pipeline;
+  :class:`AlertEvent`: an alert rule's edge (off → on → off), published on the same bus.
 * :mod:`.bus` — :class:`CaptionBus` publishes each event to every :class:`CaptionSubscriber`
   (one per run; per-stream subscribers also get their stream's timeline: ticks, gaps, the end).
 * subscribers: :mod:`.tracks` (WebVTT, SubRip, JSON Lines files and a recording's subtitle
@@ -12,11 +13,11 @@ and subscribe an instance where the run is wired (:mod:`vision_host.runner`).
 """
 
 from .bus import CaptionBus, CaptionSubscriber
-from .event import CaptionEvent, iso_utc
+from .event import AlertEvent, CaptionEvent, iso_utc
 from .stats import CaptionCounts, CaptionStats
 from .tracks import (CAPTION_FORMATS, CaptionTrack, CaptionTrackError, JsonLinesTrack, SrtTrack, SubtitleStreamTrack,
                      VttTrack, open_track)
 
-__all__ = ["CAPTION_FORMATS", "CaptionBus", "CaptionCounts", "CaptionEvent", "CaptionStats", "CaptionSubscriber",
+__all__ = ["AlertEvent", "CAPTION_FORMATS", "CaptionBus", "CaptionCounts", "CaptionEvent", "CaptionStats", "CaptionSubscriber",
            "CaptionTrack", "CaptionTrackError", "JsonLinesTrack", "SrtTrack", "SubtitleStreamTrack", "VttTrack",
            "iso_utc", "open_track"]

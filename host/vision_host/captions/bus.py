@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .event import CaptionEvent
+from .event import AlertEvent, CaptionEvent
 
 __all__ = ["CaptionBus", "CaptionSubscriber"]
 
@@ -39,9 +39,17 @@ class CaptionSubscriber:
     :attr:`.CaptionEvent.stream_time_s`).
     """
 
+    #: True: this subscriber wants :attr:`.CaptionEvent.frame` (the pipeline then copies the
+    #: frame into each caption event; with no such subscriber it does not).
+    wants_frames = False
+
     def add(self, event: CaptionEvent) -> None:
         """A caption completed. Must not block the frame loop."""
         raise NotImplementedError
+
+    def alert(self, event: AlertEvent) -> None:
+        """An alert rule changed state (:meth:`CaptionBus.publish_alert`). Must not block; the
+        default ignores it. Called from the stream's frame loop or the alert rules' timer thread."""
 
     def tick(self, stream_time_s: float) -> None:
         """Called after every frame of the stream (O(1), no I/O expected)."""
@@ -73,6 +81,10 @@ class CaptionBus:
         self.failures = 0
         #: Caption events published.
         self.published = 0
+        #: Alert events published.
+        self.alerts_published = 0
+        #: True while a subscriber wants frames (:attr:`CaptionSubscriber.wants_frames`).
+        self.frames_wanted = False
 
     def subscribe(self, subscriber: CaptionSubscriber, stream: int | None = None) -> CaptionSubscriber:
         """Send ``subscriber`` the captions of stream ``stream`` (index) and its timeline, or,
@@ -88,6 +100,7 @@ class CaptionBus:
                 self._everyone += (subscriber,)
             else:
                 self._by_stream[stream] = self._by_stream.get(stream, ()) + (subscriber,)
+            self._note_frames_wanted()
         return subscriber
 
     def unsubscribe(self, subscriber: CaptionSubscriber) -> None:
@@ -96,12 +109,25 @@ class CaptionBus:
             self._everyone = tuple(s for s in self._everyone if s is not subscriber)
             self._by_stream = {i: tuple(s for s in subs if s is not subscriber)
                                for i, subs in self._by_stream.items()}
+            self._note_frames_wanted()
+
+    def _note_frames_wanted(self) -> None:
+        """(under the lock) Recompute :attr:`frames_wanted` from the subscriber lists."""
+        self.frames_wanted = any(s.wants_frames for subs in (self._everyone, *self._by_stream.values())
+                                 for s in subs)
 
     def publish(self, event: CaptionEvent) -> None:
         """Send ``event`` to the subscribers of its stream, then to those of every stream."""
         self.published += 1
         for subscriber in self._by_stream.get(event.stream, ()) + self._everyone:
             self._call(subscriber, "add", event)
+
+    def publish_alert(self, event: AlertEvent) -> None:
+        """Send alert edge ``event`` to the subscribers of its stream, then to those of every
+        stream (their :meth:`~CaptionSubscriber.alert`). Thread-safe."""
+        self.alerts_published += 1
+        for subscriber in self._by_stream.get(event.stream, ()) + self._everyone:
+            self._call(subscriber, "alert", event)
 
     def tick(self, stream: int, stream_time_s: float) -> None:
         """A frame of stream ``stream`` was written (its subscribers' :meth:`~CaptionSubscriber.tick`)."""
@@ -122,6 +148,7 @@ class CaptionBus:
         """Stream ``stream`` ended: its subscribers are closed (at ``end_time_s``) and removed."""
         with self._lock:
             subscribers = self._by_stream.pop(stream, ())
+            self._note_frames_wanted()
         for subscriber in subscribers:
             self._call(subscriber, "close", end_time_s)
 
@@ -130,6 +157,7 @@ class CaptionBus:
         with self._lock:
             subscribers = [s for subs in self._by_stream.values() for s in subs] + list(self._everyone)
             self._by_stream, self._everyone = {}, ()
+            self.frames_wanted = False
         for subscriber in subscribers:
             self._call(subscriber, "close", None)
 

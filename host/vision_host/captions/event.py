@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from datetime import datetime, timezone
 
-__all__ = ["CaptionEvent", "iso_utc"]
+__all__ = ["AlertEvent", "CaptionEvent", "iso_utc"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class CaptionEvent:
             validated: :mod:`.structured`) when ``ollama-format`` asks for one, else None.
         fields_error: why a reply that should have been structured is not (not JSON, not an
             object, or the first schema violation); None otherwise. The text is kept either way.
+        frame: the frame the caption completed on, as the outputs got it (H×W×3 uint8 BGR, the
+            overlay drawn), a copy owned by the event: read it, never write it. Only when a
+            subscriber of the bus asked for frames (:attr:`.CaptionSubscriber.wants_frames`),
+            else None. Encode it (JPEG) on the subscriber's own thread, not in ``add``.
     """
 
     text: str
@@ -46,10 +51,46 @@ class CaptionEvent:
     prompt: str | None = None
     fields: Mapping | None = None
     fields_error: str | None = None
+    frame: Any = field(default=None, repr=False, compare=False)
 
     @property
     def wall_time_iso(self) -> str:
         """:attr:`wall_time` as ISO 8601 UTC with milliseconds, e.g. ``2026-12-01T15:01:22.123Z``."""
+        return iso_utc(self.wall_time)
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """An alert rule changed state on one stream (an edge of its off → on → off machine).
+
+    Created by the alert rules (:mod:`.alerts`) and published on the caption bus
+    (:meth:`.CaptionBus.publish_alert`), so every sink that receives captions receives alert
+    edges the same way (:meth:`.CaptionSubscriber.alert`).
+
+    Attributes:
+        name: the rule's name (``[[alert]] name``, ``--alert NAME=EXPR``).
+        state: ``"ON"`` or ``"OFF"``, the state entered.
+        stream: index of the stream it concerns.
+        stream_name: that stream's name, if known.
+        wall_time: when the edge happened, seconds since the epoch.
+        reason: why, in words (e.g. ``"held for 2 s"``, ``"cleared after 30 s without a match"``).
+        caption: the caption event whose evaluation caused the edge, if one did (None for an
+            edge made by a timer, such as ``clear-after-s``).
+        expression: the rule's condition as written.
+    """
+
+    name: str
+    state: str
+    stream: int
+    stream_name: str | None
+    wall_time: float
+    reason: str
+    caption: CaptionEvent | None = None
+    expression: str = ""
+
+    @property
+    def wall_time_iso(self) -> str:
+        """:attr:`wall_time` as ISO 8601 UTC with milliseconds (see :func:`iso_utc`)."""
         return iso_utc(self.wall_time)
 
 
