@@ -41,6 +41,7 @@ SYSTEM_PACKAGES = {
     "rtsp-server": "python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good "
                    "gstreamer1.0-plugins-bad",
     "chromium": "chromium",
+    "mosquitto": "mosquitto",
 }
 _APT_HINT = re.compile(r"\(apt-get install ([^)]+)\)")
 
@@ -61,6 +62,22 @@ def has_gst_rtsp_server() -> bool:
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason=missing_system_package("ffmpeg"))
 needs_ffprobe = pytest.mark.skipif(shutil.which("ffprobe") is None, reason=missing_system_package("ffprobe"))
+
+
+def pytest_configure(config):
+    """Runs keep their caption history and outbox under the user's data directory by default:
+    the tests' runs (and the commands they start) keep theirs in a directory of their own, never
+    in the real one."""
+    import os
+    import tempfile
+    config._vision_host_data_home = os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="vision-host-test-data-")
+
+
+def pytest_unconfigure(config):
+    """Remove the tests' data directory (:func:`pytest_configure`)."""
+    home = getattr(config, "_vision_host_data_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -12,12 +12,14 @@ A new subscriber is one class: subclass :class:`CaptionSubscriber`, override ``a
 and subscribe an instance where the run is wired (:mod:`vision_host.runner`).
 """
 
+from .alerts import AlertRule, AlertRuleError, AlertRules, parse_alert_flag, parse_alert_table
 from .bus import CaptionBus, CaptionSubscriber
 from .event import AlertEvent, CaptionEvent, iso_utc
 from .stats import CaptionCounts, CaptionStats
 from .tracks import (CAPTION_FORMATS, CaptionTrack, CaptionTrackError, JsonLinesTrack, SrtTrack, SubtitleStreamTrack,
                      VttTrack, open_track)
 
-__all__ = ["AlertEvent", "CAPTION_FORMATS", "CaptionBus", "CaptionCounts", "CaptionEvent", "CaptionStats", "CaptionSubscriber",
+__all__ = ["AlertEvent", "AlertRule", "AlertRuleError", "AlertRules",
+           "CAPTION_FORMATS", "CaptionBus", "CaptionCounts", "CaptionEvent", "CaptionStats", "CaptionSubscriber",
            "CaptionTrack", "CaptionTrackError", "JsonLinesTrack", "SrtTrack", "SubtitleStreamTrack", "VttTrack",
-           "iso_utc", "open_track"]
+           "iso_utc", "open_track", "parse_alert_flag", "parse_alert_table"]
