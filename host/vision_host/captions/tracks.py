@@ -64,7 +64,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
-def _clean_text(text: str) -> str:
+def clean_cue_text(text: str) -> str:
     """Cue text before the format's escaping: lines split on every line break, control
     characters but tab dropped, lines stripped, blank lines dropped, lone surrogates → U+FFFD."""
     lines = (_CONTROL.sub("", line).strip() for line in _SURROGATE.sub("\ufffd", text).splitlines())
@@ -75,9 +75,9 @@ _SRT_ARROW = re.compile("-{2,}>")
 
 
 def _srt_text(text: str) -> str:
-    """SubRip cue text: :func:`_clean_text`, then every run of two or more "-" followed by ">"
+    """SubRip cue text: :func:`clean_cue_text`, then every run of two or more "-" followed by ">"
     written "->", so no line holds "-->" and none can be read as a timing line."""
-    return _SRT_ARROW.sub("->", _clean_text(text))
+    return _SRT_ARROW.sub("->", clean_cue_text(text))
 
 
 def _json_line(record: dict) -> str:
@@ -255,8 +255,8 @@ class _TimedTrack(CaptionTrack):
         self._index = 0
 
     def _cue_text(self, text: str) -> str:
-        """The text as the format writes it (see :func:`_clean_text`); "" for no cue."""
-        return _clean_text(text)
+        """The text as the format writes it (see :func:`clean_cue_text`); "" for no cue."""
+        return clean_cue_text(text)
 
     def _cue(self, index: int, start_ms: int, end_ms: int, text: str) -> str:
         raise NotImplementedError
@@ -346,7 +346,7 @@ class VttTrack(_TimedTrack):
     ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` (hours: two digits or more) each followed by a blank line,
     UTF-8, LF line ends.
 
-    Cue text: :func:`_clean_text`, then ``&``, ``<``, ``>`` written as the character references
+    Cue text: :func:`clean_cue_text`, then ``&``, ``<``, ``>`` written as the character references
     ``&amp;``, ``&lt;``, ``&gt;`` ("WebVTT cue text": "&" and "<" may not appear otherwise; the
     cue payload may hold neither "-->" nor a blank line, "WebVTT file structure"). So a reply
     cannot form markup (tags, timestamps, entities), a timing line or the end of a cue, and shows
@@ -358,7 +358,7 @@ class VttTrack(_TimedTrack):
         return "WEBVTT\n\n"
 
     def _cue_text(self, text: str) -> str:
-        return _clean_text(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return clean_cue_text(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
     def _cue(self, index: int, start_ms: int, end_ms: int, text: str) -> str:
         return f"{_timestamp(start_ms, '.')} --> {_timestamp(end_ms, '.')}\n{text}\n\n"

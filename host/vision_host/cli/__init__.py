@@ -1,6 +1,6 @@
-"""The ``vision-host`` command: ``run``, ``bench``, ``list``, ``info``, ``version`` and ``serve``,
-one module each (:mod:`.run`, :mod:`.bench`, :mod:`.processors` for list and info,
-:mod:`.serve`); the run's settings, flags and run files in :mod:`.settings` and :mod:`.run_file`.
+"""The ``vision-host`` command: ``run``, ``bench``, ``list``, ``info``, ``version``, ``serve`` and
+``history``, one module each (:mod:`.run`, :mod:`.bench`, :mod:`.processors` for list and info,
+:mod:`.serve`, :mod:`.history`); the run's settings, flags and run files in :mod:`.settings` and :mod:`.run_file`.
 
 Flags follow wasmVision's (``-p``, ``-c``, ``-f``, ``-s``, ``-o``, ``-d``, ``--logging``) so
 its users feel at home; ``-f run.toml`` accepts wasmVision's TOML layout (``[main]``,
@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, processors, run, serve
+from . import bench, history, processors, run, serve
 from .settings import UsageError
 
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     processors.add_parsers(sub)
     sub.add_parser("version", help="print the version").set_defaults(handler=_cmd_version)
     serve.add_parser(sub)
+    history.add_parser(sub)
     parser.commands = dict(sub.choices)
     return parser
 

@@ -1,0 +1,14 @@
+"""The caption history: every caption event and alert edge of a run, stored in SQLite with a
+full-text index and a thumbnail of the captioned frame (:mod:`.store`), written by a subscriber
+of the caption bus (:mod:`.recorder`), read by ``vision-host history`` (:mod:`..cli.history`).
+
+Importing this package loads no OpenCV (thumbnails import it when they are made).
+"""
+
+from __future__ import annotations
+
+from .recorder import HistoryRecorder, start_history
+from .store import EXPORT_FORMATS, SCHEMA_VERSION, HistoryError, HistoryStore, default_history_path, parse_when
+
+__all__ = ["EXPORT_FORMATS", "SCHEMA_VERSION", "HistoryError", "HistoryRecorder", "HistoryStore",
+           "default_history_path", "parse_when", "start_history"]
