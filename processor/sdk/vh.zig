@@ -535,6 +535,28 @@ pub const fetch = struct {
         return F.postFrame(url, content_type, template, frame.handle, max_side, jpeg_quality);
     }
 
+    /// How `postFrames` puts several frames into one request: `.images` (the template's
+    /// `%EACH%`…`%END%` item once per frame) or `.grid` (one tiled, time-labelled JPEG).
+    pub const FramesLayout = F.FramesLayout;
+
+    /// Keeps a copy of `frame`, downscaled so its longer side is at most `max_side` px
+    /// (0 = full size) and stamped with the host's clock, in this instance's ring of recent
+    /// frames, which holds the newest `capacity` copies (clamped to 1–64). Call it every
+    /// frame (or every few) so that `postFrames` has frames to choose from.
+    pub fn keepFrame(frame: Mat, max_side: u32, capacity: u32) Error!void {
+        return F.keepFrame(frame.handle, max_side, capacity);
+    }
+
+    /// Like `postFrame` with up to `count` frames (1–16): the kept copies nearest the
+    /// moments spread evenly over the last `span_ms` ms, then `frame` itself as the newest
+    /// (fewer at the start of a stream). `.images`: the template's part between `%EACH%` and
+    /// `%END%` is written once per frame, oldest first, joined by `,`, each with its own
+    /// `%IMAGE%` (or `%IMAGE_BYTES%`); `.grid`: one JPEG of the frames tiled and labelled
+    /// with their times replaces the first `%IMAGE%`. Returns the request id at once.
+    pub fn postFrames(url: []const u8, content_type: []const u8, template: []const u8, frame: Mat, max_side: u32, jpeg_quality: u32, count: u32, span_ms: u32, layout: FramesLayout) Error!u32 {
+        return F.postFrames(url, content_type, template, frame.handle, max_side, jpeg_quality, count, span_ms, layout);
+    }
+
     /// Starts a request without a frame (`method` GET or POST). Returns the request id.
     pub const start = F.start;
 

@@ -2,7 +2,7 @@
 //! Regenerate with `python processor/bindgen.py` (processor/build.py does it before
 //! every build; `build.py --check` fails when this file is stale).
 //!
-//! 210 imported functions of 14 interfaces (worlds: imports, processor).
+//! 212 imported functions of 14 interfaces (worlds: imports, processor).
 //! Per interface: its types (canonical memory layout), `raw` (the core-wasm imports
 //! with their flattened signatures) and typed wrappers; resources are handle structs
 //! whose methods wrap `[constructor]`, `[method]`, `[static]` and `[resource-drop]`.
@@ -2438,6 +2438,11 @@ pub const vision_host_platform = struct {
             done: bool,
             body: canon.List(u8),
         };
+        pub const FramesLayout = enum(u8) {
+            images,
+            grid,
+            _,
+        };
 
         /// Starts `POST url` with a body made from `template` in which the first `%IMAGE%` is
         /// replaced by the base64 JPEG of frame `frame` (or, when `%IMAGE_BYTES%` comes first, that
@@ -2450,6 +2455,54 @@ pub const vision_host_platform = struct {
         pub fn postFrame(url: []const u8, content_type: []const u8, template: []const u8, frame: u32, max_side: u32, jpeg_quality: u32) FetchError.Error!u32 {
             var wit_ret: canon.Result(u32, FetchError) = undefined;
             raw.@"post-frame"(@as(u32, @intFromPtr(url.ptr)), @as(u32, @intCast(url.len)), @as(u32, @intFromPtr(content_type.ptr)), @as(u32, @intCast(content_type.len)), @as(u32, @intFromPtr(template.ptr)), @as(u32, @intCast(template.len)), @as(u32, frame), @as(u32, max_side), @as(u32, jpeg_quality), @intFromPtr(&wit_ret));
+            if (wit_ret.is_err != 0) return wit_ret.payload.err.toError();
+            return wit_ret.payload.ok;
+        }
+
+        /// Keeps a copy of frame `frame` in this processor instance's ring of recent frames, for
+        /// `post-frames`. The copy is downscaled (area interpolation) so that its longer side is at
+        /// most `max-side` px (0 = full size) and stamped with the host's monotonic clock. The ring
+        /// holds the newest `capacity` copies (clamped to 1–64), dropping the oldest; a capacity
+        /// smaller than before trims the ring at once. The copies stay in the host: at most
+        /// capacity × copy size, and at most 128 MiB per instance (the oldest copies go first). To
+        /// cover a span S with N frames, keep a frame about every S/(N−1) with a capacity of at
+        /// least N−1. An unknown or dropped frame handle traps, as in `post-frame`; `runtime-error`
+        /// when the frame is not an 8-bit image of 1, 3 or 4 channels.
+        ///
+        /// WIT: `keep-frame: func(frame: u32, max-side: u32, capacity: u32) -> result<_, fetch-error>`
+        pub fn keepFrame(frame: u32, max_side: u32, capacity: u32) FetchError.Error!void {
+            var wit_ret: canon.Result(void, FetchError) = undefined;
+            raw.@"keep-frame"(@as(u32, frame), @as(u32, max_side), @as(u32, capacity), @intFromPtr(&wit_ret));
+            if (wit_ret.is_err != 0) return wit_ret.payload.err.toError();
+        }
+
+        /// Like `post-frame`, with up to `count` frames (clamped to 1–16): for k = 0 … count−2 the
+        /// kept copy (see `keep-frame`) nearest the moment now − span·(count−1−k)/(count−1), with
+        /// span = `span-ms` ms, then frame `frame` itself as the newest. Each copy is used at most
+        /// once and the chosen times increase strictly; copies newer than half the spacing between
+        /// moments before now are left out (`frame` stands for them), and a moment older than the
+        /// oldest kept copy by more than half the spacing is skipped, so fewer frames are sent at
+        /// the start of a stream (just `frame` when nothing is kept, or when `count` is 1 or
+        /// `span-ms` is 0). Every frame is downscaled so its longer side is at most `max-side` px
+        /// (0 = full size) and encoded as JPEG at `jpeg-quality` (1–100).  `images`: `template`
+        /// must hold `%EACH%` and, after it, `%END%`; the part between them (the first `%EACH%` and
+        /// the first `%END%` after it) is written once per frame, oldest first, joined by `,`, its
+        /// first `%IMAGE%` replaced by that frame's base64 JPEG (or, when `%IMAGE_BYTES%` comes
+        /// first, that by the JPEG's bytes as a JSON array of numbers); without the markers the
+        /// call fails with `runtime-error`. `grid`: one JPEG of the frames tiled left to right, top
+        /// to bottom, oldest first, in ceil(sqrt(n)) columns and ceil(n / columns) rows, each tile
+        /// scaled to the newest frame's size and labelled in its top-left corner with its time
+        /// relative to the newest (`-1.5 s` … `0.0 s`), the grid downscaled so its longer side is
+        /// at most `max-side`; it replaces the template's first `%IMAGE%` or `%IMAGE_BYTES%` as in
+        /// `post-frame`. The frames are chosen and copied during the call; encoding and sending
+        /// happen on a worker thread. An unknown or dropped frame handle, or a `layout` that is not
+        /// a case, traps; `runtime-error` also when `frame` is not an 8-bit image. Returns the
+        /// request id.
+        ///
+        /// WIT: `post-frames: func(url: string, content-type: string, template: list<u8>, frame: u32, max-side: u32, jpeg-quality: u32, count: u32, span-ms: u32, layout: frames-layout) -> result<u32, fetch-error>`
+        pub fn postFrames(url: []const u8, content_type: []const u8, template: []const u8, frame: u32, max_side: u32, jpeg_quality: u32, count: u32, span_ms: u32, layout: FramesLayout) FetchError.Error!u32 {
+            var wit_ret: canon.Result(u32, FetchError) = undefined;
+            raw.@"post-frames"(@as(u32, @intFromPtr(url.ptr)), @as(u32, @intCast(url.len)), @as(u32, @intFromPtr(content_type.ptr)), @as(u32, @intCast(content_type.len)), @as(u32, @intFromPtr(template.ptr)), @as(u32, @intCast(template.len)), @as(u32, frame), @as(u32, max_side), @as(u32, jpeg_quality), @as(u32, count), @as(u32, span_ms), @as(u32, @backingInt(layout)), @intFromPtr(&wit_ret));
             if (wit_ret.is_err != 0) return wit_ret.payload.err.toError();
             return wit_ret.payload.ok;
         }
@@ -2483,6 +2536,8 @@ pub const vision_host_platform = struct {
         /// The core-wasm imports (canonical-ABI lowered signatures).
         pub const raw = struct {
             pub extern "vision-host:platform/fetch" fn @"post-frame"(url_ptr: u32, url_len: u32, content_type_ptr: u32, content_type_len: u32, template_ptr: u32, template_len: u32, frame: u32, max_side: u32, jpeg_quality: u32, ret: u32) void;
+            pub extern "vision-host:platform/fetch" fn @"keep-frame"(frame: u32, max_side: u32, capacity: u32, ret: u32) void;
+            pub extern "vision-host:platform/fetch" fn @"post-frames"(url_ptr: u32, url_len: u32, content_type_ptr: u32, content_type_len: u32, template_ptr: u32, template_len: u32, frame: u32, max_side: u32, jpeg_quality: u32, count: u32, span_ms: u32, layout: u32, ret: u32) void;
             pub extern "vision-host:platform/fetch" fn start(method_ptr: u32, method_len: u32, url_ptr: u32, url_len: u32, content_type_ptr: u32, content_type_len: u32, body_ptr: u32, body_len: u32, ret: u32) void;
             pub extern "vision-host:platform/fetch" fn poll(id: u32, ret: u32) void;
             pub extern "vision-host:platform/fetch" fn cancel(id: u32) void;
@@ -2607,6 +2662,7 @@ comptime {
     std.debug.assert(@offsetOf(vision_host_platform.fetch.Progress, "done") == 2);
     std.debug.assert(@offsetOf(vision_host_platform.fetch.Progress, "body") == 4);
     std.debug.assert(@sizeOf(vision_host_platform.fetch.Progress) == 12 and @alignOf(vision_host_platform.fetch.Progress) == 4);
+    std.debug.assert(@sizeOf(vision_host_platform.fetch.FramesLayout) == 1 and @alignOf(vision_host_platform.fetch.FramesLayout) == 1);
     std.debug.assert(@sizeOf(vision_host_platform.overlay.Placement) == 1 and @alignOf(vision_host_platform.overlay.Placement) == 1);
     std.debug.assert(@sizeOf(canon.List(canon.String)) == 8 and @alignOf(canon.List(canon.String)) == 4);
     std.debug.assert(@sizeOf(canon.List(f32)) == 8 and @alignOf(canon.List(f32)) == 4);
@@ -2629,6 +2685,7 @@ comptime {
     std.debug.assert(@sizeOf(canon.Result(u32, vision_host_platform.fetch.FetchError)) == 8 and @alignOf(canon.Result(u32, vision_host_platform.fetch.FetchError)) == 4);
     std.debug.assert(@sizeOf(canon.Result(vision_host_platform.fetch.Progress, vision_host_platform.fetch.FetchError)) == 16 and @alignOf(canon.Result(vision_host_platform.fetch.Progress, vision_host_platform.fetch.FetchError)) == 4);
     std.debug.assert(@sizeOf(canon.Result(void, canon.String)) == 12 and @alignOf(canon.Result(void, canon.String)) == 4);
+    std.debug.assert(@sizeOf(canon.Result(void, vision_host_platform.fetch.FetchError)) == 2 and @alignOf(canon.Result(void, vision_host_platform.fetch.FetchError)) == 1);
     std.debug.assert(@sizeOf(canon.Result(void, wasmvision_platform.datastore.DatastoreError)) == 2 and @alignOf(canon.Result(void, wasmvision_platform.datastore.DatastoreError)) == 1);
     std.debug.assert(@sizeOf(canon.Result(wasm_cv.dnn.Layer, canon.String)) == 12 and @alignOf(canon.Result(wasm_cv.dnn.Layer, canon.String)) == 4);
     std.debug.assert(@sizeOf(canon.Result(wasm_cv.dnn.Net, canon.String)) == 12 and @alignOf(canon.Result(wasm_cv.dnn.Net, canon.String)) == 4);

@@ -9,13 +9,14 @@ redirects and no proxies from the environment, under a connect timeout, a read t
 between bytes and a response size cap. Per processor there is a cap on requests in flight
 and on requests running at once, in its own queue, so that one processor's flood cannot
 delay another's (a cancelled request that has not started is never sent); frame (caption)
-requests take turns at the vision servers by lanes (:class:`FairShare`). WIT:
+requests take turns at the vision servers by lanes (:class:`FairShare`). ``keep-frame`` and
+``post-frames`` (several recent frames in one request) keep their frames in a ring per
+processor instance, :mod:`.frame_ring`. WIT:
 ``wasm/wit/vision-host.wit``.
 """
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import enum
 import logging
@@ -26,11 +27,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 import requests
 
 from .canon import ErrResult, implements
+from .frame_ring import (FrameRing, FrameRingError, FramesLayout, downscale, encode_jpeg, fill_image,
+                         frames_jpeg_body, gather_frames)
 
 if TYPE_CHECKING:
     from .policy import NetworkPolicy, RequestTarget
@@ -684,30 +686,10 @@ def frame_jpeg_body(frame: np.ndarray, max_side: int, quality: int, template: by
     function that, on a worker thread, encodes it as JPEG at ``quality`` (1–100), base64s it
     and substitutes it for the first ``%IMAGE%`` in ``template``; when ``%IMAGE_BYTES%``
     comes first, it is replaced instead by the JPEG's bytes as a JSON array of numbers
-    (``[255,216,…]``, Workers AI's image field).
+    (``[255,216,…]``, Workers AI's image field). See :func:`.frame_ring.fill_image`.
     """
-    h, w = frame.shape[:2]
-    longer = max(h, w)
-    if max_side and longer > max_side:
-        scale = max_side / longer
-        small = cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))),
-                           interpolation=cv2.INTER_AREA)
-    else:
-        small = frame.copy()
-    quality = min(100, max(1, quality))
-
-    def build() -> bytes:
-        ok, jpeg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:
-            raise ValueError("JPEG encoding failed")
-        at_bytes = template.find(b"%IMAGE_BYTES%")
-        at_base64 = template.find(b"%IMAGE%")
-        if at_bytes >= 0 and (at_base64 < 0 or at_bytes <= at_base64):
-            numbers = b"[" + b",".join(b"%d" % v for v in jpeg.ravel().tolist()) + b"]"
-            return template[:at_bytes] + numbers + template[at_bytes + len(b"%IMAGE_BYTES%"):]
-        return template.replace(b"%IMAGE%", base64.b64encode(jpeg.tobytes()), 1)
-
-    return build
+    small = downscale(frame, max_side)
+    return lambda: fill_image(template, encode_jpeg(small, quality))
 
 
 # -- host functions: vision-host:platform/fetch ------------------------------------------
@@ -728,6 +710,35 @@ def _post_frame(ctx, url, content_type, template, frame, max_side, quality):
     return _started(ctx, url, lambda: ctx.fetch.start(
         "POST", url, content_type, lambda: frame_jpeg_body(array, max_side, quality, template),
         is_image=True, prepare=True))
+
+
+@implements(_FETCH, "keep-frame")
+def _keep_frame(ctx, frame, max_side, capacity):
+    array = ctx.mats.get(frame)                 # an unknown handle traps, as in post-frame
+    ring = ctx.frame_ring
+    if ring is None:
+        ring = ctx.frame_ring = FrameRing()
+    try:
+        ring.keep(array, max_side, capacity)
+    except FrameRingError as exc:
+        ctx.log_once(f"keep-frame failed: {exc}")
+        raise ErrResult(int(FetchError.RUNTIME_ERROR)) from None
+
+
+@implements(_FETCH, "post-frames")
+def _post_frames(ctx, url, content_type, template, frame, max_side, quality, count, span_ms, layout):
+    array = ctx.mats.get(frame)
+
+    def prepare():              # after the policy checks, during the call (see frame_ring)
+        try:
+            frames = gather_frames(ctx.frame_ring, array, max_side, count, span_ms / 1000.0)
+            return frames_jpeg_body(frames, template, FramesLayout(layout), max_side, quality)
+        except FrameRingError as exc:
+            ctx.log_once(f"post-frames failed: {exc}")
+            raise FetchErrorResult(FetchError.RUNTIME_ERROR) from None
+
+    return _started(ctx, url, lambda: ctx.fetch.start("POST", url, content_type, prepare, is_image=True,
+                                                      prepare=True))
 
 
 @implements(_FETCH, "start")

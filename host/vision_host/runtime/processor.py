@@ -27,6 +27,7 @@ from . import accessors as _accessors
 from .abi import AbiError, GuestMemory
 from .deadline import CallDeadline, CallTimeout
 from .fetch import FetchClient, FetchError
+from .frame_ring import FrameRing
 from .handles import HandleTable
 from .linking import HOST_EXCEPTION, HOST_FUNCTIONS, define, host_exception, host_function_for
 
@@ -93,6 +94,8 @@ class InstanceContext:
         self.frame_handle = 0          # handle of the frame being processed, and its sequence
         self.frame_number = 0
         self.fetch = FetchClient(runtime.policy, runtime.pool, stream.fetch_stats, runtime.fair_share, stream.index)
+        #: Recent frame copies for post-frames (:class:`.frame_ring.FrameRing`), made by the first keep-frame.
+        self.frame_ring: FrameRing | None = None
         self.memory: GuestMemory | None = None
         #: The in-wasm mat accessors (:class:`.accessors.MatAccessors`), or None; while
         #: ``accessors_live``, they hold copies of mat data that host functions must flush first.
