@@ -47,7 +47,16 @@ pub const Config = struct {
     region_text: []const u8 = "",
     /// `ollama-show-region`: outline the region on every frame.
     show_region: bool = false,
+    /// `ollama-frames`: frames per request (1: the current frame only, as before).
+    frames: u64 = 1,
+    /// `ollama-frames-span-ms`: the frames are spread over this many ms before the newest.
+    frames_span_ms: u64 = 2000,
+    /// `ollama-frames-layout` in force (always .grid for a single-image protocol).
+    frames_layout: FramesLayout = .images,
 };
+
+/// `ollama-frames-layout`: several frames as separate images, or tiled into one image.
+pub const FramesLayout = enum { images, grid };
 
 
 /// `ollama-format`: plain text (empty), any JSON object ("json"), or a JSON Schema.
@@ -102,11 +111,15 @@ pub fn read(arena: std.mem.Allocator, cfg: *Config) error{OutOfMemory}!void {
         .paused = s.boolean("ollama-paused", d.paused),
         .overlay = s.boolean("ollama-overlay", d.overlay),
         .show_region = s.boolean("ollama-show-region", d.show_region),
+        .frames = @intCast(s.int("ollama-frames", d.frames, 1, 8, "an integer 1-8")),
+        .frames_span_ms = @intCast(s.int("ollama-frames-span-ms", d.frames_span_ms, 100, 60_000, "an integer 100-60000 ms")),
+        .frames_layout = s.choice(FramesLayout, "ollama-frames-layout", d.frames_layout, .ignore_case),
     };
     cfg.server_name = if (server_name) |name| vh.utf8Prefix(name, max_server_name) else cfg.protocol.server_name;
     cfg.server_named = server_name != null;
     try readFormat(arena, cfg);
     try readRegion(arena, cfg);
+    singleImageLayout(cfg);
     cfg.overlay_template = try s.optionalText(arena, "ollama-overlay-template");
 }
 
@@ -133,6 +146,16 @@ fn readFormat(arena: std.mem.Allocator, cfg: *Config) error{OutOfMemory}!void {
         cfg.format = .plain;
         cfg.format_text = "";
     }
+}
+
+/// A protocol that takes one image (Workers AI's LLaVA) gets several frames as a grid: said
+/// once per config read when the layout asked for (or the default) was separate images.
+fn singleImageLayout(cfg: *Config) void {
+    if (!cfg.protocol.single_image) return;
+    if (cfg.frames > 1 and cfg.frames_layout == .images) {
+        vh.log.infof("ollama-frames={d}: {s} takes one image per request; the frames are sent tiled into one grid image (ollama-frames-layout=grid)", .{ cfg.frames, cfg.protocol.server_name });
+    }
+    cfg.frames_layout = .grid;
 }
 
 /// `ollama-region` into cfg.region / cfg.region_text: empty (the whole frame), or x,y,w,h as
@@ -164,6 +187,8 @@ pub fn storeSettings(cfg: *const Config) void {
     var interval: [20]u8 = undefined;
     var min_interval: [20]u8 = undefined;
     var threshold: [24]u8 = undefined;
+    var frames: [20]u8 = undefined;
+    var span: [20]u8 = undefined;
     const settings = [_][2][]const u8{
         .{ "url", cfg.url },
         .{ "api", cfg.protocol.name },
@@ -179,6 +204,9 @@ pub fn storeSettings(cfg: *const Config) void {
         .{ "format", cfg.format_text },
         .{ "region", cfg.region_text },
         .{ "show-region", if (cfg.show_region) "true" else "false" },
+        .{ "frames", std.fmt.bufPrint(&frames, "{d}", .{cfg.frames}) catch unreachable },
+        .{ "frames-span-ms", std.fmt.bufPrint(&span, "{d}", .{cfg.frames_span_ms}) catch unreachable },
+        .{ "frames-layout", @tagName(cfg.frames_layout) },
     };
     for (settings) |kv| {
         store.get().set("ollama", kv[0], kv[1]) catch |err| return store.failed(err);

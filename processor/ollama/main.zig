@@ -9,9 +9,11 @@
 //! area to a 32×18 thumbnail), `mat.mattype`, `cv.cvt-color` to grey, the thumbnail's 576
 //! pixels read with `mat.get-uchar-at` (accessors served inside the sandbox) and the three
 //! mats dropped. With ollama-region set, also `mat.cols` and `mat.rows` (served inside the
-//! sandbox) and, when the change check or a request needs it, one `mat.region` (a view of
-//! the frame's pixels, no copy), dropped before `process` returns; with
-//! ollama-show-region=true, two `cv.rectangle`.
+//! sandbox) and, when the change check, a request or a kept copy needs it, one `mat.region`
+//! (a view of the frame's pixels, no copy), dropped before `process` returns; with
+//! ollama-show-region=true, two `cv.rectangle`. With ollama-frames > 1, `fetch.post-frames`
+//! instead of `fetch.post-frame`, and `fetch.keep-frame` (after the request, unless requests
+//! have stopped) at most once every ollama-frames-span-ms / (2·(ollama-frames−1)) ms.
 //! (Plus, only on events: `fetch.cancel` for a timed-out/abandoned request,
 //! `processor-store.set` for a finished caption, for the settings in force after the config
 //! was read, for a request counter when a request starts and for frames-unchanged at most
@@ -39,6 +41,13 @@
 //! (`%IMAGE_BYTES%`: its bytes as a JSON array of numbers). The image comes first in every
 //! body, so that a prompt (or model name) containing the text %IMAGE% cannot be mistaken
 //! for it. Each reply is streamed except Workers AI's; its pieces cut anywhere.
+//! With ollama-frames > 1 (frames.zig) the host sends up to that many recent frames: as
+//! separate images (ollama-frames-layout=images), the body's image item wrapped in
+//! `%EACH%`…`%END%`, which the host writes once per frame, oldest first (generate:
+//! "images":[%EACH%"%IMAGE%"%END%]; chat likewise; openai: one image_url part per frame
+//! before the text part); or as one grid image (=grid; always with workers-ai, which takes
+//! one image). The prompt then starts with a sentence saying what the images are ("The
+//! images are consecutive moments of one video, oldest first, over the last 2 s. ").
 //!   generate  (the default; Ollama's API) POST {url}/api/generate with
 //!           {"images":["%IMAGE%"],"model":M,"prompt":P,"stream":true,"options":{"num_predict":N}}
 //!           (+ "format":"json" or "format":{schema} with ollama-format);
@@ -77,9 +86,10 @@
 //! stored in the processor store under processor "ollama" each time the config is read, one
 //! key per setting, named as the config key without "ollama-": url, api, server-name, model,
 //! prompt, interval-ms, paused, overlay, trigger, change-threshold, min-interval-ms, format,
-//! region, show-region (e.g. ollama/model = "llava"; the viewer shows them; ollama/format is
-//! "", "json" or the schema's text: the host reads it to know whether to parse captions as
-//! JSON; ollama/region is the value as given, or "" for the whole frame).
+//! region, show-region, frames, frames-span-ms, frames-layout (e.g. ollama/model = "llava";
+//! the viewer shows them; ollama/format is "", "json" or the schema's text: the host reads
+//! it to know whether to parse captions as JSON; ollama/region is the value as given, or ""
+//! for the whole frame; ollama/frames-layout is grid with workers-ai).
 //!
 //! Config (read on the first frame, and again on the next frame whenever the stream's config
 //! changes while running, e.g. from the viewer: vision-host:platform/config-watch; an invalid
@@ -98,7 +108,8 @@
 //!   ollama-min-interval-ms   1000   cooldown with trigger=change: no request starts sooner
 //!                                   after the last start (0–86400000)
 //!   ollama-max-tokens        40     options.num_predict (1–4096)
-//!   ollama-image-max-side    672    px, longer side of the JPEG sent (0 = full size, or 32–16384)
+//!   ollama-image-max-side    672    px, longer side of the JPEG sent (0 = full size, or 32–16384;
+//!                                   with ollama-frames > 1: of each image, or of the grid)
 //!   ollama-jpeg-quality      80     1–100
 //!   ollama-timeout-ms        60000  a request running longer is cancelled (1000–3600000)
 //!   ollama-caption-placement bottom top | bottom
@@ -131,6 +142,13 @@
 //!   ollama-show-region       false  true: outline the region on every frame (2 px: its
 //!                                   border pixels yellow, a black line just outside), also
 //!                                   with ollama-overlay=false; the outline is not sent
+//!   ollama-frames            1      frames per request (1–8): the current one and the kept
+//!                                   copies nearest the moments evenly spread over the last
+//!                                   ollama-frames-span-ms (fewer at the start of a stream)
+//!   ollama-frames-span-ms    2000   ms between the oldest frame sent and the newest (100–60000)
+//!   ollama-frames-layout     images images: each frame an image of its own | grid: tiled
+//!                                   into one image (tiles labelled with their time, oldest
+//!                                   first); always grid with workers-ai (logged once)
 //!   ollama-server-name       after ollama-api: Ollama (generate, chat), the OpenAI-compatible
 //!                                   server (openai), Workers AI (workers-ai). Free text: how
 //!                                   messages name the server ("cannot reach NAME at URL");
@@ -152,12 +170,15 @@
 //! boundary), a 16 KiB buffer for an error reply or a whole Workers AI reply; the config's
 //! texts, the request URL and body live in an arena reset whenever the config is read
 //! again. Reading a reply allocates nothing, except a transient copy of a line that needs
-//! repair (invalid UTF-8; see json.zig). Every buffer the host returns is freed.
+//! repair (invalid UTF-8; see json.zig). Every buffer the host returns is freed. The
+//! frames kept for ollama-frames are held by the host: at most 2·(ollama-frames−1)+2
+//! copies, no larger than they are sent.
 //!
 //! This file holds the state, the request cycle and `process`; the rest is beside it:
 //! protocols.zig (the wire protocols), config.zig (reading the config), change.zig (the
-//! change check, the counters), region.zig (ollama-region), overlay.zig (drawing, the
-//! overlay template), store.zig (the processor store), text.zig (bounded text buffers).
+//! change check, the counters), region.zig (ollama-region), frames.zig (ollama-frames),
+//! overlay.zig (drawing, the overlay template), store.zig (the processor store), text.zig
+//! (bounded text buffers).
 const std = @import("std");
 const vh = @import("vh");
 const json = vh.json;
@@ -172,6 +193,7 @@ const change = @import("change.zig");
 const Reason = change.Reason;
 const overlay = @import("overlay.zig");
 const store = @import("store.zig");
+const frames = @import("frames.zig");
 const text_mod = @import("text.zig");
 const TextBuf = text_mod.TextBuf;
 const Caption = text_mod.Caption;
@@ -257,6 +279,9 @@ fn configure() void {
     } else {
         vh.log.infof("ollama: captions from model {s} of {s} at {s} every {d} ms or slower", .{ cfg.model, cfg.server_name, cfg.url, cfg.interval_ms });
     }
+    if (frames.on(&cfg)) {
+        vh.log.infof("ollama: each request carries up to {d} frames over the last {d} ms, {s}", .{ cfg.frames, cfg.frames_span_ms, if (cfg.frames_layout == .grid) "tiled into one grid image" else "as separate images" });
+    }
 }
 
 /// The config into `cfg`, the request URL and body (the protocol's) into `request_url`,
@@ -331,16 +356,20 @@ fn startRequest(view: *FrameView, now: u64, reason: Reason) void {
     last_start_us = now;
     // The frame sent is the new reference for the change check.
     if (cfg.trigger == .change) check.keep();
-    // The host copies the image (scaled down) before post-frame returns: the region's view
-    // may be dropped as soon as the frame is processed.
-    const id = vh.fetch.postFrame(
-        request_url,
-        "application/json",
-        template,
-        view.image(),
-        @intCast(cfg.image_max_side),
-        @intCast(cfg.jpeg_quality),
-    ) catch |err| {
+    // The host copies the image (scaled down) before post-frame(s) returns: the region's
+    // view may be dropped as soon as the frame is processed.
+    const posted = if (frames.on(&cfg))
+        frames.post(request_url, template, view.image(), &cfg)
+    else
+        vh.fetch.postFrame(
+            request_url,
+            "application/json",
+            template,
+            view.image(),
+            @intCast(cfg.image_max_side),
+            @intCast(cfg.jpeg_quality),
+        );
+    const id = posted catch |err| {
         transportFailed(err, now);
         return;
     };
@@ -555,6 +584,7 @@ export fn process(frame: u32) u32 {
     defer view.deinit();
     if (request_id) |id| pollRequest(id, now);
     if (timeToStart(&view, now)) |reason| startRequest(&view, now, reason);
+    if (!stopped) frames.keep(&view, now); // after the request: it never finds its own frame kept
     region.draw(&view); // after the request: the outline is not sent
     overlay.draw(frame, &cfg, overlayText());
     return frame;

@@ -5,6 +5,7 @@ const std = @import("std");
 const vh = @import("vh");
 const json = vh.json;
 const Config = @import("config.zig").Config;
+const frames = @import("frames.zig");
 const text_mod = @import("text.zig");
 const TextBuf = text_mod.TextBuf;
 const Caption = text_mod.Caption;
@@ -38,6 +39,8 @@ pub const Protocol = struct {
     url: *const fn (w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void,
     /// Writes the request body (see the file comment for the image placeholder).
     body: *const fn (w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void,
+    /// It takes one image per request: several frames (ollama-frames) go as one grid.
+    single_image: bool = false,
     /// How a 200 reply is read.
     reply: union(enum) {
         /// As it streams, line by line (NDJSON, server-sent events).
@@ -78,6 +81,7 @@ pub const protocols = [_]Protocol{
         .pull_hint = false,
         .url = workers_ai.url,
         .body = workers_ai.body,
+        .single_image = true,
         .reply = .{ .whole = workers_ai.reply },
     },
 };
@@ -96,9 +100,9 @@ const generate = struct {
     }
     fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
         try writeJson(w, .{
-            .images = .{"%IMAGE%"},
+            .images = Images{ .c = c },
             .model = c.model,
-            .prompt = c.prompt,
+            .prompt = frames.Prompt{ .cfg = c },
             .stream = true,
             .options = .{ .num_predict = c.max_tokens },
             .format = ollamaFormat(c),
@@ -120,7 +124,7 @@ const chat = struct {
     }
     fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
         try writeJson(w, .{
-            .messages = .{.{ .role = "user", .images = .{"%IMAGE%"}, .content = c.prompt }},
+            .messages = .{.{ .role = "user", .images = Images{ .c = c }, .content = frames.Prompt{ .cfg = c } }},
             .model = c.model,
             .stream = true,
             .options = .{ .num_predict = c.max_tokens },
@@ -165,16 +169,31 @@ const openai = struct {
     }
     fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
         try writeJson(w, .{
-            .messages = .{.{ .role = "user", .content = .{
-                .{ .type = "image_url", .image_url = .{ .url = "data:image/jpeg;base64,%IMAGE%" } },
-                .{ .type = "text", .text = c.prompt },
-            } }},
+            .messages = .{.{ .role = "user", .content = Content{ .c = c } }},
             .model = c.model,
             .stream = true,
             .max_tokens = c.max_tokens,
             .response_format = if (c.format == .plain) null else ResponseFormat{ .c = c },
         });
     }
+    /// The user message's content parts: one image part per frame (`%EACH%`…`%END%` with
+    /// several frames as separate images), then the text part.
+    const Content = struct {
+        c: *const Config,
+        pub fn jsonStringify(self: Content, jw: *std.json.Stringify) std.Io.Writer.Error!void {
+            const image_part = .{ .type = "image_url", .image_url = .{ .url = "data:image/jpeg;base64,%IMAGE%" } };
+            const text_part = .{ .type = "text", .text = frames.Prompt{ .cfg = self.c } };
+            if (!frames.eachImage(self.c)) return jw.write(.{ image_part, text_part });
+            try jw.beginArray();
+            try jw.beginWriteRaw();
+            try jw.writer.writeAll("%EACH%");
+            try std.json.Stringify.value(image_part, jw.options, jw.writer);
+            try jw.writer.writeAll("%END%");
+            jw.endWriteRaw();
+            try jw.write(text_part);
+            try jw.endArray();
+        }
+    };
     /// One line of the event stream (https://html.spec.whatwg.org/multipage/
     /// server-sent-events.html): `data: {chunk}` lines carry the pieces, `data: [DONE]`
     /// ends the stream; blank lines, comments and other fields are skipped.
@@ -224,7 +243,7 @@ const workers_ai = struct {
     fn body(w: *std.Io.Writer, c: *const Config) std.Io.Writer.Error!void {
         try writeJson(w, .{
             .image = Raw{ .text = "%IMAGE_BYTES%" },
-            .prompt = c.prompt,
+            .prompt = frames.Prompt{ .cfg = c },
             .max_tokens = c.max_tokens,
         });
     }
@@ -273,6 +292,16 @@ const ResponseFormat = struct {
             .plain, .json => try jw.write(.{ .type = "json_object" }),
             .schema => try jw.write(.{ .type = "json_schema", .json_schema = .{ .name = "caption", .schema = Raw{ .text = self.c.format_text } } }),
         }
+    }
+};
+
+/// Ollama's `images`: ["%IMAGE%"], or with several frames as separate images
+/// [%EACH%"%IMAGE%"%END%] (the host writes the item once per frame).
+const Images = struct {
+    c: *const Config,
+    pub fn jsonStringify(self: Images, jw: *std.json.Stringify) std.Io.Writer.Error!void {
+        if (frames.eachImage(self.c)) return jw.print("[%EACH%\"%IMAGE%\"%END%]", .{});
+        try jw.write(.{"%IMAGE%"});
     }
 };
 

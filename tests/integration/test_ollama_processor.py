@@ -439,6 +439,7 @@ DEFAULT_PROMPT = "Describe what is in this picture in highly complimentary terms
 
 TRIGGER_DEFAULTS = {"trigger": "interval", "change-threshold": "0.01", "min-interval-ms": "1000"}
 REGION_DEFAULTS = {"region": "", "show-region": "false"}
+FRAMES_DEFAULTS = {"frames": "1", "frames-span-ms": "2000", "frames-layout": "images"}
 
 
 def _in_force(rt) -> dict[str, str]:
@@ -455,7 +456,7 @@ def test_the_settings_in_force_are_stored_at_start_and_after_each_change(runtime
     p.process(real_frame.copy())
     assert _in_force(rt) == {"url": standin.url, "api": "generate", "server-name": "Ollama", "model": "llava",
                              "prompt": DEFAULT_PROMPT, "interval-ms": "3000", "paused": "false", "overlay": "true",
-                             "format": "", **TRIGGER_DEFAULTS, **REGION_DEFAULTS}
+                             "format": "", **TRIGGER_DEFAULTS, **REGION_DEFAULTS, **FRAMES_DEFAULTS}
 
     rt.streams[0].set_config({"ollama-model": " bakllava ", "ollama-interval-ms": "1500", "ollama-paused": "true",
                               "ollama-prompt": "How many bottles?", "ollama-api": "openai",
@@ -464,7 +465,7 @@ def test_the_settings_in_force_are_stored_at_start_and_after_each_change(runtime
     p.process(real_frame.copy())
     assert _in_force(rt) == {"url": standin.url, "api": "openai", "server-name": "the OpenAI-compatible server",
                              "model": "bakllava", "prompt": "How many bottles?", "interval-ms": "1500",
-                             "paused": "true", "overlay": "false", "format": "", **TRIGGER_DEFAULTS, **REGION_DEFAULTS}
+                             "paused": "true", "overlay": "false", "format": "", **TRIGGER_DEFAULTS, **REGION_DEFAULTS, **FRAMES_DEFAULTS}
 
     # removed keys fall back to the defaults; invalid values are reported and the default is in force
     with caplog.at_level(logging.ERROR, logger="vision_host.processor.ollama"):
@@ -475,7 +476,7 @@ def test_the_settings_in_force_are_stored_at_start_and_after_each_change(runtime
     assert "ollama-interval-ms" in caplog.text
     assert _in_force(rt) == {"url": standin.url, "api": "generate", "server-name": "the lab server",
                              "model": "llava", "prompt": DEFAULT_PROMPT, "interval-ms": "3000", "paused": "false",
-                             "overlay": "true", "format": "", **TRIGGER_DEFAULTS, **REGION_DEFAULTS}
+                             "overlay": "true", "format": "", **TRIGGER_DEFAULTS, **REGION_DEFAULTS, **FRAMES_DEFAULTS}
 
 
 def test_with_the_captions_processor_after_it_one_caption_is_drawn(runtime_factory, standin, real_frame):

@@ -180,6 +180,29 @@ def test_generate_without_streaming_tells_frames_apart(ollama_standin, client, b
     assert r.json()["response"] == b.response
 
 
+def test_several_images_are_each_checked_and_recorded_in_order(ollama_standin, client, bottle_jpeg, car_jpeg):
+    out = client.generate(model="llava", prompt="What changed?", images=[bottle_jpeg, car_jpeg, bottle_jpeg], stream=False)
+    assert out.response == default_caption("", bottle_jpeg)              # the reply is of the first image
+    assert out.prompt_eval_count == len("What changed?".split()) + 1 + 3 * 576
+    client.chat(model="llava", messages=[{"role": "user", "content": "And now?", "images": [car_jpeg, bottle_jpeg]}])
+    with openai.OpenAI(base_url=ollama_standin.url + "/v1", api_key="ollama", max_retries=0, timeout=10) as oai:
+        oai.chat.completions.create(model="llava", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(car_jpeg)}},
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(car_jpeg)}},
+            {"type": "text", "text": "Which way?"}]}])
+    generate, chat, v1 = ollama_standin.requests
+    assert generate.images == (bottle_jpeg, car_jpeg, bottle_jpeg)
+    assert generate.image_shapes == ((360, 640, 3), (432, 768, 3), (360, 640, 3))
+    assert [img.shape for img in generate.decoded()] == list(generate.image_shapes)
+    assert chat.images == (car_jpeg, bottle_jpeg) and v1.images == (car_jpeg, car_jpeg)
+    assert json.loads(generate.raw) == generate.body
+    # one image among several that does not decode fails the request, as Ollama does
+    r = requests.post(ollama_standin.url + "/api/generate", timeout=5, json={
+        "model": "llava", "prompt": "x", "stream": False, "images": [b64(car_jpeg), b64(b"not a picture")]})
+    assert (r.status_code, r.json()) == (400, {"error": "Failed to load image or audio file"})
+    assert ollama_standin.requests[-1].decoded()[1] is None
+
+
 def test_chat_streams_and_not(ollama_standin, client, car_jpeg):
     messages = [
         {"role": "system", "content": "You caption frames."},

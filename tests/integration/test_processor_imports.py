@@ -119,6 +119,8 @@ def test_expected_imports_per_processor(engine: wasmtime.Engine) -> None:
         "wasmvision:platform/time#now",
         "wasmvision:platform/config#get-config",
         "vision-host:platform/fetch#post-frame",
+        "vision-host:platform/fetch#keep-frame",     # ollama-frames: the host's ring of recent frames
+        "vision-host:platform/fetch#post-frames",
         "vision-host:platform/fetch#poll",
         "vision-host:platform/fetch#cancel",
         "vision-host:platform/overlay#caption",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import cv2
+import numpy as np
 import pytest
 
 from conftest import CAR_CLIP, REPO
@@ -54,3 +55,23 @@ def feed_until(processor, frame, condition, timeout_s: float = 10.0, step_s: flo
 def stats_count(rt, key: str) -> int:
     """The ``ollama`` processor's counter ``key`` (``requests-change``, ``frames-unchanged``, …)."""
     return int(rt.processor_store.get("ollama-stats", key) or 0)
+
+
+
+def indexed_frame(i: int, width: int = 640, height: int = 360):
+    """A flat frame (``height``×``width``×3 uint8 BGR) whose colour encodes ``i`` (0–4095) in
+    base 16, one digit a channel: blue ``(i % 16)·16 + 8``, green ``(i // 16 % 16)·16 + 8``,
+    red ``(i // 256)·16 + 8``. JPEG keeps a flat colour within a few levels, so
+    :func:`frame_index` reads ``i`` back from what a server received, downscaled or not."""
+    if not 0 <= i < 4096:
+        raise ValueError(f"frame index {i} is outside 0-4095: feed fewer frames or reuse indices")
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[:] = ((i % 16) * 16 + 8, (i // 16 % 16) * 16 + 8, (i // 256) * 16 + 8)
+    return frame
+
+
+def frame_index(image) -> int:
+    """The index :func:`indexed_frame` wrote into ``image`` (a decoded image or a part of one,
+    e.g. a grid tile without its label), from its median colour."""
+    b, g, r = (round((float(np.median(image[..., c])) - 8) / 16) for c in (0, 1, 2))
+    return r * 256 + g * 16 + b

@@ -18,6 +18,11 @@ checked against server/routes.go and api/types.go at ollama commit fb30760, 2026
   (``"unload"`` with ``keep_alive: 0``), as Ollama does.
 * ``POST /api/chat`` with ``messages[]`` (``role``, ``content``, ``images``): the same,
   with ``{"message": {"role": "assistant", "content": piece}}`` instead of ``response``.
+* Several images in one request (``images`` with more than one entry, or several
+  messages' ``images``; on /v1 several ``image_url`` parts) are accepted as Ollama accepts
+  them: every one must decode (else the 400 below), all are recorded in order
+  (:attr:`RecordedRequest.images`, :meth:`RecordedRequest.decoded`), each is charged
+  576 prompt tokens, and ``reply`` is given the first.
 
 Errors as Ollama sends them, ``{"error": "..."}`` with ``application/json; charset=utf-8``:
 
@@ -289,11 +294,13 @@ class RecordedRequest:
         image_shapes: ``(H, W, 3)`` of each image in the request (generate: ``images``;
             chat: every message's ``images``; /v1/chat/completions: every ``image_url`` data
             URL), ``None`` for one that did not decode.
-        images: the raw decoded bytes of each image (JPEG/PNG as sent), same order.
+        images: the raw decoded bytes of each image (JPEG/PNG as sent), same order: a
+            request with several images (several frames) has them all, in the body's order.
         arrived: ``time.monotonic()`` when the request line was read, in s.
         client: the client's ``(host, port)``; the same port across requests means the
             connection was kept alive.
         headers: the request headers.
+        raw: the request body exactly as received (b"" without one).
     """
 
     method: str
@@ -304,6 +311,13 @@ class RecordedRequest:
     arrived: float
     client: tuple[str, int]
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes = b""
+
+    def decoded(self) -> list[np.ndarray | None]:
+        """Each image of the request decoded (H×W×3 uint8 BGR, ``cv2.imdecode``), None for one
+        that does not decode; same order as :attr:`images`."""
+        return [cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+                for data in self.images]
 
     @property
     def width(self) -> int | None:
@@ -624,6 +638,7 @@ class _Handler(BaseHTTPRequestHandler):
                 arrived=arrived,
                 client=self.client_address[:2],
                 headers=dict(self.headers.items()),
+                raw=raw,
             )
         )
         methods = self._ROUTES.get(path)
