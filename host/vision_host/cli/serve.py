@@ -46,10 +46,14 @@ def add_parser(sub) -> None:
     lim.add_argument("--max-image-pixels", type=positive_int, default=40_000_000, metavar="N",
                      help="most pixels (width x height, read from the image's header before decoding) an image may "
                           "have; more: 413 (default 40000000)")
+    lim.add_argument("--max-images", type=positive_int, default=8, metavar="N",
+                     help="most images in one request (frames of one video, oldest first: LLaVA gets them all, "
+                          "BLIP and BLIP-2 one grid of them); more: 400 (default 8)")
     lim.add_argument("--max-prompt-chars", type=positive_int, default=32768, metavar="N",
                      help="longest prompt in characters, checked before tokenising (default 32768)")
     lim.add_argument("--decode-threads", type=positive_int, default=2, metavar="N",
-                     help="images decoded at once; other requests wait their turn in the queue (default 2)")
+                     help="requests whose images are decoded at once; other requests wait their turn in the queue "
+                          "(default 2)")
     lim.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                      help="let web pages of ORIGIN (e.g. http://localhost:3000) use the server (repeatable); "
                           "requests with any other Origin header but the server's own get 403")
@@ -82,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               max_beams=args.max_beams, max_new_tokens=args.max_new_tokens, max_top_k=args.max_top_k,
               max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
               max_prompt_chars=args.max_prompt_chars, decode_threads=args.decode_threads,
-              allow_origins=args.allow_origin, allow_hosts=args.allow_host)
+              allow_origins=args.allow_origin, allow_hosts=args.allow_host, max_images=args.max_images)
     except ServeError as exc:
         print(f"vision-host: {exc}", file=sys.stderr)
         return 1

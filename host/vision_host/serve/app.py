@@ -12,8 +12,9 @@ Safety (a request must not stop, starve or exhaust the server; a web page must n
   counted as a chunked body arrives; an image whose header says more than
   ``--max-image-pixels`` (40 000 000) gets **413** before it is decoded, and only the formats
   of :data:`.models.base.IMAGE_FORMATS` are opened; the queue is checked (503) before any
-  decoding, and ``--decode-threads`` (2) images are decoded at once; a prompt over
-  ``--max-prompt-chars`` (32 768) or longer than the model's positions gets **400**.
+  decoding, and ``--decode-threads`` (2) requests' images are decoded at once; a prompt over
+  ``--max-prompt-chars`` (32 768) or longer than the model's positions, or more than
+  ``--max-images`` (8) images in one request, gets **400**.
 * **Options**: ``num_beams`` over ``--max-beams`` (8), ``num_predict`` / ``max_tokens`` /
   ``max_length`` / ``min_length`` over ``--max-new-tokens`` (512), ``top_k`` over
   ``--max-top-k`` (1000), numbers that are not finite or do not fit 64 bits: **400**.
@@ -22,7 +23,12 @@ Safety (a request must not stop, starve or exhaust the server; a web page must n
   finite (longer than Go's longest duration means forever). Every refusal comes in the
   request's API's error shape (:mod:`.errors`), from one exception handler.
 
-Limits: one process, one model; one image per request; chat history is not sent to the model.
+Several images in one request (Ollama's ``images``, OpenAI's ``image_url`` parts; Workers AI
+takes one) are consecutive moments of one video, oldest first: LLaVA gets them all, one
+``<image>`` each, BLIP and BLIP-2 one grid of them, and LLaVA's and BLIP-2's prompts start
+with a sentence saying so (:mod:`.models.base`, :mod:`.models.grid`).
+
+Limits: one process, one model; chat history is not sent to the model.
 
 FastAPI, uvicorn, torch and transformers are imported inside functions, so importing this
 module, and ``vision-host run``, never loads them.
@@ -44,6 +50,7 @@ from .models.base import VisionLanguageModel
 from .parsing import parse_keep_alive
 from .scheduler import (DEFAULT_BATCH_WINDOW_MS, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE,
                         DEFAULT_REQUEST_TIMEOUT_S, Scheduler)
+from .served_model import DEFAULT_MAX_IMAGES
 
 __all__ = ["ServeError", "bind_socket", "create_app", "serve"]
 
@@ -69,7 +76,8 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
                decode_threads: int = DEFAULT_DECODE_THREADS, allow_origins: Sequence[str] = (),
-               bind_host: str = DEFAULT_HOST, allow_hosts: Sequence[str] = ()):
+               bind_host: str = DEFAULT_HOST, allow_hosts: Sequence[str] = (),
+               max_images: int | None = DEFAULT_MAX_IMAGES):
     """The FastAPI app serving ``model`` (already loaded) through a :class:`.scheduler.Scheduler`
     (``app.state.scheduler``).
 
@@ -78,8 +86,9 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
     ``max_body_mb``: largest request body in MiB (413 beyond); ``max_image_pixels``: most
     pixels an image may decode to, read from its header (413 beyond, nothing decoded);
     ``max_prompt_chars``: longest prompt in characters, checked before tokenising (400);
-    ``decode_threads``: images decoded (and prompts tokenised) at once, the others wait in
-    the queue; ``allow_origins``: web origins allowed besides the server's own;
+    ``decode_threads``: requests whose images are decoded (and prompts tokenised) at once,
+    the others wait in the queue; ``max_images``: most images in one request (400 beyond);
+    ``allow_origins``: web origins allowed besides the server's own;
     ``bind_host``: the address or name listened on and ``allow_hosts``: more names a request's
     ``Host`` may give (see :class:`.guard.RequestGuard`). None: no limit. The other keyword arguments are the scheduler's.
 
@@ -101,7 +110,8 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
             raise ValueError(f"allow_origins: {origin!r} is not an origin (give e.g. http://localhost:3000)")
         origins.add(norm)
     for name, value in (("max_body_mb", max_body_mb), ("max_image_pixels", max_image_pixels),
-                        ("max_prompt_chars", max_prompt_chars), ("decode_threads", decode_threads)):
+                        ("max_prompt_chars", max_prompt_chars), ("decode_threads", decode_threads),
+                        ("max_images", max_images)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a number above 0, not {value!r}")
     max_body_bytes = None if max_body_mb is None else int(max_body_mb * 2 ** 20)
@@ -117,7 +127,7 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
     served = ServedModel(model, scheduler, defaults=options or GenerationSettings(),
                          limits=limits or GenerationLimits(), max_body_bytes=max_body_bytes,
                          max_image_pixels=max_image_pixels, max_prompt_chars=max_prompt_chars,
-                         decode_threads=decode_threads)
+                         decode_threads=decode_threads, max_images=max_images)
     for api in (ollama, openai, workers_ai):
         app.include_router(api.routes(served))
     return app
@@ -154,7 +164,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS_LIMIT, max_top_k: int = DEFAULT_MAX_TOP_K,
           max_body_mb: float = DEFAULT_MAX_BODY_MB, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
           max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, decode_threads: int = DEFAULT_DECODE_THREADS,
-          allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = ()) -> None:
+          allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = (),
+          max_images: int = DEFAULT_MAX_IMAGES) -> None:
     """Bind ``host:port`` (first, so a taken port fails fast), load the model, serve until stopped.
 
     ``model``: alias, Hub id or ``save_pretrained`` directory (see :func:`.models.open_model`);
@@ -171,8 +182,9 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
     ``max_beams`` (``num_beams``, default 8), ``max_new_tokens`` (``num_predict``,
     ``max_tokens``, ``max_length``, ``min_length``; 512), ``max_top_k`` (1000) → 400 beyond;
     ``max_body_mb`` (request body, MiB; 32) → 413; ``max_image_pixels`` (width × height read
-    from the image's header; 40 000 000) → 413; ``max_prompt_chars`` (32 768) → 400;
-    ``decode_threads`` (images decoded at once; 2); ``allow_origins``: web origins allowed
+    from each image's header; 40 000 000) → 413; ``max_prompt_chars`` (32 768) → 400;
+    ``max_images`` (images in one request; 8) → 400; ``decode_threads`` (requests whose
+    images are decoded at once; 2); ``allow_origins``: web origins allowed
     besides the server's own (others get 403); ``allow_hosts``: names a request's ``Host`` may
     give besides localhost and the server's addresses (others get 403).
 
@@ -196,7 +208,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
     except ValueError as exc:
         raise ServeError(f"--option: {exc}") from None
     for name, value in (("max-body-mb", max_body_mb), ("max-image-pixels", max_image_pixels),
-                        ("max-prompt-chars", max_prompt_chars), ("decode-threads", decode_threads)):
+                        ("max-prompt-chars", max_prompt_chars), ("decode-threads", decode_threads),
+                        ("max-images", max_images)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ServeError(f"--{name} must be a number above 0, not {value}")
     for origin in allow_origins:
@@ -218,7 +231,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
                          request_timeout_s=request_timeout_s, keep_alive=keep_alive, options=defaults,
                          limits=limits, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
                          max_prompt_chars=max_prompt_chars, decode_threads=decode_threads,
-                         allow_origins=allow_origins, bind_host=host, allow_hosts=allow_hosts)
+                         allow_origins=allow_origins, bind_host=host, allow_hosts=allow_hosts,
+                         max_images=max_images)
         shown = f"[{host}]" if ":" in host else host
         print(f"vision-host serve: {normalize_model_name(vision_model.name)} ({vision_model.source}, "
               f"{vision_model.family}, {vision_model.device}) loaded in {vision_model.load_duration_ns / 1e9:.1f} s; "

@@ -3,10 +3,14 @@ one ``generate`` call, with a bounded queue, timeouts and Ollama's ``keep_alive`
 
 * **Micro-batching**: requests that arrive within ``batch_window_ms`` (10 ms) of the oldest
   waiting one, or while a batch runs, share one batched ``generate`` of up to ``max_batch``
-  (8) images when their decoding settings, ``num_predict`` and ``seed`` match (BLIP also
-  needs equal prompt lengths; BLIP-2 and LLaVA pad prompts on the left). Streamed rows get
-  their words as they are generated. Batch sizes are in ``/api/ps`` under the extra field
-  ``vision_host`` (``mean_batch_size``, ...).
+  (8) requests when their decoding settings, ``num_predict``, ``seed`` and number of images
+  for the model match (BLIP also needs equal prompt lengths; BLIP-2 and LLaVA pad prompts on
+  the left; a grid of frames counts as one image). Streamed rows get their words as they are
+  generated. Batch sizes are in ``/api/ps`` under the extra field ``vision_host``
+  (``mean_batch_size``, ...), and so are the images: ``images`` (sent by the requests
+  generated for), ``model_images`` (the images the model got for them) and ``grids``
+  (requests answered on a grid of their frames); a batch is counted as it starts, so a
+  request's answer never comes before its count.
 * **Bounded queue**: with ``max_queue`` (32) requests waiting, a new one gets **503** with a
   ``Retry-After`` header (seconds) and ``{"error": "server busy: ..."}`` (on ``/v1``
   ``{"error": {"message", "type": "server_error", "code": "server_busy"}}``).
@@ -71,7 +75,8 @@ SERVER_DEFAULT: Any = object()
 
 class Reservation:
     """A place in the :class:`Scheduler`'s queue, taken (:meth:`Scheduler.reserve`) before a
-    request's image is decoded, so a full queue refuses the request before that cost; handed
+    request's images are decoded (one place for all of them), so a full queue refuses the
+    request before that cost; handed
     to :meth:`Scheduler.submit`, or given back with :meth:`release` (also on leaving a
     ``with`` block) when the request fails before it is queued."""
 
@@ -190,12 +195,13 @@ class Scheduler:
 
     * Generations that arrive within ``batch_window_s`` of the oldest waiting one (or while a
       batch runs) and share :attr:`Job.key` (decoding settings, ``num_predict``, ``seed``,
-      and for BLIP the prompt's token length) run as one batched ``generate`` of up to
-      ``max_batch`` images. Streamed and non-streamed requests share batches when their
-      decoding matches (streaming is greedy or sampled, never beam search); each streamed
-      row gets its words as they are generated and its final line as soon as it ends.
+      the number of images the model gets, and for BLIP the prompt's token length) run as one
+      batched ``generate`` of up to ``max_batch`` requests. Streamed and non-streamed
+      requests share batches when their decoding matches (streaming is greedy or sampled,
+      never beam search); each streamed row gets its words as they are generated and its
+      final line as soon as it ends.
     * More than ``max_queue`` waiting requests (0: no limit) → :class:`Busy` (503); a request
-      whose image is being decoded holds a :class:`Reservation` and counts as waiting.
+      whose images are being decoded holds a :class:`Reservation` and counts as waiting.
     * A request past ``request_timeout_s`` (waiting plus generating) is withdrawn from the
       queue, or its generation stops at the next token → :class:`RequestTimeout` (504).
     * After the last request the model stays loaded for that request's ``keep_alive`` (the
@@ -215,7 +221,7 @@ class Scheduler:
         self.default_keep_alive = parse_keep_alive(keep_alive)
         self.cond = threading.Condition()
         self.queue: list[Job] = []
-        #: Requests holding a :class:`Reservation` (decoding their image), not queued yet.
+        #: Requests holding a :class:`Reservation` (decoding their images), not queued yet.
         self.reserved = 0
         self.busy = False
         self.stopping = False
@@ -232,6 +238,9 @@ class Scheduler:
         self.timeouts = 0
         self.loads = 0
         self.unloads = 0
+        self.images = 0         # images sent by the requests given to generate
+        self.model_images = 0   # images the model got for them (a grid is one)
+        self.grids = 0          # requests whose images were tiled into one grid
         self._batch_s = 0.5   # moving average of one batch's duration, for Retry-After
         self.thread = threading.Thread(target=self._run, name="vision-host-model", daemon=True)
         self.thread.start()
@@ -268,7 +277,7 @@ class Scheduler:
                        f"retry in {retry} s", retry)
 
     def reserve(self) -> Reservation:
-        """A place in the queue for a request about to decode its image (any thread).
+        """A place in the queue for a request about to decode its images (any thread).
 
         Raises:
             Busy: the queue is full (503), before any decoding.
@@ -478,12 +487,17 @@ class Scheduler:
             j.result.lock_wait_s += time.monotonic() - j.enqueued_at
             j.result.batch_size = len(live)
             j.mark_started()
-        self.model.generate(live, first.decoding, first.max_new, first.settings.seed)
-        with self.cond:
+        with self.cond:   # counted as the batch starts: before any of its rows can be answered
             self.batches += 1
             self.batched_requests += len(live)
             self.batch_sizes.append(len(live))
             del self.batch_sizes[:-1000]
+            for j in live:
+                self.images += j.prepared.images
+                self.model_images += j.prepared.model_images
+                self.grids += j.prepared.grid is not None
+        self.model.generate(live, first.decoding, first.max_new, first.settings.seed)
+        with self.cond:
             self._batch_s = 0.7 * self._batch_s + 0.3 * (time.perf_counter() - t0)
         for j in live:
             if j.timed_out:
@@ -509,7 +523,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Batching and queue counters (``mean_batch_size``, ``recent_batch_sizes``, ``queued``,
-        ``reserved`` (decoding their image), ``rejected``, ``timeouts``, ``loads``, ``unloads``, ``loaded``, …)."""
+        ``reserved`` (decoding their images), ``rejected``, ``timeouts``, ``loads``, ``unloads``,
+        ``loaded``, ``images``, ``model_images``, ``grids``, …)."""
         with self.cond:
             sizes = list(self.batch_sizes)
             return {"batches": self.batches, "batched_requests": self.batched_requests,
@@ -517,6 +532,7 @@ class Scheduler:
                     "max_batch_size": max(sizes) if sizes else 0, "recent_batch_sizes": sizes[-50:],
                     "queued": len(self.queue), "reserved": self.reserved, "busy": self.busy, "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "rejected": self.rejected, "timeouts": self.timeouts,
-                    "loads": self.loads, "unloads": self.unloads, "loaded": self.model.loaded}
+                    "loads": self.loads, "unloads": self.unloads, "loaded": self.model.loaded,
+                    "images": self.images, "model_images": self.model_images, "grids": self.grids}
 
 

@@ -1,18 +1,22 @@
 """What every API's routes share (:class:`ServedModel`): the model, its scheduler, the names it
 answers to, the generation defaults and the request limits; and the one path by which a
-request's image and prompt reach the model worker (:meth:`ServedModel.queue_generation`)."""
+request's images (one, or several frames of one video, oldest first) and prompt reach the model
+worker (:meth:`ServedModel.queue_generation`)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import RequestError
 from .models import normalize_model_name
-from .models.base import BadImage, ImageTooLarge, PromptTooLong, VisionLanguageModel
+from .models.base import BadImage, BadPrompt, ImageTooLarge, PromptTooLong, VisionLanguageModel
 from .models.settings import GenerationLimits, GenerationSettings
 from .scheduler import SERVER_DEFAULT, Job, Scheduler
 from .structured import refuse_unless_supported
+
+#: Most images one request may send unless the server says (``--max-images``).
+DEFAULT_MAX_IMAGES = 8
 
 
 class ServedModel:
@@ -23,18 +27,21 @@ class ServedModel:
     enforces it; listed in ``/api/ps``); ``max_image_pixels``: most pixels an image may decode
     to, read from its header (413 beyond, nothing decoded); ``max_prompt_chars``: longest prompt
     in characters, checked before tokenising (400); ``decode_threads``: images decoded (and
-    prompts tokenised) at once, the others wait in the queue. None: no limit.
+    prompts tokenised) at once, the others wait in the queue; ``max_images``: most images one
+    request may send (400 beyond, before any is decoded). None: no limit.
     """
 
     def __init__(self, model: VisionLanguageModel, scheduler: Scheduler, *, defaults: GenerationSettings,
                  limits: GenerationLimits, max_body_bytes: int | None, max_image_pixels: int | None,
-                 max_prompt_chars: int | None, decode_threads: int) -> None:
+                 max_prompt_chars: int | None, decode_threads: int,
+                 max_images: int | None = DEFAULT_MAX_IMAGES) -> None:
         self.model = model
         self.scheduler = scheduler
         self.defaults = defaults
         self.limits = limits
         self.max_image_pixels = max_image_pixels
         self.max_prompt_chars = max_prompt_chars
+        self.max_images = max_images
         self.decode_slots = asyncio.Semaphore(int(decode_threads))
         #: The name the model is listed under (Ollama's ``NAME:latest``).
         self.name = normalize_model_name(model.name)
@@ -63,16 +70,27 @@ class ServedModel:
         except ValueError as exc:
             raise RequestError(400, str(exc)) from None
 
-    async def queue_generation(self, image: bytes | None, prompt: str, settings: GenerationSettings, *,
+    def check_image_count(self, count: int) -> None:
+        """Raises :class:`RequestError` 400 when a request sends more than ``max_images`` images."""
+        if self.max_images is not None and count > self.max_images:
+            raise RequestError(400, f"the request has {count} images, above this server's limit of "
+                                    f"{self.max_images} per request (--max-images): send at most "
+                                    f"{self.max_images} frames per request")
+
+    async def queue_generation(self, images: Sequence[bytes], prompt: str, settings: GenerationSettings, *,
                                raw: bool = False, streamed: bool = False, keep_alive: Any = SERVER_DEFAULT,
                                field_name: str = "images", constraint: Any = None) -> Job:
-        """Check the prompt, take a place in the queue, decode the image and tokenise
-        (``decode_threads`` at once), queue the generation: its job (a ``streamed`` one's
-        reply comes as text pieces; ``constraint``: its output format, see :mod:`.structured`).
+        """Check the prompt and the number of ``images`` (one, or several frames of one video,
+        oldest first), take a place in the queue, decode the images and tokenise
+        (``decode_threads`` requests at once; a request's images one after another), queue the
+        generation: its job (a ``streamed`` one's reply comes as text pieces; ``constraint``:
+        its output format, see :mod:`.structured`). How the model gets several images:
+        :meth:`.models.base.VisionLanguageModel.prepare`.
 
         Raises:
-            RequestError: 400 no image (named by ``field_name``), a prompt too long, a bad
-                image, an output format the model cannot follow (BLIP); 413 an image over
+            RequestError: 400 no image (named by ``field_name``), more than ``max_images``, a
+                prompt too long, a bad image, a raw prompt whose image placeholders do not
+                match, an output format the model cannot follow (BLIP); 413 an image over
                 ``max_image_pixels``.
             Busy: the queue is full (503), before anything is decoded.
         """
@@ -81,18 +99,21 @@ class ServedModel:
         model = self.model
         if constraint is not None:
             refuse_unless_supported(model.family, model.follows_formats, model.name)
-        if image is None:
+        if not images:
             raise RequestError(400, f"model '{model.name}' answers about images: add one to \"{field_name}\"")
+        self.check_image_count(len(images))
         if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
             raise RequestError(400, f"the prompt is {len(prompt)} characters, above this server's limit of "
                                     f"{self.max_prompt_chars} (--max-prompt-chars)")
+        # one image goes as bytes, exactly as before several were taken
+        given: bytes | list[bytes] = images[0] if len(images) == 1 else list(images)
         with self.scheduler.reserve() as place:
             async with self.decode_slots:
                 try:
-                    inputs = await run_in_threadpool(model.prepare, image, prompt, raw, self.max_image_pixels)
+                    inputs = await run_in_threadpool(model.prepare, given, prompt, raw, self.max_image_pixels)
                 except ImageTooLarge as exc:
                     raise RequestError(413, str(exc)) from None
-                except (BadImage, PromptTooLong) as exc:
+                except (BadImage, PromptTooLong, BadPrompt) as exc:
                     raise RequestError(400, str(exc)) from None
             job = self.scheduler.new_job(inputs, settings, streamed=streamed, keep_alive=keep_alive,
                                          constraint=constraint)

@@ -12,7 +12,12 @@ vision-host's own ``ollama`` processor use it.
   one JSON object. Without prompt and images: load the model (``done_reason: "load"``), or
   with ``keep_alive: 0`` unload it (``"unload"``).
 * ``POST /api/chat``: the same with ``messages[]`` (``content``, ``images``) and
-  ``"message": {"role": "assistant", "content": ...}``; the last user message is the prompt.
+  ``"message": {"role": "assistant", "content": ...}``; the last user message is the prompt,
+  the images are those of the last message that has any.
+* Several ``images`` (at most ``--max-images``, 8; more: 400) are consecutive moments of one
+  video, oldest first: LLaVA gets them all, one ``<image>`` each, BLIP and BLIP-2 one grid of
+  them; LLaVA's and BLIP-2's prompts start with a sentence saying so (see
+  :mod:`..models.base`). One image is answered as ever.
 
 Errors are Ollama's ``{"error": "..."}`` (:func:`.errors.ollama_error`); one that comes after
 a stream's 200 is its last line.
@@ -124,8 +129,8 @@ def routes(served: ServedModel) -> APIRouter:
     @router.get("/api/ps")
     def ps():
         """The model while it is loaded (with ``expires_at``), and, as an extra field the
-        clients ignore, ``vision_host``: the scheduler's statistics (batch sizes, queue) and
-        ``limits``, the request limits in force."""
+        clients ignore, ``vision_host``: the scheduler's statistics (batch sizes, queue, images),
+        ``limits``, the request limits in force, and ``max_images`` (``--max-images``)."""
         models = []
         if model.loaded:
             entry = model_entry()
@@ -133,7 +138,8 @@ def routes(served: ServedModel) -> APIRouter:
             entry.update(expires_at=FOREVER_ISO if expires is None else utc_iso(expires),
                          size_vram=model.size if model.device == "cuda" else 0)
             models.append(entry)
-        return {"models": models, "vision_host": {**scheduler.stats(), "limits": served.limits_in_force}}
+        return {"models": models, "vision_host": {**scheduler.stats(), "limits": served.limits_in_force,
+                                                  "max_images": served.max_images}}
 
     @router.post("/api/show")
     async def show(request: Request):
@@ -206,7 +212,9 @@ def routes(served: ServedModel) -> APIRouter:
         name = typed_field(body, "model", (str,), "string", "")
         served.check_model(name)
         prompt = typed_field(body, "prompt", (str,), "string", "")
-        images = [_b64_image(s) for s in typed_field(body, "images", (list,), "[]api.ImageData", [])]
+        given = typed_field(body, "images", (list,), "[]api.ImageData", [])
+        served.check_image_count(len(given))
+        images = [_b64_image(s) for s in given]
         streamed = typed_field(body, "stream", (bool,), "bool", True)
         raw = typed_field(body, "raw", (bool,), "bool", False)
         settings = served.settings_of(typed_field(body, "options", (dict,), "map[string]interface {}", {}))
@@ -214,7 +222,7 @@ def routes(served: ServedModel) -> APIRouter:
         constraint = ollama_format(body.get("format"))
         if not prompt and not images:
             return await reply("response", name, load_job(keep_alive))
-        job = await served.queue_generation(images[-1] if images else None, prompt, settings, raw=raw,
+        job = await served.queue_generation(images, prompt, settings, raw=raw,
                                             streamed=streamed, keep_alive=keep_alive, constraint=constraint)
         return await reply("response", name, job)
 
@@ -237,10 +245,12 @@ def routes(served: ServedModel) -> APIRouter:
             content = typed_field(m, "content", (str,), "string", "")
             if m.get("role", "user") == "user" and content.strip():
                 prompt = content
-            images += [_b64_image(s) for s in typed_field(m, "images", (list,), "[]api.ImageData", [])]
+            own = [_b64_image(s) for s in typed_field(m, "images", (list,), "[]api.ImageData", [])]
+            if own:   # the frames of the last message that has images
+                images = own
         if not messages:
             return await reply("message", name, load_job(keep_alive))
-        job = await served.queue_generation(images[-1] if images else None, prompt, settings, streamed=streamed,
+        job = await served.queue_generation(images, prompt, settings, streamed=streamed,
                                             keep_alive=keep_alive, constraint=constraint)
         return await reply("message", name, job)
 

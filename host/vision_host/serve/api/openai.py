@@ -5,6 +5,11 @@ URLs; ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, `
 ``stream`` → SSE ``chat.completion.chunk`` events then ``data: [DONE]``, with a usage chunk for
 ``stream_options.include_usage``), ``GET /v1/models``, ``GET /v1/models/{id}``.
 
+The images are the ``image_url`` parts of the last message that has any. Several (at most
+``--max-images``, 8; more: 400) are consecutive moments of one video, oldest first: LLaVA gets
+them all, one ``<image>`` each, BLIP and BLIP-2 one grid of them; LLaVA's and BLIP-2's prompts
+start with a sentence saying so (see :mod:`..models.base`). One image is answered as ever.
+
 Errors are OpenAI's ``{"error": {"message", "type", ...}}`` (:func:`.errors.openai_error`);
 one that comes after a stream's 200 is its last event before ``[DONE]``.
 """
@@ -49,8 +54,10 @@ def _decode_data_url(url: Any) -> bytes:
         raise RequestError(400, "invalid image input") from None
 
 
-def _prompt_and_images(messages: list) -> tuple[str, list[bytes]]:
-    """The last non-blank user text, and every image, of a chat's ``messages``."""
+def _prompt_and_images(messages: list, check_count: Any = None) -> tuple[str, list[bytes]]:
+    """The last non-blank user text of a chat's ``messages``, and the images (oldest first) of
+    the last message that has any; ``check_count(n)`` vets a message's number of image parts
+    before they are decoded."""
     prompt, images = "", []
     for m in messages:
         if not isinstance(m, dict):
@@ -60,15 +67,20 @@ def _prompt_and_images(messages: list) -> tuple[str, list[bytes]]:
         if isinstance(content, str):
             texts.append(content)
         elif isinstance(content, list):
+            if check_count is not None:
+                check_count(sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url"))
+            own = []
             for part in content:
                 if not isinstance(part, dict):
                     raise RequestError(400, "invalid message format")
                 if part.get("type") == "text":
                     texts.append(str(part.get("text") or ""))
                 elif part.get("type") == "image_url":
-                    images.append(_decode_data_url(part.get("image_url")))
+                    own.append(_decode_data_url(part.get("image_url")))
                 else:
                     raise RequestError(400, "invalid message format")
+            if own:
+                images = own
         elif content is None and m.get("role") != "assistant":
             raise RequestError(400, "invalid message content type: <nil>")
         if m.get("role", "user") == "user":
@@ -128,11 +140,11 @@ def routes(served: ServedModel) -> APIRouter:
         settings = served.settings_of({"num_predict": max_tokens, "temperature": temperature, "seed": seed,
                                        "top_p": top_p})
         constraint = openai_response_format(body.get("response_format"))
-        prompt, images = _prompt_and_images(messages)
+        prompt, images = _prompt_and_images(messages, served.check_image_count)
         if not name:
             raise RequestError(400, "model is required")
         served.check_model(name)
-        job = await served.queue_generation(images[-1] if images else None, prompt, settings, streamed=streamed,
+        job = await served.queue_generation(images, prompt, settings, streamed=streamed,
                                             constraint=constraint)
         head = {"id": f"chatcmpl-{int(time.time() * 1000) % 1000}", "object": "chat.completion",
                 "created": int(time.time()), "model": name, "system_fingerprint": "fp_ollama"}

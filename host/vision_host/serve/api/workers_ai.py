@@ -6,7 +6,8 @@ request body when it is sent as ``image/*`` or ``application/octet-stream``), ``
 ``messages`` (exactly one), ``max_tokens`` (512, or ``--max-new-tokens`` when lower),
 ``temperature``, ``top_p``, ``top_k``, ``seed``, ``repetition_penalty``, ``raw``. The answer:
 ``{"result": {"description"}, "success": true, "errors": [], "messages": []}``; not streamed,
-as Workers AI's LLaVA. Errors come in the v4 envelope (:func:`.errors.workers_ai_error`).
+as Workers AI's LLaVA. One image per request, as Workers AI's schema has it. Errors come in
+the v4 envelope (:func:`.errors.workers_ai_error`).
 """
 
 import base64
@@ -72,7 +73,8 @@ def routes(served: ServedModel) -> APIRouter:
         for key in ("temperature", "top_p", "top_k", "seed", "repetition_penalty"):
             opts[key] = body.get(key)
         settings = served.settings_of(opts)
-        job = await served.queue_generation(image, prompt, settings, raw=bool(body.get("raw")), field_name="image")
+        job = await served.queue_generation([image], prompt, settings, raw=bool(body.get("raw")),
+                                            field_name="image")
         res = await served.scheduler.wait_done(job)
         return JSONResponse({"result": {"description": res.text}, "success": True, "errors": [], "messages": []})
 

@@ -6,8 +6,9 @@ module each: ``blip`` (conditional captioning, the prompt is the caption's prefi
 decoder-only language models behind a vision encoder; their prompts are padded on the left, so
 any prompts batch together and each row's answer is the one it gets alone. ``settings``: a
 request's decoding options and the server's limits on them; ``streaming``: a batch's tokens as
-each streamed row's words; ``hub``: where the weights come from (a directory saved with
-``save_pretrained``, the local Hugging Face cache, or the Hub on first use).
+each streamed row's words; ``grid``: several frames tiled into one image (BLIP, BLIP-2); ``hub``:
+where the weights come from (a directory saved with ``save_pretrained``, the local Hugging Face
+cache, or the Hub on first use).
 
 This module names the models (``--model``: an alias, a Hub id or a directory) and opens them.
 Importing it (and ``settings``, ``hub``, ``base``) never imports torch or transformers.

@@ -1,7 +1,16 @@
 """What every model family shares (:class:`VisionLanguageModel`): loading through
-transformers' ``from_pretrained``, decoding a request's image and building its inputs, batched
+transformers' ``from_pretrained``, decoding a request's images and building its inputs, batched
 ``generate`` with per-row stopping and streaming, and unloading after ``keep_alive``. The
 families (``blip.py``, ``blip2.py``, ``llava.py``) set their transformers classes and prompt.
+
+Several images in one request are consecutive moments of one video, oldest first
+(:meth:`VisionLanguageModel.prepare`). A family whose processor takes several images with one
+placeholder each (:attr:`VisionLanguageModel.many_images`: LLaVA) gets them all, one
+``<image>`` each; the others (BLIP, BLIP-2), and LLaVA when that prompt would not fit its
+positions, get one grid of them (:mod:`.grid`). LLaVA's and BLIP-2's prompts then start with
+:data:`FRAMES_NOTE` (or, on a grid, :data:`GRID_NOTE`) unless they already speak of
+"consecutive moments"; BLIP's prompt is the caption's prefix and gets none. One image is
+answered exactly as before.
 
 CUDA with float16 when present, CPU with float32 otherwise. torch and transformers are
 imported inside methods, so importing this module stays light.
@@ -16,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from .grid import Grid, compose_grid
 from .hub import ModelLoadError, from_local_or_hub, quiet_transformers
 from .settings import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
 from .streaming import GenerationRow, RowStreamer
@@ -26,6 +36,20 @@ log = logging.getLogger(__name__)
 #: many phone cameras, a format of its own in older Pillows). Others (TIFF, EPS, PSD, …) are
 #: refused: a smaller attack surface.
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP")
+#: Put before the prompt of a request whose several images the model gets one by one (LLaVA).
+FRAMES_NOTE = "The images are consecutive moments of one video, oldest first. "
+#: Put before the prompt of a request whose several images the model gets as one grid.
+GRID_NOTE = ("The image is a grid of consecutive moments of one video, oldest first, left to right then "
+             "top to bottom. ")
+
+
+def frames_note(prompt: str, images: int, grid: bool) -> str:
+    """The sentence that tells the model what a request's ``images`` are (:data:`FRAMES_NOTE`,
+    or :data:`GRID_NOTE` when they were tiled into a ``grid``): empty for one image, or when
+    ``prompt`` already speaks of "consecutive moments" (in any case)."""
+    if images < 2 or "consecutive moments" in prompt.lower():
+        return ""
+    return GRID_NOTE if grid else FRAMES_NOTE
 
 
 class BadImage(ValueError):
@@ -47,16 +71,29 @@ class PromptTooLong(ValueError):
     answer in the text model's positions."""
 
 
+class BadPrompt(ValueError):
+    """A ``raw`` prompt whose image placeholders do not match the images the model gets."""
+
+
 @dataclass
 class Prepared:
     """One request's model inputs, on the model's device.
 
     ``tensors``: ``input_ids`` and ``attention_mask`` (1×L int64), ``pixel_values``
-    (1×3×H×W, the model's dtype); ``prompt_tokens``: L as Ollama counts it.
+    (M×3×H×W, the model's dtype: M images, 1 but for LLaVA with several); ``prompt_tokens``:
+    L as Ollama counts it; ``images``: how many images the request sent; ``grid``: how they
+    were tiled into the one image the model got (None: not tiled).
     """
 
     tensors: dict
     prompt_tokens: int
+    images: int = 1
+    grid: Grid | None = None
+
+    @property
+    def model_images(self) -> int:
+        """M: the images the model encodes for this row (``pixel_values``' rows)."""
+        return int(self.tensors["pixel_values"].shape[0])
 
     @property
     def length(self) -> int:
@@ -84,6 +121,12 @@ class VisionLanguageModel:
     #: Whether a request's output format (JSON, a JSON Schema) can constrain its answer: a
     #: language-model decoder (see :mod:`..structured`).
     follows_formats = True
+    #: Whether the processor takes several images, one placeholder each, in one prompt (else
+    #: several images are tiled into one grid).
+    many_images = False
+    #: Whether a prompt with several images starts with :func:`frames_note`'s sentence (not
+    #: for a captioner, whose prompt is the caption's beginning).
+    notes_frames = True
 
     def __init__(self, name: str, source: str, local: bool, config: Any = None) -> None:
         self.name, self.source, self.local = name, source, local
@@ -187,22 +230,62 @@ class VisionLanguageModel:
         log.info("model %s unloaded", self.source)
 
     # -- requests -------------------------------------------------------------------------------
-    def prompt_text(self, prompt: str, raw: bool) -> str:
-        """The text the processor gets for a user's ``prompt`` (``raw``: as it is)."""
-        return prompt
+    def prompt_text(self, prompt: str, raw: bool, images: int = 1, note: str = "") -> str:
+        """The text the processor gets for a user's ``prompt`` (``raw``: as it is) asked about
+        ``images`` images, with ``note`` (:func:`frames_note`, or empty) before the question."""
+        return note + prompt
 
-    def prepare(self, image_bytes: bytes, prompt: str, raw: bool = False,
+    def note_for(self, prompt: str, raw: bool, images: int, grid: bool) -> str:
+        """:func:`frames_note` for this family's prompt (empty for a ``raw`` prompt, sent as it
+        is, and for a family without :attr:`notes_frames`)."""
+        return "" if raw or not self.notes_frames else frames_note(prompt, images, grid)
+
+    def prepare(self, images: bytes | Sequence[bytes], prompt: str, raw: bool = False,
                 max_pixels: int | None = None) -> Prepared:
-        """Decode the image (of :data:`IMAGE_FORMATS`) and build the model inputs.
+        """Decode the images (of :data:`IMAGE_FORMATS`; one as bytes, or several, oldest
+        first) and build the model inputs.
 
-        ``max_pixels``: the most pixels (width × height) the image may decode to (None: no
-        limit but Pillow's own); read from the image's header, before anything is decoded.
+        ``max_pixels``: the most pixels (width × height) each image may decode to (None: no
+        limit but Pillow's own); read from every image's header, before any is decoded. One
+        image goes to the processor as it is. Several go as a list with one placeholder each
+        when the family takes that (:attr:`many_images`) and the prompt fits the positions,
+        else as one grid (:func:`.grid.compose_grid`, at most ``max_pixels`` pixels; decoded
+        one at a time); the prompt then starts with :meth:`note_for`'s sentence.
 
         Raises:
-            BadImage: the bytes are not an image of those formats.
-            ImageTooLarge: the image has more than ``max_pixels`` pixels (nothing decoded).
-            PromptTooLong: the prompt's tokens (with the image's) fill the model's positions.
+            BadImage: the bytes are not an image of those formats (or no image at all).
+            ImageTooLarge: an image has more than ``max_pixels`` pixels (nothing decoded).
+            PromptTooLong: the prompt's tokens (with the images') fill the model's positions.
+            BadPrompt: a ``raw`` prompt's image placeholders do not match the images.
         """
+        frames = [images] if isinstance(images, (bytes, bytearray, memoryview)) else list(images)
+        n = len(frames)
+        if not n:
+            raise BadImage("no image was given")
+        which = [f"image {i + 1} of {n}: " if n > 1 else "" for i in range(n)]
+        opened = [self._open_image(b, max_pixels, which[i]) for i, b in enumerate(frames)]
+        prompt = prompt.strip()
+        if n == 1:
+            return self._inputs([self._decode_image(opened[0])], self.prompt_text(prompt, raw), 1)
+        last_size = opened[-1].size
+        if self.many_images:
+            decoded = [self._decode_image(im, which[i]) for i, im in enumerate(opened)]
+            try:
+                return self._inputs(decoded, self.prompt_text(prompt, raw, n, self.note_for(prompt, raw, n, False)), n)
+            except PromptTooLong as exc:
+                log.info("%d images do not fit the prompt (%s): answering on a grid of them", n, exc)
+            tiles: Any = (decoded.pop(0) for _ in range(n))   # each frame freed once pasted
+        else:
+            tiles = (self._decode_image(im, which[i]) for i, im in enumerate(opened))
+        image, grid = compose_grid(tiles, n, last_size, max_pixels)
+        prepared = self._inputs([image], self.prompt_text(prompt, raw, 1, self.note_for(prompt, raw, n, True)), n)
+        prepared.grid = grid
+        return prepared
+
+    @staticmethod
+    def _open_image(image_bytes: bytes, max_pixels: int | None, which: str = ""):
+        """The image's header (Pillow's lazy image), checked against ``max_pixels``; ``which``
+        starts the error messages (``"image 2 of 3: "``)."""
         from PIL import Image, UnidentifiedImageError
 
         Image.init()   # register every plugin (WEBP), so that formats= can name them
@@ -210,26 +293,40 @@ class VisionLanguageModel:
         try:
             image = Image.open(io.BytesIO(image_bytes), formats=formats)   # the header only
         except Image.DecompressionBombError as exc:   # over Pillow's own limit (2 × MAX_IMAGE_PIXELS)
-            raise ImageTooLarge(f"the image is too large to decode: {exc}") from None
+            raise ImageTooLarge(f"{which}the image is too large to decode: {exc}") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise BadImage("Failed to load image or audio file") from None
+            raise BadImage(f"{which}Failed to load image or audio file") from None
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
-            raise ImageTooLarge.of(width, height, max_pixels)
+            raise ImageTooLarge(which + str(ImageTooLarge.of(width, height, max_pixels)))
+        return image
+
+    @staticmethod
+    def _decode_image(image, which: str = ""):
+        """Decode an opened image (:meth:`_open_image`) as RGB, freeing the decoded original;
+        ``which`` starts the error message."""
+        from PIL import Image
+
         try:
             image.load()
-            image = image.convert("RGB")
+            rgb = image.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            raise BadImage("Failed to load image or audio file") from None
-        text = self.prompt_text(prompt.strip(), raw)
-        inputs = self.processor(images=image, text=text, return_tensors="pt")
+            raise BadImage(f"{which}Failed to load image or audio file") from None
+        image.close()
+        return rgb
+
+    def _inputs(self, images: list, text: str, sent: int) -> Prepared:
+        """The processor's inputs for ``images`` (decoded; one goes alone, not as a list) and
+        ``text``, on the model's device; ``sent``: the images the request sent."""
+        inputs = self.processor(images=images[0] if len(images) == 1 else images, text=text, return_tensors="pt")
         tensors = {}
         for key in ("input_ids", "attention_mask", "pixel_values"):
             value = inputs[key]
             tensors[key] = value.to(self.device, dtype=self.dtype) if key == "pixel_values" else value.to(self.device)
-        prepared = Prepared(tensors, int(tensors["input_ids"].shape[1]))
+        prepared = Prepared(tensors, int(tensors["input_ids"].shape[1]), images=sent)
         if prepared.length >= self.position_limit():
-            raise PromptTooLong(f"the prompt is {prepared.length} tokens with the image's; model {self.name} takes "
+            whose = "image's" if len(images) == 1 else f"{len(images)} images'"
+            raise PromptTooLong(f"the prompt is {prepared.length} tokens with the {whose}; model {self.name} takes "
                                 f"{self.position_limit()} positions for prompt and answer: shorten the prompt")
         return prepared
 
@@ -271,8 +368,9 @@ class VisionLanguageModel:
         return tuple(sorted(kw.items()))
 
     def batch_key(self, prepared: Prepared, decoding: tuple, max_new: int, seed: int | None) -> tuple:
-        """Requests with equal keys can share one batched ``generate``."""
-        return (None if self.pads_prompts else prepared.length, decoding, max_new, seed)
+        """Requests with equal keys can share one batched ``generate`` (and the same number of
+        images for the model: a grid counts as one)."""
+        return (None if self.pads_prompts else prepared.length, decoding, max_new, seed, prepared.model_images)
 
     def collate(self, rows: Sequence[Prepared]) -> tuple[dict, int]:
         """Stack the rows' inputs, padding prompts on the left: ``(tensors, padded length)``."""

@@ -1,7 +1,13 @@
 """BLIP-2 (``Salesforce/blip2-opt-2.7b``, model type ``blip-2``): a question is sent in the
 model card's ``"Question: … Answer:"`` template; an empty prompt gives a caption; ``raw`` sends
 the prompt as it is. Greedy by default. Its OPT text model is decoder-only: prompts are padded
-on the left, so any prompts batch together."""
+on the left, so any prompts batch together.
+
+BLIP-2 takes one image: several (consecutive moments of one video) are tiled into one grid
+(:mod:`.grid`, oldest top left) and a question starts with :data:`.base.GRID_NOTE` (``"The
+image is a grid of consecutive moments of one video, oldest first, left to right then top to
+bottom. Question: … Answer:"``) unless it already speaks of "consecutive moments"; an empty
+prompt (a caption) and a ``raw`` one are sent as they are."""
 
 from __future__ import annotations
 
@@ -19,10 +25,10 @@ class Blip2(VisionLanguageModel):
     model_type = "blip-2"
     model_class = "Blip2ForConditionalGeneration"
 
-    def prompt_text(self, prompt: str, raw: bool) -> str:
+    def prompt_text(self, prompt: str, raw: bool, images: int = 1, note: str = "") -> str:
         if raw or not prompt:
             return prompt
-        return f"Question: {prompt} Answer:"
+        return f"{note}Question: {prompt} Answer:"
 
     def load(self) -> "Blip2":
         if self.config is not None and not getattr(self.config, "use_decoder_only_language_model", True):
