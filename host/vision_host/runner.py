@@ -194,6 +194,7 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
     from .outputs import MjpegOutput, OutputError
     from .pipeline import format_summary, write_stats
     from .runtime import ProcessorLoadError, Runtime, SandboxLimits, default_cache_dir
+    from .sinks.event_sinks import EventSinks, EventSinksError
 
     specs = settings.streams
     limits = SandboxLimits()
@@ -208,7 +209,7 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
     streams[0].config.update(specs[0].config)     # after the others copied the run's config
     runs: list[StreamRun] = []
     chains: list[list] = []
-    mjpeg = viewer = None
+    mjpeg = viewer = events = None
     caption_bus = CaptionBus()
     try:
         try:
@@ -216,18 +217,25 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
                 chains.append([])
                 for path in processor_paths:
                     chains[-1].append(runtime.load(path, Path(path).stem, stream))
+            events = EventSinks(settings.events, caption_bus, [(s.index, s.name) for s in streams])
             if settings.output == "mjpeg":
                 mjpeg = MjpegOutput(settings.destination or ":8080", stream_names=[s.name for s in specs])
                 viewer = start_viewer(runtime, mjpeg, settings.token, *settings.viewer_limits(),
                                       allowed_hosts=settings.allow_host or [])
+                viewer.events = events
                 caption_bus.subscribe(viewer.caption_subscriber)
         except (ProcessorLoadError, OutputError) as exc:
             print(f"vision-host: {exc}", file=sys.stderr)
             return 1
+        except EventSinksError as exc:
+            print(f"vision-host: {exc}", file=sys.stderr)
+            return 2 if exc.usage else 1
         runs = [StreamRun(spec, settings, chain, runtime, stream, caption_bus, mjpeg, viewer)
                 for spec, chain, stream in zip(specs, chains, streams, strict=True)]
         _run_until_stopped(runs)
     finally:
+        if events is not None:
+            events.close()        # before the bus: the webhooks may drain their queues first
         caption_bus.close()
         for chain in chains:
             for p in chain:
@@ -242,8 +250,11 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
         print(f"vision-host: {r.label}{r.error}", file=sys.stderr)
     done = [r for r in runs if r.stats is not None]
     if settings.stats and done:
-        write_stats(Path(settings.stats), done[0].stats if len(runs) == 1 else
-                    {"streams": [r.stats for r in done], "failed_streams": {r.spec.name: r.error for r in failed}})
+        stats = dict(done[0].stats) if len(runs) == 1 else \
+            {"streams": [r.stats for r in done], "failed_streams": {r.spec.name: r.error for r in failed}}
+        if events is not None:
+            stats["events"] = events.summary()
+        write_stats(Path(settings.stats), stats)
     status = 1 if failed else 0
     for r in done:
         prefix = f"stream {r.spec.name}: " if len(runs) > 1 else ""

@@ -200,6 +200,9 @@ class Viewer:
         self._ticker.start()
         #: Receives every stream's captions from the run's caption bus (subscribe it with ``stream=None``).
         self.caption_subscriber = _ViewerCaptions(self)
+        #: The run's alert rules and event sinks (:class:`.sinks.event_sinks.EventSinks`), when
+        #: any: their states appear in ``/api/state`` (``alerts`` per stream, ``sinks``).
+        self.events = None
         mjpeg.attach_viewer(self)
 
     # -- feeding --------------------------------------------------------------------------------
@@ -238,8 +241,12 @@ class Viewer:
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
         """The object ``/api/state`` returns (documented in the README)."""
+        events = self.events
+        streams = [self._stream_state(s) for s in self.runtime.streams]
+        for stream in streams:
+            stream["alerts"] = events.alert_states(stream["index"]) if events is not None else []
         return {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
-                "streams": [self._stream_state(s) for s in self.runtime.streams]}
+                "streams": streams, "sinks": events.sink_health() if events is not None else []}
 
     def _stream_state(self, stream) -> dict:
         pipeline = self.pipelines.get(stream.index)

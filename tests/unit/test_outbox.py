@@ -121,14 +121,14 @@ def test_two_sinks_share_one_file_each_seeing_its_own_queue(path):
 
 
 def test_four_threads_put_at_once_on_one_outbox_and_on_four(path):
-    shared = Outbox(path, "shared")
+    common = Outbox(path, "common")
     own = [Outbox(path, f"own-{n}") for n in range(4)]
     errors = []
 
     def work(n):
         try:
             for i in range(50):
-                shared.put("t", b"%d-%d" % (n, i))
+                common.put("t", b"%d-%d" % (n, i))
                 own[n].put("t", b"%d" % i)
         except Exception as exc:                 # e.g. sqlite3's "database is locked"
             errors.append(exc)
@@ -139,12 +139,12 @@ def test_four_threads_put_at_once_on_one_outbox_and_on_four(path):
     for t in threads:
         t.join(60)
     assert errors == []
-    assert len(shared) == 200
+    assert len(common) == 200
     for n in range(4):
-        mine = [p for p in _payloads(shared) if p.startswith(b"%d-" % n)]
+        mine = [p for p in _payloads(common) if p.startswith(b"%d-" % n)]
         assert mine == [b"%d-%d" % (n, i) for i in range(50)]          # each thread's puts in its order
         assert _payloads(own[n]) == [b"%d" % i for i in range(50)]
-    for box in (shared, *own):
+    for box in (common, *own):
         box.close()
 
 

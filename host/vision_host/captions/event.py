@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,9 @@ class CaptionEvent:
             validated: :mod:`.structured`) when ``ollama-format`` asks for one, else None.
         fields_error: why a reply that should have been structured is not (not JSON, not an
             object, or the first schema violation); None otherwise. The text is kept either way.
+        id: this event's identifier, unique (a uuid4 in hex): every sink sends it as the
+            event's ``id``, so the webhooks and the broker name one caption alike
+            and a receiver recognises a re-sent one.
         frame: the frame the caption completed on, as the outputs got it (H×W×3 uint8 BGR, the
             overlay drawn), a copy owned by the event: read it, never write it. Only when a
             subscriber of the bus asked for frames (:attr:`.CaptionSubscriber.wants_frames`),
@@ -52,6 +56,7 @@ class CaptionEvent:
     fields: Mapping | None = None
     fields_error: str | None = None
     frame: Any = field(default=None, repr=False, compare=False)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     @property
     def wall_time_iso(self) -> str:
@@ -77,6 +82,7 @@ class AlertEvent:
         caption: the caption event whose evaluation caused the edge, if one did (None for an
             edge made by a timer, such as ``clear-after-s``).
         expression: the rule's condition as written.
+        id: this edge's identifier, unique (a uuid4 in hex), as :attr:`CaptionEvent.id`.
     """
 
     name: str
@@ -87,6 +93,7 @@ class AlertEvent:
     reason: str
     caption: CaptionEvent | None = None
     expression: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     @property
     def wall_time_iso(self) -> str:

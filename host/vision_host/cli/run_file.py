@@ -1,8 +1,9 @@
 """Run files (``vision-host run -f run.toml``) and the run's streams.
 
 A run file is TOML in wasmVision's layout (``[main]``, ``[processing]``, ``[models]``,
-``[server]``) plus vision-host's ``[sandbox]``, a ``config`` table of processor settings and
-``[[source]]`` tables, one per stream. Its keys are those of :data:`.settings.FILE_KEYS`;
+``[server]``) plus vision-host's ``[sandbox]``, ``[events]`` and ``[history]``, a ``config``
+table of processor settings, ``[[source]]`` tables (one per stream), and the event tables:
+``[[alert]]`` (one per alert rule), ``[mqtt]``, ``[[webhook]]`` (one per receiver). Its keys are those of :data:`.settings.FILE_KEYS`;
 wasmVision's keys that vision-host does not support (:data:`.settings.WASMVISION_ONLY_KEYS`)
 are ignored with one warning on stderr.
 """
@@ -19,6 +20,11 @@ from .settings import FILE_KEYS, WASMVISION_ONLY_KEYS, UsageError
 #: Keys of a ``[[source]]`` table (one per stream).
 STREAM_KEYS = {"url", "name", "destination", "captions", "config"}
 
+#: The event tables of a run file → the setting that holds them as given (checked by
+#: :func:`.event_settings.event_settings`): ``[[alert]]`` and ``[[webhook]]`` are arrays of
+#: tables, ``[mqtt]`` one table.
+EVENT_TABLES = {"alert": ("alert_tables", list), "webhook": ("webhook_tables", list), "mqtt": ("mqtt_table", dict)}
+
 
 def parse_config_pairs(pairs: list[str], where: str = "-c") -> dict[str, str]:
     """``["key=value", …]`` → dict. Raises UsageError for an item without ``=`` or key."""
@@ -34,7 +40,8 @@ def parse_config_pairs(pairs: list[str], where: str = "-c") -> dict[str, str]:
 def load_run_file(path: str) -> dict:
     """Read a run file (TOML) into flat settings named like :class:`.settings.RunSettings`'s
     attributes (``processor``, ``max_frames``, ``config``, …), values as the file gives them;
-    its ``[[source]]`` tables as ``source_tables`` (a list of :class:`.runner.StreamSpec`).
+    its ``[[source]]`` tables as ``source_tables`` (a list of :class:`.runner.StreamSpec`); the
+    event tables as given, under the names of :data:`EVENT_TABLES`.
 
     Raises:
         UsageError: unreadable file, TOML syntax error (with line), unknown table or key.
@@ -57,6 +64,13 @@ def load_run_file(path: str) -> dict:
         if table == "source" and isinstance(value, list):
             settings["source_tables"] = [_stream_table(item, n, path) for n, item in enumerate(value)]
             continue
+        if table in EVENT_TABLES:
+            name, kind = EVENT_TABLES[table]
+            if not isinstance(value, kind) or (kind is list and not all(isinstance(v, dict) for v in value)):
+                raise UsageError(f"{table} in {path} must be " + (f"[[{table}]] tables (one per {table})"
+                                                                  if kind is list else f"one [{table}] table"))
+            settings[name] = value
+            continue
         if table == "config":
             if isinstance(value, dict):
                 settings["config"].update({k: str(v) for k, v in value.items()})
@@ -67,7 +81,8 @@ def load_run_file(path: str) -> dict:
             continue
         if table not in tables or not isinstance(value, dict):
             raise UsageError(f"unknown table [{table}] in {path}: known tables are "
-                             f"{', '.join('[' + t + ']' for t in tables)} and config")
+                             f"{', '.join('[' + t + ']' for t in tables)}, [mqtt], [[source]], "
+                             f"[[alert]], [[webhook]] and config")
         ours, theirs = FILE_KEYS.get(table, {}), WASMVISION_ONLY_KEYS.get(table, frozenset())
         for name, item in value.items():
             if name in theirs:

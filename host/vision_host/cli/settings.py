@@ -97,6 +97,7 @@ class RunKey:
 
 _VIEWER = "the viewer and its HTTP server (-o mjpeg)"
 _LIVE = "live sources (cameras, rtsp://, http(s):// MJPEG or HLS)"
+_EVENTS = "events: alert rules, MQTT (Home Assistant), webhooks, history"
 
 #: Every key of ``vision-host run``, in the order of ``--help``.
 RUN_KEYS: tuple[RunKey, ...] = (
@@ -176,6 +177,35 @@ RUN_KEYS: tuple[RunKey, ...] = (
     RunKey("viewer_max_value_bytes", ("--viewer-max-value-bytes",), "main.viewer-max-value-bytes", int, least=1,
            group=_VIEWER, limit="config.max_value_bytes", metavar="N",
            help="longest config value the API takes, in UTF-8 bytes (default 4096)"),
+    RunKey("alert", ("--alert",), None, list, group=_EVENTS, metavar="NAME=EXPR",
+           help="alert rule, repeatable: NAME turns ON when a caption makes the CEL expression EXPR true, "
+                "e.g. --alert 'smoke=text.contains(\"smoke\")' or --alert 'crowd=fields.count >= 3'; "
+                "[[alert]] tables in a run file add for-s, cooldown-s, clear-after-s and streams"),
+    RunKey("mqtt", ("--mqtt",), None, str, group=_EVENTS, metavar="URL",
+           help="publish captions, alert states and snapshots to this MQTT broker, with Home Assistant "
+                "discovery: mqtt://[USER:PASSWORD@]HOST[:1883] or mqtts://…; an [mqtt] table in a run "
+                "file sets the rest"),
+    RunKey("webhook", ("--webhook",), None, list, group=_EVENTS, metavar="URL",
+           help="POST every caption and alert event as JSON to URL, repeatable; [[webhook]] tables in a "
+                "run file choose the events and sign them (secret-env)"),
+    RunKey("outbox", ("--outbox",), "events.outbox", str, group=_EVENTS, metavar="PATH",
+           help="SQLite file where events wait while the broker or a webhook is unreachable, delivered "
+                "in order later, also after a restart (default: vision-host/outbox.sqlite3 in the "
+                "user's data directory)"),
+    RunKey("outbox_max_events", ("--outbox-max-events",), "events.outbox-max-events", int, least=1,
+           default=10_000, group=_EVENTS, metavar="N",
+           help="events kept waiting per sink (default 10000); past it the oldest are dropped and counted"),
+    RunKey("history_path", ("--history",), "history.path", str, group=_EVENTS, metavar="PATH",
+           help="SQLite file where every caption and alert edge is kept with a thumbnail, for "
+                "`vision-host history` (default: vision-host/history.sqlite3 in the user's data directory)"),
+    RunKey("history", ("--no-history",), "history.enabled", bool, default=True, group=_EVENTS,
+           help="keep no caption history"),
+    RunKey("history_retention_days", ("--history-retention-days",), "history.retention-days", float, least=0,
+           default=30.0, group=_EVENTS, metavar="DAYS",
+           help="history older than DAYS is deleted (default 30; 0 keeps everything)"),
+    RunKey("history_max_mb", ("--history-max-mb",), "history.max-mb", float, least=0, default=1024.0,
+           group=_EVENTS, metavar="MB",
+           help="the history's size limit; past it the oldest events are deleted (default 1024; 0: no limit)"),
     RunKey("rtsp_transport", ("--rtsp-transport",), "main.rtsp-transport", str, choices=("tcp", "udp"), group=_LIVE,
            help="RTSP transport (default tcp)"),
     RunKey("source_retries", ("--source-retries",), "main.source-retries", int, least=0, group=_LIVE, metavar="N",
@@ -376,7 +406,7 @@ _KIND_ANNOTATIONS = {str: "str | None", int: "int | None", float: "float | None"
 class RunSettings(make_dataclass(
         "_RunSettingsFields",
         [(k.name, _KIND_ANNOTATIONS[k.kind]) for k in RUN_KEYS]
-        + [("streams", "list[StreamSpec]"), ("live_options", "LiveOptions")],
+        + [("streams", "list[StreamSpec]"), ("live_options", "LiveOptions"), ("events", "EventSettings")],
         frozen=True)):
     """The checked settings of one ``vision-host run``, made by :func:`build_settings`.
 
@@ -390,6 +420,8 @@ class RunSettings(make_dataclass(
         streams: the run's streams (:class:`.runner.StreamSpec`), destinations and caption
             tracks already derived per stream.
         live_options: how live sources are opened (:class:`.sources.LiveOptions`).
+        events: alert rules, MQTT, webhooks, outbox and history
+            (:class:`.event_settings.EventSettings`).
     """
 
     def viewer_limits(self):
@@ -459,4 +491,7 @@ def build_settings(args: argparse.Namespace) -> RunSettings:
         raise UsageError("--segment-seconds and --subtitles apply to -o file only")
     if output == "display" and len(streams) > 1:
         raise UsageError("-o display shows one stream; with several sources use -o mjpeg (every stream on one page)")
-    return RunSettings(**{k.name: values.get(k.name) for k in RUN_KEYS}, streams=streams, live_options=options)
+    from .event_settings import event_settings
+    events = event_settings(values, [s.name for s in streams])
+    return RunSettings(**{k.name: values.get(k.name) for k in RUN_KEYS}, streams=streams, live_options=options,
+                       events=events)

@@ -116,6 +116,11 @@ class HistoryRecorder(CaptionSubscriber):
             target = self._submitted
             return self._done.wait_for(lambda: self._finished >= target, timeout=timeout_s)
 
+    @property
+    def queued(self) -> int:
+        """Events waiting for the writer thread."""
+        return self._queue.qsize()
+
     def close(self, end_time_s: float | None = None) -> None:
         """Write what is queued (at most :attr:`close_timeout_s` s), stop the writer and close the
         store. Idempotent; events after it are dropped."""

@@ -533,7 +533,7 @@ class MqttSink(CaptionSubscriber):
                     log.warning("MQTT: %d events were dropped while the queue was full", self._overflow_burst)
                     self._overflow_burst = 0
             if isinstance(event, CaptionEvent):
-                message_id = uuid.uuid4().hex
+                message_id = event.id
                 self._outbox.put(self.caption_topic(event.stream, event.stream_name), event_bytes(event, message_id),
                                  message_id=message_id)
                 if self.settings.snapshots and event.frame is not None:
@@ -542,7 +542,7 @@ class MqttSink(CaptionSubscriber):
                         self._outbox.put(self.snapshot_topic(event.stream, event.stream_name), jpeg, retain=True,
                                          replace=True)
             elif isinstance(event, AlertEvent):
-                message_id = uuid.uuid4().hex
+                message_id = event.id
                 state_topic = self.alert_topic(event.stream, event.name, event.stream_name)
                 state = b"ON" if str(event.state).upper() == "ON" else b"OFF"
                 self._outbox.put(state_topic, state, retain=True)

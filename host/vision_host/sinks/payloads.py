@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from collections.abc import Mapping
 
 from ..captions.event import AlertEvent, CaptionEvent
@@ -44,12 +43,12 @@ __all__ = ["dumps", "event_bytes", "event_json"]
 
 def event_json(event: CaptionEvent | AlertEvent, message_id: str | None = None) -> dict:
     """``event`` as the JSON object above (a dict of JSON types); ``message_id`` is its ``id``
-    (a new uuid4 hex when None).
+    (the event's own :attr:`~.CaptionEvent.id` when None).
 
     Raises:
         TypeError: ``event`` is neither a CaptionEvent nor an AlertEvent.
     """
-    message_id = message_id or uuid.uuid4().hex
+    message_id = message_id or event.id
     if isinstance(event, CaptionEvent):
         return {"id": message_id, **_caption(event)}
     if isinstance(event, AlertEvent):

@@ -67,7 +67,6 @@ import random
 import re
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,7 +385,7 @@ class WebhookSink(CaptionSubscriber):
                 except queue.Empty:
                     return
                 kind = "alert" if isinstance(event, AlertEvent) else "caption"
-                message_id = uuid.uuid4().hex
+                message_id = event.id
                 before = self.outbox.dropped
                 try:
                     self.outbox.put(kind, event_bytes(event, message_id), message_id=message_id)
