@@ -223,6 +223,7 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
                 viewer = start_viewer(runtime, mjpeg, settings.token, *settings.viewer_limits(),
                                       allowed_hosts=settings.allow_host or [])
                 viewer.events = events
+                viewer.history_path = settings.events.history_path
                 caption_bus.subscribe(viewer.caption_subscriber)
         except (ProcessorLoadError, OutputError) as exc:
             print(f"vision-host: {exc}", file=sys.stderr)

@@ -203,6 +203,11 @@ class Viewer:
         #: The run's alert rules and event sinks (:class:`.sinks.event_sinks.EventSinks`), when
         #: any: their states appear in ``/api/state`` (``alerts`` per stream, ``sinks``).
         self.events = None
+        #: The run's caption history database (a path), None when history is off.
+        self.history_path = None
+        #: Routes of other services on the viewer's server (metrics, MCP, …), added before it
+        #: starts; they pass the same access rules (Host, token, Origin) as the viewer's own.
+        self.extra_routes: list = []
         mjpeg.attach_viewer(self)
 
     # -- feeding --------------------------------------------------------------------------------
@@ -309,7 +314,7 @@ class Viewer:
                 Route("/api/captions", self._get_captions, methods=["GET"]),
                 Route("/api/config", self._get_config, methods=["GET"]),
                 Route("/api/config", self._post_config, methods=["POST"]),
-                Route("/api/events", self._get_events, methods=["GET"])]
+                Route("/api/events", self._get_events, methods=["GET"]), *self.extra_routes]
 
     async def _get_state(self, request: Request) -> Response:
         return json_response(200, self.state())

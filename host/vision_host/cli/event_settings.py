@@ -10,7 +10,7 @@ Every error is a :class:`.settings.UsageError` naming the flag or table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,12 @@ class EventSettings:
         history_path: the caption history's SQLite file, or None when history is off.
         history_retention_days: history older than this is deleted (days; 0: kept).
         history_max_mb: the history's size limit (MiB; 0: none).
+        embed_model: the model asked for caption text embeddings (``--embed-model``), or None.
+        summaries: the ``[[summary]]`` tables (periodic summaries), as the run file gives them,
+            checked by :func:`.history.summaries.parse_summary_table` when there are any.
+        server: the vision server the run's ``ollama`` processor talks to, for the text-only
+            requests of embeddings and summaries: ``{"url", "api", "model", "api_key_env"}``
+            (the ``ollama-*`` config values; absent keys are missing).
     """
 
     alerts: tuple = ()
@@ -42,6 +48,9 @@ class EventSettings:
     history_path: Path | None = None
     history_retention_days: float = 30.0
     history_max_mb: float = 1024.0
+    embed_model: str | None = None
+    summaries: tuple = ()
+    server: dict = field(default_factory=dict)
 
     @property
     def sinks(self) -> bool:
@@ -110,12 +119,24 @@ def event_settings(values: dict, stream_names: list[str]) -> EventSettings:
         if history_path is None:
             from ..history import default_history_path
             history_path = default_history_path()
+    summaries = tuple(values.get("summary_tables") or ())
+    if summaries:
+        from ..history.summaries import parse_summary_table
+        try:
+            for n, table in enumerate(summaries):
+                parse_summary_table(table, f"[[summary]] number {n + 1}")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    config = values.get("config") or {}
+    server = {key: config[f"ollama-{key.replace('_', '-')}"] for key in ("url", "api", "model", "api_key_env")
+              if f"ollama-{key.replace('_', '-')}" in config}
     return EventSettings(alerts=tuple(alerts), mqtt=mqtt, webhooks=tuple(webhooks),
                          outbox_path=None if outbox_path is None else Path(outbox_path),
                          outbox_max_events=int(values.get("outbox_max_events") or 10_000),
                          history_path=None if history_path is None else Path(history_path),
                          history_retention_days=float(values.get("history_retention_days", 30.0)),
-                         history_max_mb=float(values.get("history_max_mb", 1024.0)))
+                         history_max_mb=float(values.get("history_max_mb", 1024.0)),
+                         embed_model=values.get("embed_model"), summaries=summaries, server=server)
 
 
 def _is_index(name: str, count: int) -> bool:

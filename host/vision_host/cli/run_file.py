@@ -3,7 +3,8 @@
 A run file is TOML in wasmVision's layout (``[main]``, ``[processing]``, ``[models]``,
 ``[server]``) plus vision-host's ``[sandbox]``, ``[events]`` and ``[history]``, a ``config``
 table of processor settings, ``[[source]]`` tables (one per stream), and the event tables:
-``[[alert]]`` (one per alert rule), ``[mqtt]``, ``[[webhook]]`` (one per receiver). Its keys are those of :data:`.settings.FILE_KEYS`;
+``[[alert]]`` (one per alert rule), ``[mqtt]``, ``[[webhook]]`` (one per receiver),
+``[[summary]]`` (one per periodic summary). Its keys are those of :data:`.settings.FILE_KEYS`;
 wasmVision's keys that vision-host does not support (:data:`.settings.WASMVISION_ONLY_KEYS`)
 are ignored with one warning on stderr.
 """
@@ -23,7 +24,8 @@ STREAM_KEYS = {"url", "name", "destination", "captions", "config"}
 #: The event tables of a run file → the setting that holds them as given (checked by
 #: :func:`.event_settings.event_settings`): ``[[alert]]`` and ``[[webhook]]`` are arrays of
 #: tables, ``[mqtt]`` one table.
-EVENT_TABLES = {"alert": ("alert_tables", list), "webhook": ("webhook_tables", list), "mqtt": ("mqtt_table", dict)}
+EVENT_TABLES = {"alert": ("alert_tables", list), "webhook": ("webhook_tables", list), "mqtt": ("mqtt_table", dict),
+                "summary": ("summary_tables", list)}
 
 
 def parse_config_pairs(pairs: list[str], where: str = "-c") -> dict[str, str]:
@@ -82,7 +84,7 @@ def load_run_file(path: str) -> dict:
         if table not in tables or not isinstance(value, dict):
             raise UsageError(f"unknown table [{table}] in {path}: known tables are "
                              f"{', '.join('[' + t + ']' for t in tables)}, [mqtt], [[source]], "
-                             f"[[alert]], [[webhook]] and config")
+                             f"[[alert]], [[webhook]], [[summary]] and config")
         ours, theirs = FILE_KEYS.get(table, {}), WASMVISION_ONLY_KEYS.get(table, frozenset())
         for name, item in value.items():
             if name in theirs:

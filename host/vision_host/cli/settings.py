@@ -198,6 +198,10 @@ RUN_KEYS: tuple[RunKey, ...] = (
     RunKey("history_path", ("--history",), "history.path", str, group=_EVENTS, metavar="PATH",
            help="SQLite file where every caption and alert edge is kept with a thumbnail, for "
                 "`vision-host history` (default: vision-host/history.sqlite3 in the user's data directory)"),
+    RunKey("embed_model", ("--embed-model",), "history.embed-model", str, group=_EVENTS, metavar="MODEL",
+           help="also store a text embedding of each caption, asked of the vision server (Ollama "
+                "/api/embed, OpenAI /v1/embeddings) with MODEL (e.g. nomic-embed-text), for "
+                "`vision-host history search --semantic`"),
     RunKey("history", ("--no-history",), "history.enabled", bool, default=True, group=_EVENTS,
            help="keep no caption history"),
     RunKey("history_retention_days", ("--history-retention-days",), "history.retention-days", float, least=0,

@@ -52,6 +52,7 @@ class EventSinks:
         self.mqtt = None
         self.webhooks: list = []
         self.history = None
+        self.summaries = None
         try:
             self._start(events, bus, streams)
         except BaseException:
@@ -78,15 +79,32 @@ class EventSinks:
                 except OutboxError as exc:
                     raise EventSinksError(str(exc)) from None
                 self.webhooks.append(bus.subscribe(sink))
+        if events.embed_model and events.history_path is None:
+            raise EventSinksError("--embed-model stores embeddings in the caption history, which is off "
+                                  "(--no-history): drop one of the two", usage=True)
         if events.history_path is not None:
             from ..history import HistoryError, start_history
+            embedder = None
+            if events.embed_model:
+                from ..history.embeddings import CaptionEmbedder
+                try:
+                    embedder = CaptionEmbedder(events.server, events.embed_model)
+                except ValueError as exc:
+                    raise EventSinksError(str(exc), usage=True) from None
             try:
                 self.history = start_history(events.history_path, retention_days=events.history_retention_days,
-                                             max_mb=events.history_max_mb)
+                                             max_mb=events.history_max_mb,
+                                             **({"embedder": embedder} if embedder is not None else {}))
             except HistoryError as exc:
                 raise EventSinksError(str(exc), usage=True) from None
             if self.history is not None:
                 bus.subscribe(self.history)
+        if events.summaries:
+            from ..history.summaries import PeriodicSummaries
+            try:
+                self.summaries = PeriodicSummaries(events.summaries, bus, events.server, events.history_path)
+            except ValueError as exc:
+                raise EventSinksError(str(exc), usage=True) from None
         if events.alerts:
             from ..captions.alerts import AlertRules
             self.alerts = AlertRules(list(events.alerts), bus)   # subscribes itself, after the sinks
@@ -142,6 +160,8 @@ class EventSinks:
         writes its queue). Undelivered events wait in the outbox for the next run. Idempotent."""
         if self.alerts is not None:
             self.alerts.close()
+        if self.summaries is not None:
+            self.summaries.close()
         deadline = time.monotonic() + drain_s
         while self.webhooks and time.monotonic() < deadline and \
                 any(s.health()["queued"] and not s.health()["last_error"] for s in self.webhooks):
