@@ -251,6 +251,9 @@ def test_the_example_run_files_are_valid(run_file):
                                                           "-d", "out/cams.mkv", "--captions", "out/captions.vtt"]))
         assert [(s.destination, s.captions) for s in files.streams][0] == ("out/cams-door.mkv",
                                                                           "out/captions-door.vtt")
+    if run_file.name == "compose-cameras.toml":     # compose.yaml's: alerts and MQTT checked at start too
+        assert [s.name for s in settings.streams] == ["door", "yard"]
+        assert [r.name for r in settings.events.alerts] == ["person"] and settings.events.mqtt is not None
 
 
 def _mjpeg_frame(url: str) -> np.ndarray:

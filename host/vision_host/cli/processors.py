@@ -15,10 +15,14 @@ REPO_WASM_DIR = (Path(__file__).resolve().parent.parent / "wasm").resolve()
 
 def processor_dirs(extra: str | None = None) -> list[Path]:
     """Directories searched for ``NAME.wasm``, in order: the project's ``wasm/``, then
-    ``$VISION_HOST_PROCESSORS_DIR``, then ``--processors-dir``."""
+    ``$VISION_HOST_PROCESSORS_DIR``, then where ``vision-host download processor`` puts them
+    (the user's data directory / ``vision-host/processors``), then ``--processors-dir``."""
+    from ..download import user_data_dir
+
     dirs = [REPO_WASM_DIR]
     if env := os.environ.get("VISION_HOST_PROCESSORS_DIR"):
         dirs.append(Path(env))
+    dirs.append(user_data_dir() / "vision-host" / "processors")
     if extra:
         dirs.append(Path(extra))
     return dirs
@@ -73,7 +77,8 @@ def resolve_processor(spec: str, extra_dir: str | None = None) -> Path:
         return known[spec]
     names = ", ".join(known) or "none"
     raise UsageError(f"unknown processor {spec!r}: known processors are {names} "
-                     f"(or give a path to a .wasm file; more are found in $VISION_HOST_PROCESSORS_DIR)")
+                     f"(or give a path to a .wasm file, or fetch a published one: vision-host download "
+                     f"processor NAME; more are found in $VISION_HOST_PROCESSORS_DIR)")
 
 
 def add_parsers(sub) -> None:
