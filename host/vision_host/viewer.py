@@ -16,6 +16,8 @@ the video itself stays at ``/stream/N``):
 * ``GET /api/events`` — ``text/event-stream`` (W3C Server-Sent Events): ``state`` once a second,
   ``caption`` for each completed caption, ``config`` after a change.
 * ``GET /snapshot.png``, ``/snapshot/N.png`` — the newest annotated frame as PNG.
+* ``GET /api/history?q=&stream=&since=&until=&limit=``, ``GET /api/history/ID/thumbnail.jpg`` —
+  the caption history (:mod:`.history.api`; 404 with a sentence when the run has none).
 
 Security (the Host, token and Origin rules are :class:`.webapp.AccessRules`'): with a token
 (always when bound beyond loopback) every request must carry it, as ``?token=T`` or
@@ -47,6 +49,7 @@ from starlette.routing import Route
 
 from . import __version__
 from .captions import CaptionEvent, CaptionSubscriber
+from .history.api import history_routes
 from .runtime.engine import is_locked_key
 from .webapp import json_response, read_body
 
@@ -314,7 +317,8 @@ class Viewer:
                 Route("/api/captions", self._get_captions, methods=["GET"]),
                 Route("/api/config", self._get_config, methods=["GET"]),
                 Route("/api/config", self._post_config, methods=["POST"]),
-                Route("/api/events", self._get_events, methods=["GET"]), *self.extra_routes]
+                Route("/api/events", self._get_events, methods=["GET"]),
+                *history_routes(lambda: self.history_path), *self.extra_routes]
 
     async def _get_state(self, request: Request) -> Response:
         return json_response(200, self.state())
