@@ -327,3 +327,11 @@ def test_bench_one_evaluation(benchmark):
     rule = AlertRule("crowd", "fields.person == true && fields.count >= 2")
     variables = caption_variables(structured('{"person": true, "count": 2, "what": "two people at the door"}'))
     assert benchmark(rule.matches, variables) is True
+
+
+def test_clear_after_shorter_than_for_is_refused_at_start_with_what_to_do():
+    from vision_host.captions.alerts import AlertRuleError, parse_alert_table
+    with pytest.raises(AlertRuleError, match=r"clear-after-s 0.5 is shorter than for-s 2.*at least 2"):
+        parse_alert_table({"name": "door", "when": "true", "for-s": 2, "clear-after-s": 0.5}, "run.toml")
+    rule = parse_alert_table({"name": "door", "when": "true", "for-s": 2, "clear-after-s": 2}, "run.toml")
+    assert rule.clear_after_s == rule.for_s == 2

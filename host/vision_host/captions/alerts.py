@@ -191,6 +191,10 @@ class AlertRule:
         if self.clear_after_s is not None:
             object.__setattr__(self, "clear_after_s",
                                _seconds(self.name, "clear-after-s", self.clear_after_s, positive=True))
+            if self.clear_after_s < self.for_s:
+                raise AlertRuleError(f"alert rule {self.name!r}: clear-after-s {self.clear_after_s:g} is shorter than "
+                                     f"for-s {self.for_s:g}, so the alert would clear before it could turn on: "
+                                     f"make clear-after-s at least {self.for_s:g}")
         program = compile_condition(self.name, self.when)
         object.__setattr__(self, "program", program)
         object.__setattr__(self, "uses", frozenset(program.variables()) & VARIABLES.keys())
@@ -393,8 +397,8 @@ class AlertRules(CaptionSubscriber):
             track.last_on, track.pending_since = at, None
             track.fires += 1
             self.fired += 1
-            if rule.clear_after_s is not None:
-                self._schedule(track, (track.last_match or at) + rule.clear_after_s)
+            if rule.clear_after_s is not None:   # never before this ON (clear-after-s < for-s)
+                self._schedule(track, max((track.last_match or at) + rule.clear_after_s, at))
         self._bus.publish_alert(AlertEvent(rule.name, state, track.stream, track.stream_name, at, reason, event,
                                            rule.when))
 
