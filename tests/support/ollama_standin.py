@@ -62,6 +62,10 @@ Structured answers (``format``), as Ollama does them (llm/server.go ``Completion
   (:func:`schema_instance`: every property, required or not; a string is the reply text).
   It is written with ``", "`` and ``": "`` separators and streams in pieces like any reply.
 
+Text-only chat (no image: /api/chat, /api/generate, /v1/chat/completions without image parts) is
+answered like any request; the default reply is then :func:`default_text_reply`, made from the
+times found in the prompt (what a summary of captions sends), and ``text_only_error`` refuses it.
+
 Model names match like Ollama's: case-insensitively, and a name without a tag means ``:latest``.
 
 OpenAI compatibility (``/v1``), as Ollama's layer behaves (checked against docs/api/openai-compatibility.mdx,
@@ -135,6 +139,29 @@ errors take the OpenAI shape above):
   /v1 streaming: two pieces, then what Ollama's compat layer makes of that line (an empty
   chunk and the end of the body, or an SSE error event with ``sse_error_events``, see above).
 
+Embeddings (``POST /api/embed``, ``POST /v1/embeddings``), as Ollama answers them (server/routes.go
+``EmbedHandler``, middleware/openai.go ``EmbeddingsMiddleware``): the vectors are not a model's but
+:func:`hash_embedding`'s, deterministic bag-of-words vectors (each word, lower-cased, a few
+stop words left out, adds ±1 at 3 dimensions chosen by a hash of the model's name and the word;
+L2-normalised), so texts sharing words are closer and two models' vectors are unrelated. Any
+model of ``models`` embeds; ``embed_dim`` (default :data:`EMBED_DIM`, settable) is the dimension.
+
+* /api/embed: ``{"model", "input": string | [strings], "truncate", "dimensions", ...}`` →
+  ``{"model", "embeddings": [[floats]], "total_duration", "load_duration", "prompt_eval_count"}``
+  (``application/json; charset=utf-8``); ``input: ""`` gives ``"embeddings": []``; ``dimensions``
+  below the full size keeps that many and normalises again. Errors: 400 ``missing request body``,
+  Go's JSON wording, 400 ``invalid input type`` (an input that is not a string or strings), 404
+  ``model '' not found`` (no model), 404 ``model "x" not found, try pulling it first`` (unknown).
+* /v1/embeddings: ``{"model", "input", "encoding_format", "dimensions"}`` → ``{"object": "list",
+  "data": [{"object": "embedding", "embedding": [floats] (base64 of little-endian float32 with
+  ``encoding_format: "base64"``), "index"}], "model", "usage": {"prompt_tokens", "total_tokens"}}``
+  (``application/json``). Errors in the OpenAI shape: from the middleware 400 ``EOF``, Go's JSON
+  wording, ``Invalid value for 'encoding_format' = x. Supported values: ['float', 'base64'].``,
+  ``invalid input`` (no input, or ``[]``); from the handler 400 ``invalid input type`` and the 404s
+  above (type ``not_found_error``).
+* ``latency_s`` delays both; ``failure`` ``"http500"`` answers 500 with ``failure_message`` and
+  ``"hang"`` never answers; the other failure modes do not apply to embeddings.
+
 Usage::
 
     from ollama_standin import OllamaStandin, ollama_standin   # the second is a pytest fixture
@@ -168,7 +195,9 @@ import cv2
 import numpy as np
 import pytest
 
-__all__ = ["FAILURE_MODES", "OllamaStandin", "RecordedRequest", "default_caption", "ollama_standin", "schema_instance"]
+__all__ = ["EMBED_DIM", "FAILURE_MODES", "hash_embedding",
+           "OllamaStandin", "RecordedRequest", "default_caption", "default_text_reply", "ollama_standin",
+           "schema_instance"]
 
 #: Accepted values of ``OllamaStandin.failure``.
 FAILURE_MODES = (None, "http500", "malformed", "hang", "reset", "drip", "midstream_error")
@@ -182,6 +211,10 @@ _OPENAI_JSON_CT = "application/json"  # what Ollama's OpenAI middleware sets (no
 _SSE_CT = "text/event-stream"
 _V1_CHAT = "/v1/chat/completions"
 _V1_MODELS = "/v1/models"
+_V1_EMBEDDINGS = "/v1/embeddings"
+#: The default dimension of the stand-in's embeddings (``OllamaStandin.embed_dim``).
+EMBED_DIM = 64
+_STOP_WORDS = frozenset("a an the at of in on is are and or with to by from".split())
 _DATA_URL_PREFIXES = ("data:;base64,",) + tuple(f"data:image/{t};base64," for t in ("jpeg", "jpg", "png", "webp"))
 _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 _IMAGE_TOKENS = 576  # prompt_eval_count charged per image, like a LLaVA-style projector
@@ -272,15 +305,62 @@ def default_caption(prompt: str, jpeg: bytes | None) -> str:
     """A caption that depends on the image content, so tests can tell frames apart.
 
     Returns e.g. ``"a 640x360 scene with mean brightness 87"`` (brightness = mean of the
-    grey image, 0..255, rounded), or ``"there is no image to describe"`` without an image.
+    grey image, 0..255, rounded); without an image (text-only chat), :func:`default_text_reply`.
     """
     if jpeg is None:
-        return "there is no image to describe"
+        return default_text_reply(prompt)
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
     if img is None:
         return "an image that cannot be decoded"
     h, w = img.shape[:2]
     return f"a {w}x{h} scene with mean brightness {int(round(float(img.mean())))}"
+
+
+_CLOCK = re.compile(r"\b(?:\d{4}-\d{2}-\d{2} )?\d{2}:\d{2}:\d{2}\b")
+
+
+def default_text_reply(prompt: str) -> str:
+    """The reply to a text-only request (no image), deterministic from the prompt, in the form a
+    summary asks for: ``SUMMARY: N times from FIRST to LAST.`` then ``MOMENTS:`` and one line
+    ``- TIME - WORDS`` per distinct time (``HH:MM:SS``, optionally dated ``YYYY-MM-DD HH:MM:SS``)
+    found in the prompt, in order of first appearance, ``WORDS`` being at most 40 characters of
+    what follows that time on the first line that starts with it (after ``-``; ``[stream]``,
+    ``-`` and ``:`` dropped), else ``seen``. A prompt without times answers ``"there is no
+    image to describe"``."""
+    seen: dict[str, str] = {}
+    for line in prompt.splitlines():
+        for m in _CLOCK.finditer(line):
+            starts = not line[: m.start()].strip(" -")
+            if m.group(0) not in seen or (starts and seen[m.group(0)] == "seen"):
+                rest = re.sub(r"^[\s\-:]*(\[[^\]]*\])?[\s\-:]*", "", line[m.end():]) if starts else ""
+                seen[m.group(0)] = rest[:40].strip() or "seen"
+    if not seen:
+        return "there is no image to describe"
+    times = list(seen)
+    return (f"SUMMARY: {len(times)} times from {times[0]} to {times[-1]}.\nMOMENTS:\n"
+            + "\n".join(f"- {t} - {words}" for t, words in seen.items()))
+
+
+def struct_pack_f32(values: list[float]) -> bytes:
+    """``values`` as little-endian float32 bytes (OpenAI's ``encoding_format: "base64"``)."""
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def hash_embedding(text: str, model: str = "", dim: int = EMBED_DIM) -> list[float]:
+    """The stand-in's embedding of ``text`` by ``model``: ``dim`` floats, L2-normalised (all zeros
+    for a text with no words). Each lower-cased word (``[a-z0-9]+``, stop words such as "a", "the",
+    "at" left out) adds +1 or -1 at 3 dimensions picked by SHA-256 of the model's normalised name
+    and the word: texts sharing words have a higher cosine similarity, other models' vectors of
+    the same text are unrelated."""
+    v = [0.0] * dim
+    for word in re.findall(r"[a-z0-9]+", text.lower()):
+        if word in _STOP_WORDS:
+            continue
+        h = hashlib.sha256(f"{_normalize_model(model)}\0{word}".encode()).digest()
+        for k in range(3):
+            v[int.from_bytes(h[4 * k:4 * k + 4], "little") % dim] += 1.0 if h[12 + k] & 1 else -1.0
+    norm = sum(x * x for x in v) ** 0.5
+    return [x / norm for x in v] if norm else v
 
 
 @dataclass(frozen=True)
@@ -599,6 +679,8 @@ class _Handler(BaseHTTPRequestHandler):
         "/api/chat": ("POST",),
         _V1_CHAT: ("POST",),
         _V1_MODELS: ("GET",),
+        "/api/embed": ("POST",),
+        _V1_EMBEDDINGS: ("POST",),
     }
 
     def do_GET(self) -> None:
@@ -664,6 +746,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._show(raw)
             elif path == _V1_CHAT:
                 self._openai_chat(raw)
+            elif path == "/api/embed":
+                self._embed(raw)
+            elif path == _V1_EMBEDDINGS:
+                self._openai_embed(raw)
             elif path == _V1_MODELS:
                 self._openai_models()
             elif model_param:
@@ -903,6 +989,93 @@ class _Handler(BaseHTTPRequestHandler):
             yield _dumps(final("", t_eval)) + b"\n"
 
         self._send_units(gen_lines(), failure)
+
+    # ------------------------------------------------------------ embeddings
+
+    @staticmethod
+    def _embed_inputs(value: Any) -> list[str]:
+        """``EmbedRequest.input`` as Ollama's EmbedHandler reads it."""
+        if isinstance(value, str):
+            return [value] if value else []
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if value is None:
+            return []
+        raise _BadRequest(400, "invalid input type")
+
+    def _embed_vectors(self, model: Any, inputs: list[str], dimensions: Any) -> tuple[list[list[float]], int]:
+        """The vectors and the token count, after Ollama's model checks, ``latency_s`` and ``failure``."""
+        standin = self.server.standin
+        if not isinstance(model, str) or not model.strip():
+            raise _BadRequest(404, f"model '{model or ''}' not found")
+        name = standin._find_model(model)
+        if name is None:
+            raise _BadRequest(404, f"model {_go_quote(model)} not found, try pulling it first")
+        standin._sleep(standin.latency_s)
+        if standin.failure == "hang":
+            standin._sleep(1e9)
+        if standin.failure == "http500":
+            raise _BadRequest(500, standin.failure_message)
+        dim = int(standin.embed_dim)
+        vectors = [hash_embedding(t, name, dim) for t in inputs]
+        if isinstance(dimensions, int) and 0 < dimensions < dim:
+            cut = [v[:dimensions] for v in vectors]
+            vectors = [[x / n for x in v] if (n := sum(x * x for x in v) ** 0.5) else v for v in cut]
+        tokens = sum(len(t.split()) + 1 for t in inputs)
+        return vectors, tokens
+
+    def _embed(self, raw: bytes) -> None:
+        t0 = time.monotonic_ns()
+        body = self._parse(raw, "EmbedRequest")
+        _expect(body, "truncate", bool, "EmbedRequest", "*bool")
+        _expect(body, "dimensions", int, "EmbedRequest", "int")
+        inputs = self._embed_inputs(body.get("input"))
+        vectors, tokens = self._embed_vectors(body.get("model"), inputs, body.get("dimensions"))
+        if not inputs:
+            self._send_json(200, {"model": body.get("model"), "embeddings": []})
+            return
+        total = time.monotonic_ns() - t0
+        self._send_json(200, {"model": body.get("model"), "embeddings": vectors, "total_duration": total,
+                              "load_duration": total // 10, "prompt_eval_count": tokens})
+
+    def _openai_embed(self, raw: bytes) -> None:
+        struct_name = "EmbedRequest"
+        if not raw.strip():
+            raise _OpenAIBindError("EOF")
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as e:
+            if e.pos >= len(raw.strip()):
+                raise _OpenAIBindError("unexpected EOF") from None
+            ch = raw.decode("utf-8", "replace")[e.pos]
+            raise _OpenAIBindError(f"invalid character '{ch}' looking for beginning of value") from None
+        if not isinstance(body, dict):
+            raise _OpenAIBindError(f"json: cannot unmarshal {_json_type(body)} into Go value of type "
+                                   f"openai.{struct_name}")
+        for key, ok, gotype in (("model", lambda v: isinstance(v, str), "string"),
+                                ("encoding_format", lambda v: isinstance(v, str), "string"),
+                                ("dimensions", lambda v: isinstance(v, int) and not isinstance(v, bool), "int")):
+            v = body.get(key)
+            if v is not None and not ok(v):
+                raise _OpenAIBindError(f"json: cannot unmarshal {_json_type(v)} into Go struct field "
+                                       f"{struct_name}.{key} of type {gotype}")
+        fmt = (body.get("encoding_format") or "").lower()
+        if fmt and fmt not in ("float", "base64"):
+            raise _OpenAIBindError(f"Invalid value for 'encoding_format' = {body['encoding_format']}. "
+                                   f"Supported values: ['float', 'base64'].")
+        value = body.get("input")
+        if value == "":
+            value = [""]
+        if value is None or (isinstance(value, list) and not value):
+            raise _OpenAIBindError("invalid input")
+        inputs = self._embed_inputs(value)
+        vectors, tokens = self._embed_vectors(body.get("model"), inputs, body.get("dimensions"))
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(struct_pack_f32(v)).decode() if fmt == "base64" else v}
+                for i, v in enumerate(vectors)]
+        reply = {"object": "list", "data": data, "model": body.get("model"),
+                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        self._send_full(200, _OPENAI_JSON_CT, _dumps(reply) + b"\n")
 
     # ------------------------------------------------------------ OpenAI compatibility (/v1)
 
@@ -1155,6 +1328,8 @@ class _Handler(BaseHTTPRequestHandler):
         for data in images:
             if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
                 raise _BadRequest(400, "Failed to load image or audio file")
+        if not images and standin.text_only_error:  # a model that cannot chat (vision-host serve's BLIP)
+            raise _BadRequest(400, standin.text_only_error)
 
         t_start = time.monotonic_ns()
         failure = standin.failure
@@ -1238,6 +1413,9 @@ class OllamaStandin:
             checks it (400 for an unknown ``type``, a ``json_schema`` without ``name``) instead of
             as Ollama's compat layer reads it (see the module docstring). Default False.
         version: what ``GET /api/version`` reports.
+        text_only_error: attribute only (default None): a request with no image (text-only
+            chat) is refused with 400 and this sentence (/v1: in the OpenAI error shape), as
+            ``vision-host serve`` refuses it for a model that cannot chat.
         port: the port to bind (constructor only); 0, the default, picks a free one.
 
     Attributes (read-only):
@@ -1275,7 +1453,9 @@ class OllamaStandin:
         self.split_chunks = split_chunks
         self.sse_error_events = sse_error_events
         self.openai_strict = openai_strict
+        self.text_only_error: str | None = None
         self.version = version
+        self.embed_dim = EMBED_DIM  # /api/embed and /v1/embeddings vectors: this many floats (settable)
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._request_added = threading.Condition(self._lock)

@@ -4,14 +4,19 @@ records (see :mod:`..history`).
 Output: one line per event, ``TIME  STREAM  #ID  TEXT`` (local time; an alert edge's text is
 ``ALERT name ON: reason``; control characters in a caption are shown as spaces, so a reply
 cannot drive the terminal), or with ``--json`` one JSON record per line (the fields of
-:mod:`..history.store`). Errors print one sentence: exit status 2 for bad flags, 1 when the
-history cannot be read or the event is missing.
+:mod:`..history.store`). ``search --semantic`` ranks captions by meaning instead of words: the
+query's embedding is asked of the server (``--url``, ``--api``, ``--embed-model``: the model
+that recorded the vectors, :mod:`..history.embeddings`) and compared with the stored ones; each
+line then starts with the cosine similarity, ``0.873  TIME  STREAM  #ID  TEXT``. Errors print one
+sentence: exit status 2 for bad flags, 1 when the history cannot be read, the event is missing or
+the embedding server fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from datetime import datetime
@@ -41,13 +46,27 @@ def add_parser(sub) -> None:
             parser.add_argument("--until", metavar="WHEN", help="only events at or before WHEN (as --since)")
             parser.add_argument("--kind", choices=("caption", "alert"), help="only captions or only alert edges")
 
-    search = actions.add_parser("search", help="events holding all the words, best match first")
+    search = actions.add_parser("search", help="events holding all the words (or, with --semantic, captions "
+                                               "closest in meaning), best match first")
     search.add_argument("words", nargs="+", metavar="WORDS", help='what to look for, e.g. "red car"')
     common(search)
     search.add_argument("--limit", type=positive_int, default=20, metavar="N", help="most hits (default 20)")
     search.add_argument("--raw", action="store_true",
                         help="WORDS are SQLite FTS5 query syntax (OR, NOT, NEAR, \"phrases\", prefix*) instead of "
                              "plain words")
+    search.add_argument("--semantic", action="store_true",
+                        help="rank captions by meaning (cosine similarity of text embeddings) instead of words; "
+                             "needs --embed-model, and captions recorded with run --embed-model")
+    search.add_argument("--embed-model", metavar="MODEL",
+                        help="the embedding model that recorded the vectors (e.g. nomic-embed-text)")
+    search.add_argument("--url", metavar="URL",
+                        help="the embedding server (default $OLLAMA_HOST, else http://localhost:11434)")
+    search.add_argument("--api", choices=("ollama", "openai"), default="ollama",
+                        help="ollama (POST /api/embed, default) or openai (POST /v1/embeddings)")
+    search.add_argument("--api-key-env", metavar="VAR",
+                        help="environment variable holding the server's API key (sent as a Bearer token)")
+    search.add_argument("--embed-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds to wait for the query's embedding (default 30)")
     search.add_argument("--json", action="store_true", help="one JSON record per line")
     search.set_defaults(handler=cmd_search)
 
@@ -136,15 +155,60 @@ def format_line(record: dict) -> str:
 
 def _print_records(records: list[dict], as_json: bool) -> None:
     for record in records:
-        print(json.dumps(record, ensure_ascii=False) if as_json else format_line(record))
+        if as_json:
+            print(json.dumps(record, ensure_ascii=False))
+        elif "score" in record:
+            print(f"{record['score']:.3f}  {format_line(record)}")
+        else:
+            print(format_line(record))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """``vision-host history search WORDS``: prints the hits; 0 (even with none), 1 on errors."""
+    """``vision-host history search WORDS``: prints the hits; 0 (even with none), 1 on errors
+    (with ``--semantic`` also when the embedding server fails), 2 for bad flags."""
     filters = _filters(args)
+    if not args.semantic:
+        given = [flag for flag, value in (("--embed-model", args.embed_model), ("--url", args.url),
+                                          ("--api-key-env", args.api_key_env)) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} only go with --semantic: add --semantic to search by meaning")
+
+        def work(store) -> int:
+            _print_records(store.search(" ".join(args.words), limit=args.limit, raw=args.raw, **filters), args.json)
+            return 0
+
+        return _run(args, work)
+    if args.raw:
+        raise UsageError("--raw is FTS5 word syntax and does not go with --semantic: drop one of the two")
+    if filters.pop("kind") == "alert":
+        raise UsageError("--semantic searches captions only (alert edges have no embeddings): drop --kind alert")
+    if not args.embed_model:
+        raise UsageError("--semantic needs --embed-model MODEL: the embedding model the run recorded the captions "
+                         "with (vision-host run --embed-model MODEL)")
+    if not 0.1 <= args.embed_timeout <= 600:
+        raise UsageError(f"--embed-timeout {args.embed_timeout:g} is out of range: use 0.1 to 600 seconds")
+    from ..history.embeddings import CaptionEmbedder, EmbeddingError
+    from .settings import ollama_host_url
+
+    url = args.url or ollama_host_url(os.environ.get("OLLAMA_HOST")) or "http://localhost:11434"
+    server = {"url": url, "api": "openai" if args.api == "openai" else "generate"}
+    if args.api_key_env:
+        server["api_key_env"] = args.api_key_env
+    try:
+        embedder = CaptionEmbedder(server, args.embed_model, timeout_s=args.embed_timeout)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
     def work(store) -> int:
-        _print_records(store.search(" ".join(args.words), limit=args.limit, raw=args.raw, **filters), args.json)
+        model = store.embedding_model(args.embed_model)   # fails before asking the server
+        try:
+            vector = embedder.embed([" ".join(args.words)])[0]
+        except EmbeddingError as exc:
+            print(f"vision-host: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            embedder.close()
+        _print_records(store.search_semantic(vector, model, limit=args.limit, **filters), args.json)
         return 0
 
     return _run(args, work)

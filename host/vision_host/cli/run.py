@@ -58,7 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # (`vision-host run … &`), where the shell hands it SIGINT ignored.
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with embedded_server_for(settings.config):
+        with embedded_server_for(settings.config) as embedded:
+            if embedded is not None:    # embeddings and summaries ask the server the processor uses
+                settings.events.server.update(url=settings.config["ollama-url"], model=settings.config["ollama-model"])
             paths = [resolve_processor(spec, settings.processors_dir) for spec in settings.processor]
             try:
                 policy = network_policy(settings.config, settings.allow, settings.streams,

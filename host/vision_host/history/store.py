@@ -14,6 +14,12 @@ Layout (schema version :data:`SCHEMA_VERSION`, kept in SQLite's ``user_version``
   wall time of the caption that caused the edge, if one did).
 * ``events_fts``: an FTS5 index over ``events`` (external content: the text is stored once)
   on the caption text, stream name, model, alert name and reason, kept in step by triggers.
+* ``embeddings``: text embeddings of captions for semantic search (``id`` of the caption,
+  ``model`` that made it, ``dim``, ``vector``: ``dim`` little-endian float32, L2-normalised),
+  one per caption and model; a trigger deletes them with their event. The table is additive:
+  created on every writable open when missing (the schema version stays 1, and a vision-host
+  without it reads the file as before, its pruning still deleting the vectors through the
+  trigger).
 
 Writes: each :meth:`~HistoryStore.add_caption` / :meth:`~HistoryStore.add_alert` is one
 transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), committed when the call returns. The journal is
@@ -36,13 +42,24 @@ syntax error; all words must occur (in any column, any order; case and diacritic
 prefixes ``car*``) and a syntax error is a :class:`HistoryError` sentence. Hits are ranked by
 ``bm25`` (caption text weighs most), then newest first.
 
+Semantic search (:meth:`~HistoryStore.search_semantic`): a query vector (from the same
+embedding model, :mod:`.embeddings`) against the stored vectors of that model only (vectors of
+another model, or of another dimension, are never compared), ranked by cosine similarity
+(``score``, -1 to 1, higher is closer), then newest first. Cost: the filters (stream, time) are
+applied in SQL first, then every remaining vector of that model is read and scored with numpy,
+``batch`` rows at a time with a running top ``limit``: O(rows × dim) work and
+``batch × dim × 4`` bytes of memory. 100 000 captions of a 768-dimension model are about 300 MB
+of vectors to read: around a second from a warm disk cache; narrow it with ``--since`` or
+``--stream`` when it grows beyond that.
+
 Records (what :meth:`~HistoryStore.search`, :meth:`~HistoryStore.list` and
 :meth:`~HistoryStore.get` return, and what ``export`` writes): dicts with ``id``, ``kind``,
 ``time`` (ISO 8601 UTC with ms), ``wall_time_unix``, ``stream``, ``stream_name``, ``text``,
 ``model``; a caption adds ``stream_time_s``, ``frame_index``, ``source``, ``latency_ms``,
 ``prompt``, ``fields``, ``fields_error``, ``thumbnail`` (True/False: one is stored); an alert
 edge adds ``alert``, ``state``, ``reason``, ``expression``, ``caption_id`` (the caption that
-caused it, if it is stored); a search hit adds ``rank`` (bm25: lower is better).
+caused it, if it is stored); a search hit adds ``rank`` (bm25: lower is better); a semantic
+hit adds ``score`` (cosine similarity: higher is better).
 """
 
 from __future__ import annotations
@@ -120,6 +137,21 @@ END;
 CREATE TRIGGER events_fts_delete AFTER DELETE ON events BEGIN
     INSERT INTO events_fts (events_fts, rowid, text, stream_name, model, alert_name, reason)
     VALUES ('delete', old.id, old.text, old.stream_name, old.model, old.alert_name, old.reason);
+END;
+"""
+
+# Created whenever missing (see the module docstring): additive, no schema version of its own.
+_EMBEDDINGS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS embeddings (
+    id INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model, id)
+);
+CREATE INDEX IF NOT EXISTS embeddings_by_id ON embeddings (id);
+CREATE TRIGGER IF NOT EXISTS embeddings_delete AFTER DELETE ON events BEGIN
+    DELETE FROM embeddings WHERE id = old.id;
 END;
 """
 
@@ -287,6 +319,7 @@ class HistoryStore:
                                f"put it on a local disk with --history PATH")
         conn.execute("PRAGMA synchronous = NORMAL")
         if version == SCHEMA_VERSION:
+            self._add_embeddings_table(conn)
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -295,9 +328,25 @@ class HistoryStore:
                 if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     raise HistoryError(f"{self.path} holds tables but no vision-host history: give another "
                                        f"path with --history PATH")
-                for statement in _statements(_SCHEMA):
+                for statement in _statements(_SCHEMA + _EMBEDDINGS_SCHEMA):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._add_embeddings_table(conn)
+
+    @staticmethod
+    def _add_embeddings_table(conn: sqlite3.Connection) -> None:
+        """Create the ``embeddings`` table and its trigger when missing (a file of an older vision-host)."""
+        if conn.execute("SELECT count(*) FROM sqlite_master WHERE name IN ('embeddings', 'embeddings_delete')"
+                        ).fetchone()[0] == 2:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(_EMBEDDINGS_SCHEMA):
+                conn.execute(statement)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -384,6 +433,36 @@ class HistoryStore:
             return row
 
         return self._write("an alert edge", work)
+
+    def add_embeddings(self, model: str, items: list[tuple[int, object]]) -> int:
+        """Store the text embedding of each caption ``(event_id, vector)`` made by ``model``, in
+        one transaction (committed on return), L2-normalised as float32. A caption that already
+        has a vector of ``model``, or is no longer stored (pruned meanwhile), is skipped. Returns
+        how many were stored.
+
+        Raises:
+            HistoryError: a vector is not a finite, non-zero 1-D vector of 1 to 16384 numbers
+                (nothing is stored), or the write failed (see :meth:`_write`).
+        """
+        if not isinstance(model, str) or not model:
+            raise HistoryError("an embedding needs the name of its model")
+        rows = []
+        for event_id, vector in items:
+            v = _unit_vector(vector, f"the embedding of caption #{event_id}")
+            rows.append((int(event_id), v.shape[0], v.astype("<f4").tobytes()))
+
+        def work(conn: sqlite3.Connection) -> int:
+            stored = 0
+            for event_id, dim, blob in rows:
+                cur = conn.execute("INSERT OR IGNORE INTO embeddings (id, model, dim, vector) SELECT ?, ?, ?, ? "
+                                   "WHERE EXISTS (SELECT 1 FROM events WHERE id = ? AND kind = 'caption')",
+                                   (event_id, model, dim, blob, event_id))
+                if cur.rowcount == 1:
+                    stored += 1
+                    conn.execute("UPDATE events SET bytes = bytes + ? WHERE id = ?", (len(blob) + 40, event_id))
+            return stored
+
+        return self._write("caption embeddings", work) if rows else 0
 
     def encode_thumbnail(self, frame) -> bytes | None:
         """``frame`` (H×W×3 uint8 BGR) as a JPEG whose longer side is at most :attr:`thumbnail_px`
@@ -540,6 +619,95 @@ class HistoryStore:
                 raise HistoryError(f"cannot search the history database {self.path} ({text})") from None
         return [dict(_record(row), rank=round(row[-1], 4)) for row in rows]
 
+    def embedding_models(self) -> list[dict]:
+        """The embeddings stored, per model and dimension: ``[{"model", "dim", "count"}]``, most
+        vectors first ([] when none, or in a file of a vision-host without them)."""
+        if not self._has_embeddings():
+            return []
+        rows = self._query("SELECT model, dim, count(*) FROM embeddings GROUP BY model, dim "
+                           "ORDER BY count(*) DESC, model", [])
+        return [{"model": m, "dim": d, "count": c} for m, d, c in rows]
+
+    def embedding_model(self, model: str) -> str:
+        """The name under which vectors of ``model`` are stored: ``model`` itself, or the same
+        Ollama name with or without ``:latest``.
+
+        Raises:
+            HistoryError: no vectors of that model are stored (the message names those there are).
+        """
+        names = sorted({m["model"] for m in self.embedding_models()})
+        if model in names:
+            return model
+        for name in names:
+            if _untagged(name) == _untagged(model):
+                return name
+        there = (f"it holds vectors of {', '.join(names)}: search with that --embed-model, or record new "
+                 f"captions with --embed-model {model}") if names else \
+            f"record captions with vision-host run --embed-model {model}"
+        raise HistoryError(f"no captions in {self.path} were embedded with model {model!r}: {there}")
+
+    def _has_embeddings(self) -> bool:
+        return bool(self._query("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'embeddings'",
+                                [])[0][0])
+
+    def search_semantic(self, vector, model: str, stream: str | int | None = None, since: float | None = None,
+                        until: float | None = None, limit: int = 20, *, batch: int = 20_000) -> list[dict]:
+        """The captions whose stored embedding of ``model`` is closest to ``vector`` (the query's
+        embedding by the same model), best first (cosine similarity, then newest), at most
+        ``limit``; ``stream``, ``since``, ``until`` filter as in :meth:`search`, before scoring.
+        Returns caption records with ``score`` (cosine similarity, -1 to 1, rounded to 4
+        places). Cost: see the module docstring (``batch`` vectors in memory at a time).
+
+        Raises:
+            HistoryError: a bad vector, filter or limit; no vectors of ``model`` stored (the
+                message names the models there are), or only of another dimension than
+                ``vector``'s; the database cannot be read.
+        """
+        import numpy as np
+
+        self._check_limit(limit)
+        if not isinstance(batch, int) or not 1 <= batch <= 1_000_000:
+            raise HistoryError(f"semantic search batch {batch!r} is out of range: use 1 to 1000000")
+        query = _unit_vector(vector, "the query's embedding")
+        dim = query.shape[0]
+        model = self.embedding_model(model)
+        stored = [m for m in self.embedding_models() if m["model"] == model]
+        if not any(m["dim"] == dim for m in stored):
+            raise HistoryError(f"the captions embedded with model {model!r} have vectors of dimension "
+                               f"{', '.join(str(m['dim']) for m in stored)}, the query's has {dim}: the model "
+                               f"changed under that name; search with the model that recorded them")
+        where, params = self._filters(stream, since, until, None)
+        extra = "".join(" AND " + w for w in where)
+        best_ids = np.zeros(0, np.int64)
+        best_scores = np.zeros(0, np.float32)
+        last = -1
+        while True:
+            rows = self._query(f"SELECT m.id, m.vector FROM embeddings m JOIN events e ON e.id = m.id "
+                               f"WHERE m.model = ? AND m.dim = ? AND m.id > ?{extra} ORDER BY m.id LIMIT ?",
+                               [model, dim, last, *params, batch])
+            if not rows:
+                break
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+            scores = matrix @ query
+            best_ids = np.concatenate([best_ids, ids])
+            best_scores = np.concatenate([best_scores, scores.astype(np.float32)])
+            if best_ids.shape[0] > limit:
+                keep = np.argpartition(-best_scores, limit - 1)[:limit]
+                best_ids, best_scores = best_ids[keep], best_scores[keep]
+            last = int(rows[-1][0])
+            if len(rows) < batch:
+                break
+        score_of = dict(zip(best_ids.tolist(), best_scores.tolist()))
+        records = []
+        ids = list(score_of)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self._query(f"{_SELECT}{_FROM} WHERE e.id IN ({','.join('?' * len(chunk))})", chunk)
+            records += [dict(_record(row), score=round(score_of[row[0]], 4)) for row in rows]
+        records.sort(key=lambda r: (-r["score"], -r["wall_time_unix"], -r["id"]))
+        return records
+
     def list(self, stream: str | int | None = None, since: float | None = None, until: float | None = None,
              limit: int = 50, *, kind: str | None = None) -> list[dict]:
         """The latest ``limit`` events matching the filters (as in :meth:`search`), oldest first.
@@ -682,6 +850,33 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _clean(text: str | None) -> str | None:
     """``text`` storable as UTF-8: lone surrogates become U+FFFD."""
     return None if text is None else _SURROGATE.sub("\ufffd", text)
+
+
+def _untagged(model: str) -> str:
+    """An Ollama model name without its default tag (``x:latest`` is ``x``), lower-cased."""
+    return model.strip().lower().removesuffix(":latest")
+
+
+def _unit_vector(vector, what: str):
+    """``vector`` as a 1-D float32 numpy array of length 1 to 16384 divided by its L2 norm.
+
+    Raises:
+        HistoryError: not such a vector, a value that is not finite, or all zeros.
+    """
+    import numpy as np
+
+    try:
+        v = np.asarray(vector, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise HistoryError(f"{what} is not a vector of numbers") from None
+    if v.ndim != 1 or not 1 <= v.shape[0] <= 16384:
+        raise HistoryError(f"{what} has shape {v.shape}: it must be one vector of 1 to 16384 numbers")
+    if not np.isfinite(v).all():
+        raise HistoryError(f"{what} holds values that are not finite numbers")
+    norm = float(np.linalg.norm(v))
+    if norm == 0 or not math.isfinite(norm):
+        raise HistoryError(f"{what} is all zeros (or too large): it has no direction to compare")
+    return (v / norm).astype(np.float32)
 
 
 def _record(row: tuple) -> dict:

@@ -145,7 +145,8 @@ class EventSinks:
             r = self.history
             out.append({"kind": "history", "target": str(self.events.history_path), "connected": True,
                         "queued": r.queued, "delivered": r.committed,
-                        "dropped": r.dropped + r.lost, "failures": r.lost, "last_error": None})
+                        "dropped": r.dropped + r.lost, "failures": r.lost + r.embed_failures, "last_error": None,
+                        "embedded": r.embedded})
         return out
 
     def summary(self) -> dict:
