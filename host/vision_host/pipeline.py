@@ -7,6 +7,7 @@ servers through the runtime's non-blocking fetch interface. The summary written 
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import resource
@@ -25,6 +26,10 @@ from .runtime import Processor, Runtime
 from .sources import Source
 
 log = logging.getLogger("vision_host.pipeline")
+
+#: Upper bounds (s, inclusive) of the frame-gap histogram's buckets (:attr:`Pipeline.gap_counts`;
+#: Prometheus' ``vision_host_frame_gap_seconds``): 1/200 s up to 10 s, one more bucket beyond.
+FRAME_GAP_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _percentile(values, q: float) -> float | None:
@@ -85,6 +90,11 @@ class Pipeline:
         self.started = 0.0
         self.ended = 0.0
         self._last_out: float | None = None
+        #: Frame gaps counted per bucket of :data:`FRAME_GAP_BUCKETS_S` (not cumulative; the last
+        #: entry: above 10 s), and their sum in s; one list increment per frame (read by
+        #: :mod:`.metrics` at scrape time).
+        self.gap_counts = [0] * (len(FRAME_GAP_BUCKETS_S) + 1)
+        self.gap_sum_s = 0.0
         self._status_due = 0.0
         self.rss_start = rss_bytes()
         self.caption_bus = caption_bus if caption_bus is not None else CaptionBus()
@@ -97,8 +107,20 @@ class Pipeline:
         self._captions_completed = 0
         self._in_gap = False
         self._last_frame: np.ndarray | None = None
+        #: ``(frame, time.monotonic())``: the newest source frame before the processors (a copy,
+        #: H×W×3 uint8 BGR), or None. Copied only until :attr:`input_wanted_until` (a
+        #: ``time.monotonic()`` time a reader sets, the MCP server's ``images://input``): a
+        #: processor may draw into the source's frame in place, so without a copy the input is
+        #: lost, and nobody pays for the copy while nobody reads it.
+        self.last_input: tuple[np.ndarray, float] | None = None
+        self.input_wanted_until = 0.0
         self._gap_frame: np.ndarray | None = None
         self._gap_shown = 0.0
+
+    @property
+    def last_frame_at(self) -> float | None:
+        """``time.perf_counter()`` when the last frame left the chain (None before the first)."""
+        return self._last_out
 
     def stop(self) -> None:
         """Ask the loop to finish after the current frame (thread-safe)."""
@@ -127,12 +149,16 @@ class Pipeline:
                     self.caption_bus.resume(self.stream.index, self.frames_out / self.source.fps)
                 self.frames_in += 1
                 self.stream.next_frame()
+                if self.input_wanted_until and time.monotonic() < self.input_wanted_until:
+                    self.last_input = (frame.copy(), time.monotonic())
                 for processor in self.processors:
                     frame = processor.process(frame)
                 now = time.perf_counter()
                 if self._last_out is not None:
                     self.last_gap_s = now - self._last_out
                     self.max_gap_s = max(self.max_gap_s, self.last_gap_s)
+                    self.gap_counts[bisect.bisect_left(FRAME_GAP_BUCKETS_S, self.last_gap_s)] += 1
+                    self.gap_sum_s += self.last_gap_s
                 self._last_out = now
                 for output in self.outputs:
                     output.write(frame)
@@ -360,4 +386,4 @@ def format_summary(stats: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Pipeline", "format_summary", "rss_bytes", "write_stats"]
+__all__ = ["FRAME_GAP_BUCKETS_S", "Pipeline", "format_summary", "rss_bytes", "write_stats"]

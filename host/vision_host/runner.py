@@ -209,7 +209,7 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
     streams[0].config.update(specs[0].config)     # after the others copied the run's config
     runs: list[StreamRun] = []
     chains: list[list] = []
-    mjpeg = viewer = events = None
+    mjpeg = viewer = events = mcp_service = None
     caption_bus = CaptionBus()
     try:
         try:
@@ -220,8 +220,11 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
             events = EventSinks(settings.events, caption_bus, [(s.index, s.name) for s in streams])
             if settings.output == "mjpeg":
                 mjpeg = MjpegOutput(settings.destination or ":8080", stream_names=[s.name for s in specs])
+                if settings.mcp:
+                    from .mcp import McpService
+                    mcp_service = McpService()    # /mcp on the viewer's server (--mcp)
                 viewer = start_viewer(runtime, mjpeg, settings.token, *settings.viewer_limits(),
-                                      allowed_hosts=settings.allow_host or [])
+                                      allowed_hosts=settings.allow_host or [], mcp=mcp_service)
                 viewer.events = events
                 viewer.history_path = settings.events.history_path
                 caption_bus.subscribe(viewer.caption_subscriber)
@@ -241,6 +244,8 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
         for chain in chains:
             for p in chain:
                 p.close()
+        if mcp_service is not None:
+            mcp_service.close()   # its sessions end before the server stops
         if viewer is not None:
             viewer.close()
         if mjpeg is not None:
@@ -335,7 +340,7 @@ def run_problems(stats: dict, last_error: str | None, config: dict, store) -> li
 
 
 def start_viewer(runtime, mjpeg, token: str | None, server_limits=None, config_limits=None,
-                 allowed_hosts: list[str] | str = ()):
+                 allowed_hosts: list[str] | str = (), mcp=None):
     """Start ``mjpeg``'s server (an :class:`.outputs.MjpegOutput`) with the live viewer
     attached, so no request ever meets the plain server; returns the :class:`.viewer.Viewer`.
     Bound beyond loopback it always needs a token: ``token`` (``--token``),
@@ -345,6 +350,7 @@ def start_viewer(runtime, mjpeg, token: str | None, server_limits=None, config_l
         server_limits: the server's :class:`.webserver.ServerLimits` (None: its defaults).
         config_limits: the viewer's :class:`.viewer.ConfigLimits` (None: its defaults).
         allowed_hosts: names answered in ``Host`` besides the default ones (``--allow-host``).
+        mcp: an :class:`.mcp.McpService` to serve at ``/mcp`` (``--mcp``), or None.
 
     Raises:
         OutputError: the port cannot be bound.
@@ -359,6 +365,11 @@ def start_viewer(runtime, mjpeg, token: str | None, server_limits=None, config_l
     if token is None and not is_loopback(mjpeg.host):
         token = secrets.token_urlsafe(18)
     viewer = Viewer(runtime, mjpeg, token, limits=config_limits)
+    from .metrics import metrics_routes
+    viewer.extra_routes += metrics_routes(viewer, runtime)   # before mjpeg.start(), which fixes the routes
+    if mcp is not None:
+        mcp.viewer = viewer
+        viewer.extra_routes.append(mcp.route())
     try:
         mjpeg.start()
     except Exception:

@@ -13,7 +13,9 @@ Every request passes :class:`AccessRules` first, in this order:
    interfaces (the address printed at start), or a name given with ``--allow-host``; the port
    may be there or not. HTTP/1.0 requests without ``Host`` (no browser sends those) pass.
 2. **Token**: when the server has one, ``?token=T`` or ``Authorization: Bearer T`` (compared in
-   constant time) or ``401``.
+   constant time) or ``401``; except on :data:`PUBLIC_PATHS` (the orchestrators' health probes,
+   which rarely carry a token), which learn from ``request.state.token_ok`` whether it was given
+   and then say no more than ``{"status": …}`` (:mod:`.metrics`).
 3. **Origin**: a request other than GET/HEAD whose ``Origin`` is not this server's own
    (``scheme://`` + the ``Host`` it was sent to) is answered ``403``.
 
@@ -41,7 +43,7 @@ from starlette.routing import Route
 
 from .webserver import ServerLimits, redact
 
-__all__ = ["AccessRules", "HostRule", "build_app", "json_response", "text_response"]
+__all__ = ["PUBLIC_PATHS", "AccessRules", "HostRule", "build_app", "json_response", "text_response"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ BOUNDARY = "frame"
 _SNAPSHOT_FILE = re.compile(r"([0-9]{1,6})\.(jpg|png)")
 _STREAM_FILE = re.compile(r"([0-9]{1,6})(?:\.mjpg)?")
 _PORT = re.compile(r"[0-9]{0,5}")
+#: Paths answered without the token (GET only; the Host rule still applies): ``/healthz`` and
+#: ``/readyz``, which reveal only ``{"status": …}`` to a request without it.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def _json_bytes(obj) -> bytes:
@@ -179,13 +184,15 @@ class AccessRules:
         server = scope.get("server")
         token = self.token()
         refusal = None
+        token_ok = token is None or hmac.compare_digest(_token_given(scope, headers).encode("utf-8", "replace"),
+                                                        token.encode("utf-8"))
+        public = scope["path"] in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD")
         if not self.host_rule.allows(host, server[0] if server else None):
             refusal = json_response(421, {"error": f"this server does not answer for the host {host!r}: open it by its "
                                                     f"address (e.g. http://127.0.0.1:PORT/), or start vision-host with "
                                                     f"--allow-host NAME for a name of yours"},
                                     {"connection": "close"})
-        elif token is not None and not hmac.compare_digest(_token_given(scope, headers).encode("utf-8", "replace"),
-                                                           token.encode("utf-8")):
+        elif not token_ok and not public:
             refusal = json_response(401, {"error": "this server needs the token printed at its start: open "
                                                    "/?token=… or send Authorization: Bearer …"})
         elif scope["method"] not in ("GET", "HEAD") and b"origin" in headers:
@@ -194,6 +201,7 @@ class AccessRules:
             if parts is None or parts.scheme != scope.get("scheme", "http") or host is None \
                     or parts.netloc.lower() != host.lower():
                 refusal = json_response(403, {"error": f"requests from {origin} are not allowed"})
+        scope.setdefault("state", {})["token_ok"] = token_ok
         status = []
 
         async def send_logged(message) -> None:

@@ -176,21 +176,22 @@ def test_run_file_errors_are_clear(tmp_path):
 @pytest.mark.slow
 def test_wasmvision_keys_vision_host_does_not_support_are_ignored_with_one_warning(tmp_path):
     """A wasmVision run file runs: its keys for what vision-host lacks (capture back ends, CUDA,
-    downloads, the MCP server) are named once on stderr as ignored; a key of neither stays an error."""
+    downloads, the MCP port: MCP is served on the viewer's port) are named once on stderr as ignored; a key of
+    neither stays an error."""
     run_file, out = tmp_path / "run.toml", tmp_path / "out.mp4"
     run_file.write_text(f'[main]\nsource = "{SAMPLE_CLIP}"\ncapture = "ffmpeg"\ncuda-enable = true\nwidth = 640\n'
                         f'output = "file"\ndestination = "{out}"\nmax-frames = 5\n'
                         '[processing]\npipeline = ["hello"]\ndownload = true\n'
-                        '[models]\ndownloads = false\n[server]\nmcp-enable = true\nmcp-port = ":5001"\n')
+                        '[models]\ndownloads = false\n[server]\nmcp-port = ":5001"\n')
     result = _run_cli("run", "-f", str(run_file), "--no-pace")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "ignoring" in line]
     assert len(warnings) == 1, result.stderr
     for key in ("[main] capture", "[main] cuda-enable", "[main] width", "[processing] download",
-                "[models] downloads", "[server] mcp-enable", "[server] mcp-port"):
+                "[models] downloads", "[server] mcp-port"):
         assert key in warnings[0], key
     assert "wasmVision" in warnings[0] and "not support" in warnings[0]
-    run_file.write_text('[server]\nmcp-enable = true\nport = 1\n')
+    run_file.write_text('[server]\nmcp-port = ":5001"\nport = 1\n')
     result = _run_cli("run", "-f", str(run_file), "-p", "hello")
     assert result.returncode == 2 and "unknown key 'port' in [server]" in result.stderr, result.stderr
 

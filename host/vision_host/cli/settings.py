@@ -139,7 +139,8 @@ RUN_KEYS: tuple[RunKey, ...] = (
     RunKey("memory_limit_mb", ("--memory-limit-mb",), "sandbox.memory-limit-mb", int, least=1, metavar="MB",
            help="linear-memory cap per processor (default 256)"),
     RunKey("models_dir", ("--models-dir",), "models.directory", str, metavar="DIR",
-           help="directory of model files processors may load by name (dnn, face detectors)"),
+           help="directory of model files processors may load by name (dnn, face detectors); default: where "
+                "`vision-host download model` puts them, when it exists"),
     RunKey("no_cache", ("--no-cache",), None, bool, default=False, help="do not use the compiled-module cache"),
     RunKey("token", ("--token",), None, str, metavar="TOKEN",
            help="mjpeg: every request to the viewer needs ?token=TOKEN (or Authorization: Bearer); "
@@ -152,6 +153,10 @@ RUN_KEYS: tuple[RunKey, ...] = (
            help="answer requests whose Host is NAME too (repeatable); by default only this machine's "
                 "loopback names and addresses, the -d address, and the host name when bound to all "
                 "interfaces are answered, others get 421 (DNS rebinding)"),
+    RunKey("mcp", ("--mcp",), "server.mcp-enable", bool, default=False, group=_VIEWER,
+           help="also serve MCP (Model Context Protocol) for agents at /mcp on the viewer's address, with "
+                "the viewer's token: the frames, captions, questions to the vision model, the prompt, "
+                "alerts and the history (-o mjpeg only)"),
     RunKey("viewer_max_connections", ("--viewer-max-connections",), "main.viewer-max-connections", int, least=1,
            group=_VIEWER, limit="server.max_connections", metavar="N",
            help="open connections in all (default 256); more are answered 503 and closed"),
@@ -241,12 +246,14 @@ FILE_KEYS = _file_keys()
 #: wasmVision's run-file keys that vision-host does not support, accepted with one warning and
 #: ignored: the TOML sources of its ``run`` flags ``--capture``, ``--width``, ``--height``,
 #: ``--cuda-enable``, ``--datastorage``, ``--processor-download``, ``--models-download``,
-#: ``--mcp-server`` and ``--mcp-port`` (wasmVision's ``cmd/wasmvision/flags.go``).
+#: and ``--mcp-port`` (wasmVision's ``cmd/wasmvision/flags.go``): MCP is served at ``/mcp`` on
+#: the viewer's port (``-d``), so ``[server] mcp-port`` has nothing to set (``mcp-enable`` is
+#: ``--mcp``).
 WASMVISION_ONLY_KEYS: dict[str, frozenset[str]] = {
     "main": frozenset({"capture", "width", "height", "cuda-enable", "datastorage"}),
     "processing": frozenset({"download"}),
     "models": frozenset({"downloads"}),
-    "server": frozenset({"mcp-enable", "mcp-port"}),
+    "server": frozenset({"mcp-port"}),
 }
 
 
@@ -473,6 +480,10 @@ def build_settings(args: argparse.Namespace) -> RunSettings:
     for key in RUN_KEYS:
         if key.default is not None:
             values.setdefault(key.name, key.default)
+    if not values.get("models_dir"):
+        from ..download import default_dir
+        if default_dir("model").is_dir():     # where `vision-host download model` puts them
+            values["models_dir"] = str(default_dir("model"))
     if values.get("models_dir") and not Path(values["models_dir"]).is_dir():
         raise UsageError(f"--models-dir {values['models_dir']} is not a directory: create it and put the "
                          f"model files processors load by name there")
@@ -493,6 +504,9 @@ def build_settings(args: argparse.Namespace) -> RunSettings:
                          else "-o rtsp needs -d rtsp://HOST:PORT/PATH of the RTSP server to publish to")
     if output != "file" and (values.get("segment_seconds") or values.get("subtitles")):
         raise UsageError("--segment-seconds and --subtitles apply to -o file only")
+    if values.get("mcp") and output != "mjpeg":
+        raise UsageError(f"--mcp serves MCP at /mcp on the viewer's address, which -o {output} has none of: "
+                         f"use -o mjpeg (the default), or leave out --mcp")
     if output == "display" and len(streams) > 1:
         raise UsageError("-o display shows one stream; with several sources use -o mjpeg (every stream on one page)")
     from .event_settings import event_settings
