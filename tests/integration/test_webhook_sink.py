@@ -350,7 +350,7 @@ def test_webhook_tables_and_flags_are_checked():
                                     "timeout-s": 2, "streams": ["door", 1], "max-age-s": 3600}, where)
     assert settings == WebhookSettings("https://example.net/hook", frozenset({"alert"}), "HOOK_KEY", 2.0,
                                        ("door", "1"), 3600.0)
-    assert parse_webhook_table({"url": "http://h/x"}, where).events == frozenset({"alert", "caption"})
+    assert parse_webhook_table({"url": "http://h/x"}, where).events == frozenset({"alert", "caption", "summary"})
     bad = [({"url": "https://u:p@example.net/"}, "user or password.*secret-env"),
            ({"url": "ftp://example.net/"}, "http:// or https://"),
            ({"url": "example.net/hook"}, "http:// or https://"),

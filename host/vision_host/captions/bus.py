@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .event import AlertEvent, CaptionEvent
+from .event import AlertEvent, CaptionEvent, SummaryEvent
 
 __all__ = ["CaptionBus", "CaptionSubscriber"]
 
@@ -50,6 +50,10 @@ class CaptionSubscriber:
     def alert(self, event: AlertEvent) -> None:
         """An alert rule changed state (:meth:`CaptionBus.publish_alert`). Must not block; the
         default ignores it. Called from the stream's frame loop or the alert rules' timer thread."""
+
+    def summary(self, event: SummaryEvent) -> None:
+        """A periodic summary is ready (:meth:`CaptionBus.publish_summary`). Must not block; the
+        default ignores it. Called from the summaries' own thread, never a frame loop."""
 
     def tick(self, stream_time_s: float) -> None:
         """Called after every frame of the stream (O(1), no I/O expected)."""
@@ -83,6 +87,8 @@ class CaptionBus:
         self.published = 0
         #: Alert events published.
         self.alerts_published = 0
+        #: Summary events published.
+        self.summaries_published = 0
         #: True while a subscriber wants frames (:attr:`CaptionSubscriber.wants_frames`).
         self.frames_wanted = False
 
@@ -128,6 +134,14 @@ class CaptionBus:
         self.alerts_published += 1
         for subscriber in self._by_stream.get(event.stream, ()) + self._everyone:
             self._call(subscriber, "alert", event)
+
+    def publish_summary(self, event: SummaryEvent) -> None:
+        """Send summary ``event`` to the subscribers of every stream (their
+        :meth:`~CaptionSubscriber.summary`): a summary may cover several streams, so subscribers
+        of one stream do not get it. Thread-safe."""
+        self.summaries_published += 1
+        for subscriber in self._everyone:
+            self._call(subscriber, "summary", event)
 
     def tick(self, stream: int, stream_time_s: float) -> None:
         """A frame of stream ``stream`` was written (its subscribers' :meth:`~CaptionSubscriber.tick`)."""

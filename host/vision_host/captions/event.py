@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from datetime import datetime, timezone
 
-__all__ = ["AlertEvent", "CaptionEvent", "iso_utc"]
+__all__ = ["AlertEvent", "CaptionEvent", "SummaryEvent", "iso_utc"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,47 @@ class AlertEvent:
     def wall_time_iso(self) -> str:
         """:attr:`wall_time` as ISO 8601 UTC with milliseconds (see :func:`iso_utc`)."""
         return iso_utc(self.wall_time)
+
+
+@dataclass(frozen=True)
+class SummaryEvent:
+    """A periodic summary of what the cameras saw (a ``[[summary]]`` table's schedule).
+
+    Created by :class:`.history.summaries.PeriodicSummaries` on its own thread and published
+    on the caption bus (:meth:`.CaptionBus.publish_summary`), so the sinks receive it as they
+    receive alert edges (:meth:`.CaptionSubscriber.summary`).
+
+    Attributes:
+        name: the schedule's name (``[[summary]] name``, default ``"summary"``).
+        streams: the stream names (or indices, as text) it covers; empty: every stream.
+        since, until: the window summarised, seconds since the epoch (``until`` is when it ended).
+        text: the summary (a model's reply: untrusted text).
+        moments: the notable moments, ``(wall time in seconds since the epoch or None when the
+            model's time matched none in the window, what happened)``, in the model's order.
+        model: the model that wrote it.
+        caption_count: the captions summarised.
+        sinks: where it goes: a subset of ``"mqtt"``, ``"webhook"``.
+        dropped: captions of the window left out because it held more than its
+            ``max-captions`` (the oldest went first).
+        id: this event's identifier, unique (a uuid4 in hex), as :attr:`CaptionEvent.id`.
+    """
+
+    name: str
+    streams: tuple[str, ...]
+    since: float
+    until: float
+    text: str
+    moments: tuple[tuple[float | None, str], ...] = ()
+    model: str | None = None
+    caption_count: int = 0
+    sinks: frozenset[str] = frozenset({"mqtt", "webhook"})
+    dropped: int = 0
+    id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+
+    @property
+    def wall_time_iso(self) -> str:
+        """:attr:`until` as ISO 8601 UTC with milliseconds (see :func:`iso_utc`)."""
+        return iso_utc(self.until)
 
 
 def iso_utc(unix_s: float) -> str:

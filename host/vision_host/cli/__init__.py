@@ -1,6 +1,8 @@
-"""The ``vision-host`` command: ``run``, ``bench``, ``list``, ``info``, ``version``, ``serve`` and
-``history``, one module each (:mod:`.run`, :mod:`.bench`, :mod:`.processors` for list and info,
-:mod:`.serve`, :mod:`.history`); the run's settings, flags and run files in :mod:`.settings` and :mod:`.run_file`.
+"""The ``vision-host`` command: ``run``, ``bench``, ``list``, ``info``, ``version``, ``serve``,
+``history``, ``summarize``, ``download`` and ``mcp``, one module each (:mod:`.run`, :mod:`.bench`,
+:mod:`.processors` for list and info, :mod:`.serve`, :mod:`.history`, :mod:`.summarize`,
+:mod:`.download`, :mod:`.mcp`); the run's settings, flags and run files in :mod:`.settings` and
+:mod:`.run_file`, its event side in :mod:`.event_settings`.
 
 Flags follow wasmVision's (``-p``, ``-c``, ``-f``, ``-s``, ``-o``, ``-d``, ``--logging``) so
 its users feel at home; ``-f run.toml`` accepts wasmVision's TOML layout (``[main]``,
@@ -15,7 +17,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, history, processors, run, serve
+from . import bench, download, history, mcp, processors, run, serve, summarize
 from .settings import UsageError
 
 
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="print the version").set_defaults(handler=_cmd_version)
     serve.add_parser(sub)
     history.add_parser(sub)
+    summarize.add_parser(sub)
+    download.add_parser(sub)
+    mcp.add_parser(sub)
     parser.commands = dict(sub.choices)
     return parser
 

@@ -13,6 +13,8 @@ the stream has no name):
 * ``PREFIX/STREAM/alert/NAME`` — the alert's state, ``ON`` / ``OFF``, retained (``OFF`` for each
   known alert when the sink starts: a new run's rules start off).
 * ``PREFIX/STREAM/alert/NAME/event`` — the alert event JSON, not retained.
+* ``PREFIX/summary/NAME`` — a periodic summary's event JSON (a ``[[summary]]`` table whose
+  ``sinks`` name ``mqtt``; :mod:`..history.summaries`), not retained.
 * ``DISCOVERY_PREFIX/COMPONENT/NODE/OBJECT/config`` — Home Assistant discovery (:mod:`.homeassistant`), retained.
 
 Events are published with QoS ``qos`` (1), status and discovery with QoS 1.
@@ -62,7 +64,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..captions.bus import CaptionSubscriber
-from ..captions.event import AlertEvent, CaptionEvent
+from ..captions.event import AlertEvent, CaptionEvent, SummaryEvent
 from .homeassistant import DiscoveryContext, StreamTopics, discovery_configs
 from .outbox import Outbox
 from .payloads import dumps, event_bytes
@@ -442,6 +444,16 @@ class MqttSink(CaptionSubscriber):
         """Queue alert edge ``event`` for the worker and return (never blocks)."""
         self._enqueue(event)
 
+    def summary(self, event: SummaryEvent) -> None:
+        """Queue periodic summary ``event`` for the worker (when its ``sinks`` name ``mqtt``) and
+        return (never blocks)."""
+        if "mqtt" in event.sinks:
+            self._enqueue(event)
+
+    def summary_topic(self, name: str) -> str:
+        """``PREFIX/summary/NAME`` of the summary schedule ``name``."""
+        return f"{self._prefix}/summary/{topic_level(name, 0)}"
+
     def _enqueue(self, event) -> None:
         if self._closing:
             return
@@ -547,6 +559,8 @@ class MqttSink(CaptionSubscriber):
                 state = b"ON" if str(event.state).upper() == "ON" else b"OFF"
                 self._outbox.put(state_topic, state, retain=True)
                 self._outbox.put(state_topic + "/event", event_bytes(event, message_id), message_id=message_id)
+            elif isinstance(event, SummaryEvent):
+                self._outbox.put(self.summary_topic(event.name), event_bytes(event, event.id), message_id=event.id)
 
     def _jpeg(self, frame) -> bytes | None:
         """``frame`` (H×W×3 uint8 BGR) as a JPEG whose longer side is at most ``snapshot_max_px``."""

@@ -27,6 +27,18 @@ An alert event (:class:`~vision_host.captions.AlertEvent`)::
      "caption": {…} | null}         # the caption that caused the edge: the caption object
                                     # above without "id" (it was its own message), or null
 
+A summary event (:class:`~vision_host.captions.SummaryEvent`, :mod:`..history.summaries`)::
+
+    {"id": "…", "type": "summary",
+     "name": "hourly",              # the [[summary]] table's name
+     "streams": ["door"],           # the streams it covers; [] = every stream
+     "since": "2026-12-01T14:00:00.000Z", "until": "2026-12-01T15:00:00.000Z",   # the window
+     "time": "2026-12-01T15:00:00.000Z",    # when it was made (= until)
+     "text": "A car parked; two people walked past.",   # the model's summary (untrusted text)
+     "moments": [{"time": "2026-12-01T14:05:12.000Z", "text": "a car parks"}],   # time may be null
+     "model": "llava", "caption_count": 1200,
+     "dropped": 0}                  # captions left out: the window held more than max-captions
+
 Numbers that are not finite (NaN, infinity) become null, so every payload is strict JSON.
 """
 
@@ -36,17 +48,17 @@ import json
 import math
 from collections.abc import Mapping
 
-from ..captions.event import AlertEvent, CaptionEvent
+from ..captions.event import AlertEvent, CaptionEvent, SummaryEvent, iso_utc
 
 __all__ = ["dumps", "event_bytes", "event_json"]
 
 
-def event_json(event: CaptionEvent | AlertEvent, message_id: str | None = None) -> dict:
+def event_json(event: CaptionEvent | AlertEvent | SummaryEvent, message_id: str | None = None) -> dict:
     """``event`` as the JSON object above (a dict of JSON types); ``message_id`` is its ``id``
     (the event's own :attr:`~.CaptionEvent.id` when None).
 
     Raises:
-        TypeError: ``event`` is neither a CaptionEvent nor an AlertEvent.
+        TypeError: ``event`` is not a CaptionEvent, an AlertEvent or a SummaryEvent.
     """
     message_id = message_id or event.id
     if isinstance(event, CaptionEvent):
@@ -56,10 +68,17 @@ def event_json(event: CaptionEvent | AlertEvent, message_id: str | None = None) 
                 "time": event.wall_time_iso, "name": event.name, "state": event.state, "reason": event.reason,
                 "expression": event.expression,
                 "caption": _caption(event.caption) if event.caption is not None else None}
-    raise TypeError(f"event_json takes a CaptionEvent or an AlertEvent, not {type(event).__name__}")
+    if isinstance(event, SummaryEvent):
+        return {"id": message_id, "type": "summary", "name": event.name, "streams": list(event.streams),
+                "since": iso_utc(event.since), "until": iso_utc(event.until), "time": event.wall_time_iso,
+                "text": event.text,
+                "moments": [{"time": None if t is None or not math.isfinite(t) else iso_utc(t), "text": text}
+                            for t, text in event.moments],
+                "model": event.model, "caption_count": event.caption_count, "dropped": event.dropped}
+    raise TypeError(f"event_json takes a CaptionEvent, an AlertEvent or a SummaryEvent, not {type(event).__name__}")
 
 
-def event_bytes(event: CaptionEvent | AlertEvent, message_id: str | None = None) -> bytes:
+def event_bytes(event: CaptionEvent | AlertEvent | SummaryEvent, message_id: str | None = None) -> bytes:
     """:func:`event_json` serialized: compact UTF-8 JSON (what sinks put in the outbox)."""
     return dumps(event_json(event, message_id))
 

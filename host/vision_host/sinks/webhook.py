@@ -5,11 +5,17 @@ Configured with ``--webhook URL`` or one ``[[webhook]]`` table per receiver in a
 
     [[webhook]]
     url = "https://example.net/vision"
-    events = ["alert", "caption"]     # default: both
+    events = ["alert", "caption"]     # default: all three, "summary" included
     secret-env = "VISION_WEBHOOK_SECRET"   # the variable holding the signing secret
     timeout-s = 5                     # connect and read timeout of one attempt
     streams = ["door"]                # stream names (or indices); default: every stream
     max-age-s = 259200                # give up on a message this old (default 3 days)
+
+Event types: ``caption``, ``alert`` and ``summary`` (a periodic summary, sent only when its
+``[[summary]]`` table's ``sinks`` name ``webhook``; :mod:`..history.summaries`). A webhook
+receives all three unless ``events`` says otherwise: summaries exist only where a run file asks
+for them, so asking once is enough. A webhook with ``streams`` gets a summary that covers every
+stream or one of its streams.
 
 Delivery: :class:`WebhookSink` is a caption subscriber of every stream. ``add`` / ``alert`` put
 the event into a bounded in-memory queue and return (overflow counted in ``dropped``); the
@@ -73,7 +79,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..captions.bus import CaptionSubscriber
-from ..captions.event import AlertEvent, CaptionEvent
+from ..captions.event import AlertEvent, CaptionEvent, SummaryEvent
 from .outbox import DEFAULT_MAX_MESSAGES, Outbox, OutboxError, default_outbox_path
 from .payloads import event_bytes
 
@@ -83,7 +89,7 @@ __all__ = ["EVENT_TYPES", "WEBHOOK_KEYS", "WebhookError", "WebhookSettings", "We
 log = logging.getLogger(__name__)
 
 #: The event types a webhook can receive.
-EVENT_TYPES = frozenset({"caption", "alert"})
+EVENT_TYPES = frozenset({"caption", "alert", "summary"})
 #: Keys of a ``[[webhook]]`` table.
 WEBHOOK_KEYS = frozenset({"url", "events", "secret-env", "timeout-s", "streams", "max-age-s"})
 #: The variable ``--webhook URL`` takes its secret from, when that variable is set.
@@ -107,7 +113,7 @@ class WebhookSettings:
 
     Attributes:
         url: ``http://`` or ``https://`` URL, no user:password part.
-        events: the event types it receives, a subset of :data:`EVENT_TYPES`.
+        events: the event types it receives, a subset of :data:`EVENT_TYPES` (default: all).
         secret_env: name of the environment variable holding the signing secret, or None
             (requests are then unsigned).
         timeout_s: connect and read timeout of one attempt, seconds.
@@ -167,7 +173,7 @@ def parse_webhook_table(table, where: str) -> WebhookSettings:
 
     Raises:
         WebhookError: not a table, an unknown key, a missing or bad url, events not a list of
-            "caption"/"alert", a bad secret-env name, a number out of range, streams not a list.
+            "caption"/"alert"/"summary", a bad secret-env name, a number out of range, streams not a list.
     """
     if not isinstance(table, Mapping):
         raise WebhookError(f"{where} must be a table with at least url = \"https://…\"")
@@ -182,7 +188,8 @@ def parse_webhook_table(table, where: str) -> WebhookSettings:
         events = [events]
     if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events) \
             or not set(events) <= EVENT_TYPES:
-        raise WebhookError(f"events in {where} must be a non-empty list of \"caption\" and \"alert\", not {events!r}")
+        raise WebhookError(f"events in {where} must be a non-empty list of \"caption\", \"alert\" and "
+                           f"\"summary\", not {events!r}")
     secret_env = table.get("secret-env")
     if secret_env is not None and (not isinstance(secret_env, str)
                                    or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,199}", secret_env)):
@@ -366,6 +373,15 @@ class WebhookSink(CaptionSubscriber):
         if self._wanted("alert", event.stream, event.stream_name):
             self._offer(event)
 
+    def summary(self, event: SummaryEvent) -> None:
+        """Queue a periodic summary for delivery (if its ``sinks`` name ``webhook``, this webhook
+        takes summaries, and the summary covers every stream or one of this webhook's)."""
+        s = self.settings
+        if "webhook" not in event.sinks or "summary" not in s.events or self._stop.is_set():
+            return
+        if s.streams is None or not event.streams or set(event.streams) & set(s.streams):
+            self._offer(event)
+
     def _count(self, counter: str, n: int = 1) -> int:
         """Add ``n`` to counter attribute ``counter`` (frame loops and the delivery thread share
         ``dropped``); returns the new value."""
@@ -384,7 +400,8 @@ class WebhookSink(CaptionSubscriber):
                     event = self._queue.get_nowait()
                 except queue.Empty:
                     return
-                kind = "alert" if isinstance(event, AlertEvent) else "caption"
+                kind = "alert" if isinstance(event, AlertEvent) else \
+                    "summary" if isinstance(event, SummaryEvent) else "caption"
                 message_id = event.id
                 before = self.outbox.dropped
                 try:
