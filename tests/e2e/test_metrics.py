@@ -210,4 +210,7 @@ def test_serve_metrics_count_a_request_and_its_batch(tmp_path_factory):
         assert value(after, "vision_host_serve_batch_size_count") == 1
         assert value(after, "vision_host_serve_batch_size_bucket", le="1.0") == 1
         assert value(after, "vision_host_serve_images_total") == 1
+        assert value(before, "vision_host_serve_generated_tokens_total") == 0
+        assert value(after, "vision_host_serve_generated_tokens_total") == reply.json()["eval_count"] >= 1
+        assert value(after, "vision_host_serve_generate_seconds_total") > 0
         assert value(after, "vision_host_serve_model_loaded") == 1

@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
     lim.add_argument("--max-images", type=positive_int, default=8, metavar="N",
                      help="most images in one request (frames of one video, oldest first: LLaVA gets them all, "
                           "BLIP and BLIP-2 one grid of them); more: 400 (default 8)")
+    lim.add_argument("--max-embed-inputs", type=positive_int, default=256, metavar="N",
+                     help="most texts in one /api/embed or /v1/embeddings request; more: 400 (default 256)")
     lim.add_argument("--max-prompt-chars", type=positive_int, default=32768, metavar="N",
                      help="longest prompt in characters, checked before tokenising (default 32768)")
     lim.add_argument("--decode-threads", type=positive_int, default=2, metavar="N",
@@ -86,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               max_beams=args.max_beams, max_new_tokens=args.max_new_tokens, max_top_k=args.max_top_k,
               max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
               max_prompt_chars=args.max_prompt_chars, decode_threads=args.decode_threads,
-              allow_origins=args.allow_origin, allow_hosts=args.allow_host, max_images=args.max_images)
+              allow_origins=args.allow_origin, allow_hosts=args.allow_host, max_images=args.max_images,
+              max_embed_inputs=args.max_embed_inputs)
     except ServeError as exc:
         print(f"vision-host: {exc}", file=sys.stderr)
         return 1

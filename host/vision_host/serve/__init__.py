@@ -5,7 +5,9 @@ processor), OpenAI clients and Workers AI clients work unchanged against it. The
 BLIP-2 or LLaVA-1.5) runs in-process with Hugging Face transformers. A model answers to its
 served name (the alias or directory name), its Hub id, and, for Workers AI, ``@cf/`` + its Hub
 id. Several images in one request are consecutive moments of one video, oldest first: LLaVA
-gets them all, BLIP and BLIP-2 one grid of them (``models/base``, ``models/grid``).
+gets them all, BLIP and BLIP-2 one grid of them (``models/base``, ``models/grid``). Without
+images, LLaVA's and BLIP-2's language model answers text-only chats; ``/api/embed`` and
+``/v1/embeddings`` embed texts with the family's text side.
 
 * ``app``: ``create_app`` (the FastAPI app: one router per API behind the request guard and
   the error handlers) and ``serve`` (check the settings, bind, load, run uvicorn); the safety

@@ -28,7 +28,18 @@ takes one) are consecutive moments of one video, oldest first: LLaVA gets them a
 ``<image>`` each, BLIP and BLIP-2 one grid of them, and LLaVA's and BLIP-2's prompts start
 with a sentence saying so (:mod:`.models.base`, :mod:`.models.grid`).
 
-Limits: one process, one model; chat history is not sent to the model.
+Text-only requests (no image: summaries of earlier answers) are answered by LLaVA's and
+BLIP-2's language model, the chat's system, user and assistant turns through the family's chat
+format; BLIP, a captioner, refuses them (400). ``/api/embed`` and ``/v1/embeddings`` give one
+L2-normalised vector per text, the attention-masked mean of the family's text side's last
+hidden state; at most ``--max-embed-inputs`` (256) texts per request, each at most
+``--max-prompt-chars`` and cut to the model's positions unless Ollama's ``truncate`` is false
+(then 400).
+
+``GET /metrics`` answers Prometheus text (queue depth, batch sizes, requests by API and
+outcome, …: :func:`..metrics.add_serve_metrics`).
+
+Limits: one process, one model; chat history reaches the model only in text-only chats.
 
 FastAPI, uvicorn, torch and transformers are imported inside functions, so importing this
 module, and ``vision-host run``, never loads them.
@@ -50,7 +61,7 @@ from .models.base import VisionLanguageModel
 from .parsing import parse_keep_alive
 from .scheduler import (DEFAULT_BATCH_WINDOW_MS, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE,
                         DEFAULT_REQUEST_TIMEOUT_S, Scheduler)
-from .served_model import DEFAULT_MAX_IMAGES
+from .served_model import DEFAULT_MAX_EMBED_INPUTS, DEFAULT_MAX_IMAGES
 
 __all__ = ["ServeError", "bind_socket", "create_app", "serve"]
 
@@ -77,7 +88,8 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
                max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
                decode_threads: int = DEFAULT_DECODE_THREADS, allow_origins: Sequence[str] = (),
                bind_host: str = DEFAULT_HOST, allow_hosts: Sequence[str] = (),
-               max_images: int | None = DEFAULT_MAX_IMAGES):
+               max_images: int | None = DEFAULT_MAX_IMAGES,
+               max_embed_inputs: int | None = DEFAULT_MAX_EMBED_INPUTS):
     """The FastAPI app serving ``model`` (already loaded) through a :class:`.scheduler.Scheduler`
     (``app.state.scheduler``).
 
@@ -88,6 +100,7 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
     ``max_prompt_chars``: longest prompt in characters, checked before tokenising (400);
     ``decode_threads``: requests whose images are decoded (and prompts tokenised) at once,
     the others wait in the queue; ``max_images``: most images in one request (400 beyond);
+    ``max_embed_inputs``: most texts in one embedding request (400 beyond);
     ``allow_origins``: web origins allowed besides the server's own;
     ``bind_host``: the address or name listened on and ``allow_hosts``: more names a request's
     ``Host`` may give (see :class:`.guard.RequestGuard`). None: no limit. The other keyword arguments are the scheduler's.
@@ -98,6 +111,7 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
     from fastapi import FastAPI
 
     from .. import __version__
+    from ..metrics import add_serve_metrics
     from .api import ollama, openai, workers_ai
     from .errors import add_error_handlers
     from .guard import RequestGuard
@@ -111,7 +125,7 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
         origins.add(norm)
     for name, value in (("max_body_mb", max_body_mb), ("max_image_pixels", max_image_pixels),
                         ("max_prompt_chars", max_prompt_chars), ("decode_threads", decode_threads),
-                        ("max_images", max_images)):
+                        ("max_images", max_images), ("max_embed_inputs", max_embed_inputs)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a number above 0, not {value!r}")
     max_body_bytes = None if max_body_mb is None else int(max_body_mb * 2 ** 20)
@@ -127,9 +141,10 @@ def create_app(model: VisionLanguageModel, *, max_batch: int = DEFAULT_MAX_BATCH
     served = ServedModel(model, scheduler, defaults=options or GenerationSettings(),
                          limits=limits or GenerationLimits(), max_body_bytes=max_body_bytes,
                          max_image_pixels=max_image_pixels, max_prompt_chars=max_prompt_chars,
-                         decode_threads=decode_threads, max_images=max_images)
+                         decode_threads=decode_threads, max_images=max_images, max_embed_inputs=max_embed_inputs)
     for api in (ollama, openai, workers_ai):
         app.include_router(api.routes(served))
+    add_serve_metrics(app)    # GET /metrics (Prometheus text), requests counted by outcome
     return app
 
 
@@ -165,7 +180,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
           max_body_mb: float = DEFAULT_MAX_BODY_MB, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
           max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, decode_threads: int = DEFAULT_DECODE_THREADS,
           allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = (),
-          max_images: int = DEFAULT_MAX_IMAGES) -> None:
+          max_images: int = DEFAULT_MAX_IMAGES, max_embed_inputs: int = DEFAULT_MAX_EMBED_INPUTS) -> None:
     """Bind ``host:port`` (first, so a taken port fails fast), load the model, serve until stopped.
 
     ``model``: alias, Hub id or ``save_pretrained`` directory (see :func:`.models.open_model`);
@@ -183,7 +198,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
     ``max_tokens``, ``max_length``, ``min_length``; 512), ``max_top_k`` (1000) → 400 beyond;
     ``max_body_mb`` (request body, MiB; 32) → 413; ``max_image_pixels`` (width × height read
     from each image's header; 40 000 000) → 413; ``max_prompt_chars`` (32 768) → 400;
-    ``max_images`` (images in one request; 8) → 400; ``decode_threads`` (requests whose
+    ``max_images`` (images in one request; 8) → 400; ``max_embed_inputs`` (texts in one
+    embedding request; 256) → 400; ``decode_threads`` (requests whose
     images are decoded at once; 2); ``allow_origins``: web origins allowed
     besides the server's own (others get 403); ``allow_hosts``: names a request's ``Host`` may
     give besides localhost and the server's addresses (others get 403).
@@ -209,7 +225,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
         raise ServeError(f"--option: {exc}") from None
     for name, value in (("max-body-mb", max_body_mb), ("max-image-pixels", max_image_pixels),
                         ("max-prompt-chars", max_prompt_chars), ("decode-threads", decode_threads),
-                        ("max-images", max_images)):
+                        ("max-images", max_images), ("max-embed-inputs", max_embed_inputs)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ServeError(f"--{name} must be a number above 0, not {value}")
     for origin in allow_origins:
@@ -232,7 +248,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
                          limits=limits, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
                          max_prompt_chars=max_prompt_chars, decode_threads=decode_threads,
                          allow_origins=allow_origins, bind_host=host, allow_hosts=allow_hosts,
-                         max_images=max_images)
+                         max_images=max_images, max_embed_inputs=max_embed_inputs)
         shown = f"[{host}]" if ":" in host else host
         print(f"vision-host serve: {normalize_model_name(vision_model.name)} ({vision_model.source}, "
               f"{vision_model.family}, {vision_model.device}) loaded in {vision_model.load_duration_ns / 1e9:.1f} s; "

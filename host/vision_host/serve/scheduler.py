@@ -24,6 +24,11 @@ one ``generate`` call, with a bounded queue, timeouts and Ollama's ``keep_alive`
   weights are freed; the next request reloads them (counted in ``load_duration``). ``/api/ps``
   lists the model only while loaded, with ``expires_at``. A request without prompt and images
   loads the model (``done_reason: "load"``), or with ``keep_alive: 0`` unloads it (``"unload"``).
+* **Embeddings** (``/api/embed``, ``/v1/embeddings``) share the queue, its limit, the timeout
+  and ``keep_alive``: each request is a job of its own (:meth:`Scheduler.new_embedding_job`),
+  never batched with generations; its inputs are run through the text side in chunks
+  (:meth:`.models.base.VisionLanguageModel.embed`) and a timed-out one stops between chunks.
+  They are counted in ``/api/ps``'s ``embed_requests`` and ``embedded_inputs``.
 * The model worker survives any exception: that batch's requests get 500, the rest go on.
 """
 
@@ -37,7 +42,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .errors import Busy, InternalError, RequestError, RequestTimeout
-from .models.base import Prepared, VisionLanguageModel
+from .models.base import EmbeddingInputs, EmbeddingStopped, Prepared, VisionLanguageModel
 from .models.settings import GenerationSettings
 from .models.streaming import GenerationRow, TextQueue
 from .parsing import MAX_KEEP_ALIVE_S, parse_keep_alive
@@ -101,8 +106,9 @@ class Reservation:
 
 @dataclass(eq=False)
 class Job(GenerationRow):
-    """One request for the model worker: a generation (a row of a batch, streamed or not) or,
-    with ``prepared`` None, a load/unload."""
+    """One request for the model worker: a generation (a row of a batch, streamed or not),
+    an embedding (``embedding`` set: its vectors come in :attr:`vectors`) or, with ``prepared``
+    and ``embedding`` None, a load/unload."""
 
     prepared: Prepared | None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
@@ -123,6 +129,9 @@ class Job(GenerationRow):
     timeout_counted: bool = False        # in Scheduler.timeouts (which several paths report)
     enqueued_at: float = field(default_factory=time.monotonic)
     done_reason: str = ""                # for load/unload jobs
+    #: An embedding request's inputs (None: not an embedding) and, once done, its vectors.
+    embedding: EmbeddingInputs | None = None
+    vectors: list | None = None
     _loop: Any = None
     _started: Any = None
     _done: Any = None
@@ -234,6 +243,9 @@ class Scheduler:
         self.batch_sizes: list[int] = []
         self.batches = 0
         self.batched_requests = 0
+        #: Answer tokens generated, and the seconds spent in generate (tokens/s for /metrics).
+        self.generated_tokens = 0
+        self.generate_seconds = 0.0
         self.rejected = 0
         self.timeouts = 0
         self.loads = 0
@@ -241,6 +253,8 @@ class Scheduler:
         self.images = 0         # images sent by the requests given to generate
         self.model_images = 0   # images the model got for them (a grid is one)
         self.grids = 0          # requests whose images were tiled into one grid
+        self.embed_requests = 0   # embedding requests run
+        self.embedded_inputs = 0  # their inputs (texts)
         self._batch_s = 0.5   # moving average of one batch's duration, for Retry-After
         self.thread = threading.Thread(target=self._run, name="vision-host-model", daemon=True)
         self.thread.start()
@@ -264,6 +278,16 @@ class Scheduler:
         job.result.prompt_tokens = prepared.prompt_tokens
         if streamed:
             job.streamed_reply = TextQueue(timeout_s=(self.request_timeout_s or 600) + 30)
+        return job
+
+    def new_embedding_job(self, inputs: EmbeddingInputs, keep_alive: Any = SERVER_DEFAULT) -> Job:
+        """An embedding of ``inputs`` (a request's texts, tokenised), to :meth:`submit`; it runs
+        alone (never batched with generations) and its vectors come in :attr:`Job.vectors`."""
+        job = Job(None, keep_alive=keep_alive, embedding=inputs)
+        if self.request_timeout_s is not None:
+            job.deadline = job.enqueued_at + self.request_timeout_s
+        job.key = ("solo", "embed", id(job))
+        job.result.prompt_tokens = inputs.tokens
         return job
 
     def _check_room(self) -> None:
@@ -473,6 +497,9 @@ class Scheduler:
         if not live:
             return
         first = live[0]
+        if first.embedding is not None:   # an embedding request (always alone)
+            self._embed(first)
+            return
         if first.prepared is None:   # load / unload request
             if first.keep_alive == 0:
                 first.done_reason = "unload"
@@ -498,7 +525,10 @@ class Scheduler:
                 self.grids += j.prepared.grid is not None
         self.model.generate(live, first.decoding, first.max_new, first.settings.seed)
         with self.cond:
-            self._batch_s = 0.7 * self._batch_s + 0.3 * (time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self._batch_s = 0.7 * self._batch_s + 0.3 * took
+            self.generated_tokens += sum(j.result.eval_count or 0 for j in live)
+            self.generate_seconds += took
         for j in live:
             if j.timed_out:
                 j.finish(self._timeout_error(j))
@@ -506,6 +536,23 @@ class Scheduler:
                 j.finish(RequestError(499, "cancelled"))
             else:
                 j.finish()
+
+    def _embed(self, job: Job) -> None:
+        """Run an embedding job: its vectors, or its timeout / cancellation between chunks."""
+        self._ensure_loaded([job])
+        job.result.lock_wait_s += time.monotonic() - job.enqueued_at
+        job.result.started_at = time.perf_counter()
+        job.mark_started()
+        with self.cond:
+            self.embed_requests += 1
+            self.embedded_inputs += len(job.embedding.ids)
+        try:
+            job.vectors = self.model.embed(job.embedding, job.should_stop)
+        except EmbeddingStopped:
+            job.finish(self._timeout_error(job) if job.timed_out else RequestError(499, "cancelled"))
+            return
+        job.result.ended_at = time.perf_counter()
+        job.finish()
 
     def _ensure_loaded(self, jobs: list[Job]) -> None:
         if self.model.loaded:
@@ -533,6 +580,7 @@ class Scheduler:
                     "queued": len(self.queue), "reserved": self.reserved, "busy": self.busy, "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "rejected": self.rejected, "timeouts": self.timeouts,
                     "loads": self.loads, "unloads": self.unloads, "loaded": self.model.loaded,
-                    "images": self.images, "model_images": self.model_images, "grids": self.grids}
+                    "images": self.images, "model_images": self.model_images, "grids": self.grids,
+                    "embed_requests": self.embed_requests, "embedded_inputs": self.embedded_inputs}
 
 

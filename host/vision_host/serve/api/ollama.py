@@ -14,6 +14,21 @@ vision-host's own ``ollama`` processor use it.
 * ``POST /api/chat``: the same with ``messages[]`` (``content``, ``images``) and
   ``"message": {"role": "assistant", "content": ...}``; the last user message is the prompt,
   the images are those of the last message that has any.
+* Without images (text-only: summaries, questions about earlier answers) LLaVA's and BLIP-2's
+  language model answers: ``/api/chat``'s system, user and assistant messages, oldest first,
+  go through the family's chat format (:meth:`..models.base.VisionLanguageModel.text_prompt`),
+  ``/api/generate``'s ``system`` and ``prompt`` likewise. BLIP, a captioner, answers 400
+  saying which families can. A request with neither prompt (messages) nor images is still
+  Ollama's load/unload request.
+* ``POST /api/embed`` (api.md's "Generate Embeddings": ``model``, ``input`` a string or an
+  array of strings, ``truncate`` default true, ``dimensions``, ``keep_alive``; ``options`` is
+  ignored) → ``{"model", "embeddings": [[…], …], "total_duration", "load_duration",
+  "prompt_eval_count"}``: one L2-normalised vector per input, in order (see
+  :meth:`..models.base.VisionLanguageModel.embed`). An empty ``input`` (``""``, ``[]``, none)
+  → ``{"model", "embeddings": []}``, as Ollama answers; an input that is not a string →
+  400 ``invalid input type``; ``truncate: false`` with an input longer than the model's
+  positions → 400 ``the input length exceeds the context length …``; more than
+  ``--max-embed-inputs`` (256) inputs, or one over ``--max-prompt-chars`` → 400.
 * Several ``images`` (at most ``--max-images``, 8; more: 400) are consecutive moments of one
   video, oldest first: LLaVA gets them all, one ``<image>`` each, BLIP and BLIP-2 one grid of
   them; LLaVA's and BLIP-2's prompts start with a sentence saying so (see
@@ -32,7 +47,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import RequestError
 from ..models.base import VisionLanguageModel
@@ -130,7 +146,8 @@ def routes(served: ServedModel) -> APIRouter:
     def ps():
         """The model while it is loaded (with ``expires_at``), and, as an extra field the
         clients ignore, ``vision_host``: the scheduler's statistics (batch sizes, queue, images),
-        ``limits``, the request limits in force, and ``max_images`` (``--max-images``)."""
+        ``limits``, the request limits in force, ``max_images`` (``--max-images``) and
+        ``max_embed_inputs`` (``--max-embed-inputs``)."""
         models = []
         if model.loaded:
             entry = model_entry()
@@ -139,7 +156,8 @@ def routes(served: ServedModel) -> APIRouter:
                          size_vram=model.size if model.device == "cuda" else 0)
             models.append(entry)
         return {"models": models, "vision_host": {**scheduler.stats(), "limits": served.limits_in_force,
-                                                  "max_images": served.max_images}}
+                                                  "max_images": served.max_images,
+                                                  "max_embed_inputs": served.max_embed_inputs}}
 
     @router.post("/api/show")
     async def show(request: Request):
@@ -148,7 +166,7 @@ def routes(served: ServedModel) -> APIRouter:
         return {"license": "", "modelfile": f"# served by vision-host serve\nFROM {model.source}\n",
                 "parameters": "", "template": "{{ .Prompt }}", "details": details(),
                 "model_info": {"general.architecture": model.family, "general.basename": model.source},
-                "capabilities": ["completion", "vision"], "modified_at": model.loaded_at.isoformat()}
+                "capabilities": ["completion", "vision", "embedding"], "modified_at": model.loaded_at.isoformat()}
 
     async def reply(kind: str, name: str, job: Job):
         """The /api/generate or /api/chat answer (``kind`` "response" or "message") to a
@@ -212,6 +230,7 @@ def routes(served: ServedModel) -> APIRouter:
         name = typed_field(body, "model", (str,), "string", "")
         served.check_model(name)
         prompt = typed_field(body, "prompt", (str,), "string", "")
+        system = typed_field(body, "system", (str,), "string", "")
         given = typed_field(body, "images", (list,), "[]api.ImageData", [])
         served.check_image_count(len(given))
         images = [_b64_image(s) for s in given]
@@ -222,8 +241,9 @@ def routes(served: ServedModel) -> APIRouter:
         constraint = ollama_format(body.get("format"))
         if not prompt and not images:
             return await reply("response", name, load_job(keep_alive))
-        job = await served.queue_generation(images, prompt, settings, raw=raw,
-                                            streamed=streamed, keep_alive=keep_alive, constraint=constraint)
+        turns = ([("system", system)] if system.strip() else []) + [("user", prompt)]
+        job = await served.queue_generation(images, prompt, settings, raw=raw, streamed=streamed,
+                                            keep_alive=keep_alive, constraint=constraint, turns=turns)
         return await reply("response", name, job)
 
     @router.post("/api/chat")
@@ -238,20 +258,59 @@ def routes(served: ServedModel) -> APIRouter:
         settings = served.settings_of(typed_field(body, "options", (dict,), "map[string]interface {}", {}))
         keep_alive = _keep_alive(body)
         constraint = ollama_format(body.get("format"))
-        prompt, images = "", []
+        prompt, images, turns = "", [], []
         for m in messages:
             if not isinstance(m, dict):
                 raise RequestError(400, f"json: cannot unmarshal {go_type(m)} into Go value of type api.Message")
             content = typed_field(m, "content", (str,), "string", "")
-            if m.get("role", "user") == "user" and content.strip():
+            role = m.get("role") or "user"
+            if role == "user" and content.strip():
                 prompt = content
+            if role in ("system", "user", "assistant") and content.strip():
+                turns.append((role, content))   # a text-only chat's history
             own = [_b64_image(s) for s in typed_field(m, "images", (list,), "[]api.ImageData", [])]
             if own:   # the frames of the last message that has images
                 images = own
         if not messages:
             return await reply("message", name, load_job(keep_alive))
         job = await served.queue_generation(images, prompt, settings, streamed=streamed,
-                                            keep_alive=keep_alive, constraint=constraint)
+                                            keep_alive=keep_alive, constraint=constraint, turns=turns)
         return await reply("message", name, job)
 
+    @router.post("/api/embed")
+    async def embed(request: Request):
+        """Ollama's ``/api/embed`` (see the module's docstring)."""
+        t0 = time.perf_counter()
+        body = json_object(await request.body())
+        name = typed_field(body, "model", (str,), "string", "")
+        served.check_model(name)
+        texts = _embed_input(body.get("input"))
+        truncate = typed_field(body, "truncate", (bool,), "bool", True)
+        dimensions = typed_field(body, "dimensions", (int,), "int", None)
+        served.shaped([], dimensions)   # a bad value is refused before any work
+        keep_alive = _keep_alive(body)
+        if not texts:   # Ollama's answer to an empty input
+            return JSONResponse({"model": name, "embeddings": []}, media_type=_JSON_UTF8)
+        job = await served.queue_embedding(texts, truncate=truncate, keep_alive=keep_alive)
+        res = await scheduler.wait_done(job)
+
+        def answer() -> bytes:   # off the event loop: 256 vectors of 4096 numbers take a while to write
+            return json.dumps({"model": name, "embeddings": served.shaped(job.vectors, dimensions),
+                               "total_duration": int((time.perf_counter() - t0) * 1e9),
+                               "load_duration": int(res.lock_wait_s * 1e9),
+                               "prompt_eval_count": res.prompt_tokens}, separators=(",", ":")).encode()
+        return Response(await run_in_threadpool(answer), media_type=_JSON_UTF8)
+
     return router
+
+
+def _embed_input(value: Any) -> list[str]:
+    """``/api/embed``'s ``input``: a string (empty: none) or an array of strings, as a list.
+    Raises :class:`RequestError` 400 ``invalid input type`` (Ollama's words) for anything else."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise RequestError(400, "invalid input type: give a string or an array of strings")

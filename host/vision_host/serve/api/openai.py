@@ -3,12 +3,26 @@
 URLs; ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``;
 ``response_format``: ``text``, ``json_object`` or ``json_schema``, see :mod:`.structured`;
 ``stream`` → SSE ``chat.completion.chunk`` events then ``data: [DONE]``, with a usage chunk for
-``stream_options.include_usage``), ``GET /v1/models``, ``GET /v1/models/{id}``.
+``stream_options.include_usage``), ``POST /v1/embeddings``, ``GET /v1/models``,
+``GET /v1/models/{id}``.
 
 The images are the ``image_url`` parts of the last message that has any. Several (at most
 ``--max-images``, 8; more: 400) are consecutive moments of one video, oldest first: LLaVA gets
 them all, one ``<image>`` each, BLIP and BLIP-2 one grid of them; LLaVA's and BLIP-2's prompts
 start with a sentence saying so (see :mod:`..models.base`). One image is answered as ever.
+Without any image part the chat is text-only: LLaVA's and BLIP-2's language model answers
+the system (or ``developer``), user and assistant messages, oldest first, through the
+family's chat format; BLIP, a captioner, answers 400 saying which families can.
+
+``POST /v1/embeddings`` (OpenAI's "Create embeddings", as Ollama's OpenAI compatibility serves
+it: ``model``, ``input`` a string or an array of strings, ``encoding_format`` ``"float"``
+(default) or ``"base64"`` (little-endian float32, what the ``openai`` client asks for and
+decodes when no format is given), ``dimensions``; ``user`` is ignored) → ``{"object": "list",
+"data": [{"object": "embedding", "index", "embedding"}], "model", "usage": {"prompt_tokens",
+"total_tokens"}}``: one L2-normalised vector per input, in order (see
+:meth:`..models.base.VisionLanguageModel.embed`). Ollama's rules: ``""`` is embedded as one
+empty text; no ``input``, ``[]`` or token arrays → 400 ``invalid input``; inputs longer than
+the model's positions are cut; more than ``--max-embed-inputs`` (256) inputs → 400.
 
 Errors are OpenAI's ``{"error": {"message", "type", ...}}`` (:func:`.errors.openai_error`);
 one that comes after a stream's 200 is its last event before ``[DONE]``.
@@ -18,11 +32,13 @@ import base64
 import binascii
 import json
 import logging
+import struct
 import time
 from typing import Any, Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import RequestError
 from ..models import normalize_model_name
@@ -90,6 +106,40 @@ def _prompt_and_images(messages: list, check_count: Any = None) -> tuple[str, li
     return prompt, images
 
 
+def _text_turns(messages: list) -> list[tuple[str, str]]:
+    """A text-only chat's ``(role, text)`` turns, oldest first: the system (and ``developer``),
+    user and assistant messages that have text (a message's text parts joined by a space)."""
+    turns = []
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        role = {"developer": "system"}.get(m.get("role"), m.get("role") or "user")
+        content = m.get("content")
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text") or "") for p in content
+                               if isinstance(p, dict) and p.get("type") == "text")
+        if role in ("system", "user", "assistant") and isinstance(content, str) and content.strip():
+            turns.append((role, content))
+    return turns
+
+
+def _embedding_texts(value: Any) -> list[str]:
+    """``/v1/embeddings``' ``input`` as a list of texts (Ollama's rules: ``""`` is one empty
+    text). Raises :class:`RequestError` 400 ``invalid input`` for none, ``[]``, token arrays
+    or other types."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise RequestError(400, "invalid input: give a string or a non-empty array of strings (token arrays are "
+                            "not supported)")
+
+
+def _float32_base64(vector: list[float]) -> str:
+    """``vector`` as little-endian float32 bytes in base64 (OpenAI's ``encoding_format: base64``)."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
 def _usage(res: GenerationResult) -> dict:
     return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.eval_count,
             "total_tokens": res.prompt_tokens + res.eval_count}
@@ -145,7 +195,7 @@ def routes(served: ServedModel) -> APIRouter:
             raise RequestError(400, "model is required")
         served.check_model(name)
         job = await served.queue_generation(images, prompt, settings, streamed=streamed,
-                                            constraint=constraint)
+                                            constraint=constraint, turns=None if images else _text_turns(messages))
         head = {"id": f"chatcmpl-{int(time.time() * 1000) % 1000}", "object": "chat.completion",
                 "created": int(time.time()), "model": name, "system_fingerprint": "fp_ollama"}
 
@@ -188,5 +238,34 @@ def routes(served: ServedModel) -> APIRouter:
                 yield _event({"error": {"message": str(exc), "type": "api_error"}})
             yield b"data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @router.post("/v1/embeddings")
+    async def v1_embeddings(request: Request):
+        """OpenAI's embeddings (see the module's docstring)."""
+        raw = await request.body()
+        if not raw.strip():
+            raise RequestError(400, "EOF")
+        body = json_object(raw)
+        name = typed_field(body, "model", (str,), "string", "")
+        if not name:
+            raise RequestError(400, "model is required")
+        texts = _embedding_texts(body.get("input"))
+        encoding = typed_field(body, "encoding_format", (str,), "string", "float")
+        if encoding not in ("float", "base64"):
+            raise RequestError(400, f'invalid encoding_format {encoding[:32]!r}: give "float" or "base64"')
+        dimensions = typed_field(body, "dimensions", (int,), "int", None)
+        served.check_model(name)
+        served.shaped([], dimensions)   # a bad value is refused before any work
+        job = await served.queue_embedding(texts)
+        res = await scheduler.wait_done(job)
+
+        def answer() -> bytes:   # off the event loop: 256 vectors of 4096 numbers take a while to write
+            vectors = served.shaped(job.vectors, dimensions)
+            data = [{"object": "embedding", "index": i,
+                     "embedding": _float32_base64(v) if encoding == "base64" else v} for i, v in enumerate(vectors)]
+            return json.dumps({"object": "list", "data": data, "model": name,
+                               "usage": {"prompt_tokens": res.prompt_tokens, "total_tokens": res.prompt_tokens}},
+                              separators=(",", ":")).encode()
+        return Response(await run_in_threadpool(answer), media_type="application/json")
 
     return router

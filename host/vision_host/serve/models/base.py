@@ -12,6 +12,13 @@ positions, get one grid of them (:mod:`.grid`). LLaVA's and BLIP-2's prompts the
 "consecutive moments"; BLIP's prompt is the caption's prefix and gets none. One image is
 answered exactly as before.
 
+Text-only requests (no image: summaries, chat about earlier answers) go to the language model
+alone (:meth:`VisionLanguageModel.prepare_text`): LLaVA's through its chat template with no
+image part, BLIP-2's OPT in its ``Question: … Answer:`` turns; a captioner (BLIP,
+:attr:`VisionLanguageModel.chats_text` False) cannot answer them. Embeddings
+(:meth:`VisionLanguageModel.embed`) are the attention-masked mean of the last hidden state of
+the family's text side (:meth:`VisionLanguageModel.text_hidden_states`), L2-normalised.
+
 CUDA with float16 when present, CPU with float32 otherwise. torch and transformers are
 imported inside methods, so importing this module stays light.
 """
@@ -92,13 +99,34 @@ class Prepared:
 
     @property
     def model_images(self) -> int:
-        """M: the images the model encodes for this row (``pixel_values``' rows)."""
-        return int(self.tensors["pixel_values"].shape[0])
+        """M: the images the model encodes for this row (``pixel_values``' rows; 0 for a
+        text-only row, which has no ``pixel_values``)."""
+        pixels = self.tensors.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[0])
 
     @property
     def length(self) -> int:
         """L: the prompt's length in tokens (image tokens included)."""
         return int(self.tensors["input_ids"].shape[1])
+
+
+@dataclass
+class EmbeddingInputs:
+    """One embedding request's texts as token ids (each at most the text model's positions),
+    built off the model worker by :meth:`VisionLanguageModel.tokenize_for_embedding`;
+    ``truncated``: how many inputs were cut to fit."""
+
+    ids: list
+    truncated: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """All inputs' tokens (Ollama's ``prompt_eval_count``, OpenAI's ``prompt_tokens``)."""
+        return sum(len(i) for i in self.ids)
+
+
+class EmbeddingStopped(Exception):
+    """:meth:`VisionLanguageModel.embed` stopped between chunks (cancelled or past the deadline)."""
 
 
 class VisionLanguageModel:
@@ -127,6 +155,14 @@ class VisionLanguageModel:
     #: Whether a prompt with several images starts with :func:`frames_note`'s sentence (not
     #: for a captioner, whose prompt is the caption's beginning).
     notes_frames = True
+    #: Whether the language model answers a request without images (text-only chat); a
+    #: captioner cannot.
+    chats_text = True
+    #: Whether the family has a text side to embed texts with (:meth:`embed`).
+    embeds_text = True
+    #: Texts run through the text side at once by :meth:`embed` (a request's inputs go in
+    #: chunks of this many).
+    embed_chunk = 16
 
     def __init__(self, name: str, source: str, local: bool, config: Any = None) -> None:
         self.name, self.source, self.local = name, source, local
@@ -282,6 +318,104 @@ class VisionLanguageModel:
         prepared.grid = grid
         return prepared
 
+    def text_prompt(self, turns: Sequence[tuple[str, str]], raw: bool = False) -> str:
+        """The text the language model gets for a text-only chat: ``turns`` are ``(role,
+        text)`` pairs, oldest first, roles ``system``, ``user`` and ``assistant``; ``raw``: the
+        last user text as it is. Families that chat override it (:attr:`chats_text`)."""
+        raise BadPrompt(f"model {self.name} ({self.family}) cannot answer text-only requests")
+
+    def prepare_text(self, turns: Sequence[tuple[str, str]], raw: bool = False) -> Prepared:
+        """The model inputs of a text-only chat (no image: :meth:`text_prompt`'s text through
+        the tokenizer alone), on the model's device; ``images`` 0, no ``pixel_values``.
+
+        Raises:
+            BadPrompt: the family cannot chat without an image (:attr:`chats_text`), or the
+                turns have no text.
+            PromptTooLong: the prompt fills the text model's positions.
+        """
+        if not self.chats_text:
+            raise BadPrompt(f"model {self.name} ({self.family}) cannot answer text-only requests")
+        if not any(text.strip() for _, text in turns):
+            raise BadPrompt("the request has neither an image nor any text: send a prompt, or images to describe")
+        text = self.text_prompt(turns, raw)
+        encoded = self.processor.tokenizer(text, return_tensors="pt")
+        tensors = {key: encoded[key].to(self.device) for key in ("input_ids", "attention_mask")}
+        prepared = Prepared(tensors, int(tensors["input_ids"].shape[1]), images=0)
+        if prepared.length >= self.position_limit():
+            raise PromptTooLong(f"the prompt is {prepared.length} tokens; model {self.name} takes "
+                                f"{self.position_limit()} positions for prompt and answer: shorten the prompt "
+                                f"or the chat history")
+        return prepared
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def tokenize_for_embedding(self, texts: Sequence[str], truncate: bool = True) -> EmbeddingInputs:
+        """Token ids of each of ``texts`` for :meth:`embed` (any thread), the tokenizer's own
+        special tokens included. An input longer than the text model's positions is cut at
+        its end when ``truncate`` (Ollama's default).
+
+        Raises:
+            PromptTooLong: an input is too long and ``truncate`` is False (Ollama's 400 "the
+                input length exceeds the context length").
+        """
+        limit = self.position_limit()
+        ids = list(self.processor.tokenizer(list(texts))["input_ids"]) if texts else []
+        truncated = 0
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                if not truncate:
+                    raise PromptTooLong(f"the input length exceeds the context length: input {i} is {len(row)} "
+                                        f"tokens, model {self.name} takes {limit}; shorten it or allow truncate")
+                ids[i] = list(row[:limit])
+                truncated += 1
+            else:
+                ids[i] = list(row)
+        return EmbeddingInputs(ids, truncated)
+
+    def text_hidden_states(self, input_ids: Any, attention_mask: Any) -> Any:
+        """The last hidden state (B×L×H) of the family's text side for right-padded
+        ``input_ids`` and ``attention_mask`` (B×L). Here: the language model's (BLIP-2's OPT,
+        LLaVA's Llama), its base model run without the language-model head."""
+        lm = getattr(self.model, "language_model", None)
+        if lm is None:   # transformers 5's LLaVA keeps it under .model
+            lm = self.model.model.language_model
+        out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def embedding_size(self) -> int:
+        """H: the length of :meth:`embed`'s vectors (the text side's hidden size)."""
+        return int(self._text_config().hidden_size)
+
+    def embed(self, inputs: EmbeddingInputs, should_stop: Any = None) -> list[list[float]]:
+        """One vector per input (model worker thread only): the attention-masked mean of
+        :meth:`text_hidden_states` over its tokens, in float32, L2-normalised (unit length, as
+        Ollama's embeddings are). Inputs go :attr:`embed_chunk` at a time, padded on the right
+        so that a text's vector does not depend on the texts it is batched with.
+
+        Raises:
+            EmbeddingStopped: ``should_stop()`` said so between chunks.
+        """
+        import torch
+
+        vectors: list[list[float]] = []
+        for start in range(0, len(inputs.ids), self.embed_chunk):
+            if should_stop is not None and should_stop():
+                raise EmbeddingStopped()
+            rows = inputs.ids[start:start + self.embed_chunk]
+            length = max(1, max(len(r) for r in rows))
+            ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[i, :len(r)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                hidden = self.text_hidden_states(ids, mask).float()
+                weights = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            vectors.extend(pooled.cpu().tolist())
+        return vectors
+
     @staticmethod
     def _open_image(image_bytes: bytes, max_pixels: int | None, which: str = ""):
         """The image's header (Pillow's lazy image), checked against ``max_pixels``; ``which``
@@ -382,8 +516,14 @@ class VisionLanguageModel:
             pad = length - r.length
             ids.append(torch.nn.functional.pad(r.tensors["input_ids"], (pad, 0), value=self.pad_id))
             masks.append(torch.nn.functional.pad(r.tensors["attention_mask"], (pad, 0), value=0))
-        pixels = torch.cat([r.tensors["pixel_values"] for r in rows])
-        return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks), "pixel_values": pixels}, length
+        tensors = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+        if rows[0].model_images:   # (a batch is all text-only rows or all rows with images)
+            tensors["pixel_values"] = torch.cat([r.tensors["pixel_values"] for r in rows])
+        return tensors, length
+
+    def generator(self, inputs: dict) -> Any:
+        """The module whose ``generate`` answers ``inputs`` (:meth:`collate`'s): the model."""
+        return self.model
 
     def generate(self, rows: Sequence[GenerationRow], decoding: tuple, max_new: int, seed: int | None) -> None:
         """One batched ``generate`` for ``rows`` (equal :meth:`batch_key`); streamed rows get
@@ -421,7 +561,7 @@ class VisionLanguageModel:
             r.started(started)
         try:
             with torch.inference_mode():
-                sequences = self.model.generate(**inputs, **kwargs)
+                sequences = self.generator(inputs).generate(**inputs, **kwargs)
         finally:
             if streamer is not None:
                 streamer.end()

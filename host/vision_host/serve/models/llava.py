@@ -10,9 +10,16 @@ the processor the images as a list, and the question starts with :data:`.base.FR
 speaks of "consecutive moments". Requests batch only with requests of as many images. When
 that prompt would not fit the model's positions, the images are answered as one grid
 (:mod:`.grid`) with :data:`.base.GRID_NOTE`. A ``raw`` prompt is sent as it is, with one
-``<image>`` per image put first unless it has exactly that many."""
+``<image>`` per image put first unless it has exactly that many.
+
+Without an image (text-only chat) the Llama language model answers: the turns (system, user,
+assistant) go through the same chat template with text parts only (``USER: … ASSISTANT: …
+USER: … ASSISTANT:``; :meth:`Llava.text_prompt`); a ``raw`` prompt is sent as it is.
+Embeddings are Llama's last hidden state (:mod:`.base`)."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 from .base import BadPrompt, VisionLanguageModel
 
@@ -43,3 +50,16 @@ class Llava(VisionLanguageModel):
             return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                       add_generation_prompt=True)
         return f"USER: {f'{IMAGE_TOKEN}{chr(10)}' * images}{prompt} ASSISTANT:"   # llava-1.5's prompt format
+
+    def text_prompt(self, turns: Sequence[tuple[str, str]], raw: bool = False) -> str:
+        """The turns through the chat template, text parts only, ending with the assistant's
+        cue (``raw``: the last user text as it is)."""
+        if raw:
+            return next((t for r, t in reversed(turns) if r == "user"), "")
+        if getattr(self.processor, "chat_template", None):
+            conversation = [{"role": role, "content": [{"type": "text", "text": text.strip()}]}
+                            for role, text in turns if text.strip()]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        parts = [text.strip() if role == "system" else f"{role.upper()}: {text.strip()}"
+                 for role, text in turns if text.strip()]
+        return " ".join(parts + ["ASSISTANT:"])   # llava-1.5's prompt format
