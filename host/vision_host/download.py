@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import NamedTuple, TextIO
 from urllib.parse import unquote, urlsplit
 
+from .datadir import vision_host_data
+
 __all__ = ["CATALOGUE", "DEFAULT_MAX_BYTES", "DownloadError", "DownloadResult", "Entry", "Progress",
            "check_url", "default_dir", "download", "entry_for_url", "find_entry"]
 
@@ -231,19 +233,6 @@ def entry_for_url(kind: str, url: str, sha256: str | None = None) -> Entry:
     return Entry(kind, Path(filename).stem, filename, url, sha256)
 
 
-def user_data_dir() -> Path:
-    """The user's data directory: ``$XDG_DATA_HOME`` (when absolute) or ``~/.local/share`` on
-    Linux and other Unix systems, ``~/Library/Application Support`` on macOS, ``%LOCALAPPDATA%``
-    (else ``~/AppData/Local``) on Windows."""
-    home = Path.home()
-    if sys.platform == "win32":
-        return Path(os.environ["LOCALAPPDATA"]) if os.environ.get("LOCALAPPDATA") else home / "AppData" / "Local"
-    if sys.platform == "darwin":
-        return home / "Library" / "Application Support"
-    xdg = os.environ.get("XDG_DATA_HOME", "")
-    return Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "share"
-
-
 def default_dir(kind: str) -> Path:
     """Where downloads of ``kind`` go unless ``--dir`` says otherwise: processors to
     ``$VISION_HOST_PROCESSORS_DIR`` when set (``run`` searches it), else the user's data
@@ -251,7 +240,7 @@ def default_dir(kind: str) -> Path:
     ``vision-host`` / ``models``."""
     if kind == "processor" and os.environ.get("VISION_HOST_PROCESSORS_DIR"):
         return Path(os.environ["VISION_HOST_PROCESSORS_DIR"])
-    return user_data_dir() / "vision-host" / ("processors" if kind == "processor" else "models")
+    return vision_host_data("processors" if kind == "processor" else "models")
 
 
 def _mib(n: float) -> str:

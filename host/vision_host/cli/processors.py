@@ -17,12 +17,12 @@ def processor_dirs(extra: str | None = None) -> list[Path]:
     """Directories searched for ``NAME.wasm``, in order: the project's ``wasm/``, then
     ``$VISION_HOST_PROCESSORS_DIR``, then where ``vision-host download processor`` puts them
     (the user's data directory / ``vision-host/processors``), then ``--processors-dir``."""
-    from ..download import user_data_dir
+    from ..datadir import vision_host_data
 
     dirs = [REPO_WASM_DIR]
     if env := os.environ.get("VISION_HOST_PROCESSORS_DIR"):
         dirs.append(Path(env))
-    dirs.append(user_data_dir() / "vision-host" / "processors")
+    dirs.append(vision_host_data("processors"))
     if extra:
         dirs.append(Path(extra))
     return dirs

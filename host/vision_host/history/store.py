@@ -175,17 +175,9 @@ class HistoryError(Exception):
 
 def default_history_path() -> Path:
     """Where the history lives unless ``--history`` says otherwise: the user's data directory /
-    ``vision-host`` / ``history.sqlite3``. The data directory is ``$XDG_DATA_HOME`` or
-    ``~/.local/share`` on Linux and other Unix systems, ``~/Library/Application Support`` on
-    macOS, ``%LOCALAPPDATA%`` (else ``~/AppData/Local``) on Windows."""
-    if os.name == "nt":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif os.uname().sysname == "Darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        xdg = os.environ.get("XDG_DATA_HOME")
-        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
-    return base / "vision-host" / "history.sqlite3"
+    ``vision-host`` / ``history.sqlite3`` (:mod:`vision_host.datadir`)."""
+    from ..datadir import vision_host_data
+    return vision_host_data("history.sqlite3")
 
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)

@@ -29,9 +29,7 @@ an outbox) raises :class:`OutboxError`, whose message names the file and says wh
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import sys
 import threading
 import time
 import uuid
@@ -100,22 +98,9 @@ class OutboxError(Exception):
 
 def default_outbox_path() -> Path:
     """Where the outbox lives unless the run says otherwise: the user's data directory /
-    ``vision-host`` / ``outbox.sqlite3``.
-
-    The data directory is ``$XDG_DATA_HOME`` (when set to an absolute path) or
-    ``~/.local/share`` on Linux and other Unix systems (the XDG Base Directory specification),
-    ``~/Library/Application Support`` on macOS, and ``%LOCALAPPDATA%`` on Windows (the home
-    directory's ``AppData/Local`` when unset). Nothing is created here.
-    """
-    home = Path.home()
-    if sys.platform == "win32":
-        base = Path(os.environ["LOCALAPPDATA"]) if os.environ.get("LOCALAPPDATA") else home / "AppData" / "Local"
-    elif sys.platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        xdg = os.environ.get("XDG_DATA_HOME", "")
-        base = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "share"
-    return base / "vision-host" / "outbox.sqlite3"
+    ``vision-host`` / ``outbox.sqlite3`` (:mod:`vision_host.datadir`). Nothing is created here."""
+    from ..datadir import vision_host_data
+    return vision_host_data("outbox.sqlite3")
 
 
 class Outbox:
