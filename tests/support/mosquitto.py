@@ -23,6 +23,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from run_process import free_port, wait_for
+
 
 def mosquitto_binary() -> str | None:
     """The mosquitto broker's path (Debian puts it in /usr/sbin, often off a user's PATH), or None."""
@@ -38,24 +40,6 @@ def mosquitto_passwd_binary() -> str | None:
 
 #: Why the broker tests skip where mosquitto is absent (the run's summary collects the apt hint).
 MISSING_REASON = "the MQTT broker mosquitto is not installed (apt-get install mosquitto)"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.02):
-    """Poll ``condition()`` until it returns something truthy (returned); fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(interval_s)
 
 
 class Mosquitto:
