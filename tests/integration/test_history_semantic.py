@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -296,45 +292,16 @@ def test_start_history_passes_the_embedder_on(tmp_path, standin):
 
 # -- vision-host serve ---------------------------------------------------------------------------
 
-def _serve(model_dir: Path, log_path: Path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2] / "host"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vision_host", "serve", "--model", str(model_dir),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            pytest.fail(f"vision-host serve exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if requests.get(url + "/", timeout=1).text == "Ollama is running":
-                return proc, log, url
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, "vision-host serve did not start within 120 s"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("api", ["ollama", "openai"])
 def test_semantic_search_with_vision_host_serve_tiny_blip(tmp_path, api):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("fastapi")
+    from test_serve import serve_process
     from tiny_models import build_tiny_blip
 
-    proc, log, url = _serve(build_tiny_blip(tmp_path / "tiny-blip"), tmp_path / "serve.log")
-    try:
-        probe = requests.post(url + "/api/embed", json={"model": "x", "input": ["a"]}, timeout=60)
-        if probe.status_code == 404 and "page not found" in probe.text.lower():
-            pytest.skip("this vision-host serve does not answer /api/embed")
+    with serve_process(build_tiny_blip(tmp_path / "tiny-blip"), tmp_path / "serve.log") as url:
         model = requests.get(url + "/api/tags", timeout=10).json()["models"][0]["name"]
         cfg = {"url": url} | ({"api": "openai"} if api == "openai" else {})
         path = tmp_path / "h.sqlite3"
@@ -349,11 +316,3 @@ def test_semantic_search_with_vision_host_serve_tiny_blip(tmp_path, api):
             assert stored["count"] == 3 and stored["dim"] == query.shape[0] >= 8
             hits = store.search_semantic(query, model)
         assert len(hits) == 3 and hits[0]["text"] == words[0][0] and hits[0]["score"] > 0.99
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO
+
 
 
 def _hadolint() -> str | None:
