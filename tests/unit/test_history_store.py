@@ -20,7 +20,7 @@ import webvtt
 
 from vision_host.captions import CaptionEvent
 from vision_host.captions.event import AlertEvent
-from vision_host.history import HistoryError, HistoryStore, default_history_path, parse_when
+from vision_host.history import HistoryError, HistoryStore, default_history_path, export, parse_when
 
 T0 = 1_796_083_200.0   # 2026-12-01T00:00:00Z, seconds since the epoch
 
@@ -178,7 +178,7 @@ HOSTILE_TEXTS = ["a red car, parked", 'he said "stop"; then left', "line one\nli
 
 def _export(store, fmt, **filters) -> str:
     out = io.StringIO(newline="")
-    store.export(fmt, out, **filters)
+    export(store, fmt, out, **filters)
     return out.getvalue()
 
 
@@ -229,7 +229,7 @@ def test_vtt_export_is_one_cue_per_event_that_webvtt_readers_parse(hostile):
     one = list(webvtt.from_buffer(io.StringIO(_export(store, "vtt", stream="yard"))))
     assert html.unescape(one[0].text) == "a red car, parked"        # one stream: no prefix
     with pytest.raises(HistoryError, match="jsonl, csv, vtt"):
-        store.export("xml", io.StringIO())
+        export(store, "xml", io.StringIO())
 
 
 def test_retention_prunes_events_older_than_the_days_and_counts_them(store):

@@ -77,7 +77,7 @@ def add_parser(sub) -> None:
     listing.set_defaults(handler=cmd_list)
 
     export = actions.add_parser("export", help="write the events as JSON Lines, CSV or WebVTT, oldest first")
-    export.add_argument("--format", choices=("jsonl", "csv", "vtt"), default="jsonl",
+    export.add_argument("--format", choices=("jsonl", "csv", "vtt"), default="jsonl",   # history.export.EXPORT_FORMATS
                         help="jsonl (default), csv or vtt")
     export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
     common(export)
@@ -230,14 +230,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     stderr when writing a file)."""
     filters = _filters(args)
 
+    from ..history.export import export
+
     def work(store) -> int:
         if args.output is None:
-            store.export(args.format, sys.stdout, **filters)
+            export(store, args.format, sys.stdout, **filters)
             return 0
         try:
             # csv writes its own CRLF row ends: no newline translation
             with open(args.output, "w", encoding="utf-8", newline="") as out:
-                count = store.export(args.format, out, **filters)
+                count = export(store, args.format, out, **filters)
         except OSError as exc:
             print(f"vision-host: cannot write {args.output} ({exc.strerror or exc}): give another -o FILE",
                   file=sys.stderr)

@@ -64,7 +64,6 @@ hit adds ``score`` (cosine similarity: higher is better).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -76,23 +75,16 @@ import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
 
 from ..captions.event import AlertEvent, CaptionEvent, iso_utc
 
-__all__ = ["EXPORT_FORMATS", "SCHEMA_VERSION", "HistoryError", "HistoryStore", "default_history_path",
+__all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore", "default_history_path",
            "parse_when"]
 
 #: The schema this code writes; a database with a higher ``user_version`` is refused.
 SCHEMA_VERSION = 1
-#: Formats :meth:`HistoryStore.export` writes.
-EXPORT_FORMATS = ("jsonl", "csv", "vtt")
 #: Most records one search or list returns.
 MAX_LIMIT = 100_000
-#: Columns of the CSV export, in order (``fields`` as a JSON text, empty cells for None).
-CSV_COLUMNS = ("id", "kind", "time", "wall_time_unix", "stream", "stream_name", "text", "model", "latency_ms",
-               "stream_time_s", "frame_index", "source", "prompt", "fields", "fields_error", "thumbnail",
-               "alert", "state", "reason", "expression", "caption_id")
 
 _SCHEMA = """
 CREATE TABLE events (
@@ -743,80 +735,16 @@ class HistoryStore:
                 return
             last = (rows[-1][2], rows[-1][0])
 
-    def export(self, fmt: str, out: TextIO, stream: str | int | None = None, since: float | None = None,
-               until: float | None = None, *, kind: str | None = None, max_cue_s: float = 10.0,
-               min_cue_s: float = 1.0) -> int:
-        """Write the events matching the filters to ``out``, oldest first, as ``fmt``:
-
-        * ``jsonl``: one record (see the module docstring) per line, UTF-8 JSON.
-        * ``csv``: RFC 4180, a header row of :data:`CSV_COLUMNS`, one row per record (``fields``
-          as JSON text, None as an empty cell).
-        * ``vtt``: WebVTT (https://www.w3.org/TR/webvtt1/); time 0 is the first event written
-          (a ``NOTE`` says when, in UTC); each event is a cue whose identifier is its id, from its
-          time to the next event of the same stream, at least ``min_cue_s`` and at most
-          ``max_cue_s`` s. Cue text: the caption cleaned and escaped as in :class:`.VttTrack`
-          (one cue, no markup), prefixed ``[stream name]`` when several streams are written;
-          an alert edge reads ``ALERT name ON: reason``.
-
-        Returns how many events it wrote.
-
-        Raises:
-            HistoryError: an unknown format, a bad filter, or the database cannot be read.
-        """
-        if fmt not in EXPORT_FORMATS:
-            raise HistoryError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
-        if not 0.001 <= min_cue_s <= max_cue_s:
-            raise HistoryError(f"cue durations need 0.001 <= min_cue_s <= max_cue_s, got {min_cue_s}, {max_cue_s}")
-        records = self.iter_records(stream, since, until, kind=kind)
-        written = 0
-        if fmt == "jsonl":
-            for record in records:
-                out.write(_json_line(record) + "\n")
-                written += 1
-        elif fmt == "csv":
-            writer = csv.writer(out, lineterminator="\r\n")
-            writer.writerow(CSV_COLUMNS)
-            for record in records:
-                writer.writerow([_csv_cell(record.get(column)) for column in CSV_COLUMNS])
-                written += 1
-        else:
-            written = self._export_vtt(out, records, stream, since, until, kind, max_cue_s, min_cue_s)
-        return written
-
-    def _export_vtt(self, out: TextIO, records: Iterator[dict], stream, since, until, kind, max_cue_s: float,
-                    min_cue_s: float) -> int:
-        from ..captions.tracks import clean_cue_text   # the caption tracks' cleaning, shared
-
+    def cue_ends(self, stream: str | int | None = None, since: float | None = None, until: float | None = None,
+                 *, kind: str | None = None) -> tuple[dict[int, float | None], set[int]]:
+        """For the events matching the filters: each one's id → the time of the next event of
+        its stream (None for the last), and the streams they belong to (for WebVTT cues)."""
         where, params = self._filters(stream, since, until, kind)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        # End of each cue: the next event of its stream (a window function), read ahead once.
         ends = dict(self._query(f"SELECT e.id, LEAD(e.wall_time) OVER (PARTITION BY e.stream ORDER BY e.wall_time, "
                                 f"e.id) FROM events e{clause}", params))
         streams = {row[0] for row in self._query(f"SELECT DISTINCT e.stream FROM events e{clause}", params)}
-        out.write("WEBVTT\n\n")
-        start = None
-        written = 0
-        for record in records:
-            t = record["wall_time_unix"]
-            if start is None:
-                start = t
-                out.write(f"NOTE 00:00:00.000 is {record['time']} (UTC)\n\n")
-            if record["kind"] == "caption":
-                text = clean_cue_text(record["text"])
-            else:
-                text = clean_cue_text(f"ALERT {record['alert']} {record['state']}: {record['reason'] or ''}")
-            if not text:
-                continue
-            if len(streams) > 1:
-                text = clean_cue_text(f"[{record['stream_name'] or record['stream']}] ") + " " + text
-            text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            nxt = ends.get(record["id"])
-            length = max_cue_s if nxt is None else min(max(nxt - t, min_cue_s), max_cue_s)
-            begin_ms = round((t - start) * 1000)
-            out.write(f"{record['id']}\n{_vtt_time(begin_ms)} --> {_vtt_time(begin_ms + round(length * 1000))}\n"
-                      f"{text}\n\n")
-            written += 1
-        return written
+        return ends, streams
 
     # -- closing ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -883,24 +811,3 @@ def _record(row: tuple) -> dict:
     else:
         record.update(alert=alert_name, state=state, reason=reason, expression=expression, caption_id=caption_id)
     return record
-
-
-def _json_line(record: dict) -> str:
-    """``record`` as one JSON line; NEL, U+2028 and U+2029 escaped so no reader splits it."""
-    line = json.dumps(record, ensure_ascii=False)
-    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-
-
-def _csv_cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
-
-
-def _vtt_time(ms: int) -> str:
-    hours, ms = divmod(ms, 3_600_000)
-    minutes, ms = divmod(ms, 60_000)
-    seconds, ms = divmod(ms, 1000)
-    return f"{hours:02d}:{minutes:02d}:{seconds:02d}.{ms:03d}"
