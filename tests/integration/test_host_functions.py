@@ -216,3 +216,28 @@ def test_overlay_caption_matches_direct_drawing(driver, real_frame):
     changed = np.argwhere((frame != real_frame).any(axis=2))
     assert changed[:, 0].min() > 360 // 2                          # drawn in a band at the bottom
     assert (frame[-5:, :, :].astype(int) < real_frame[-5:, :, :].astype(int) + 1).all()  # darkened band
+
+
+def test_the_one_pass_caption_band_is_within_one_level_of_blending_then_drawing(real_frame):
+    """A translucent grey band folds its darkening into the text's pass (one visit per pixel);
+    the result stays within one level of darkening the band first and laying the text on it."""
+    from vision_host.runtime import overlay
+
+    text = "A gleaming line of bottles marches proudly along the conveyor, café-fresh and bright"
+    for bg in ((0, 0, 0, 200), (40, 40, 40, 128)):
+        fused = real_frame.copy()
+        overlay.draw_caption(fused, text, True, 0.6, (255, 255, 255, 255), bg, 3)
+        two_pass = real_frame.copy()
+        h, w = two_pass.shape[:2]
+        lines, line_h, baseline = overlay.layout(text, w, 0.6, 3)
+        band_h = line_h * len(lines) + overlay.MARGIN_PX
+        band = two_pass[h - band_h:]
+        alpha = bg[3] / 255
+        cv2.convertScaleAbs(band, dst=band, alpha=1 - alpha, beta=bg[0] * alpha)
+        rows, cols, keep, add = overlay._text_layer(lines, w, band_h, 0.6, line_h, baseline, (255, 255, 255))
+        roi = band[rows, cols]
+        cv2.multiply(roi, keep, dst=roi, scale=1 / 255)
+        cv2.add(roi, add, dst=roi)
+        diff = np.abs(fused.astype(int) - two_pass.astype(int))
+        assert diff.max() <= 1 and (diff[: h - band_h] == 0).all(), bg
+        assert (fused != real_frame).any(axis=2)[h - band_h:].mean() > 0.9     # the whole band was drawn
