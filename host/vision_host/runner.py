@@ -221,8 +221,9 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
             if settings.output == "mjpeg":
                 mjpeg = MjpegOutput(settings.destination or ":8080", stream_names=[s.name for s in specs])
                 if settings.mcp:
-                    from .mcp import McpService
-                    mcp_service = McpService()    # /mcp on the viewer's server (--mcp)
+                    from .mcp import McpLimits, McpService
+                    mcp_service = McpService(limits=McpLimits(max_sessions=settings.mcp_max_sessions,
+                                                              ask_timeout_s=settings.mcp_ask_timeout_s))
                 viewer = start_viewer(runtime, mjpeg, settings.token, *settings.viewer_limits(),
                                       allowed_hosts=settings.allow_host or [], mcp=mcp_service)
                 viewer.events = events

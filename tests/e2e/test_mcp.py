@@ -304,3 +304,27 @@ def test_ask_gives_up_after_its_timeout_and_releases_the_request():
     finally:
         server.stop()                     # ends the connection the worker still waits on
         pool.shutdown()
+
+
+@pytest.mark.slow
+def test_mcp_max_sessions_refuses_one_more_session_with_503(standin):
+    """--mcp-max-sessions 1: the first session opens; a second one is answered 503 until it closes."""
+    port = free_port()
+    r = RunProcess(["-p", "ollama", "-s", str(SAMPLE_CLIP), "-d", f"127.0.0.1:{port}", "--mcp",
+                    "--mcp-max-sessions", "1", "--no-history", "-c", f"ollama-url={standin.url}"], port)
+    r.wait_until_serving()
+    try:
+        headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+        hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                            "clientInfo": {"name": "limit-test", "version": "1"}}}
+        first = requests.post(r.base + "/mcp", json=hello, headers=headers, timeout=10)
+        assert first.status_code == 200 and first.headers.get("mcp-session-id"), first.text
+        second = requests.post(r.base + "/mcp", json=hello, headers=headers, timeout=10)
+        assert second.status_code == 503, (second.status_code, second.text)
+        requests.delete(r.base + "/mcp", headers={**headers, "mcp-session-id": first.headers["mcp-session-id"]},
+                        timeout=10)
+        third = requests.post(r.base + "/mcp", json=hello, headers=headers, timeout=10)
+        assert third.status_code == 200, third.text
+    finally:
+        r.stop()

@@ -157,6 +157,11 @@ RUN_KEYS: tuple[RunKey, ...] = (
            help="also serve MCP (Model Context Protocol) for agents at /mcp on the viewer's address, with "
                 "the viewer's token: the frames, captions, questions to the vision model, the prompt, "
                 "alerts and the history (-o mjpeg only)"),
+    RunKey("mcp_max_sessions", ("--mcp-max-sessions",), "server.mcp-max-sessions", int, least=1, default=32,
+           group=_VIEWER, metavar="N", help="--mcp: sessions open at once (default 32); one more is answered 503"),
+    RunKey("mcp_ask_timeout_s", ("--mcp-ask-timeout-s",), "server.mcp-ask-timeout-s", float, least=1, default=60.0,
+           group=_VIEWER, metavar="S", help="--mcp: an ask not answered by the vision server in S seconds is "
+                                            "cancelled and reported (default 60)"),
     RunKey("viewer_max_connections", ("--viewer-max-connections",), "main.viewer-max-connections", int, least=1,
            group=_VIEWER, limit="server.max_connections", metavar="N",
            help="open connections in all (default 256); more are answered 503 and closed"),
