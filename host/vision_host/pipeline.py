@@ -64,6 +64,12 @@ class Pipeline:
             ``captions/model`` (the ``ollama`` processor does).
         stream: the stream these processors belong to (default: the runtime's stream 0); its
             processor store and caption statistics are the ones read here.
+        drain_s: when a source that is not live (a video file) ends or ``max_frames`` is
+            reached, caption requests still in flight get up to this long (s) to complete: no
+            new request starts (``ollama-paused`` is set meanwhile), the processors keep being
+            called on a copy of the last frame so they take in the replies (nothing is written,
+            nothing counted as a frame), and the captions are published as usual, so they reach
+            the caption track, the history and the sinks. 0: the run ends at once.
 
     Attributes:
         caption_stats: this stream's caption counts (:class:`.captions.CaptionStats`, a
@@ -72,8 +78,9 @@ class Pipeline:
 
     def __init__(self, source: Source, processors: list[Processor], outputs: list[Output],
                  runtime: Runtime, status: TextIO | None = None, caption_bus: CaptionBus | None = None,
-                 model: str | None = None, stream=None):
+                 model: str | None = None, stream=None, drain_s: float = 0.0):
         self.source = source
+        self.drain_s = drain_s
         self.stream = stream or runtime.streams[0]
         self.processors = processors
         self.outputs = outputs
@@ -174,13 +181,41 @@ class Pipeline:
                 if self.status is not None and now >= self._status_due:
                     self._status_due = now + 0.5
                     self._print_status(now)
+            self.ended = time.perf_counter()    # the video's time: a drain below is not in it
+            if self.drain_s > 0 and not self.stop_event.is_set() and not self.source.live \
+                    and not any(getattr(o, "closed", False) for o in self.outputs):
+                self._drain_captions(self.drain_s)
         finally:
-            self.ended = time.perf_counter()
+            self.ended = self.ended or time.perf_counter()
             self.caption_bus.end_stream(self.stream.index, self.frames_out / self.source.fps)
             if self.status is not None:
                 self.status.write("\r\x1b[2K")
                 self.status.flush()
         return self.summary()
+
+    def _requests_in_flight(self) -> int:
+        """Requests the stream's processors started and have not taken in yet."""
+        return sum(p.ctx.fetch.in_flight for p in self.processors
+                   if not getattr(p, "disabled", False) and getattr(getattr(p, "ctx", None), "fetch", None))
+
+    def _drain_captions(self, limit_s: float) -> None:
+        """See ``drain_s`` in the class docstring: wait up to ``limit_s`` s (or a :meth:`stop`)
+        for the requests in flight, with no new one started."""
+        if self._last_frame is None or not self._requests_in_flight():
+            return
+        paused = self.stream.config_snapshot().get("ollama-paused", "")
+        self.stream.set_config({"ollama-paused": "true"})
+        deadline = time.monotonic() + limit_s
+        try:
+            while self._requests_in_flight() and time.monotonic() < deadline and not self.stop_event.is_set():
+                frame = self._last_frame.copy()
+                for processor in self.processors:
+                    frame = processor.process(frame)
+                if self.stream.processor_store.version != self._store_version:
+                    self._caption_check()
+                self.stop_event.wait(0.02)     # the replies arrive on worker threads; poll 50 times a second
+        finally:
+            self.stream.set_config({"ollama-paused": paused})
 
     def _caption_check(self) -> None:
         """The processor store changed: a new ``captions/caption`` is published as a caption event."""

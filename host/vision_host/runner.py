@@ -153,7 +153,8 @@ class StreamRun:
             print(f"vision-host: {self.label}{source.describe()} → {' → '.join(p.name for p in self.processors)} → "
                   f"{where}" + (f" (captions → {track.path})" if track else ""), file=sys.stderr)
             self.pipeline = Pipeline(source, self.processors, [output], self.runtime, status=status, caption_bus=bus,
-                                     model=self.stream.config.get("ollama-model"), stream=self.stream)
+                                     model=self.stream.config.get("ollama-model"), stream=self.stream,
+                                     drain_s=0.0 if source.live else self.settings.caption_drain_s)
             if self.viewer is not None:
                 self.viewer.attach(self.stream.index, self.pipeline)
             if self.stop_requested.is_set():

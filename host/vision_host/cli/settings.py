@@ -124,6 +124,10 @@ RUN_KEYS: tuple[RunKey, ...] = (
            help="write every completed caption to FILE as it happens: .vtt (WebVTT), .srt (SubRip) or "
                 ".jsonl (JSON Lines with times, frame, source, model, latency)"),
     RunKey("max_frames", ("--max-frames",), "main.max-frames", int, least=1, metavar="N", help="stop after N frames"),
+    RunKey("caption_drain_s", ("--caption-drain-s",), "main.caption-drain-s", float, least=0, default=30.0,
+           metavar="S", help="when a video file ends, wait up to S seconds for the captions still being "
+                             "answered, so they reach the caption track, the history and the sinks "
+                             "(default 30; 0: end at once)"),
     RunKey("pace", ("--no-pace",), "main.pace", bool, default=True,
            help="read files as fast as possible instead of at their frame rate"),
     RunKey("logging", ("--logging",), "main.logging", str, choices=tuple(LOG_LEVELS), default="warn",
