@@ -119,20 +119,21 @@ def _text_layer(lines: tuple[str, ...], width: int, band_h: int, scale: float, l
 @functools.lru_cache(maxsize=32)
 def _fused_layer(lines: tuple[str, ...], width: int, band_h: int, scale: float, line_h: int, baseline: int,
                  fg: tuple[int, int, int], bg_alpha: int, grey: int):
-    """:func:`_text_layer` with the band's blend folded in, for a grey band of alpha
-    ``bg_alpha``/255: there a pixel becomes ``pixel × keep / 255 + add`` in one pass (the
-    band's darkening and the text together; within 1 of the two passes), outside it the band is
-    darkened alone. None when the text leaves no mark."""
-    layer = _text_layer(lines, width, band_h, scale, line_h, baseline, fg)
-    if layer is None:
-        return None
-    rows, cols, keep, add = layer
+    """The whole band as one layer, for a grey band of alpha ``bg_alpha``/255: each pixel
+    becomes ``pixel × keep / 255 + add``, the band's darkening and the text together in one
+    pass over the band's rows (contiguous in the frame), within 1 of darkening first and then
+    laying :func:`_text_layer` on it. Returns ``(keep, add)``, band_h×width×3 uint8, read-only."""
     alpha = bg_alpha / 255.0
-    k = keep.astype(np.float32)
-    fused_keep = np.rint(k * (1.0 - alpha)).astype(np.uint8)
-    fused_add = np.clip(np.rint(grey * alpha * k / 255.0 + add), 0, 255).astype(np.uint8)
-    fused_keep.flags.writeable = fused_add.flags.writeable = False
-    return rows, cols, fused_keep, fused_add
+    keep = np.full((band_h, width, 3), round(255 * (1.0 - alpha)), np.uint8)
+    add = np.full((band_h, width, 3), round(grey * alpha), np.uint8)
+    layer = _text_layer(lines, width, band_h, scale, line_h, baseline, fg)
+    if layer is not None:
+        rows, cols, text_keep, text_add = layer
+        k = text_keep.astype(np.float32)
+        keep[rows, cols] = np.rint(k * (1.0 - alpha)).astype(np.uint8)
+        add[rows, cols] = np.clip(np.rint(grey * alpha * k / 255.0 + text_add), 0, 255).astype(np.uint8)
+    keep.flags.writeable = add.flags.writeable = False
+    return keep, add
 
 
 def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
@@ -142,8 +143,9 @@ def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
     ``fg``/``bg`` are (B, G, R, A); the band is blended with alpha ``bg[3]``/255. The text is
     laid over the band from a cached layer (:func:`_text_layer`), so an unchanged caption
     costs the band's blend and two passes over the text's bounding box per frame; on a
-    translucent grey band (the ``ollama`` processor's) the blend is folded into those two passes
-    (:func:`_fused_layer`), so each pixel is visited once.
+    translucent grey band (the ``ollama`` processor's) the blend and the text are one cached
+    layer over the whole band (:func:`_fused_layer`): one multiply and one add over the band's
+    rows, which are contiguous in the frame.
     """
     h, w = frame.shape[:2]
     lines, line_h, baseline = layout(text, w, round(scale, 3), max_lines)
@@ -154,17 +156,11 @@ def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
     band = frame[y0:y0 + band_h]
     alpha = bg[3] / 255.0
     fg3 = tuple(int(c) for c in fg[:3])
-    if 0 < alpha < 0.99 and bg[0] == bg[1] == bg[2]:   # the usual band: one pass where the text is
-        fused = _fused_layer(lines, w, band_h, round(scale, 3), line_h, baseline, fg3, bg[3], bg[0])
-        if fused is not None:
-            rows, cols, keep, add = fused
-            for part in (band[:rows.start], band[rows.stop:], band[rows, :cols.start], band[rows, cols.stop:]):
-                if part.size:
-                    cv2.convertScaleAbs(part, dst=part, alpha=1.0 - alpha, beta=bg[0] * alpha)
-            roi = band[rows, cols]
-            cv2.multiply(roi, keep, dst=roi, scale=1.0 / 255.0)
-            cv2.add(roi, add, dst=roi)
-            return
+    if 0 < alpha < 0.99 and bg[0] == bg[1] == bg[2]:   # the usual band: one pass over it
+        keep, add = _fused_layer(lines, w, band_h, round(scale, 3), line_h, baseline, fg3, bg[3], bg[0])
+        cv2.multiply(band, keep, dst=band, scale=1.0 / 255.0)
+        cv2.add(band, add, dst=band)
+        return
     if alpha >= 0.99:
         band[:] = bg[:3]
     elif alpha > 0:
