@@ -165,3 +165,15 @@ def driver(runtime_factory):
         return Driver(rt.load_bytes(driver_module(functions), "driver"))
 
     return make
+
+
+@pytest.fixture
+def standin():
+    """A fresh Ollama stand-in (``tests/support/ollama_standin.py``) on a free loopback port,
+    answering at once; stopped after the test. A suite needing another latency or reply makes
+    its own."""
+    from ollama_standin import OllamaStandin
+
+    server = OllamaStandin()
+    yield server
+    server.stop()

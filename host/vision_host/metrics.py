@@ -146,6 +146,8 @@ class RunCollector:
         return hist
 
     def collect(self) -> Iterable:
+        """The run's metric families, read now (prometheus_client's ``Collector`` protocol:
+        called by the registry at each scrape of ``/metrics``)."""
         with self._lock:      # two scrapes at once must not bin the same samples twice
             return self._collect()
 
@@ -440,6 +442,8 @@ class ServeRequestCounter:
         self.counts = counts
 
     async def __call__(self, scope, receive, send) -> None:
+        """ASGI entry (https://asgi.readthedocs.io/): count each POST by API and outcome once its
+        answer starts, then pass everything to the app unchanged."""
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -472,6 +476,8 @@ class ServeCollector:
         self._batches = _Binned(BATCH_SIZE_BUCKETS)
 
     def collect(self) -> Iterable:
+        """serve's metric families, read from the scheduler's counters under its lock at each
+        scrape (prometheus_client's ``Collector`` protocol)."""
         sch = self.scheduler
         with sch.cond:
             sizes = list(sch.batch_sizes)

@@ -10,8 +10,7 @@ import base64
 import cv2
 import pytest
 import requests
-
-prometheus_parser = pytest.importorskip("prometheus_client.parser")
+from prometheus_client import parser as prometheus_parser
 
 from conftest import SAMPLE_CLIP
 from ollama_standin import OllamaStandin

@@ -18,7 +18,7 @@ import threading
 
 import pytest
 
-jsonschema = pytest.importorskip("jsonschema")
+import jsonschema  # noqa: E402  (a main dependency: never skipped)
 test_serve = pytest.importorskip("test_serve")      # skips with the same rules (serve extra present)
 import ollama  # noqa: E402
 import openai  # noqa: E402

@@ -19,13 +19,6 @@ from vision_host.runtime.fetch import FairShare, FetchClient, FetchError, FetchE
 F, H = "vision-host:platform/fetch", "wasmvision:platform/http"
 
 
-@pytest.fixture
-def standin():
-    server = OllamaStandin()
-    yield server
-    server.stop()
-
-
 def _fetch_driver(driver, standin, **limits):
     host = standin.url.split("//")[1]
     return driver([(F, "post-frame"), (F, "start"), (F, "poll"), (F, "cancel"), (H, "get"), (H, "post"),

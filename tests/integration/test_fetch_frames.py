@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from conftest import Driver
 from guest_call import BUMP_REALLOC
-from ollama_standin import OllamaStandin
 from vision_host.runtime import NetworkPolicy
 from vision_host.runtime.abi import AbiError
 from vision_host.runtime.fetch import FetchError
@@ -56,13 +55,6 @@ def grey(level: int, w: int = 160, h: int = 90) -> np.ndarray:
 def level_of(i: int) -> int:
     """Grey level of frame ``i``: 40, 60, 80, … (0 stays free for empty grid tiles)."""
     return 40 + 20 * i
-
-
-@pytest.fixture
-def standin():
-    server = OllamaStandin()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

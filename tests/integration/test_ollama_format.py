@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import vision_host.runtime.overlay as overlay_module
 from ollama_driver import feed_until, load_ollama
-from ollama_standin import OllamaStandin, default_caption
+from ollama_standin import default_caption
 
 LOGGER = "vision_host.processor.ollama"
 
@@ -29,13 +29,6 @@ SCHEMA_TEXT = json.dumps(SCHEMA, separators=(",", ":"))
 
 _processor = functools.partial(load_ollama, ollama_interval_ms=100)
 _run_until = feed_until
-
-
-@pytest.fixture
-def standin():
-    server = OllamaStandin()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

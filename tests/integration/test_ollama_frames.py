@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from ollama_driver import OLLAMA_WASM, frame_index, indexed_frame, load_ollama, run_until, stats_count
-from ollama_standin import OllamaStandin
 from vision_host.runtime import NetworkPolicy
 
 LOGGER = "vision_host.processor.ollama"
@@ -23,13 +22,6 @@ IMAGES_SENTENCE = "The images are consecutive moments of one video, oldest first
 GRID_SENTENCE = ("The image is a grid of consecutive moments of one video over the last {} s, oldest first, "
                  "left to right then top to bottom, each labelled with its time in seconds before the newest. ")
 STEP_S = 0.01
-
-
-@pytest.fixture
-def standin():
-    server = OllamaStandin()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -56,13 +56,6 @@ def few_captions() -> list[Caption]:
             Caption(at(10, 1, 5), "door", "a man in a blue coat rings the bell")]
 
 
-@pytest.fixture
-def standin():
-    server = OllamaStandin()
-    yield server
-    server.stop()
-
-
 def chats(server: OllamaStandin) -> list:
     return [r for r in server.requests if r.path in ("/api/chat", "/v1/chat/completions")]
 
@@ -400,29 +393,6 @@ def test_the_default_chunk_fits_a_small_context():
 
 # -- vision-host serve with a tiny LLaVA (and BLIP's refusal) ------------------------------------
 
-def _serve(model_dir, log_path):
-    """``vision-host serve --model model_dir`` on a free port; returns (process, base URL) once it answers."""
-    import requests
-    from mosquitto import free_port
-
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    log = open(log_path, "w")  # noqa: SIM115 - the server writes it until stopped
-    proc = subprocess.Popen([sys.executable, "-m", "vision_host", "serve", "--model", str(model_dir), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, f"vision-host serve exited: {log_path.read_text()}"
-        try:
-            if requests.get(url + "/api/version", timeout=1).ok:
-                return proc, url
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, f"vision-host serve did not answer: {log_path.read_text()}"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_summaries_against_vision_host_serve(tmp_path):
     for module in ("torch", "transformers", "fastapi", "uvicorn", "PIL"):
@@ -432,24 +402,18 @@ def test_summaries_against_vision_host_serve(tmp_path):
     llava = build_tiny_llava(tmp_path / "tiny-llava")
     blip = build_tiny_blip(tmp_path / "tiny-blip")
     captions = few_captions()[:2]
-    proc, url = _serve(llava, tmp_path / "llava.log")
-    try:
+    from test_serve import serve_process
+
+    with serve_process(llava, tmp_path / "llava.log") as url:
         for api in ("ollama", "openai"):
             summary = summarize(captions, {"url": url, "api": api}, model="tiny-llava", max_reply_tokens=16,
                                 timeout_s=120)
             assert summary.requests == 1 and summary.caption_count == 2
             assert summary.reply.strip()                    # the tiny model's nonsense words, but an answer
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    proc, url = _serve(blip, tmp_path / "blip.log")
-    try:
+    with serve_process(blip, tmp_path / "blip.log") as url:
         with pytest.raises(SummaryError, match="cannot answer text-only requests") as caught:
             summarize(captions, {"url": url}, model="tiny-blip", timeout_s=60)
         assert "refused the summary request" in str(caught.value)
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_the_run_checks_and_starts_its_summary_tables(standin):

@@ -164,8 +164,11 @@ class EventSinks:
         if self.summaries is not None:
             self.summaries.close()
         deadline = time.monotonic() + drain_s
-        while self.webhooks and time.monotonic() < deadline and \
-                any(s.health()["queued"] and not s.health()["last_error"] for s in self.webhooks):
+        def delivering(sink) -> bool:      # events waiting, and the receiver answering
+            health = sink.health()
+            return bool(health["queued"]) and not health["last_error"]
+
+        while self.webhooks and time.monotonic() < deadline and any(delivering(s) for s in self.webhooks):
             time.sleep(0.05)
         sinks = [s for s in (self.mqtt, *self.webhooks, self.history) if s is not None]
         threads = [threading.Thread(target=s.close, name=f"close {type(s).__name__}", daemon=True) for s in sinks]
