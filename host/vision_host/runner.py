@@ -123,6 +123,7 @@ class StreamRun:
     def _run(self, status=None) -> None:
         from .captions import CaptionTrackError, SubtitleStreamTrack, open_track
         from .outputs import OutputError, make_output
+        from .outputs.recording import encoder_thread_pays
         from .pipeline import Pipeline
         from .runtime import ProcessorLoadError
         from .sources import SourceError, open_source
@@ -137,7 +138,8 @@ class StreamRun:
                 else:
                     output = make_output(settings.output, spec.destination, codec=settings.codec,
                                          segment_seconds=settings.segment_seconds,
-                                         subtitles=bool(settings.subtitles))
+                                         subtitles=bool(settings.subtitles),
+                                         encoder_thread=encoder_thread_pays(len(self.runtime.streams)))
                 output.open(source.width, source.height, source.fps)
                 if spec.captions:
                     track = bus.subscribe(open_track(spec.captions), stream=index)

@@ -30,6 +30,7 @@ from vision_host.outputs import (
     make_output,
     parse_listen_address,
 )
+from vision_host.outputs.recording import encoder_thread_pays
 
 from conftest import SAMPLE_CLIP as BOTTLE  # 640x360, 29.83 fps
 
@@ -808,10 +809,11 @@ def read_video(path: Path) -> tuple[list[np.ndarray], float, int, int]:
     return out, fps, w, h
 
 
-def test_file_output_round_trip(tmp_path, frames):
+@pytest.mark.parametrize("encoder_thread", [True, False])
+def test_file_output_round_trip(tmp_path, frames, encoder_thread):
     path = tmp_path / "out.mp4"
-    out = make_output("file", str(path))
-    assert isinstance(out, FileOutput)
+    out = make_output("file", str(path), codec="mp4v", encoder_thread=encoder_thread)
+    assert isinstance(out, FileOutput) and out.encoder_thread is encoder_thread
     out.open(640, 360, 29.833)
     for f in frames:
         out.write(f)
@@ -823,6 +825,13 @@ def test_file_output_round_trip(tmp_path, frames):
     assert fps == pytest.approx(29.833, abs=0.01)
     assert all(mad(a, b) < 6.0 for a, b in zip(back, frames)), "file frames differ from the written ones"
     assert "out.mp4" in out.describe()
+
+
+def test_an_encoder_thread_per_file_output_only_while_a_core_is_spare(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert [encoder_thread_pays(n) for n in (1, 3, 4, 8)] == [True, True, False, False]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert not encoder_thread_pays(1)      # one core: the thread could only slow the frame loop
 
 
 def test_file_output_resizes_other_sizes_and_defaults_fps(tmp_path, frames):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -195,6 +196,60 @@ def test_caller_may_reuse_the_frame_buffer(tmp_path, clip):
     out.close()
     back = Probe(path)
     assert max(mad(a, b) for a, b in zip(back.frames, frames[:30])) < 10.0
+
+
+def test_a_slow_encoder_never_holds_up_write_until_it_is_queued_frames_behind(tmp_path, clip):
+    """write() hands the frame to the encoder thread and returns; it waits only when
+    QUEUED_FRAMES frames wait already (no frame is dropped), and the file has every frame in order."""
+    frames, fps = clip
+    out = RecordingOutput(tmp_path / "slow.mp4")
+    out.open(640, 360, fps)
+    gate, taken = threading.Event(), threading.Event()
+    encode = out._append
+
+    def held_encode(frame):          # the real encoder, held back until the test opens the gate
+        taken.set()
+        gate.wait(30)
+        encode(frame)
+    out._append = held_encode
+    for f in frames[:recording.QUEUED_FRAMES + 1]:    # one taken by the encoder, the rest queued
+        out.write(f)
+    assert taken.wait(10)
+    assert out.frames_written == recording.QUEUED_FRAMES + 1 and out.frames_encoded == 0
+    blocked = threading.Thread(target=out.write, args=(frames[recording.QUEUED_FRAMES + 1],))
+    blocked.start()
+    blocked.join(0.5)
+    assert blocked.is_alive(), "write() did not wait for the encoder with QUEUED_FRAMES frames queued"
+    gate.set()
+    blocked.join(10)
+    assert not blocked.is_alive()
+    for f in frames[recording.QUEUED_FRAMES + 2:40]:
+        out.write(f)
+    out.close()
+    assert out.frames_encoded == 40
+    assert [stamped_number(f) for f in Probe(out.path).frames] == list(range(40))
+
+
+def test_an_encoder_failure_is_raised_by_the_next_write_and_the_file_before_it_is_kept(tmp_path, clip):
+    """The next segment's file cannot be opened (a folder holds its name): the encoder thread
+    fails there, the next write() raises an OutputError naming it, the output is closed for the
+    pipeline, close() does not raise it again, and the first segment is complete."""
+    frames, _ = clip
+    path = tmp_path / "out.mp4"
+    (tmp_path / "out-001.mp4").mkdir()
+    out = RecordingOutput(path, segment_seconds=1.0)
+    out.open(640, 360, 10.0)
+    for f in frames[:10]:                  # the first segment: 10 frames at 10 frames/s
+        out.write(f)
+    out.write(frames[10])                  # starts the second segment, on the encoder thread
+    assert out.wait_encoded(11)
+    assert out.closed, "the pipeline is not told to stop"
+    with pytest.raises(OutputError, match="out-001.mp4"):
+        out.write(frames[11])
+    with pytest.raises(OutputError, match="failed at frame 10 .*holds the frames before it"):
+        out.write(frames[12])
+    out.close()                            # reported already: no second error
+    assert [stamped_number(f) for f in Probe(tmp_path / "out-000.mp4").frames] == list(range(10))
 
 
 # --------------------------------------------------------------------------- segments
@@ -395,7 +450,8 @@ def test_life_cycle_errors(tmp_path, clip):
 
 @pytest.mark.slow
 def test_write_cost_per_frame(tmp_path, clip, capsys):
-    """Median ms per write() for 640×360: H.264 (PyAV) vs mp4v (OpenCV); printed with -s."""
+    """Median ms per write() for 640×360 back to back (the encoder thread's pace once its queue
+    is full): H.264 (PyAV) vs mp4v (OpenCV); printed with -s."""
     frames, fps = clip
 
     def median_ms(out) -> float:

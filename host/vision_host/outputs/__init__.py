@@ -103,6 +103,7 @@ def make_output(
     codec: str | None = None,
     segment_seconds: float | None = None,
     subtitles: bool = False,
+    encoder_thread: bool = True,
 ) -> Output:
     """Build the output for the CLI's ``-o KIND -d DESTINATION`` (``kind`` in any case).
 
@@ -114,6 +115,8 @@ def make_output(
       ``codec="mp4v"`` writes with OpenCV (:class:`FileOutput`). The default
       is ``h264`` when PyAV is installed, else ``mp4v``. Without PyAV, asking
       for ``h264`` falls back to ``mp4v`` with a warning (logged once).
+      ``encoder_thread``: encode on a thread of the output's own (see
+      :func:`.recording.encoder_thread_pays`).
     * ``display``: ``destination`` is the window title (default ``vision-host``).
     * ``rtsp``: ``destination`` is the ``rtsp://`` or ``rtsps://`` address to
       publish H.264 to (:class:`RtspOutput`, needs PyAV).
@@ -133,4 +136,5 @@ def make_output(
 
         raise OutputError(f"unknown output {kind!r}: use -o with one of {', '.join(OUTPUT_KINDS)}")
     make = importlib.import_module(f"{__name__}.{module}").make
-    return make(destination, quality=quality, codec=codec, segment_seconds=segment_seconds, subtitles=subtitles)
+    return make(destination, quality=quality, codec=codec, segment_seconds=segment_seconds, subtitles=subtitles,
+                encoder_thread=encoder_thread)
