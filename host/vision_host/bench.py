@@ -17,7 +17,8 @@ mean in ``--stats``):
 * ``streams`` (with ``--streams N``, N > 1): ``count`` unpaced ``-p ollama`` streams at once
   (one runtime, a processor instance, source, output and thread each) against as many plain
   OpenCV loops on threads, interleaved as above: ``fps`` and ``opencv_fps`` of all streams
-  together, ``fps_ratio_vs_opencv``, ``fps_ratio_spread``, ``fps_ratio_rounds``.
+  together while all of them run (until the first ends), ``fps_ratio_vs_opencv``,
+  ``fps_ratio_spread``, ``fps_ratio_rounds``.
 * ``nonblocking`` / ``blocking``: the paced clip while the server takes ``server_latency_ms``
   per caption (a request every 3 s at most, ``ollama``'s default), with ``ollama`` and with ``ollama-blocking`` (wasmVision's design: the caption
   request inside ``process`` through the blocking ``post-image``): ``fps``, ``max_frame_gap_ms``.
@@ -51,6 +52,7 @@ import numpy as np
 
 from . import __version__
 from .outputs import FileOutput
+from .outputs.recording import encoder_thread_pays
 from .pipeline import Pipeline, rss_bytes
 from .runtime import NetworkPolicy, Runtime, SandboxLimits
 from .sources import FileSource, Source
@@ -280,28 +282,44 @@ def _opencv_vs_pipeline(clip: str, server: LatencyServer, frames: int, out_dir: 
                              lambda: _pipeline_fps(clip, server, frames, out_dir / "pipeline.mp4"), rounds)
 
 
-def _run_together(work, streams: int, name: str) -> float:
+def _run_together(work, streams: int, name: str, frames_done) -> float:
     """Run ``work(k, ready)`` for k in 0..``streams``-1, one thread each (named ``name-k``); each
     calls ``ready.wait()`` (a :class:`threading.Barrier`) once set up, so all start at once.
-    Returns that common start (``time.perf_counter()`` s), after every thread has ended."""
+    ``frames_done()`` gives the frames every stream has done so far (any thread may call it).
+
+    Returns the frames/s of all streams together while all of them ran: the frames done when
+    the first stream ended over the time from the common start to then (cameras never end, so
+    a tail where fewer streams than cores run would measure something else), after every
+    thread has ended.
+    """
     ready = threading.Barrier(streams + 1)
-    threads = [threading.Thread(target=work, args=(k, ready), name=f"{name}-{k}") for k in range(streams)]
+    first_end: list[tuple[float, int]] = []
+    lock = threading.Lock()
+
+    def run(k: int) -> None:
+        try:
+            work(k, ready)
+        finally:
+            with lock:
+                if not first_end:
+                    first_end.append((time.perf_counter(), sum(frames_done())))
+
+    threads = [threading.Thread(target=run, args=(k,), name=f"{name}-{k}") for k in range(streams)]
     for t in threads:
         t.start()
     ready.wait()
     started = time.perf_counter()
     for t in threads:
         t.join()
-    return started
+    ended, frames = first_end[0]
+    return frames / (ended - started)
 
 
 def _opencv_threads(clip: str, frames: int, streams: int, out_dir: Path) -> float:
     """``streams`` plain OpenCV read + write loops (:func:`_opencv_loop`'s) at once, one thread
     each, over the first ``frames`` frames of ``clip``; returns the frames/s of all together
-    (frames written / the time from the common start to the last loop's end; opening and
-    finalizing the files are not timed)."""
+    while all ran (:func:`_run_together`; opening and finalizing the files are not timed)."""
     done = [0] * streams
-    ended = [0.0] * streams
 
     def loop(k: int, ready: threading.Barrier) -> None:
         cap = cv2.VideoCapture(clip)
@@ -317,19 +335,18 @@ def _opencv_threads(clip: str, frames: int, streams: int, out_dir: Path) -> floa
                     break
                 writer.write(frame)
                 done[k] += 1
-            ended[k] = time.perf_counter()
         finally:
             writer.release()
             cap.release()
 
-    started = _run_together(loop, streams, "vision-host-bench-opencv")
-    return sum(done) / (max(ended) - started)
+    return _run_together(loop, streams, "vision-host-bench-opencv", lambda: done)
 
 
 def _pipeline_streams(clip: str, server: LatencyServer, frames: int, streams: int, out_dir: Path) -> float:
     """``streams`` streams of ``-p ollama`` → an ``mp4v`` file at once, unpaced, each with its
     own processor instance, source, output and thread (as ``vision-host run -s … -s …`` runs
-    them), sharing one runtime and the vision server; returns the frames/s of all together."""
+    them), sharing one runtime and the vision server; returns the frames/s of all together
+    while all ran (:func:`_run_together`)."""
     config = {"ollama-url": server.url, "ollama-interval-ms": "500"}
     with _runtime(config) as rt:
         contexts = [rt.streams[0]] + [rt.add_stream(str(k)) for k in range(1, streams)]
@@ -338,24 +355,20 @@ def _pipeline_streams(clip: str, server: LatencyServer, frames: int, streams: in
             for k, stream in enumerate(contexts):
                 processor = rt.load(WASM / "ollama.wasm", stream=stream)
                 source = FileSource(clip, pace=False)
-                output = FileOutput(out_dir / f"pipeline-{k}.mp4")
+                output = FileOutput(out_dir / f"pipeline-{k}.mp4", encoder_thread=encoder_thread_pays(streams))
                 output.open(source.width, source.height, source.fps)
                 runs.append((processor, source, output, Pipeline(source, [processor], [output], rt, stream=stream)))
-            results: list[dict] = [{}] * streams
-            ended = [0.0] * streams
 
             def run(k: int, ready: threading.Barrier) -> None:
                 ready.wait()
-                results[k] = runs[k][3].run(frames)
-                ended[k] = time.perf_counter()
+                runs[k][3].run(frames)
 
-            started = _run_together(run, streams, "vision-host-bench-stream")
+            return _run_together(run, streams, "vision-host-bench-stream", lambda: [r[3].frames_out for r in runs])
         finally:
             for processor, source, output, _ in runs:
                 output.close()
                 source.close()
                 processor.close()
-    return sum(r["frames_out"] for r in results) / (max(ended) - started)
 
 
 def _streams_vs_threads(clip: str, server: LatencyServer, frames: int, streams: int, out_dir: Path,

@@ -12,9 +12,11 @@ time: the figures come from the benchmarks.
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import pytest
+import wasmtime
 
 from vision_host.runtime import SandboxLimits
 from vision_host.runtime import processor
@@ -128,3 +130,50 @@ def test_a_slow_call_is_reported_once_not_failed(runtime_factory, real_frame, ca
     slow = [r.getMessage() for r in caplog.records if "processor slowpoke took" in r.getMessage()]
     assert len(slow) == 1 and "within its deadline (1000 ms)" in slow[0]
     assert p.stats.errors == 0 and p.last_error is None
+
+
+#: Quick on its first three calls, then a runaway that never calls the host: the global ``calls``
+#: counts the calls.
+QUICK_THEN_RUNAWAY = module("""(module (memory (export "memory") 1)
+  (global $calls (export "calls") (mut i32) (i32.const 0))
+  (func (export "process") (param $f i32) (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (if (i32.gt_u (global.get $calls) (i32.const 3)) (then (loop $spin (br $spin))))
+    (local.get $f)))""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native epoch clock needs POSIX timers")
+def test_a_quick_processor_keeps_the_interpreter_lock_and_is_still_stopped_when_it_runs_away(runtime_factory,
+                                                                                             real_frame):
+    """On Linux the epoch ticks from a native timer, so a quick processor's calls keep Python's
+    interpreter lock (no thread can tick the epoch in Python meanwhile), and a runaway among
+    them is still interrupted at its deadline; its next call releases the lock again."""
+    rt = runtime_factory(limits=SandboxLimits(call_timeout_ms=200, call_hard_timeout_ms=200))
+    assert rt.clock.native and rt.clock._thread is None, "no Python thread ticks the epoch"
+    p = rt.load_bytes(QUICK_THEN_RUNAWAY, "quick-then-runaway")
+    assert not p._quick                                     # the first call releases the lock
+    for _ in range(3):
+        assert p.process(real_frame) is real_frame
+        assert p._quick, "a call of a few µs: the next one keeps the lock"
+    assert p.process(real_frame) is real_frame              # the runaway, called holding the lock
+    assert p.stats.errors == 1 and p.exports["calls"].value(p.store) == 4
+    assert p.last_error == "call exceeded its 200 ms deadline (host functions included) and was interrupted"
+    assert not p._quick, "after a long call the next one releases the lock"
+
+
+def test_a_closed_clock_stops_ticking_and_closes_twice(runtime_factory):
+    """A loop of 10⁸ iterations (tens of ms, many ticks) under a one-tick deadline: interrupted
+    while the clock runs, finished once it is closed."""
+    rt = runtime_factory()
+    store = wasmtime.Store(rt.engine)
+    count_down = wasmtime.Instance(store, wasmtime.Module(rt.engine, """(module (func (export "f") (result i32)
+      (local $n i32) (local.set $n (i32.const 100000000))
+      (loop $l (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br_if $l (local.get $n)))
+      (i32.const 7)))"""), []).exports(store)["f"]
+    store.set_epoch_deadline(1)
+    with pytest.raises(wasmtime.Trap, match="interrupt"):
+        count_down(store)
+    rt.clock.close()
+    rt.clock.close()
+    store.set_epoch_deadline(1)
+    assert count_down(store) == 7

@@ -3,7 +3,15 @@
 wasmtime's epoch interruption (``Config.epoch_interruption``; wasmtime's documentation of
 ``Engine::increment_epoch`` and ``Store::set_epoch_deadline``): an :class:`EpochClock`
 advances the engine's epoch every :data:`EPOCH_TICK_S` s, and a store's epoch deadline, set
-in ticks from now, traps the guest's code once reached. A :class:`CallDeadline` arms one
+in ticks from now, traps the guest's code once reached.
+
+Where the C library has POSIX timers (Linux), the clock is native: a ``timer_create`` timer
+with ``SIGEV_THREAD`` notification (POSIX.1-2008, ``timer_create(2)``) has the C library call
+``wasmtime_engine_increment_epoch(engine)`` on a thread of its own at every tick, so the epoch
+advances without Python's global interpreter lock. A quick processor's calls can then hold
+the lock (see :mod:`.processor`): with four streams on two cores, releasing and taking it back
+around each call of a few µs cost a fifth of the frames. Elsewhere a Python thread ticks, and
+every call releases the lock. A :class:`CallDeadline` arms one
 processor's deadline for each call, in one of the two modes of
 :meth:`.engine.SandboxLimits.deadlines_ms`: one wall-clock deadline for the whole call, host
 functions included, or a budget of the processor's own code (re-armed after each host
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 import threading
 import time
 
@@ -23,9 +32,14 @@ from wasmtime import _bindings as _ffi
 #: Seconds between two epoch ticks: the resolution of every deadline.
 EPOCH_TICK_S = 0.005
 
+#: wasmtime's shared library as a ctypes.PyDLL: its functions are called holding Python's
+#: interpreter lock (for C calls that never block, or wasm calls that are known to be quick).
+WASMTIME_HOLDING_GIL = ctypes.PyDLL(_ffi.dll._name, handle=_ffi.dll._handle)
+
 # wasmtime's C call, through a fresh function pointer without argtypes: the store's context
-# and the ticks are passed as prepared ctypes objects (cheaper than the bindings' checks).
-_set_epoch_deadline = _ffi.dll["wasmtime_context_set_epoch_deadline"]
+# and the ticks are passed as prepared ctypes objects (cheaper than the bindings' checks);
+# it only stores a number, so it keeps the interpreter lock.
+_set_epoch_deadline = WASMTIME_HOLDING_GIL["wasmtime_context_set_epoch_deadline"]
 _set_epoch_deadline.restype = None
 
 
@@ -33,20 +47,79 @@ class CallTimeout(Exception):
     """A processor call ran past its wall-clock cap (host functions included)."""
 
 
+class _SigVal(ctypes.Union):
+    _fields_ = [("sival_int", ctypes.c_int), ("sival_ptr", ctypes.c_void_p)]
+
+
+class _SigEvent(ctypes.Structure):
+    """``struct sigevent`` as Linux lays it out (64 bytes; the thread fields of its union)."""
+
+    _fields_ = [("sigev_value", _SigVal), ("sigev_signo", ctypes.c_int), ("sigev_notify", ctypes.c_int),
+                ("sigev_notify_function", ctypes.c_void_p), ("sigev_notify_attributes", ctypes.c_void_p),
+                ("_reserved", ctypes.c_char * 32)]
+
+
+class _TimeSpec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = [("it_interval", _TimeSpec), ("it_value", _TimeSpec)]
+
+
+_SIGEV_THREAD = 2
+_CLOCK_MONOTONIC = 1
+#: Engines whose native timer was deleted, kept alive for a while: a tick's thread started just
+#: before the deletion may still be calling into the engine. (time.monotonic() retired, engine)
+_RETIRED: list[tuple[float, wasmtime.Engine]] = []
+_RETIRED_KEEP_S = 5.0
+
+
+def _native_timer(engine: wasmtime.Engine) -> ctypes.c_void_p | None:
+    """Start a POSIX timer calling ``wasmtime_engine_increment_epoch(engine)`` every
+    :data:`EPOCH_TICK_S` s on threads of the C library; None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        create, settime = libc.timer_create, libc.timer_settime
+    except (OSError, AttributeError):
+        return None
+    event = _SigEvent()
+    event.sigev_notify = _SIGEV_THREAD
+    event.sigev_notify_function = ctypes.cast(_ffi.dll.wasmtime_engine_increment_epoch, ctypes.c_void_p).value
+    event.sigev_value.sival_ptr = ctypes.cast(engine.ptr(), ctypes.c_void_p).value
+    timer = ctypes.c_void_p()
+    if create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
+        return None
+    tick = _TimeSpec(0, round(EPOCH_TICK_S * 1e9))
+    if settime(timer, 0, ctypes.byref(_ITimerSpec(tick, tick)), None) != 0:
+        libc.timer_delete(timer)
+        return None
+    return timer
+
+
 class EpochClock:
-    """Advances ``engine``'s epoch every :data:`EPOCH_TICK_S` s on a daemon thread until
-    :meth:`close`.
+    """Advances ``engine``'s epoch every :data:`EPOCH_TICK_S` s until :meth:`close`: from a
+    native timer where the C library has POSIX timers (:attr:`native`), else from a daemon
+    thread.
 
     Attributes:
-        epoch: ticks so far, as the clock counts them (the engine's count is this or one more).
+        native: the epoch advances without Python's interpreter lock (a wasm call may hold it).
+        epoch: with the thread, ticks so far as the clock counts them (the engine's count is
+            this or one more); with the native timer, 0 (not counted: calls arm every time).
     """
 
     def __init__(self, engine: wasmtime.Engine):
         self.engine = engine
         self.epoch = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
-        self._thread.start()
+        self._timer = _native_timer(engine)
+        self.native = self._timer is not None
+        self._thread = None
+        if not self.native:
+            self._thread = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
+            self._thread.start()
 
     def _tick(self) -> None:
         while not self._stop.wait(EPOCH_TICK_S):
@@ -59,9 +132,15 @@ class EpochClock:
         return max(1, math.ceil(ms / (EPOCH_TICK_S * 1000.0))) + 1
 
     def close(self) -> None:
-        """Stop ticking (deadlines armed from now on never fire)."""
+        """Stop ticking (deadlines armed from now on never fire). Idempotent."""
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            ctypes.CDLL(None).timer_delete(timer)
+            now = time.monotonic()
+            _RETIRED[:] = [(t, e) for t, e in _RETIRED if now - t < _RETIRED_KEEP_S] + [(now, self.engine)]
 
 
 class CallDeadline:
@@ -98,15 +177,19 @@ class CallDeadline:
         :meth:`.engine.SandboxLimits.deadlines_ms` gives them); True when the call is metered
         (``own_ms < wall_ms``: then call :meth:`begin_metered` right before it).
 
-        With one wall-clock deadline, the armed epoch deadline is reused while it falls in
-        [deadline, deadline + a quarter of it] from now, and re-armed otherwise (about four
-        times per deadline span): a call is never interrupted before its deadline and always
-        by 1.25× it (plus a tick), and most calls skip the C call.
+        With one wall-clock deadline and the thread's clock, the armed epoch deadline is reused
+        while it falls in [deadline, deadline + a quarter of it] from now, and re-armed
+        otherwise (about four times per deadline span): a call is never interrupted before its
+        deadline and always by 1.25× it (plus a tick), and most calls skip the C call. With
+        the native clock every call arms its deadline.
         """
         if own_ms < wall_ms:
             _set_epoch_deadline(self._context, self._ticks_of(self.clock.ticks(own_ms)))
             self._armed = -1
             return True
+        if self.clock.native:          # ticks are not counted here: arm every call (a fraction of a µs)
+            _set_epoch_deadline(self._context, self._ticks_of(self.clock.ticks(wall_ms)))
+            return False
         if self._wall[0] != wall_ms:
             self._wall = (wall_ms, self.clock.ticks(wall_ms))
         ticks = self._wall[1]
