@@ -387,8 +387,8 @@ def test_put_text(benchmark, runtime_factory, real_frame):
 
 
 def test_jpeg_encode_and_base64(benchmark, real_frame):
-    """What a caption request costs the host before sending: downscale (on the pipeline thread)
-    and JPEG + base64 into the body template (on a worker), for the 640×360 clip frame."""
+    """What a caption request costs the host before sending: a copy (on the pipeline thread)
+    and downscale, JPEG + base64 into the body template (on a worker), for the 640×360 clip frame."""
     from vision_host.runtime.fetch import frame_jpeg_body
     template = b'{"images":["%IMAGE%"],"model":"llava","prompt":"Describe.","stream":true}'
     body = benchmark(lambda: frame_jpeg_body(real_frame, 672, 80, template)())

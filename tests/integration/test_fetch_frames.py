@@ -26,7 +26,7 @@ from vision_host.runtime import NetworkPolicy
 from vision_host.runtime.abi import AbiError
 from vision_host.runtime.fetch import FetchError
 from vision_host.runtime.frame_ring import (MAX_CAPACITY, FrameRing, FramesLayout, compose_grid, frames_jpeg_body,
-                                            label_text)
+                                            label_text, downscale)
 from vision_host.runtime.linking import HOST_FUNCTIONS
 
 F = "vision-host:platform/fetch"
@@ -371,3 +371,37 @@ def test_memory_stays_flat_over_a_long_run(runtime_factory, standin, capsys):
         print(f"\nkeep-frame soak: {batches * batch} calls in {elapsed:.1f} s; traced {warm} B after {batch}, "
               f"{after} B after {batches * batch} (peak {peak} B)")
     assert after - warm < 128 * 1024, (warm, after)
+
+
+@pytest.mark.parametrize(("size", "max_side", "expected"), [
+    ((1920, 1080), 672, (672, 378)),     # halved twice, then the rest
+    ((1280, 720), 672, (672, 378)),      # half would be under 672: one general resize
+    ((1921, 1081), 672, (672, 378)),     # odd sides: one general resize
+    ((640, 360), 672, (640, 360)),       # small enough: a copy
+    ((3840, 2160), 0, (3840, 2160)),     # no limit
+])
+def test_downscale_matches_one_area_resize(real_frame, size, max_side, expected):
+    """Halving first (OpenCV's fast whole-factor area path) gives what one area resize gives,
+    within a fraction of a grey level on average (a few levels at sharp edges)."""
+    frame = cv2.resize(real_frame, size, interpolation=cv2.INTER_CUBIC)     # camera footage at that size
+    out = downscale(frame, max_side)
+    assert (out.shape[1], out.shape[0]) == expected and out is not frame
+    if expected != size:
+        one = cv2.resize(frame, expected, interpolation=cv2.INTER_AREA)
+        diff = np.abs(out.astype(np.int16) - one)
+        assert diff.max() <= 16 and diff.mean() < 0.5
+    assert downscale(frame, 0, copy=False) is frame
+
+
+def test_a_caption_request_takes_only_a_copy_of_the_frame_on_the_frame_loop(real_frame):
+    """post-frame's body builder holds its own copy (the frame loop reuses its buffer at once),
+    downscaled and encoded when the builder runs on a worker."""
+    from vision_host.runtime.fetch import frame_jpeg_body
+    frame = cv2.resize(real_frame, (1920, 1080))
+    build = frame_jpeg_body(frame, 672, 90, b'{"images":["%IMAGE%"]}')
+    frame[:] = 0                                           # the loop's next frame overwrites the buffer
+    image = json.loads(build())["images"][0]
+    import base64
+    sent = cv2.imdecode(np.frombuffer(base64.b64decode(image), np.uint8), cv2.IMREAD_COLOR)
+    assert sent.shape == (378, 672, 3)
+    assert np.abs(sent.astype(np.int16) - cv2.resize(real_frame, (672, 378), interpolation=cv2.INTER_AREA)).mean() < 3
