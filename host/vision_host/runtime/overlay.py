@@ -136,6 +136,24 @@ def _fused_layer(lines: tuple[str, ...], width: int, band_h: int, scale: float, 
     return keep, add
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(height: int, width: int, text: str, bottom: bool, scale: float, fg: tuple[int, int, int, int],
+          bg: tuple[int, int, int, int], max_lines: int):
+    """How :func:`draw_caption` draws ``text`` on a ``height``×``width`` frame, worked out once
+    per caption (a frame of an unchanged caption costs this one cache lookup): None when there
+    is nothing to draw, else ``(y0, band_h, lines, line_h, baseline, fused)`` with ``fused`` the
+    one-pass layer ``(keep, add)`` of a translucent grey band (:func:`_fused_layer`), or None."""
+    lines, line_h, baseline = layout(text, width, scale, max_lines)
+    if not lines:
+        return None
+    band_h = min(height, line_h * len(lines) + MARGIN_PX)
+    alpha = bg[3] / 255.0
+    fused = None
+    if 0 < alpha < 0.99 and bg[0] == bg[1] == bg[2]:   # the usual band: one pass over it
+        fused = _fused_layer(lines, width, band_h, scale, line_h, baseline, tuple(int(c) for c in fg[:3]), bg[3], bg[0])
+    return height - band_h if bottom else 0, band_h, lines, line_h, baseline, fused
+
+
 def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
                  fg: tuple[int, int, int, int], bg: tuple[int, int, int, int], max_lines: int) -> None:
     """Draw ``text`` wrapped on a band across ``frame`` (H×W×3 uint8 BGR, modified in place).
@@ -148,19 +166,18 @@ def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
     rows, which are contiguous in the frame.
     """
     h, w = frame.shape[:2]
-    lines, line_h, baseline = layout(text, w, round(scale, 3), max_lines)
-    if not lines:
+    scale = round(scale, 3)
+    plan = _plan(h, w, text, bottom, scale, fg, bg, max_lines)
+    if plan is None:
         return
-    band_h = min(h, line_h * len(lines) + MARGIN_PX)
-    y0 = h - band_h if bottom else 0
+    y0, band_h, lines, line_h, baseline, fused = plan
     band = frame[y0:y0 + band_h]
-    alpha = bg[3] / 255.0
-    fg3 = tuple(int(c) for c in fg[:3])
-    if 0 < alpha < 0.99 and bg[0] == bg[1] == bg[2]:   # the usual band: one pass over it
-        keep, add = _fused_layer(lines, w, band_h, round(scale, 3), line_h, baseline, fg3, bg[3], bg[0])
+    if fused is not None:
+        keep, add = fused
         cv2.multiply(band, keep, dst=band, scale=1.0 / 255.0)
         cv2.add(band, add, dst=band)
         return
+    alpha = bg[3] / 255.0
     if alpha >= 0.99:
         band[:] = bg[:3]
     elif alpha > 0:
@@ -168,7 +185,7 @@ def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
             cv2.convertScaleAbs(band, dst=band, alpha=1.0 - alpha, beta=bg[0] * alpha)
         else:
             cv2.addWeighted(band, 1.0 - alpha, _solid(band.shape, bg[:3]), alpha, 0.0, dst=band)
-    layer = _text_layer(lines, w, band_h, round(scale, 3), line_h, baseline, fg3)
+    layer = _text_layer(lines, w, band_h, scale, line_h, baseline, tuple(int(c) for c in fg[:3]))
     if layer is not None:
         rows, cols, keep, add = layer
         roi = band[rows, cols]

@@ -87,6 +87,8 @@ class ProcessorStore:
 
     def prune_before(self, oldest: int) -> None:
         """Frame-store use: forget every frame numbered below ``oldest``."""
+        if not self._data:             # the usual case, once a frame: nothing stored, no lock
+            return
         with self._lock:
             for frame in [f for f in self._data if f < oldest]:
                 del self._data[frame]
