@@ -53,6 +53,30 @@ def test_a_stream_subscriber_gets_its_stream_and_timeline_an_everyone_subscriber
     assert bus.published == 3
 
 
+def test_ticks_reach_subscribers_that_join_or_leave_while_the_stream_runs():
+    """tick skips subscribers that do not override it, and sees the stream's subscribers as
+    they are at each tick (one joining, one leaving)."""
+    class Quiet(CaptionSubscriber):        # takes captions, no tick of its own
+        def __init__(self):
+            self.added = 0
+
+        def add(self, event):
+            self.added += 1
+    bus = CaptionBus()
+    quiet, early, late = Quiet(), _Recorder(), _Recorder()
+    bus.subscribe(quiet, stream=0)
+    bus.subscribe(early, stream=0)
+    bus.tick(0, 0.1)
+    bus.subscribe(late, stream=0)
+    bus.tick(0, 0.2)
+    bus.unsubscribe(early)
+    bus.tick(0, 0.3)
+    bus.publish(_event("a dog"))
+    assert early.calls == [("tick", 0.1), ("tick", 0.2)]
+    assert late.calls == [("tick", 0.2), ("tick", 0.3), ("add", 0, "a dog")]
+    assert quiet.added == 1 and bus.failures == 0
+
+
 def test_a_failing_subscriber_is_logged_once_and_the_others_still_get_every_event(caplog):
     class Broken(CaptionSubscriber):
         def add(self, event):

@@ -91,6 +91,8 @@ class CaptionBus:
         self.summaries_published = 0
         #: True while a subscriber wants frames (:attr:`CaptionSubscriber.wants_frames`).
         self.frames_wanted = False
+        # Per stream: (its subscriber tuple when last seen, those of them that override tick).
+        self._tickers: dict[int, tuple[tuple[CaptionSubscriber, ...], tuple[CaptionSubscriber, ...]]] = {}
 
     def subscribe(self, subscriber: CaptionSubscriber, stream: int | None = None) -> CaptionSubscriber:
         """Send ``subscriber`` the captions of stream ``stream`` (index) and its timeline, or,
@@ -144,8 +146,15 @@ class CaptionBus:
             self._call(subscriber, "summary", event)
 
     def tick(self, stream: int, stream_time_s: float) -> None:
-        """A frame of stream ``stream`` was written (its subscribers' :meth:`~CaptionSubscriber.tick`)."""
-        for subscriber in self._by_stream.get(stream, ()):
+        """A frame of stream ``stream`` was written (its subscribers' :meth:`~CaptionSubscriber.tick`;
+        those that do not override it are skipped, the list worked out again only when the
+        stream's subscribers change). Called by the stream's own thread, once a frame."""
+        subscribers = self._by_stream.get(stream, ())
+        seen = self._tickers.get(stream)
+        if seen is None or seen[0] is not subscribers:
+            seen = self._tickers[stream] = (subscribers, tuple(
+                s for s in subscribers if type(s).tick is not CaptionSubscriber.tick))
+        for subscriber in seen[1]:
             self._call(subscriber, "tick", stream_time_s)
 
     def gap(self, stream: int, stream_time_s: float, reason: str, wall_time: float | None = None) -> None:
