@@ -177,3 +177,20 @@ def test_a_closed_clock_stops_ticking_and_closes_twice(runtime_factory):
     rt.clock.close()
     store.set_epoch_deadline(1)
     assert count_down(store) == 7
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native epoch clock needs POSIX timers")
+def test_a_native_clock_dropped_unclosed_stops_its_timer_and_its_engine_outlives_the_last_tick():
+    import gc
+
+    from vision_host.runtime import deadline
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    engine = wasmtime.Engine(config)
+    clock = deadline.EpochClock(engine)
+    key = id(clock)
+    assert clock.native and deadline._LIVE_TIMERS[key][1] is engine   # the timer holds its engine
+    del clock
+    gc.collect()
+    assert key not in deadline._LIVE_TIMERS
+    assert any(e is engine for _, e in deadline._RETIRED), "the engine is kept a while after its timer"

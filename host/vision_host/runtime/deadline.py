@@ -20,6 +20,7 @@ function) under a wall-clock cap checked whenever the processor calls the host.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import math
 import sys
@@ -69,10 +70,31 @@ class _ITimerSpec(ctypes.Structure):
 
 _SIGEV_THREAD = 2
 _CLOCK_MONOTONIC = 1
+#: Native timers running, by id: (the timer, its engine). The engine stays referenced here while
+#: its timer runs, so it is never freed under a tick, even when its clock is dropped unclosed.
+_LIVE_TIMERS: dict[int, tuple[ctypes.c_void_p, wasmtime.Engine]] = {}
 #: Engines whose native timer was deleted, kept alive for a while: a tick's thread started just
 #: before the deletion may still be calling into the engine. (time.monotonic() retired, engine)
 _RETIRED: list[tuple[float, wasmtime.Engine]] = []
 _RETIRED_KEEP_S = 5.0
+
+
+def _delete_timer(key: int) -> None:
+    """Delete native timer ``key`` (no-op when gone) and retire its engine."""
+    entry = _LIVE_TIMERS.pop(key, None)
+    if entry is None:
+        return
+    timer, engine = entry
+    ctypes.CDLL(None).timer_delete(timer)
+    now = time.monotonic()
+    _RETIRED[:] = [(t, e) for t, e in _RETIRED if now - t < _RETIRED_KEEP_S] + [(now, engine)]
+
+
+@atexit.register
+def _delete_timers_at_exit() -> None:
+    """Stop every native timer before the interpreter frees the engines (a clock not closed)."""
+    for key in list(_LIVE_TIMERS):
+        _delete_timer(key)
 
 
 def _native_timer(engine: wasmtime.Engine) -> ctypes.c_void_p | None:
@@ -114,8 +136,10 @@ class EpochClock:
         self.engine = engine
         self.epoch = 0
         self._stop = threading.Event()
-        self._timer = _native_timer(engine)
-        self.native = self._timer is not None
+        timer = _native_timer(engine)
+        self.native = timer is not None
+        if self.native:
+            _LIVE_TIMERS[id(self)] = (timer, engine)
         self._thread = None
         if not self.native:
             self._thread = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
@@ -136,11 +160,10 @@ class EpochClock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            ctypes.CDLL(None).timer_delete(timer)
-            now = time.monotonic()
-            _RETIRED[:] = [(t, e) for t, e in _RETIRED if now - t < _RETIRED_KEEP_S] + [(now, self.engine)]
+        _delete_timer(id(self))
+
+    def __del__(self) -> None:
+        _delete_timer(id(self))     # a clock dropped unclosed: its timer must not tick on
 
 
 class CallDeadline:
