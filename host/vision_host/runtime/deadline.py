@@ -10,7 +10,7 @@ with ``SIGEV_THREAD`` notification (POSIX.1-2008, ``timer_create(2)``) has the C
 ``wasmtime_engine_increment_epoch(engine)`` on a thread of its own at every tick, so the epoch
 advances without Python's global interpreter lock. A quick processor's calls can then hold
 the lock (see :mod:`.processor`): with four streams on two cores, releasing and taking it back
-around each call of a few µs cost a fifth of the frames. Elsewhere a Python thread ticks, and
+around each call of a few µs cost a sixth of the frames. Elsewhere a Python thread ticks, and
 every call releases the lock. A :class:`CallDeadline` arms one
 processor's deadline for each call, in one of the two modes of
 :meth:`.engine.SandboxLimits.deadlines_ms`: one wall-clock deadline for the whole call, host
