@@ -131,8 +131,9 @@ def test_with_a_token_metrics_need_it_and_health_answers_without_saying_more(tmp
     try:
         assert requests.get(run.base + "/metrics", timeout=5).status_code == 401
         assert requests.get(run.base + "/metrics?token=wrong", timeout=5).status_code == 401
-        m = scrape(run.base, {"Authorization": "Bearer s3cret"})
-        assert "vision_host_frames_out_total" in m
+        # the stream's counters appear once its source is open and its pipeline runs
+        wait_for(lambda: "vision_host_frames_out_total" in scrape(run.base, {"Authorization": "Bearer s3cret"}), 20,
+                 "the stream's frame counter, read with the token")
         assert requests.get(run.base + "/healthz", timeout=5).json() == {"status": "ok"}
         # without the token: the verdict only; with it, the reasons too
         anonymous = wait_for(lambda: (r := requests.get(run.base + "/readyz", timeout=5)).status_code == 503
