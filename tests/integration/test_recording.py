@@ -216,6 +216,7 @@ def test_a_slow_encoder_never_holds_up_write_until_it_is_queued_frames_behind(tm
         out.write(f)
     assert taken.wait(10)
     assert out.frames_written == recording.QUEUED_FRAMES + 1 and out.frames_encoded == 0
+    assert out._free.empty(), "every buffer is queued or encoding: the next write() must wait"
     blocked = threading.Thread(target=out.write, args=(frames[recording.QUEUED_FRAMES + 1],))
     blocked.start()
     blocked.join(0.5)

@@ -54,8 +54,8 @@ def test_a_stream_subscriber_gets_its_stream_and_timeline_an_everyone_subscriber
 
 
 def test_ticks_reach_subscribers_that_join_or_leave_while_the_stream_runs():
-    """tick skips subscribers that do not override it, and sees the stream's subscribers as
-    they are at each tick (one joining, one leaving)."""
+    """tick sees the stream's subscribers as they are at each tick (one joining, one leaving),
+    and its list leaves out a subscriber that does not override tick."""
     class Quiet(CaptionSubscriber):        # takes captions, no tick of its own
         def __init__(self):
             self.added = 0
@@ -75,6 +75,7 @@ def test_ticks_reach_subscribers_that_join_or_leave_while_the_stream_runs():
     assert early.calls == [("tick", 0.1), ("tick", 0.2)]
     assert late.calls == [("tick", 0.2), ("tick", 0.3), ("add", 0, "a dog")]
     assert quiet.added == 1 and bus.failures == 0
+    assert bus._tickers[0][1] == (late,)          # quiet, whose tick is the base no-op, is not called
 
 
 def test_a_failing_subscriber_is_logged_once_and_the_others_still_get_every_event(caplog):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import math
 import sys
 import threading
@@ -79,13 +80,19 @@ _RETIRED: list[tuple[float, wasmtime.Engine]] = []
 _RETIRED_KEEP_S = 5.0
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library (the process's own symbols), loaded once."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _delete_timer(key: int) -> None:
     """Delete native timer ``key`` (no-op when gone) and retire its engine."""
     entry = _LIVE_TIMERS.pop(key, None)
     if entry is None:
         return
     timer, engine = entry
-    ctypes.CDLL(None).timer_delete(timer)
+    _libc().timer_delete(timer)
     now = time.monotonic()
     _RETIRED[:] = [(t, e) for t, e in _RETIRED if now - t < _RETIRED_KEEP_S] + [(now, engine)]
 
@@ -103,7 +110,7 @@ def _native_timer(engine: wasmtime.Engine) -> ctypes.c_void_p | None:
     if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         create, settime = libc.timer_create, libc.timer_settime
     except (OSError, AttributeError):
         return None

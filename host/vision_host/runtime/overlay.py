@@ -141,36 +141,38 @@ def _plan(height: int, width: int, text: str, bottom: bool, scale: float, fg: tu
           bg: tuple[int, int, int, int], max_lines: int):
     """How :func:`draw_caption` draws ``text`` on a ``height``×``width`` frame, worked out once
     per caption (a frame of an unchanged caption costs this one cache lookup): None when there
-    is nothing to draw, else ``(y0, band_h, lines, line_h, baseline, fused)`` with ``fused`` the
-    one-pass layer ``(keep, add)`` of a translucent grey band (:func:`_fused_layer`), or None."""
+    is nothing to draw, else ``(y0, band_h, fused, text_layer)``: the band's first row and
+    height (px), and either ``fused``, the one-pass layer ``(keep, add)`` of a translucent grey
+    band (:func:`_fused_layer`), or ``text_layer`` (:func:`_text_layer`, None when the text
+    leaves no mark) to lay over a band blended on its own."""
     lines, line_h, baseline = layout(text, width, scale, max_lines)
     if not lines:
         return None
     band_h = min(height, line_h * len(lines) + MARGIN_PX)
-    alpha = bg[3] / 255.0
-    fused = None
-    if 0 < alpha < 0.99 and bg[0] == bg[1] == bg[2]:   # the usual band: one pass over it
-        fused = _fused_layer(lines, width, band_h, scale, line_h, baseline, tuple(int(c) for c in fg[:3]), bg[3], bg[0])
-    return height - band_h if bottom else 0, band_h, lines, line_h, baseline, fused
+    y0 = height - band_h if bottom else 0
+    fg3 = tuple(int(c) for c in fg[:3])
+    if 0 < bg[3] < 0.99 * 255 and bg[0] == bg[1] == bg[2]:   # the usual band: one pass over it
+        return y0, band_h, _fused_layer(lines, width, band_h, scale, line_h, baseline, fg3, bg[3], bg[0]), None
+    return y0, band_h, None, _text_layer(lines, width, band_h, scale, line_h, baseline, fg3)
 
 
 def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
                  fg: tuple[int, int, int, int], bg: tuple[int, int, int, int], max_lines: int) -> None:
     """Draw ``text`` wrapped on a band across ``frame`` (H×W×3 uint8 BGR, modified in place).
 
-    ``fg``/``bg`` are (B, G, R, A); the band is blended with alpha ``bg[3]``/255. The text is
-    laid over the band from a cached layer (:func:`_text_layer`), so an unchanged caption
-    costs the band's blend and two passes over the text's bounding box per frame; on a
+    ``fg``/``bg`` are (B, G, R, A) tuples; the band is blended with alpha ``bg[3]``/255;
+    ``scale`` is OpenCV's font scale (rounded to 3 decimals), ``max_lines`` keeps the newest
+    lines. What to draw is planned once per caption and frame size (:func:`_plan`): on a
     translucent grey band (the ``ollama`` processor's) the blend and the text are one cached
     layer over the whole band (:func:`_fused_layer`): one multiply and one add over the band's
-    rows, which are contiguous in the frame.
+    rows, which are contiguous in the frame; otherwise the band is blended and the cached text
+    layer (:func:`_text_layer`) laid over the text's bounding box.
     """
     h, w = frame.shape[:2]
-    scale = round(scale, 3)
-    plan = _plan(h, w, text, bottom, scale, fg, bg, max_lines)
+    plan = _plan(h, w, text, bottom, round(scale, 3), fg, bg, max_lines)
     if plan is None:
         return
-    y0, band_h, lines, line_h, baseline, fused = plan
+    y0, band_h, fused, layer = plan
     band = frame[y0:y0 + band_h]
     if fused is not None:
         keep, add = fused
@@ -185,7 +187,6 @@ def draw_caption(frame: np.ndarray, text: str, bottom: bool, scale: float,
             cv2.convertScaleAbs(band, dst=band, alpha=1.0 - alpha, beta=bg[0] * alpha)
         else:
             cv2.addWeighted(band, 1.0 - alpha, _solid(band.shape, bg[:3]), alpha, 0.0, dst=band)
-    layer = _text_layer(lines, w, band_h, scale, line_h, baseline, tuple(int(c) for c in fg[:3]))
     if layer is not None:
         rows, cols, keep, add = layer
         roi = band[rows, cols]
