@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -159,6 +160,45 @@ def test_a_quick_processor_keeps_the_interpreter_lock_and_is_still_stopped_when_
     assert p.stats.errors == 1 and p.exports["calls"].value(p.store) == 4
     assert p.last_error == "call exceeded its 200 ms deadline (host functions included) and was interrupted"
     assert not p._quick, "after a long call the next one releases the lock"
+
+
+#: Logs one line (``info``, a host function in Python) per call, then returns the frame.
+LOGS_A_LINE = module("""(module
+  (import "wasmvision:platform/logging" "info" (func $info (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "waiting")
+  (func (export "process") (param $f i32) (result i32)
+    (call $info (i32.const 16) (i32.const 7)) (local.get $f)))""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native epoch clock needs POSIX timers")
+def test_a_quick_call_that_waits_in_a_host_function_stays_quick(runtime_factory, real_frame):
+    """A call is judged by its thread's CPU time once its wall time is over QUICK_CALL_US: on a
+    busy host a quick call waits inside host functions for the interpreter lock other threads
+    hold, and must not be switched to the releasing call for it. Here the host function
+    (a log handler) waits 5 ms without using the CPU; a processor that uses 5 ms of CPU is not
+    quick."""
+    class Waits(logging.Handler):
+        def emit(self, record):
+            threading.Event().wait(0.005)
+
+    handler = Waits()
+    logger = logging.getLogger("vision_host.processor.waits")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        p = runtime_factory().load_bytes(LOGS_A_LINE, "waits")
+        for _ in range(3):
+            assert p.process(real_frame) is real_frame
+            assert p.stats.recent_us[p.stats.calls - 1] >= processor.QUICK_CALL_US and p._quick
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    busy = runtime_factory().load_bytes(_chatty("wasmvision:platform/time", "now", "(param i32) (result i64)",
+                                                "(i32.wrap_i64 (i64.and (call $host (i32.const 0)) (i64.const 0)))",
+                                                grid=(400, 100)), "busy")
+    busy.process(real_frame)
+    assert busy.stats.recent_us[0] >= processor.QUICK_CALL_US and not busy._quick
 
 
 def test_a_closed_clock_stops_ticking_and_closes_twice(runtime_factory):

@@ -58,12 +58,18 @@ SLOW_CALL_MS = 100.0
 # a sixth of the frames (603 against 719 frames/s). A quick processor that turns into a runaway
 # holds the lock (other Python threads wait) until its deadline stops it, once: its next call
 # releases the lock.
+#
+# "Took" is the thread's CPU time when the call's wall time is over QUICK_CALL_US: on a busy
+# host a quick call also waits, inside its host functions, for the lock other threads hold
+# (a caption's blend releases it), and counting that wait would switch it to the releasing
+# call, whose every host function then takes the lock back: several thread switches a frame.
 _call_unchecked = _ffi.dll["wasmtime_func_call_unchecked"]
 _call_unchecked.restype = ctypes.c_void_p       # wasmtime_error_t * (None: no error)
 _call_unchecked_holding_gil = WASMTIME_HOLDING_GIL["wasmtime_func_call_unchecked"]
 _call_unchecked_holding_gil.restype = ctypes.c_void_p
-#: A processor whose last call took less than this (µs) keeps Python's interpreter lock during
-#: its next call, where the epoch clock is native (see above).
+#: A processor whose last call took less than this (µs of wall time, else of its thread's CPU
+#: time) keeps Python's interpreter lock during its next call, where the epoch clock is native
+#: (see above).
 QUICK_CALL_US = 1000.0
 _ONE = ctypes.c_size_t(1)
 
@@ -341,11 +347,13 @@ class Processor:
         raw = self._raw
         raw[0].i32 = handle
         HOST_EXCEPTION.value = None
+        cpu_started = time.thread_time()
         started = deadline.begin_metered(own_ms, wall_ms) if metered else time.perf_counter()
         call = _call_unchecked_holding_gil if self._quick else _call_unchecked
         error = call(self._context, self._func_ref, raw, _ONE, self._trap_ref)
         elapsed_us = (time.perf_counter() - started) * 1e6
-        self._quick = elapsed_us < QUICK_CALL_US and self._native_clock
+        self._quick = self._native_clock and (elapsed_us < QUICK_CALL_US or
+                                              (time.thread_time() - cpu_started) * 1e6 < QUICK_CALL_US)
         deadline.metered = False
         self.stats.add(elapsed_us)
         try:
