@@ -241,3 +241,37 @@ def test_the_one_pass_caption_band_is_within_one_level_of_blending_then_drawing(
         diff = np.abs(fused.astype(int) - two_pass.astype(int))
         assert diff.max() <= 1 and (diff[: h - band_h] == 0).all(), bg
         assert (fused != real_frame).any(axis=2)[h - band_h:].mean() > 0.9     # the whole band was drawn
+
+
+@pytest.mark.parametrize("fg", [(255, 255, 255), (0, 255, 255), (30, 200, 90)])
+@pytest.mark.parametrize("scale", [0.5, 1.0, 1.7])
+def test_caption_layers_are_their_definitions(fg, scale):
+    """The cached caption layers, built with OpenCV's whole-array operations, equal their
+    definitions computed pixel by pixel in floating point from the text's coverage."""
+    from vision_host.runtime import overlay
+
+    text = "A gleaming line of bottles marches proudly along the conveyor, bright under the lamps"
+    width = 768
+    lines, line_h, baseline = overlay.layout(text, width, scale, 3)
+    band_h = line_h * len(lines) + overlay.MARGIN_PX
+    mask = np.zeros((band_h, width), np.uint8)
+    y = overlay.MARGIN_PX // 2
+    for line in lines:
+        y += line_h
+        cv2.putText(mask, line, (overlay.MARGIN_PX, y - baseline - 3), overlay.FONT, scale, 255,
+                    1 if scale < 0.8 else 2, cv2.LINE_AA)
+    ys, xs = np.nonzero(mask)
+    rows, cols, keep, add = overlay._text_layer(lines, width, band_h, scale, line_h, baseline, fg)
+    assert (rows, cols) == (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    cover = mask[rows, cols][..., None].astype(np.float64)
+    assert np.array_equal(keep, np.repeat(255 - mask[rows, cols][..., None], 3, axis=2))
+    assert np.array_equal(add, np.rint(cover * np.array(fg) / 255).astype(np.uint8))
+    for bg_alpha, grey in ((160, 0), (128, 40)):
+        alpha = bg_alpha / 255
+        fused_keep, fused_add = overlay._fused_layer(lines, width, band_h, scale, line_h, baseline, fg, bg_alpha, grey)
+        want_keep = np.full((band_h, width, 3), round(255 * (1 - alpha)), np.uint8)
+        want_add = np.full((band_h, width, 3), round(grey * alpha), np.uint8)
+        want_keep[rows, cols] = np.rint(keep * (1 - alpha)).astype(np.uint8)
+        want_add[rows, cols] = np.clip(np.rint(grey * alpha * keep / 255 + add), 0, 255).astype(np.uint8)
+        assert np.abs(fused_keep.astype(int) - want_keep).max() == 0
+        assert np.abs(fused_add.astype(int) - want_add).max() <= 1      # float32 rounding in OpenCV

@@ -105,13 +105,14 @@ def _text_layer(lines: tuple[str, ...], width: int, band_h: int, scale: float, l
     for line in lines:
         y += line_h
         cv2.putText(mask, line, (MARGIN_PX, y - baseline - 3), FONT, scale, 255, thickness, cv2.LINE_AA)
-    ys, xs = np.nonzero(mask)
-    if not len(ys):
+    x0, y0, w, h = cv2.boundingRect(mask)          # of the pixels the text touches
+    if not w:
         return None
-    rows, cols = slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)
-    cover = mask[rows, cols]
-    keep = np.repeat((255 - cover)[..., None], 3, axis=2)
-    add = np.rint(cover[..., None].astype(np.float32) * (np.array(fg, np.float32) / 255.0)).astype(np.uint8)
+    rows, cols = slice(y0, y0 + h), slice(x0, x0 + w)
+    cover = cv2.cvtColor(mask[rows, cols], cv2.COLOR_GRAY2BGR)
+    keep = cv2.bitwise_not(cover)                                    # 255 − coverage
+    colour = cv2.merge([np.full((h, w), c, np.uint8) for c in fg])     # (numpy fills 3-channel pixels slowly)
+    add = cv2.multiply(cover, colour, scale=1.0 / 255.0)              # colour × coverage / 255, rounded
     keep.flags.writeable = add.flags.writeable = False
     return rows, cols, keep, add
 
@@ -129,9 +130,8 @@ def _fused_layer(lines: tuple[str, ...], width: int, band_h: int, scale: float, 
     layer = _text_layer(lines, width, band_h, scale, line_h, baseline, fg)
     if layer is not None:
         rows, cols, text_keep, text_add = layer
-        k = text_keep.astype(np.float32)
-        keep[rows, cols] = np.rint(k * (1.0 - alpha)).astype(np.uint8)
-        add[rows, cols] = np.clip(np.rint(grey * alpha * k / 255.0 + text_add), 0, 255).astype(np.uint8)
+        keep[rows, cols] = cv2.convertScaleAbs(text_keep, alpha=1.0 - alpha)                  # keep × (1 − α)
+        add[rows, cols] = cv2.addWeighted(text_keep, grey * alpha / 255.0, text_add, 1.0, 0.0)  # grey·α·keep/255 + add
     keep.flags.writeable = add.flags.writeable = False
     return keep, add
 
