@@ -12,8 +12,10 @@ mean in ``--stats``):
 * ``fps``, ``opencv_fps``, ``fps_ratio_vs_opencv``, ``fps_ratio_spread``, ``fps_ratio_rounds``:
   ``-p ollama`` with a file output, unpaced, against a plain OpenCV read + ``mp4v`` write loop
   over the same frames (the clip's first 600; ``--quick``: 300), in interleaved rounds (7;
-  ``--quick``: 3), alternating which runs first, so a change of load between runs lands on both: the median round's pipeline and
-  OpenCV frames/s and ratio, the ratios' ``[min, max]``, and each round's ratio.
+  ``--quick``: 3), each pipeline run set against the plain runs just before and after it, so
+  a change of load across the runs lands on both (:func:`interleaved_ratio`): the median
+  round's pipeline and OpenCV frames/s and ratio, the ratios' ``[min, max]``, and each
+  round's ratio.
 * ``streams`` (with ``--streams N``, N > 1): ``count`` unpaced ``-p ollama`` streams at once
   (one runtime, a processor instance, source, output and thread each) against as many plain
   OpenCV loops on threads, interleaved as above: ``fps`` and ``opencv_fps`` of all streams
@@ -246,13 +248,15 @@ def _pipeline_fps(clip: str, server: LatencyServer, frames: int, out_path: Path)
 
 
 def interleaved_ratio(plain, pipeline, rounds: int) -> dict:
-    """Run ``plain()`` and ``pipeline()`` (each returning frames/s) ``rounds`` times, alternating
-    which goes first (plain, pipeline; pipeline, plain; …) so that a change of load during the
-    runs lands on both. Each round gives the ratio pipeline / plain of its two runs.
+    """Run ``plain()`` and ``pipeline()`` (each returning frames/s) in turn, plain first and
+    last: plain, pipeline, plain, pipeline, …, plain (``rounds`` pipeline runs, ``rounds`` + 1
+    plain ones). Round k is pipeline run k against the mean of the plain runs just before and
+    just after it, so a load that changes steadily across the three runs lands on both sides.
 
     Returns ``{"fps", "opencv_fps", "fps_ratio_vs_opencv", "fps_ratio_spread",
-    "fps_ratio_rounds"}``: the median round's two figures and ratio (the lower median for an
-    even count), ``[min, max]`` of the ratios, and every round's ratio in order.
+    "fps_ratio_rounds"}``: the median round's two figures (the pipeline's, the mean of its two
+    plain runs) and ratio (the lower median for an even count), ``[min, max]`` of the ratios,
+    and every round's ratio in order.
 
     Raises:
         ValueError: ``rounds`` < 1.
@@ -260,14 +264,13 @@ def interleaved_ratio(plain, pipeline, rounds: int) -> dict:
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, not {rounds}")
     runs = []
-    for r in range(rounds):
-        if r % 2 == 0:
-            plain_fps = plain()
-            pipeline_fps = pipeline()
-        else:
-            pipeline_fps = pipeline()
-            plain_fps = plain()
+    before = plain()
+    for _ in range(rounds):
+        pipeline_fps = pipeline()
+        after = plain()
+        plain_fps = (before + after) / 2
         runs.append((pipeline_fps / plain_fps, pipeline_fps, plain_fps))
+        before = after
     ratios = [ratio for ratio, _, _ in runs]
     ratio, fps, plain_fps = sorted(runs)[(len(runs) - 1) // 2]
     return {"fps": round(fps, 2), "opencv_fps": round(plain_fps, 1), "fps_ratio_vs_opencv": round(ratio, 3),

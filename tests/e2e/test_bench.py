@@ -67,7 +67,7 @@ def _pipeline(runtime_factory, url, out_path, frames):
 @pytest.mark.slow
 def test_pipeline_fps_vs_plain_opencv(benchmark, runtime_factory, standin, tmp_path):
     """Whole pipeline (-p ollama, file output, --no-pace) vs an OpenCV read+write loop over
-    the same frames, 3 rounds each, interleaved (``vision-host bench``'s measure): the median
+    the same frames, 3 pipeline runs between 4 plain ones (``vision-host bench``'s measure): the median
     round's ratio, with the spread of the rounds."""
     from vision_host.bench import _opencv_loop, interleaved_ratio
 
