@@ -12,6 +12,8 @@ time: the figures come from the benchmarks.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import threading
 
@@ -234,3 +236,49 @@ def test_a_native_clock_dropped_unclosed_stops_its_timer_and_its_engine_outlives
     gc.collect()
     assert key not in deadline._LIVE_TIMERS
     assert any(e is engine for _, e in deadline._RETIRED), "the engine is kept a while after its timer"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_a_forked_child_still_stops_a_runaway_and_keeps_its_own_clocks(runtime_factory, real_frame):
+    """fork() keeps neither POSIX timers nor threads: the clock starts again in the child, so a
+    runaway loaded before the fork is still interrupted there; and closing the inherited clock
+    in the child does not stop a clock of the child's own (timer ids start again in a child,
+    so the parent's must not be deleted there)."""
+    from vision_host.runtime import deadline
+    rt = runtime_factory(limits=SandboxLimits(call_timeout_ms=200, call_hard_timeout_ms=200))
+    p = rt.load_bytes(LOOP_FOREVER, "runaway")          # compiled here: the child only calls it
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    engine = wasmtime.Engine(config)
+    store = wasmtime.Store(engine)
+    count_down = wasmtime.Instance(store, wasmtime.Module(engine, """(module (func (export "f") (result i32)
+      (local $n i32) (local.set $n (i32.const 2000000000))
+      (loop $l (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br_if $l (local.get $n)))
+      (i32.const 7)))"""), []).exports(store)["f"]
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                         # the child: report through the pipe, never return
+        code = 1
+        try:
+            signal.alarm(30)                             # a clock that never ticks would let it spin for ever
+            p.process(real_frame)
+            report = [p.last_error]
+            own = deadline.EpochClock(engine)            # the child's own clock, for another engine
+            rt.clock.close()                             # the inherited one, closed
+            store.set_epoch_deadline(2)
+            try:
+                report.append(f"finished {count_down(store)}")
+            except wasmtime.Trap:
+                report.append("interrupted")
+            own.close()
+            os.write(write_end, "|".join(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, report)
+    assert report.split("|") == ["call exceeded its 200 ms deadline (host functions included) and was interrupted",
+                                 "interrupted"]

@@ -11,7 +11,8 @@ with ``SIGEV_THREAD`` notification (POSIX.1-2008, ``timer_create(2)``) has the C
 advances without Python's global interpreter lock. A quick processor's calls can then hold
 the lock (see :mod:`.processor`): with four streams on two cores, releasing and taking it back
 around each call of a few µs cost a sixth of the frames. Elsewhere a Python thread ticks, and
-every call releases the lock. A :class:`CallDeadline` arms one
+every call releases the lock. A child made by ``fork()`` inherits neither timers nor threads:
+the clocks start again there (``os.register_at_fork``). A :class:`CallDeadline` arms one
 processor's deadline for each call, in one of the two modes of
 :meth:`.engine.SandboxLimits.deadlines_ms`: one wall-clock deadline for the whole call, host
 functions included, or a budget of the processor's own code (re-armed after each host
@@ -23,16 +24,21 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
+import logging
 import math
+import os
 import sys
 import threading
 import time
+import weakref
 
 import wasmtime
 from wasmtime import _bindings as _ffi
 
 #: Seconds between two epoch ticks: the resolution of every deadline.
 EPOCH_TICK_S = 0.005
+
+log = logging.getLogger("vision_host.runtime")
 
 #: wasmtime's shared library as a ctypes.PyDLL: its functions are called holding Python's
 #: interpreter lock (for C calls that never block, or wasm calls that are known to be quick).
@@ -97,6 +103,25 @@ def _delete_timer(key: int) -> None:
     _RETIRED[:] = [(t, e) for t, e in _RETIRED if now - t < _RETIRED_KEEP_S] + [(now, engine)]
 
 
+#: Every clock not closed (started again in a forked child: see _after_fork_in_child).
+_CLOCKS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a child made by ``fork()``: POSIX timers are not inherited (``fork(2)``) and only the
+    forking thread goes on, so no inherited clock ticks and a runaway would never be stopped.
+    Forget the parent's timers without deleting them (their ids are the parent's, which the
+    child's own timers may reuse) and start every clock not closed again."""
+    _LIVE_TIMERS.clear()
+    _RETIRED.clear()
+    for clock in list(_CLOCKS):
+        clock._start()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def _delete_timers_at_exit() -> None:
     """Stop every native timer before the interpreter frees the engines (a clock not closed)."""
@@ -143,12 +168,25 @@ class EpochClock:
         self.engine = engine
         self.epoch = 0
         self._stop = threading.Event()
-        timer = _native_timer(engine)
-        self.native = timer is not None
-        if self.native:
-            _LIVE_TIMERS[id(self)] = (timer, engine)
-        self._thread = None
-        if not self.native:
+        self.native = False
+        self._thread: threading.Thread | None = None
+        self._start(first=True)
+        _CLOCKS.add(self)
+
+    def _start(self, first: bool = False) -> None:
+        """Start ticking: the native timer where there is one, else the thread (again in a forked
+        child, where neither is inherited; a clock native in the parent stays native there, or
+        says that its deadlines no longer fire)."""
+        if self._stop.is_set():
+            return
+        timer = _native_timer(self.engine) if first or self.native else None
+        if timer is not None:
+            self.native = True
+            _LIVE_TIMERS[id(self)] = (timer, self.engine)
+        elif self.native:
+            log.error("the epoch clock's timer could not be started again in this forked process: processor "
+                      "calls are not interrupted at their deadline here; create the runtime in the child")
+        else:
             self._thread = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
             self._thread.start()
 
@@ -165,6 +203,7 @@ class EpochClock:
     def close(self) -> None:
         """Stop ticking (deadlines armed from now on never fire). Idempotent."""
         self._stop.set()
+        _CLOCKS.discard(self)
         if self._thread is not None:
             self._thread.join()
         _delete_timer(id(self))
