@@ -183,6 +183,26 @@ def test_frames_of_another_size_are_resized(tmp_path, clip):
     assert mad(back.frames[5], cv2.resize(frames[5], (320, 180), interpolation=cv2.INTER_AREA)) < 10.0
 
 
+@pytest.mark.parametrize("size", [(640, 360), (641, 361)], ids=["even", "odd"])
+def test_the_encoder_thread_encodes_the_buffer_write_filled(tmp_path, clip, size):
+    """write() makes the one copy of a frame, into a buffer that is a video frame's own pixels
+    (cropped to an even size): the encoder thread encodes it as it is, and the canvas the frame
+    loop's own frames are copied into is never written."""
+    frames, fps = clip
+    frames = [f if f.shape[1::-1] == size else cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames[:40]]
+    out = RecordingOutput(tmp_path / "queued.mp4")
+    out.open(*size, fps)
+    out._canvas[...] = 7
+    for f in frames:
+        out.write(f)
+    out.close()
+    assert (out._canvas == 7).all()
+    back = Probe(tmp_path / "queued.mp4")
+    assert back.size == (640, 360) and len(back.frames) == 40
+    assert max(mad(a, b[:360, :640]) for a, b in zip(back.frames, frames)) < 10.0
+    assert [stamped_number(f) for f in back.frames] == list(range(40)), "frames lost, repeated or out of order"
+
+
 def test_caller_may_reuse_the_frame_buffer(tmp_path, clip):
     frames, fps = clip
     path = tmp_path / "reuse.mp4"

@@ -130,7 +130,7 @@ class FileOutput(Output):
         if not self.encoder_thread:
             return
         for _ in range(QUEUED_FRAMES + 1):
-            self._free.put(np.empty((self.size[1], self.size[0], 3), np.uint8))
+            self._free.put(self._new_buffer())
         self._encoder = threading.Thread(target=self._encode, name="vision-host-file-encoder", daemon=True)
         self._encoder.start()
         LIVE_OUTPUTS.add(self)    # stopped before interpreter exit: an FFmpeg encoder must not be cut off
@@ -161,10 +161,13 @@ class FileOutput(Output):
         if self._failure is not None:
             self._free.put(buffer)
             self._raise_failure()
-        if frame.shape[0] != h or frame.shape[1] != w:
+        bh, bw = buffer.shape[:2]                # the open() size, or a crop of it (see _new_buffer)
+        if frame.shape[0] == h and frame.shape[1] == w:
+            np.copyto(buffer, frame[:bh, :bw])   # the one copy
+        elif (bh, bw) == (h, w) and buffer.flags.c_contiguous:
             cv2.resize(frame, (w, h), dst=buffer, interpolation=cv2.INTER_AREA)
         else:
-            np.copyto(buffer, frame)
+            np.copyto(buffer, cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)[:bh, :bw])
         self._queued.put(buffer)
         self.frames_written += 1
 
@@ -220,6 +223,11 @@ class FileOutput(Output):
             raise failure
         raise OutputError(f"encoding {self.path} failed at frame {self._failed_at} ({failure}): the recording "
                           f"holds the frames before it") from failure
+
+    def _new_buffer(self) -> np.ndarray:
+        """A buffer :meth:`write` copies a frame into for the encoder thread: H×W×3 uint8 of the
+        open() size, or smaller (a frame's last rows and columns are then cropped)."""
+        return np.empty((self.size[1], self.size[0], 3), np.uint8)
 
     def _start(self) -> None:
         writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.FOURCC), self.fps, self.size)
@@ -439,13 +447,24 @@ class RecordingOutput(FileOutput):
         if self.segment_seconds:
             self._segment_frames = max(1, round(self.segment_seconds * self.fps))
         self._grace_frames = round(_CUE_GRACE_S * self.fps) if self.subtitles else 0
-        self._frame = self._av.VideoFrame(*self.encoded_size, "bgr24")
-        plane = self._frame.planes[0]
-        self._canvas = np.lib.stride_tricks.as_strided(
-            np.frombuffer(plane, np.uint8), (self.encoded_size[1], self.encoded_size[0], 3), (plane.line_size, 3, 1)
-        )
+        self._frame, self._canvas = self._video_frame()
+        self._buffer_frames = {}
         self.paths = []
         self._seg = self._open_segment(0, 0)
+
+    def _video_frame(self):
+        """A bgr24 ``av.VideoFrame`` of :attr:`encoded_size` and an H×W×3 view of its pixels."""
+        frame = self._av.VideoFrame(*self.encoded_size, "bgr24")
+        plane = frame.planes[0]
+        w, h = self.encoded_size
+        return frame, np.lib.stride_tricks.as_strided(np.frombuffer(plane, np.uint8), (h, w, 3), (plane.line_size, 3, 1))
+
+    def _new_buffer(self) -> np.ndarray:
+        """The pixels of a video frame of its own: the encoder thread encodes the buffer
+        :meth:`write` filled as it is, with no second copy (:meth:`_append`)."""
+        frame, pixels = self._video_frame()
+        self._buffer_frames[id(pixels)] = (frame, pixels)
+        return pixels
 
     def _open_segment(self, index: int, first_frame: int) -> _Segment:
         end_frame = first_frame + self._segment_frames if self._segment_frames else math.inf
@@ -489,10 +508,15 @@ class RecordingOutput(FileOutput):
             if self._prev is not None and n >= self._prev.end_frame + self._grace_frames:
                 self._prev.container.close()  # writes the trailer: that file is complete
                 self._prev = None
-            w, h = self.encoded_size
-            self._canvas[...] = frame[:h, :w]  # the one copy; crops an odd last row/column
-            self._frame.pts = n - self._seg.first_frame
-            self._seg.container.mux(self._seg.video.encode(self._frame))
+            own = self._buffer_frames.get(id(frame))
+            if own is not None and own[1] is frame:   # a buffer of the encoder thread's: encoded as it is
+                video_frame = own[0]
+            else:                                     # the frame loop's own frame: the one copy
+                w, h = self.encoded_size
+                self._canvas[...] = frame[:h, :w]     # crops an odd last row/column
+                video_frame = self._frame
+            video_frame.pts = n - self._seg.first_frame
+            self._seg.container.mux(self._seg.video.encode(video_frame))
 
     def _finish(self) -> None:
         with self._lock:
