@@ -391,6 +391,9 @@ def test_downscale_matches_one_area_resize(real_frame, size, max_side, expected)
         diff = np.abs(out.astype(np.int16) - one)
         assert diff.max() <= 16 and diff.mean() < 0.5
     assert downscale(frame, 0, copy=False) is frame
+    ring = FrameRing()                                   # keep-frame shrinks its copies the same way
+    ring.keep(frame, max_side, 1)
+    assert np.array_equal(ring._kept[-1][1], out)
 
 
 def test_a_caption_request_takes_only_a_copy_of_the_frame_on_the_frame_loop(real_frame):
