@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -290,7 +291,8 @@ def check_numbers(values: dict) -> None:
     TOML may give any type, or from flags) into numbers of their kind, in place.
 
     Raises:
-        UsageError: not a number of the key's kind, or below its least value; names the key.
+        UsageError: not a finite number of the key's kind (``nan`` and ``inf`` parse as floats,
+            on the command line and in TOML alike), or below its least value; names the key.
     """
     for key in RUN_KEYS:
         value = values.get(key.name)
@@ -303,8 +305,10 @@ def check_numbers(values: dict) -> None:
             number = kind(value)
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-        except ValueError:
-            raise UsageError(f"{name} = {value!r}: give a {'whole ' if kind is int else ''}number "
+            if not math.isfinite(number):
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise UsageError(f"{name} = {value!r}: give a {'whole' if kind is int else 'finite'} number "
                              f"of at least {least:g}") from None
         if number < least:
             raise UsageError(f"{name} = {value!r}: give a number of at least {least:g}")
