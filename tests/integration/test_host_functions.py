@@ -218,6 +218,21 @@ def test_overlay_caption_matches_direct_drawing(driver, real_frame):
     assert (frame[-5:, :, :].astype(int) < real_frame[-5:, :, :].astype(int) + 1).all()  # darkened band
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_overlay_caption_refuses_a_scale_that_is_not_a_number_and_draws_nothing(driver, real_frame, scale):
+    """A NaN font scale (a processor's bug, or a hostile one) is an error result with a
+    sentence, not a NumPy error from deep inside; infinities are refused alike."""
+    d = driver([("vision-host:platform/overlay", "caption")])
+    frame = real_frame.copy()
+    h = d.mats.insert(frame)
+    ret = d.retarea()
+    d.call("vision-host:platform/overlay", "caption", h, *d.put_str("hello"), 1, scale,
+           255, 255, 255, 255, 0, 0, 0, 200, 3, ret)
+    assert d.u8(ret) == 1
+    assert d.string_at(ret) == f"caption scale {scale} is not a finite number: give a font scale from 0.2 to 4"
+    assert np.array_equal(frame, real_frame)
+
+
 def test_the_one_pass_caption_band_is_within_one_level_of_blending_then_drawing(real_frame):
     """A translucent grey band folds its darkening into the text's pass (one visit per pixel);
     the result stays within one level of darkening the band first and laying the text on it."""

@@ -10,6 +10,7 @@ other characters are transliterated where Unicode decomposes them (é → e), el
 from __future__ import annotations
 
 import functools
+import math
 import unicodedata
 
 import cv2
@@ -199,5 +200,7 @@ def _caption(ctx, img, text, placement, scale, fg, bg, max_lines):
     frame = ctx.mats.get(img)
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ErrResult("caption needs an 8-bit 3-channel frame")
+    if not math.isfinite(scale):
+        raise ErrResult(f"caption scale {scale} is not a finite number: give a font scale from 0.2 to 4")
     scale = min(max(scale, 0.2), 4.0)
     draw_caption(frame, text, placement == 1, scale, bgr(fg), bgr(bg), max_lines)
