@@ -610,6 +610,8 @@ def open_source(spec: str, pace: bool = True, live_options: LiveOptions | None =
     except AttributeError:
         pass
     spec = str(spec).strip()
+    if not spec:
+        raise SourceError("the source given with -s is empty: give a camera index (0), a video file or a stream URL")
     if _is_hls(spec):
         opts = live_options or LiveOptions()
         try:

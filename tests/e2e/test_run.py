@@ -117,6 +117,7 @@ def _run_cli(*args, env=None):
     (["run", "-p", "hello", "--no-such-flag"], 2, "vision-host run: error: unrecognized arguments: --no-such-flag"),
     (["run", "-p", "hello", "-s", "0"], 1, "no camera at index 0: connect a camera, or read a video file with -s FILE"),
     (["run", "-p", "hello", "-s", "missing.mp4"], 1, "video file missing.mp4 does not exist"),
+    (["run", "-p", "hello", "-s", " "], 1, "the source given with -s is empty: give a camera index (0), a video file"),
     (["run", "-p", "hello", "-o", "file", "-s", str(SAMPLE_CLIP)], 2, "-o file needs -d PATH.mp4"),
     (["run", "-p", "hello", "-o", "display", "-s", str(SAMPLE_CLIP)], 1, "cannot open a window"),
     (["run"], 2, "no processor given"),
