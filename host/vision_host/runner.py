@@ -228,7 +228,8 @@ def run_streams(settings: RunSettings, processor_paths: list[Path], policy: Netw
                     mcp_service = McpService(limits=McpLimits(max_sessions=settings.mcp_max_sessions,
                                                               ask_timeout_s=settings.mcp_ask_timeout_s))
                 viewer = start_viewer(runtime, mjpeg, settings.token, *settings.viewer_limits(),
-                                      allowed_hosts=settings.allow_host or [], mcp=mcp_service)
+                                      allowed_hosts=settings.allow_host or [], mcp=mcp_service,
+                                      ready_within_s=settings.ready_within_s)
                 viewer.events = events
                 viewer.history_path = settings.events.history_path
                 caption_bus.subscribe(viewer.caption_subscriber)
@@ -344,7 +345,7 @@ def run_problems(stats: dict, last_error: str | None, config: dict, store) -> li
 
 
 def start_viewer(runtime, mjpeg, token: str | None, server_limits=None, config_limits=None,
-                 allowed_hosts: list[str] | str = (), mcp=None):
+                 allowed_hosts: list[str] | str = (), mcp=None, ready_within_s: float | None = None):
     """Start ``mjpeg``'s server (an :class:`.outputs.MjpegOutput`) with the live viewer
     attached, so no request ever meets the plain server; returns the :class:`.viewer.Viewer`.
     Bound beyond loopback it always needs a token: ``token`` (``--token``),
@@ -355,6 +356,8 @@ def start_viewer(runtime, mjpeg, token: str | None, server_limits=None, config_l
         config_limits: the viewer's :class:`.viewer.ConfigLimits` (None: its defaults).
         allowed_hosts: names answered in ``Host`` besides the default ones (``--allow-host``).
         mcp: an :class:`.mcp.McpService` to serve at ``/mcp`` (``--mcp``), or None.
+        ready_within_s: ``/readyz``'s window (``--ready-within-s``; None: the default, see
+            :class:`.metrics.Readiness`).
 
     Raises:
         OutputError: the port cannot be bound.
@@ -369,8 +372,9 @@ def start_viewer(runtime, mjpeg, token: str | None, server_limits=None, config_l
     if token is None and not is_loopback(mjpeg.host):
         token = secrets.token_urlsafe(18)
     viewer = Viewer(runtime, mjpeg, token, limits=config_limits)
-    from .metrics import metrics_routes
-    viewer.extra_routes += metrics_routes(viewer, runtime)   # before mjpeg.start(), which fixes the routes
+    from .metrics import DEFAULT_READY_WITHIN_S, metrics_routes
+    viewer.extra_routes += metrics_routes(   # before mjpeg.start(), which fixes the routes
+        viewer, runtime, ready_within_s=DEFAULT_READY_WITHIN_S if ready_within_s is None else ready_within_s)
     if mcp is not None:
         mcp.viewer = viewer
         viewer.extra_routes.append(mcp.route())

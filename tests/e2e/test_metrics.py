@@ -106,6 +106,19 @@ def test_health_and_readiness_of_a_run_that_captions(run):
 
 
 @pytest.mark.slow
+def test_the_readiness_window_is_a_flag(standin):
+    """--ready-within-s sets how long a stream may go without a frame: at 1 ms, the paced clip's
+    33 ms between frames make the stream not ready, with the window in the reason."""
+    run = Run(standin.url, "--no-history", "--ready-within-s", "0.001")
+    try:
+        body = wait_for(lambda: (r := requests.get(run.base + "/readyz", timeout=5)).status_code == 503
+                        and "no frame for" in r.text and r.json(), 20, "a not-ready answer about frames")
+        assert body["streams"][0]["reason"].endswith("ready within 0.001 s)")
+    finally:
+        run.stop()
+
+
+@pytest.mark.slow
 def test_readiness_fails_with_the_reason_when_the_vision_server_is_unreachable(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"          # nothing listens there
     run = Run(closed, "--no-history")

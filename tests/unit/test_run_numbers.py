@@ -30,3 +30,11 @@ def test_finite_numbers_at_or_above_the_least_value_pass_as_their_kind():
     values = {k.name: str(max(k.least or 0, 1)) for k in FLOAT_KEYS + INT_KEYS}
     check_numbers(values)
     assert all(isinstance(values[k.name], k.kind) and math.isfinite(values[k.name]) for k in FLOAT_KEYS + INT_KEYS)
+
+
+def test_a_bounded_setting_names_its_range():
+    with pytest.raises(UsageError, match=r"^ready-within-s = 86401: give a number from 0.001 to 86400$"):
+        check_numbers({"ready_within_s": 86401})
+    values = {"ready_within_s": "86400"}
+    check_numbers(values)
+    assert values["ready_within_s"] == 86400.0

@@ -64,6 +64,7 @@ class RunKey:
             of ``"KEY=VALUE"`` strings).
         help, metavar: the flag's help text and placeholder.
         least: ``int``/``float``: the least value accepted (checked for files and flags alike).
+        most: ``int``/``float``: the largest value accepted (None: no bound but finiteness).
         default: the value when neither the flag nor the file gives one.
         choices: the values the flag accepts (argparse checks them).
         group: title of the flag's group in ``--help`` (None: the general options).
@@ -80,6 +81,7 @@ class RunKey:
     help: str
     metavar: str | None = None
     least: float | None = None
+    most: float | None = None
     default: Any = None
     choices: tuple[str, ...] | None = None
     group: str | None = None
@@ -167,6 +169,9 @@ RUN_KEYS: tuple[RunKey, ...] = (
     RunKey("mcp_ask_timeout_s", ("--mcp-ask-timeout-s",), "server.mcp-ask-timeout-s", float, least=1, default=60.0,
            group=_VIEWER, metavar="S", help="--mcp: an ask not answered by the vision server in S seconds is "
                                             "cancelled and reported (default 60)"),
+    RunKey("ready_within_s", ("--ready-within-s",), "server.ready-within-s", float, least=0.001, most=86_400,
+           default=10.0, group=_VIEWER, metavar="S",
+           help="/readyz: a stream that delivered no frame for S seconds is not ready (default 10)"),
     RunKey("viewer_max_connections", ("--viewer-max-connections",), "main.viewer-max-connections", int, least=1,
            group=_VIEWER, limit="server.max_connections", metavar="N",
            help="open connections in all (default 256); more are answered 503 and closed"),
@@ -312,6 +317,8 @@ def check_numbers(values: dict) -> None:
                              f"of at least {least:g}") from None
         if number < least:
             raise UsageError(f"{name} = {value!r}: give a number of at least {least:g}")
+        if key.most is not None and number > key.most:
+            raise UsageError(f"{name} = {value!r}: give a number from {least:g} to {key.most:g}")
         values[key.name] = number
 
 
