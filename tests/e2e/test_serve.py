@@ -1052,11 +1052,18 @@ def test_images_are_decoded_decode_threads_at_a_time(tiny_blip, frame_jpeg):
 
 @pytest.mark.slow
 def test_limit_flags_are_checked_at_start(tmp_path):
-    """A limit that is no positive number, an ``--allow-origin`` that is no origin, or a default
-    option past its limit stops ``serve`` at once with a message naming the flag."""
+    """A limit that is no positive number (or a window, timeout, queue or port out of its range,
+    NaN and infinities included), an ``--allow-origin`` that is no origin, or a default option
+    past its limit stops ``serve`` at once with a message naming the flag."""
     for args, needle in ((("--max-body-mb", "0"), "--max-body-mb"), (("--max-body-mb", "nan"), "--max-body-mb"),
                          (("--max-beams", "0"), "--max-beams"), (("--allow-origin", "evil"), "--allow-origin"),
                          (("--option", "num_beams=9"), "--max-beams"),
+                         (("--batch-window-ms", "inf"), "--batch-window-ms must be a number from 0 to 10000"),
+                         (("--batch-window-ms", "nan"), "--batch-window-ms"), (("--batch-window-ms", "-1"), "--batch-window-ms"),
+                         (("--request-timeout-s", "nan"), "--request-timeout-s must be a number of seconds"),
+                         (("--request-timeout-s", "-5"), "--request-timeout-s"),
+                         (("--max-queue", "-1"), "--max-queue must be a whole number, 0 (no limit) or more"),
+                         (("--port", "70000"), "--port must be from 1 to 65535, not 70000"),
                          (("--max-new-tokens", "8", "--option", "num_predict=9"), "--max-new-tokens")):
         r = subprocess.run(_serve_cmd("--model", str(tmp_path), "--port", str(_free_port()), *args), env=_env(),
                            capture_output=True, text=True, timeout=60)

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     srv.add_argument("--max-batch", type=positive_int, default=8, metavar="N",
                      help="most concurrent requests run as one batch (default 8)")
     srv.add_argument("--batch-window-ms", type=float, default=10.0, metavar="MS",
-                     help="how long a batch waits for more requests (default 10)")
+                     help="how long a batch waits for more requests (default 10, at most 10000)")
     srv.add_argument("--max-queue", type=int, default=32, metavar="N",
                      help="requests that may wait; more are answered 503 with Retry-After (default 32, 0 = no limit)")
     srv.add_argument("--request-timeout-s", type=float, default=120.0, metavar="S",

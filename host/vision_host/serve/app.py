@@ -73,6 +73,8 @@ DEFAULT_MAX_BODY_MB = 32.0
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_PROMPT_CHARS = 32_768
 DEFAULT_DECODE_THREADS = 2
+#: ``--batch-window-ms``: the longest wait for more requests to batch with the oldest (ms).
+MAX_BATCH_WINDOW_MS = 10_000.0
 
 
 class ServeError(Exception):
@@ -228,6 +230,14 @@ def serve(model: str = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int = DEFA
                         ("max-images", max_images), ("max-embed-inputs", max_embed_inputs)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ServeError(f"--{name} must be a number above 0, not {value}")
+    if not (isinstance(batch_window_ms, (int, float)) and 0 <= batch_window_ms <= MAX_BATCH_WINDOW_MS):
+        raise ServeError(f"--batch-window-ms must be a number from 0 to {MAX_BATCH_WINDOW_MS:g}, not {batch_window_ms}")
+    if not (isinstance(request_timeout_s, (int, float)) and math.isfinite(request_timeout_s) and request_timeout_s >= 0):
+        raise ServeError(f"--request-timeout-s must be a number of seconds, 0 (none) or more, not {request_timeout_s}")
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        raise ServeError(f"--max-queue must be a whole number, 0 (no limit) or more, not {max_queue}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ServeError(f"--port must be from 1 to 65535, not {port}")
     for origin in allow_origins:
         if normalize_origin(origin) is None:
             raise ServeError(f"--allow-origin {origin}: not a web origin (give e.g. http://localhost:3000)")
