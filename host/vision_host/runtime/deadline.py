@@ -11,8 +11,9 @@ with ``SIGEV_THREAD`` notification (POSIX.1-2008, ``timer_create(2)``) has the C
 advances without Python's global interpreter lock. A quick processor's calls can then hold
 the lock (see :mod:`.processor`): with four streams on two cores, releasing and taking it back
 around each call of a few µs cost a sixth of the frames. Elsewhere a Python thread ticks, and
-every call releases the lock. A child made by ``fork()`` inherits neither timers nor threads:
-the clocks start again there (``os.register_at_fork``). A :class:`CallDeadline` arms one
+every call releases the lock. A child made by ``fork()`` inherits neither timers nor threads,
+and must not start native timers (glibc's are not fork-safe): its clocks tick from Python
+threads (``os.register_at_fork``). A :class:`CallDeadline` arms one
 processor's deadline for each call, in one of the two modes of
 :meth:`.engine.SandboxLimits.deadlines_ms`: one wall-clock deadline for the whole call, host
 functions included, or a budget of the processor's own code (re-armed after each host
@@ -24,7 +25,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
-import logging
 import math
 import os
 import sys
@@ -37,8 +37,6 @@ from wasmtime import _bindings as _ffi
 
 #: Seconds between two epoch ticks: the resolution of every deadline.
 EPOCH_TICK_S = 0.005
-
-log = logging.getLogger("vision_host.runtime")
 
 #: wasmtime's shared library as a ctypes.PyDLL: its functions are called holding Python's
 #: interpreter lock (for C calls that never block, or wasm calls that are known to be quick).
@@ -105,16 +103,29 @@ def _delete_timer(key: int) -> None:
 
 #: Every clock not closed (started again in a forked child: see _after_fork_in_child).
 _CLOCKS: weakref.WeakSet = weakref.WeakSet()
+#: A native timer was started in this process (the C library's timer thread then exists).
+_TIMER_STARTED = False
+#: This process was forked from one with native timers: it must not start any (see below).
+_FORKED_FROM_TIMERS = False
 
 
 def _after_fork_in_child() -> None:
     """In a child made by ``fork()``: POSIX timers are not inherited (``fork(2)``) and only the
     forking thread goes on, so no inherited clock ticks and a runaway would never be stopped.
-    Forget the parent's timers without deleting them (their ids are the parent's, which the
-    child's own timers may reuse) and start every clock not closed again."""
+
+    Nor may the child start native timers when the parent had some: the C library's timer
+    thread (glibc's) may have held the lock ``timer_create`` takes at the moment of the fork,
+    and a child that asks for a timer then waits for ever. So every clock not closed starts
+    again with a Python thread (a clock with a thread is not native: processor calls release
+    the interpreter lock, so the thread ticks through a runaway), and so does every clock made
+    in the child. The parent's timer ids are forgotten, never deleted (the child's own timers
+    may reuse them)."""
+    global _FORKED_FROM_TIMERS
+    _FORKED_FROM_TIMERS = _FORKED_FROM_TIMERS or _TIMER_STARTED
     _LIVE_TIMERS.clear()
     _RETIRED.clear()
     for clock in list(_CLOCKS):
+        clock.native = False
         clock._start()
 
 
@@ -132,7 +143,8 @@ def _delete_timers_at_exit() -> None:
 def _native_timer(engine: wasmtime.Engine) -> ctypes.c_void_p | None:
     """Start a POSIX timer calling ``wasmtime_engine_increment_epoch(engine)`` every
     :data:`EPOCH_TICK_S` s on threads of the C library; None where there is none (not Linux)."""
-    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
+    global _TIMER_STARTED
+    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8 or _FORKED_FROM_TIMERS:
         return None
     try:
         libc = _libc()
@@ -146,6 +158,7 @@ def _native_timer(engine: wasmtime.Engine) -> ctypes.c_void_p | None:
     timer = ctypes.c_void_p()
     if create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
         return None
+    _TIMER_STARTED = True
     tick = _TimeSpec(0, round(EPOCH_TICK_S * 1e9))
     if settime(timer, 0, ctypes.byref(_ITimerSpec(tick, tick)), None) != 0:
         libc.timer_delete(timer)
@@ -174,18 +187,14 @@ class EpochClock:
         _CLOCKS.add(self)
 
     def _start(self, first: bool = False) -> None:
-        """Start ticking: the native timer where there is one, else the thread (again in a forked
-        child, where neither is inherited; a clock native in the parent stays native there, or
-        says that its deadlines no longer fire)."""
+        """Start ticking: the native timer where there is one (first start only), else the
+        thread (again in a forked child, where neither is inherited)."""
         if self._stop.is_set():
             return
-        timer = _native_timer(self.engine) if first or self.native else None
+        timer = _native_timer(self.engine) if first else None
         if timer is not None:
             self.native = True
             _LIVE_TIMERS[id(self)] = (timer, self.engine)
-        elif self.native:
-            log.error("the epoch clock's timer could not be started again in this forked process: processor "
-                      "calls are not interrupted at their deadline here; create the runtime in the child")
         else:
             self._thread = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
             self._thread.start()

@@ -222,7 +222,6 @@ class Processor:
         self._errors_by_kind: dict[str, int] = {}
         #: The next call keeps Python's interpreter lock (see QUICK_CALL_US).
         self._quick = False
-        self._native_clock = runtime.clock.native
         self.ctx = ctx = InstanceContext(runtime, name, stream)
         self._callbacks: list = []     # C callbacks of the linked host functions, kept alive
         self.store = store = wasmtime.Store(runtime.engine)
@@ -349,10 +348,11 @@ class Processor:
         HOST_EXCEPTION.value = None
         cpu_started = time.thread_time()
         started = deadline.begin_metered(own_ms, wall_ms) if metered else time.perf_counter()
-        call = _call_unchecked_holding_gil if self._quick else _call_unchecked
+        native = deadline.clock.native            # (not cached: a forked child's clock is not native)
+        call = _call_unchecked_holding_gil if self._quick and native else _call_unchecked
         error = call(self._context, self._func_ref, raw, _ONE, self._trap_ref)
         elapsed_us = (time.perf_counter() - started) * 1e6
-        self._quick = self._native_clock and (elapsed_us < QUICK_CALL_US or
+        self._quick = native and (elapsed_us < QUICK_CALL_US or
                                               (time.thread_time() - cpu_started) * 1e6 < QUICK_CALL_US)
         deadline.metered = False
         self.stats.add(elapsed_us)
