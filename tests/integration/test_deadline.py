@@ -24,6 +24,7 @@ import wasmtime
 
 from vision_host.runtime import SandboxLimits
 from vision_host.runtime import processor
+from conftest import REPO
 from wat import module
 
 FRAMES = 300
@@ -239,6 +240,33 @@ def test_a_native_clock_dropped_unclosed_stops_its_timer_and_its_engine_outlives
     assert any(e is engine for _, e in deadline._RETIRED), "the engine is kept a while after its timer"
 
 
+def _in_forked_child(child) -> list[str]:
+    """Run ``child()`` (returning a list of strings) in a process made by ``os.fork()``; its
+    list, read back through a pipe. The child never returns into pytest; one that hangs is
+    killed after 60 s and the test fails."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.write(write_end, "|".join(child()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline_s = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline_s:
+        threading.Event().wait(0.05)                     # the child's exit is what is waited for
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    report = os.read(read_end, 65536).decode()
+    os.close(read_end)
+    assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0, (done[1], report)
+    return report.split("|")
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
 def test_a_forked_child_still_stops_a_runaway_and_keeps_its_own_clocks(runtime_factory, real_frame):
     """fork() keeps neither POSIX timers nor threads, and a child must not start native timers
@@ -259,37 +287,53 @@ def test_a_forked_child_still_stops_a_runaway_and_keeps_its_own_clocks(runtime_f
       (local $n i32) (local.set $n (i32.const 2000000000))
       (loop $l (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br_if $l (local.get $n)))
       (i32.const 7)))"""), []).exports(store)["f"]
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                         # the child: report through the pipe, never return
-        code = 1
+
+    def child() -> list[str]:
+        p.process(real_frame)
+        report = [p.last_error, str(rt.clock.native)]
+        own = deadline.EpochClock(engine)                # the child's own clock, for another engine
+        report.append(str(own.native))
+        rt.clock.close()                                 # the inherited one, closed
+        store.set_epoch_deadline(2)
         try:
-            p.process(real_frame)
-            report = [p.last_error, str(rt.clock.native)]
-            own = deadline.EpochClock(engine)            # the child's own clock, for another engine
-            report.append(str(own.native))
-            rt.clock.close()                             # the inherited one, closed
-            store.set_epoch_deadline(2)
-            try:
-                report.append(f"finished {count_down(store)}")
-            except wasmtime.Trap:
-                report.append("interrupted")
-            own.close()
-            os.write(write_end, "|".join(report).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    deadline_s = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline_s:
-        threading.Event().wait(0.05)                     # the child's exit is what is waited for
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung (a clock that never ticks, or a timer_create that never returns)")
-    status = done[1]
-    report = os.read(read_end, 4096).decode()
-    os.close(read_end)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, report)
-    assert report.split("|") == ["call exceeded its 200 ms deadline (host functions included) and was interrupted",
-                                 "False", "False", "interrupted"]
+            report.append(f"finished {count_down(store)}")
+        except wasmtime.Trap:
+            report.append("interrupted")
+        own.close()
+        return report
+
+    assert _in_forked_child(child) == [
+        "call exceeded its 200 ms deadline (host functions included) and was interrupted", "False", "False",
+        "interrupted"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_a_forked_child_compiles_with_its_own_runtime_and_is_told_why_not_with_the_parents(runtime_factory,
+                                                                                           real_frame):
+    """wasmtime compiles on a thread pool that fork() does not copy: an engine made before the
+    fork would wait for ever compiling in the child. A runtime made in the child compiles on
+    the calling thread and runs the processor; the parent's refuses with a sentence."""
+    from vision_host.runtime import NetworkPolicy
+    from vision_host.runtime.engine import Runtime
+    from vision_host.runtime.processor import ProcessorLoadError
+    wasm = (REPO / "wasm" / "hello.wasm").read_bytes()
+    parent = runtime_factory()
+    parent.load_bytes(wasm, "hello")                     # the parent's compiler threads exist now
+    assert parent.parallel_compilation
+
+    def child() -> list[str]:
+        report = []
+        try:
+            parent.load_bytes(wasm, "hello-again")
+            report.append("compiled")
+        except ProcessorLoadError as exc:
+            report.append(str(exc))
+        with Runtime({}, NetworkPolicy()) as own:
+            p = own.load_bytes(wasm, "hello")
+            report += [str(own.parallel_compilation), str(p.process(real_frame) is real_frame and not p.disabled)]
+        return report
+
+    assert _in_forked_child(child) == [
+        "this runtime was made before the process forked, and its compiler's threads stayed in the parent: make "
+        "the runtime in this process (or use multiprocessing's spawn start method) to load processors here",
+        "False", "True"]

@@ -34,6 +34,21 @@ from .processor import Processor, ProcessorLoadError
 
 log = logging.getLogger("vision_host.runtime")
 
+#: True in a process made by ``fork()`` from one that imported this module: wasmtime compiles
+#: on a thread pool (rayon's) that ``fork()`` does not copy, so an engine made before the fork
+#: waits for ever when it compiles in the child, and engines made in the child compile on the
+#: calling thread.
+_FORKED = False
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 WASI_MODULE = "wasi_snapshot_preview1"
 #: Wall-clock cap on one ``process`` call when :attr:`SandboxLimits.call_hard_timeout_ms` is
 #: not given and ``call_timeout_ms`` is smaller (ms).
@@ -200,6 +215,10 @@ class Runtime:
         cfg = wasmtime.Config()
         cfg.epoch_interruption = True
         cfg.memory_may_move = False   # GuestMemory caches each memory's base address
+        #: The engine compiles on wasmtime's thread pool (not in a forked child: see _FORKED).
+        self.parallel_compilation = not _FORKED
+        cfg.parallel_compilation = self.parallel_compilation
+        self._pid = os.getpid()
         self.engine = wasmtime.Engine(cfg)
         #: Advances the engine's epoch, by which every call deadline is measured.
         self.clock = EpochClock(self.engine)
@@ -224,9 +243,18 @@ class Runtime:
         """Stream 0's caption-request statistics."""
         return self.streams[0].fetch_stats
 
+    def _check_can_compile(self) -> None:
+        """Raise ProcessorLoadError in a process forked from the one that made this runtime,
+        where its engine would wait for ever for its compiler's threads (see _FORKED)."""
+        if self.parallel_compilation and os.getpid() != self._pid:
+            raise ProcessorLoadError("this runtime was made before the process forked, and its compiler's threads "
+                                     "stayed in the parent: make the runtime in this process (or use "
+                                     "multiprocessing's spawn start method) to load processors here")
+
     def accessor_module(self) -> wasmtime.Module:
         """The compiled helper module of :mod:`.accessors` (compiled once per runtime)."""
         if self._accessor_module is None:
+            self._check_can_compile()
             self._accessor_module = wasmtime.Module(self.engine, wasmtime.wat2wasm(_accessors.HELPER_WAT))
         return self._accessor_module
 
@@ -251,6 +279,7 @@ class Runtime:
         if wasm[:4] != b"\0asm":
             raise ProcessorLoadError(f"{origin} is not a WebAssembly module (it does not start "
                                      f"with the \\0asm magic bytes): rebuild it or pick the right file")
+        self._check_can_compile()
         try:
             module = wasmtime.Module(self.engine, wasm)
         except wasmtime.WasmtimeError as exc:
