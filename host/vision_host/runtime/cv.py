@@ -289,6 +289,7 @@ def _flat_index3(a: np.ndarray, x: int, y: int, z: int) -> int:
 def _as_int(v, lo: int, hi: int) -> int:
     """``v`` rounded (half to even, as cvRound) and saturated to [lo, hi]; NaN → 0."""
     if isinstance(v, (np.floating, float)):
+        v = float(v)      # compared as a Python float: no NumPy cast of lo/hi into v's (float16) type
         if v != v:
             return 0
         if v >= hi:
