@@ -192,6 +192,7 @@ def test_a_quick_call_that_waits_in_a_host_function_stays_quick(runtime_factory,
     logger.setLevel(logging.INFO)
     try:
         p = runtime_factory().load_bytes(LOGS_A_LINE, "waits")
+        p.process(real_frame)          # the first call's one-off work (the logger's, the callback's) is real CPU
         for _ in range(3):
             assert p.process(real_frame) is real_frame
             assert p.stats.recent_us[p.stats.calls - 1] >= processor.QUICK_CALL_US and p._quick

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .settings import UsageError, positive_int
+from .settings import UsageError, number_in, whole_number_up_to
 
 #: ``--streams``: at most this many streams (each a decoder, an encoder and threads of its own).
 MAX_STREAMS = 64
@@ -14,27 +14,6 @@ MAX_STREAMS = 64
 MAX_LATENCY_MS = 60_000.0
 #: ``--soak-frames``: at most this many frames (about an hour at this machine's speed).
 MAX_SOAK_FRAMES = 10_000_000
-
-
-def _bounded_int(most: int):
-    """argparse type: a whole number from 1 to ``most``."""
-    def parse(text: str) -> int:
-        value = positive_int(text)
-        if value > most:
-            raise argparse.ArgumentTypeError(f"{text} is more than {most}")
-        return value
-    return parse
-
-
-def _latency_ms(text: str) -> float:
-    """argparse type: a finite number of ms from 0 to MAX_LATENCY_MS."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
-    if not 0 <= value <= MAX_LATENCY_MS:       # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text}: give milliseconds from 0 to {MAX_LATENCY_MS:.0f}")
-    return value
 
 
 #: The real clip ``vision-host bench`` runs on by default (``media/``, linked into the package and
@@ -48,13 +27,13 @@ def add_parser(sub) -> None:
                                          "captions, processor and caption overheads, start-up, a soak")
     bench.add_argument("-s", "--source", metavar="FILE", help="the clip (default: the one the project ships)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    bench.add_argument("--latency-ms", type=_latency_ms, default=2000, metavar="MS",
+    bench.add_argument("--latency-ms", type=number_in(0, MAX_LATENCY_MS, "milliseconds"), default=2000, metavar="MS",
                        help="the local vision server's latency for the blocking comparison (default 2000, "
                             f"at most {MAX_LATENCY_MS:.0f})")
-    bench.add_argument("--soak-frames", type=_bounded_int(MAX_SOAK_FRAMES), default=50_000, metavar="N",
+    bench.add_argument("--soak-frames", type=whole_number_up_to(MAX_SOAK_FRAMES), default=50_000, metavar="N",
                        help=f"frames of the memory soak (default 50000, at most {MAX_SOAK_FRAMES})")
     bench.add_argument("--quick", action="store_true", help="shorter scenarios, rougher figures")
-    bench.add_argument("--streams", type=_bounded_int(MAX_STREAMS), default=1, metavar="N",
+    bench.add_argument("--streams", type=whole_number_up_to(MAX_STREAMS), default=1, metavar="N",
                        help="also run N unpaced -p ollama streams at once against N plain OpenCV threads "
                             f"(interleaved rounds): fps of all streams and the ratio (at most {MAX_STREAMS})")
     bench.set_defaults(handler=cmd_bench)

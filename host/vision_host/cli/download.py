@@ -13,7 +13,7 @@ import argparse
 import re
 import sys
 
-from .settings import UsageError
+from .settings import UsageError, number_in
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
@@ -31,15 +31,8 @@ def size_bytes(text: str) -> int:
     return value
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type: seconds above 0 (at most a day). Raises argparse.ArgumentTypeError."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0 and at most 86400 seconds")
-    return value
+#: argparse type: seconds above 0, at most a day.
+positive_seconds = number_in(0, 86400, "seconds", above_low=True)
 
 
 def add_parser(sub) -> None:

@@ -41,6 +41,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+def whole_number_up_to(most: int):
+    """argparse type: a whole number from 1 to ``most`` (:func:`positive_int` with a bound).
+    Raises argparse.ArgumentTypeError."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"{text} is more than {most}")
+        return value
+    return parse
+
+
+def number_in(low: float, high: float, unit: str, *, above_low: bool = False):
+    """argparse type: a number of ``unit`` (e.g. ``"seconds"``) from ``low`` (or, with
+    ``above_low``, above it) to ``high``; NaN and infinities are refused like any number out
+    of range. Raises argparse.ArgumentTypeError."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+        if not ((low < value) if above_low else (low <= value)) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{text}: give {unit} from {'above ' if above_low else ''}{low:g} "
+                                             f"to {high:g}")
+        return value
+    return parse
+
+
 def setup_logging(level: str) -> None:
     """Log to stderr at ``level`` (a key of :data:`LOG_LEVELS`); urllib3 at warnings only."""
     logging.basicConfig(level=LOG_LEVELS[level], format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -346,9 +346,9 @@ class Processor:
         raw = self._raw
         raw[0].i32 = handle
         HOST_EXCEPTION.value = None
-        cpu_started = time.thread_time()
-        started = deadline.begin_metered(own_ms, wall_ms) if metered else time.perf_counter()
         native = deadline.clock.native            # (not cached: a forked child's clock is not native)
+        cpu_started = time.thread_time() if native else 0.0   # the quick rule's CPU time, where it applies
+        started = deadline.begin_metered(own_ms, wall_ms) if metered else time.perf_counter()
         call = _call_unchecked_holding_gil if self._quick and native else _call_unchecked
         error = call(self._context, self._func_ref, raw, _ONE, self._trap_ref)
         elapsed_us = (time.perf_counter() - started) * 1e6
