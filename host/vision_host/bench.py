@@ -486,12 +486,15 @@ def _soak(frames: list[np.ndarray], server: LatencyServer, count: int) -> dict:
         warm_up = 1000                           # first captions, arenas at their size
         pipeline = Pipeline(_LoopSource(frames, warm_up + count, 30.0), [p], [], rt)
         pipeline.run(warm_up)
-        rss0, guest0, captions0 = rss_bytes(), p.memory_bytes, pipeline.caption_stats.snapshot().completed
+        rss0, guest0, captions0 = rss_bytes(), p.memory_bytes, rt.fetch_stats.completed
         stats = pipeline.run(warm_up + count)
+        rss1, guest1 = rss_bytes(), p.memory_bytes
+        pipeline.drain_captions(10.0)            # the caption in flight at the end is waited for and counted
+        captions = rt.fetch_stats.completed - captions0
         p.close()
-    return {"frames": stats["frames_out"] - warm_up, "rss_bytes_start": rss0, "rss_bytes_end": rss_bytes(),
-            "guest_memory_bytes_start": guest0, "guest_memory_bytes_end": p.memory_bytes,
-            "captions": stats["captions"]["completed"] - captions0, "errors": stats["processors"]["ollama"]["errors"]}
+    return {"frames": stats["frames_out"] - warm_up, "rss_bytes_start": rss0, "rss_bytes_end": rss1,
+            "guest_memory_bytes_start": guest0, "guest_memory_bytes_end": guest1,
+            "captions": captions, "errors": stats["processors"]["ollama"]["errors"]}
 
 
 def machine() -> dict:

@@ -184,7 +184,7 @@ class Pipeline:
             self.ended = time.perf_counter()    # the video's time: a drain below is not in it
             if self.drain_s > 0 and not self.stop_event.is_set() and not self.source.live \
                     and not any(getattr(o, "closed", False) for o in self.outputs):
-                self._drain_captions(self.drain_s)
+                self.drain_captions(self.drain_s)
         finally:
             self.ended = self.ended or time.perf_counter()
             self.caption_bus.end_stream(self.stream.index, self.frames_out / self.source.fps)
@@ -198,7 +198,7 @@ class Pipeline:
         return sum(p.ctx.fetch.in_flight for p in self.processors
                    if not getattr(p, "disabled", False) and getattr(getattr(p, "ctx", None), "fetch", None))
 
-    def _drain_captions(self, limit_s: float) -> None:
+    def drain_captions(self, limit_s: float) -> None:
         """See ``drain_s`` in the class docstring: wait up to ``limit_s`` s (or a :meth:`stop`)
         for the requests in flight, with no new one started."""
         if self._last_frame is None or not self._requests_in_flight():
