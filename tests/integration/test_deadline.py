@@ -206,26 +206,86 @@ def test_a_quick_call_that_waits_in_a_host_function_stays_quick(runtime_factory,
     assert busy.stats.recent_us[0] >= processor.QUICK_CALL_US and not busy._quick
 
 
-def test_a_closed_clock_stops_ticking_and_closes_twice(runtime_factory):
-    """A loop of 10⁸ iterations (tens of ms, many ticks) under a one-tick deadline: interrupted
-    while the clock runs, finished once it is closed."""
+def test_a_start_up_that_runs_away_is_stopped_at_its_deadline_and_says_so(runtime_factory):
+    """Instantiation and ``_initialize`` run under ``init_timeout_ms``: a start-up that never
+    ends fails the load with a sentence, not a wasmtime error."""
+    rt = runtime_factory(limits=SandboxLimits(init_timeout_ms=50))
+    with pytest.raises(processor.ProcessorLoadError,
+                       match="failed while starting: call exceeded its deadline and was interrupted$"):
+        rt.load_bytes(module("""(module (memory (export "memory") 1)
+          (func (export "_initialize") (loop $spin (br $spin)))
+          (func (export "process") (param i32) (result i32) (local.get 0)))"""), "slow-start")
+
+
+def test_a_closed_clock_fires_no_deadline_armed_after_it_and_closes_twice(runtime_factory):
+    """A loop of 10⁸ iterations (tens of ms) under a 1 ms deadline: stopped while the clock
+    runs, finished once it is closed."""
+    from vision_host.runtime import deadline
     rt = runtime_factory()
     store = wasmtime.Store(rt.engine)
     count_down = wasmtime.Instance(store, wasmtime.Module(rt.engine, """(module (func (export "f") (result i32)
       (local $n i32) (local.set $n (i32.const 100000000))
       (loop $l (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br_if $l (local.get $n)))
       (i32.const 7)))"""), []).exports(store)["f"]
-    store.set_epoch_deadline(1)
-    with pytest.raises(wasmtime.Trap, match="interrupt"):
+    d = deadline.CallDeadline(rt.clock, store)
+    d.arm(1, 1)
+    with pytest.raises(wasmtime.WasmtimeError, match="reached its deadline"):
         count_down(store)
+    assert d.expired
     rt.clock.close()
     rt.clock.close()
-    store.set_epoch_deadline(1)
-    assert count_down(store) == 7
+    d.arm(1, 1)
+    assert count_down(store) == 7 and not d.expired
+
+
+COUNT_DOWN = """(module (func (export "f") (param $n i32) (result i32)
+  (loop $l (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br_if $l (local.get $n)))
+  (i32.const 7)))"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native epoch clock needs POSIX timers")
-def test_a_native_clock_dropped_unclosed_stops_its_timer_and_its_engine_outlives_the_last_tick():
+def test_a_native_deadline_fires_only_for_its_own_call_and_no_clock_ticks_meanwhile():
+    """Native deadlines are one-shot timers: the epoch stays where it is while calls end in
+    time (no thread of the C library is started for ticks), and one call's expiry, which moves
+    the engine's shared epoch, does not stop another store's call whose time is not up."""
+    from vision_host.runtime import deadline
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    engine = wasmtime.Engine(config)
+    clock = deadline.EpochClock(engine)
+    assert clock.native and clock._thread is None
+    module = wasmtime.Module(engine, COUNT_DOWN)
+    stores = [wasmtime.Store(engine) for _ in range(2)]
+    deadlines = [deadline.CallDeadline(clock, s) for s in stores]
+    funcs = [wasmtime.Instance(s, module, []).exports(s)["f"] for s in stores]
+    for _ in range(100):                                  # calls that end in time move no epoch
+        deadlines[0].arm(1000, 1000)
+        assert funcs[0](stores[0], 1000) == 7
+    probe = wasmtime.Store(engine)
+    probe.set_epoch_deadline(1)                           # reached by the first expiry
+    spin = wasmtime.Instance(probe, module, []).exports(probe)["f"]
+    assert spin(probe, 1000) == 7, "the epoch moved although no call ran out of time"
+    results = []
+
+    def long_call():
+        deadlines[1].arm(60_000, 60_000)
+        results.append(funcs[1](stores[1], 1_500_000_000))   # about a second: many expiries of the other
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    stopped = 0
+    while t.is_alive():
+        deadlines[0].arm(1, 1)                            # a runaway stopped at 1 ms, again and again
+        with pytest.raises(wasmtime.WasmtimeError, match="reached its deadline"):
+            funcs[0](stores[0], 2_000_000_000)
+        stopped += 1
+    t.join()
+    assert results == [7] and not deadlines[1].expired and stopped > 1
+    clock.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native epoch clock needs POSIX timers")
+def test_a_call_deadline_dropped_unclosed_deletes_its_timer_and_its_engine_outlives_the_last_expiry():
     import gc
 
     from vision_host.runtime import deadline
@@ -233,12 +293,20 @@ def test_a_native_clock_dropped_unclosed_stops_its_timer_and_its_engine_outlives
     config.epoch_interruption = True
     engine = wasmtime.Engine(config)
     clock = deadline.EpochClock(engine)
-    key = id(clock)
+    store = wasmtime.Store(engine)
+    d = deadline.CallDeadline(clock, store)
+    d.arm(1000, 1000)
+    key = id(d)
     assert clock.native and deadline._LIVE_TIMERS[key][1] is engine   # the timer holds its engine
-    del clock
+    del d
     gc.collect()
     assert key not in deadline._LIVE_TIMERS
     assert any(e is engine for _, e in deadline._RETIRED), "the engine is kept a while after its timer"
+    f = wasmtime.Instance(store, wasmtime.Module(engine, COUNT_DOWN), []).exports(store)["f"]
+    engine.increment_epoch()                              # the store outlives its deadline: its call ends
+    with pytest.raises(wasmtime.WasmtimeError, match="reached its deadline"):
+        f(store, 1000)
+    clock.close()
 
 
 def _in_forked_child(child) -> list[str]:

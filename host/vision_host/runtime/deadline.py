@@ -1,20 +1,31 @@
 """Call deadlines: how a processor call that runs away is stopped.
 
 wasmtime's epoch interruption (``Config.epoch_interruption``; wasmtime's documentation of
-``Engine::increment_epoch`` and ``Store::set_epoch_deadline``): an :class:`EpochClock`
-advances the engine's epoch every :data:`EPOCH_TICK_S` s, and a store's epoch deadline, set
-in ticks from now, traps the guest's code once reached.
+``Engine::increment_epoch``, ``Store::set_epoch_deadline`` and
+``Store::epoch_deadline_callback``): when the engine's epoch reaches a store's epoch deadline,
+the guest's code stops at its next check and the store's deadline callback decides: go on
+(with a new deadline) or end the call with an error. A :class:`CallDeadline` arms one
+processor's deadline for each call and holds that callback; its calls end in
+:class:`DeadlineExpired` once their time is up.
 
-Where the C library has POSIX timers (Linux), the clock is native: a ``timer_create`` timer
-with ``SIGEV_THREAD`` notification (POSIX.1-2008, ``timer_create(2)``) has the C library call
-``wasmtime_engine_increment_epoch(engine)`` on a thread of its own at every tick, so the epoch
-advances without Python's global interpreter lock. A quick processor's calls can then hold
-the lock (see :mod:`.processor`): with four streams on two cores, releasing and taking it back
-around each call of a few µs cost a sixth of the frames. Elsewhere a Python thread ticks, and
-every call releases the lock. A child made by ``fork()`` inherits neither timers nor threads,
-and must not start native timers (glibc's are not fork-safe): its clocks tick from Python
-threads (``os.register_at_fork``). A :class:`CallDeadline` arms one
-processor's deadline for each call, in one of the two modes of
+Where the C library has POSIX timers (Linux), the clock is native: each :class:`CallDeadline`
+owns a one-shot ``timer_create`` timer with ``SIGEV_THREAD`` notification (POSIX.1-2008,
+``timer_create(2)``), set for each call to the call's deadline, whose expiry has the C library
+call ``wasmtime_engine_increment_epoch(engine)`` on a thread of its own, without Python's
+global interpreter lock. The store's deadline is the next epoch; since the epoch is the
+engine's, another call's expiry may reach it first, and the callback then lets the call go on
+until its own time is up. A call that ends in time costs one ``timer_settime`` and nothing
+else: no clock ticks while calls end in time (a ticking timer would start a thread of the C
+library for every tick, 200 a second, which cost a few points of the frame rate of four
+streams on two cores). A quick processor's calls can hold the interpreter lock (see
+:mod:`.processor`): with four streams on two cores, releasing and taking it back around each
+call of a few µs cost a sixth of the frames.
+
+Elsewhere an :class:`EpochClock` thread of Python's advances the epoch every
+:data:`EPOCH_TICK_S` s, deadlines are counted in its ticks, and every call releases the lock.
+A child made by ``fork()`` inherits neither timers nor threads, and must not start native
+timers (glibc's are not fork-safe): its clocks tick from Python threads
+(``os.register_at_fork``). A :class:`CallDeadline` arms a call in one of the two modes of
 :meth:`.engine.SandboxLimits.deadlines_ms`: one wall-clock deadline for the whole call, host
 functions included, or a budget of the processor's own code (re-armed after each host
 function) under a wall-clock cap checked whenever the processor calls the host.
@@ -35,7 +46,8 @@ import weakref
 import wasmtime
 from wasmtime import _bindings as _ffi
 
-#: Seconds between two epoch ticks: the resolution of every deadline.
+#: Seconds between two ticks of a Python thread's clock: the resolution of deadlines where
+#: the clock is not native (a native deadline fires at its time).
 EPOCH_TICK_S = 0.005
 
 #: wasmtime's shared library as a ctypes.PyDLL: its functions are called holding Python's
@@ -51,6 +63,11 @@ _set_epoch_deadline.restype = None
 
 class CallTimeout(Exception):
     """A processor call ran past its wall-clock cap (host functions included)."""
+
+
+class DeadlineExpired(Exception):
+    """A call reached the deadline its :class:`CallDeadline` armed (the guest's code was
+    stopped by the epoch-deadline callback)."""
 
 
 class _SigVal(ctypes.Union):
@@ -75,11 +92,12 @@ class _ITimerSpec(ctypes.Structure):
 
 _SIGEV_THREAD = 2
 _CLOCK_MONOTONIC = 1
-#: Native timers running, by id: (the timer, its engine). The engine stays referenced here while
-#: its timer runs, so it is never freed under a tick, even when its clock is dropped unclosed.
+#: Native timers, by the id of their CallDeadline: (the timer, its engine). The engine stays
+#: referenced here while its timer exists, so it is never freed under an expiry, even when the
+#: deadline is dropped unclosed.
 _LIVE_TIMERS: dict[int, tuple[ctypes.c_void_p, wasmtime.Engine]] = {}
-#: Engines whose native timer was deleted, kept alive for a while: a tick's thread started just
-#: before the deletion may still be calling into the engine. (time.monotonic() retired, engine)
+#: Engines whose native timer was deleted, kept alive for a while: an expiry's thread started
+#: just before the deletion may still be calling into the engine. (time.monotonic() retired, engine)
 _RETIRED: list[tuple[float, wasmtime.Engine]] = []
 _RETIRED_KEEP_S = 5.0
 
@@ -135,69 +153,89 @@ if hasattr(os, "register_at_fork"):
 
 @atexit.register
 def _delete_timers_at_exit() -> None:
-    """Stop every native timer before the interpreter frees the engines (a clock not closed)."""
+    """Delete every native timer before the interpreter frees the engines (a deadline not closed)."""
     for key in list(_LIVE_TIMERS):
         _delete_timer(key)
 
 
-def _native_timer(engine: wasmtime.Engine) -> ctypes.c_void_p | None:
-    """Start a POSIX timer calling ``wasmtime_engine_increment_epoch(engine)`` every
-    :data:`EPOCH_TICK_S` s on threads of the C library; None where there is none (not Linux)."""
-    global _TIMER_STARTED
+def _native_timers_available() -> bool:
+    """POSIX timers can run deadlines here: Linux, 64-bit (the ``sigevent`` layout above), and
+    not a child forked from a process that had native timers."""
     if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8 or _FORKED_FROM_TIMERS:
-        return None
+        return False
     try:
         libc = _libc()
-        create, settime = libc.timer_create, libc.timer_settime
+        return bool(libc.timer_create and libc.timer_settime and libc.timer_delete)
     except (OSError, AttributeError):
+        return False
+
+
+@functools.cache
+def _timer_settime():
+    """``timer_settime`` called holding the interpreter lock (a system call that never blocks)."""
+    settime = ctypes.PyDLL(None, use_errno=True)["timer_settime"]
+    settime.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_ITimerSpec), ctypes.c_void_p]
+    settime.restype = ctypes.c_int
+    return settime
+
+
+def _native_timer(engine: wasmtime.Engine) -> ctypes.c_void_p | None:
+    """A new POSIX timer, not yet set, that calls ``wasmtime_engine_increment_epoch(engine)``
+    on a thread of the C library when it expires; None when the C library refuses one."""
+    global _TIMER_STARTED
+    if not _native_timers_available():
         return None
     event = _SigEvent()
     event.sigev_notify = _SIGEV_THREAD
     event.sigev_notify_function = ctypes.cast(_ffi.dll.wasmtime_engine_increment_epoch, ctypes.c_void_p).value
     event.sigev_value.sival_ptr = ctypes.cast(engine.ptr(), ctypes.c_void_p).value
     timer = ctypes.c_void_p()
-    if create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
+    if _libc().timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
         return None
     _TIMER_STARTED = True
-    tick = _TimeSpec(0, round(EPOCH_TICK_S * 1e9))
-    if settime(timer, 0, ctypes.byref(_ITimerSpec(tick, tick)), None) != 0:
-        libc.timer_delete(timer)
-        return None
     return timer
 
 
 class EpochClock:
-    """Advances ``engine``'s epoch every :data:`EPOCH_TICK_S` s until :meth:`close`: from a
-    native timer where the C library has POSIX timers (:attr:`native`), else from a daemon
-    thread.
+    """The run's clock of call deadlines for ``engine`` until :meth:`close`: native (one-shot
+    POSIX timers, one per :class:`CallDeadline`, :attr:`native`) where the C library has them,
+    else a daemon thread advancing the epoch every :data:`EPOCH_TICK_S` s.
 
     Attributes:
-        native: the epoch advances without Python's interpreter lock (a wasm call may hold it).
+        native: deadlines fire from native timers, without Python's interpreter lock (a wasm
+            call may hold it); the epoch only advances when one fires.
         epoch: with the thread, ticks so far as the clock counts them (the engine's count is
-            this or one more); with the native timer, 0 (not counted: calls arm every time).
+            this or one more); native, 0 (not counted).
     """
 
     def __init__(self, engine: wasmtime.Engine):
         self.engine = engine
         self.epoch = 0
         self._stop = threading.Event()
-        self.native = False
+        self.native = _native_timers_available()
         self._thread: threading.Thread | None = None
-        self._start(first=True)
+        if not self.native:
+            self._start()
         _CLOCKS.add(self)
 
-    def _start(self, first: bool = False) -> None:
-        """Start ticking: the native timer where there is one (first start only), else the
-        thread (again in a forked child, where neither is inherited)."""
+    @property
+    def closed(self) -> bool:
+        """:meth:`close` was called: no deadline armed from now on fires."""
+        return self._stop.is_set()
+
+    def _start(self) -> None:
+        """Tick from a Python thread (where there are no native timers, or in a forked child,
+        which inherits no thread)."""
         if self._stop.is_set():
             return
-        timer = _native_timer(self.engine) if first else None
-        if timer is not None:
-            self.native = True
-            _LIVE_TIMERS[id(self)] = (timer, self.engine)
-        else:
-            self._thread = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._tick, name="vision-host-epoch", daemon=True)
+        self._thread.start()
+
+    def use_thread(self) -> None:
+        """Give up native timers (the C library refused one): tick from a thread from now on."""
+        if self.native:
+            self.native = False
+            self._start()
 
     def _tick(self) -> None:
         while not self._stop.wait(EPOCH_TICK_S):
@@ -206,19 +244,22 @@ class EpochClock:
 
     @staticmethod
     def ticks(ms: float) -> int:
-        """Epoch ticks covering ``ms`` milliseconds (at least 1, plus one for the tick under way)."""
+        """Thread ticks covering ``ms`` milliseconds (at least 1, plus one for the tick under way)."""
         return max(1, math.ceil(ms / (EPOCH_TICK_S * 1000.0))) + 1
 
     def close(self) -> None:
-        """Stop ticking (deadlines armed from now on never fire). Idempotent."""
+        """Stop (deadlines armed from now on never fire). Idempotent."""
         self._stop.set()
         _CLOCKS.discard(self)
         if self._thread is not None:
             self._thread.join()
-        _delete_timer(id(self))
 
-    def __del__(self) -> None:
-        _delete_timer(id(self))     # a clock dropped unclosed: its timer must not tick on
+
+#: wasmtime's epoch-deadline callback type (``wasmtime_store_epoch_deadline_callback``).
+_DEADLINE_CALLBACK = _ffi._wasmtime_store_epoch_deadline_callback.argtypes[1]
+_NO_FINALIZER = _ffi._wasmtime_store_epoch_deadline_callback.argtypes[3]()
+_CONTINUE = 0           # wasmtime_update_deadline_kind_t: WASMTIME_UPDATE_DEADLINE_CONTINUE
+_NS_PER_S = 1_000_000_000
 
 
 class CallDeadline:
@@ -226,7 +267,8 @@ class CallDeadline:
 
     Args:
         clock: the run's :class:`EpochClock`.
-        store: the processor's store (its epoch deadline is what this arms).
+        store: the processor's store (its epoch deadline is what this arms; its epoch-deadline
+            callback is set here).
 
     Attributes:
         metered: True during a call whose processor's own code has a budget of its own
@@ -234,6 +276,8 @@ class CallDeadline:
             :meth:`host_call` (or :meth:`timed`), which keeps their time out of the budget and
             checks the cap. Otherwise the one wall-clock deadline armed by :meth:`arm` covers
             the whole call.
+        expired: the call armed last was stopped at its deadline (its error is then wasmtime's
+            for the callback's refusal: read this to tell, and say :class:`DeadlineExpired`).
     """
 
     def __init__(self, clock: EpochClock, store: wasmtime.Store):
@@ -241,33 +285,57 @@ class CallDeadline:
         self.store = store
         self._context = ctypes.c_void_p(ctypes.cast(store._context(), ctypes.c_void_p).value)
         self.metered = False
+        self.expired = False
         # Accounting of the current metered call (s, time.perf_counter()).
         self._budget_s = self._hard_s = self._guest_s = 0.0
         self._call_started = self._resumed = 0.0
-        # The epoch tick (EpochClock.epoch) before which the armed deadline cannot fire; -1:
-        # unknown (armed for something else), so the next call arms its own.
+        # The thread clock's tick (EpochClock.epoch) before which the armed deadline cannot
+        # fire; -1: unknown (armed for something else), so the next call arms its own.
         self._armed = -1
         self._wall = (0.0, 0)          # (wall-clock deadline in ms, its epoch ticks), cached
         self._ticks: dict[int, ctypes.c_uint64] = {}
+        # Native: the timer (made at the first call), and when the armed call's time is up
+        # (time.perf_counter(), s; the timer expires at or after it).
+        self._timer: ctypes.c_void_p | None = None
+        self._due = math.inf
+        self._specs: dict[float, ctypes._Pointer] = {}
+        mine = weakref.ref(self)
+
+        def on_deadline(_context, _data, delta, kind):
+            me = mine()
+            if me is not None and me.clock.native and time.perf_counter() < me._due:
+                delta[0] = 1           # another call's timer moved the epoch: go on to the next one
+                kind[0] = _CONTINUE
+                return 0
+            if me is not None:
+                me.expired = True
+            return ctypes.cast(_ffi.wasmtime_error_new(b"the call reached its deadline"), ctypes.c_void_p).value
+
+        # Kept by the store, which calls it (and may outlive this object: the callback then ends
+        # the call, which no one can arm any more).
+        store._vision_host_deadline_callback = callback = _DEADLINE_CALLBACK(on_deadline)
+        _ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), callback, None, _NO_FINALIZER)
 
     def arm(self, own_ms: float, wall_ms: float) -> bool:
         """Arm the deadline of the call about to start (``(own_ms, wall_ms)`` as
         :meth:`.engine.SandboxLimits.deadlines_ms` gives them); True when the call is metered
         (``own_ms < wall_ms``: then call :meth:`begin_metered` right before it).
 
-        With one wall-clock deadline and the thread's clock, the armed epoch deadline is reused
+        Native, the store's deadline is the next epoch and the timer is set to the call's
+        time (one ``timer_settime``): the call is stopped when its time is up, not before.
+        With the thread's clock and one wall-clock deadline, the armed epoch deadline is reused
         while it falls in [deadline, deadline + a quarter of it] from now, and re-armed
         otherwise (about four times per deadline span): a call is never interrupted before its
-        deadline and always by 1.25× it (plus a tick), and most calls skip the C call. With
-        the native clock every call arms its deadline.
+        deadline and always by 1.25× it (plus a tick), and most calls skip the C call.
         """
+        self.expired = False
+        if self.clock.native:
+            self._arm_native(min(own_ms, wall_ms))
+            return own_ms < wall_ms
         if own_ms < wall_ms:
             _set_epoch_deadline(self._context, self._ticks_of(self.clock.ticks(own_ms)))
             self._armed = -1
             return True
-        if self.clock.native:          # ticks are not counted here: arm every call (a fraction of a µs)
-            _set_epoch_deadline(self._context, self._ticks_of(self.clock.ticks(wall_ms)))
-            return False
         if self._wall[0] != wall_ms:
             self._wall = (wall_ms, self.clock.ticks(wall_ms))
         ticks = self._wall[1]
@@ -276,6 +344,39 @@ class CallDeadline:
             _set_epoch_deadline(self._context, self._ticks_of(ticks + (ticks >> 2)))
             self._armed = earliest + (ticks >> 2)
         return False
+
+    def _arm_native(self, ms: float) -> None:
+        """Stop the guest's code ``ms`` ms from now (at least 1 µs: a zero time unsets a timer)."""
+        self._due = time.perf_counter() + ms / 1000.0     # read first: the timer expires at or after it
+        _set_epoch_deadline(self._context, self._ticks_of(1))
+        if self.clock.closed:
+            return
+        timer = self._timer
+        if timer is None:
+            timer = self._timer = _native_timer(self.clock.engine)
+            if timer is None:               # refused (a limit of the C library): tick from a thread
+                self.clock.use_thread()
+                self._armed = -1
+                _set_epoch_deadline(self._context, self._ticks_of(self.clock.ticks(ms)))
+                return
+            _LIVE_TIMERS[id(self)] = (timer, self.clock.engine)
+        spec = self._specs.get(ms)
+        if spec is None:
+            if len(self._specs) > 64:
+                self._specs.clear()
+            ns = max(1000, round(ms * 1e6)) if math.isfinite(ms) else 10 ** 15
+            spec = self._specs[ms] = ctypes.pointer(_ITimerSpec(_TimeSpec(0, 0),
+                                                                _TimeSpec(ns // _NS_PER_S, ns % _NS_PER_S)))
+        if _timer_settime()(timer, 0, spec, None) != 0:
+            raise OSError(ctypes.get_errno(), "timer_settime failed for a call deadline")
+
+    def close(self) -> None:
+        """Delete the native timer (a later call makes another). Idempotent."""
+        self._timer = None
+        _delete_timer(id(self))
+
+    def __del__(self) -> None:
+        _delete_timer(id(self))     # dropped unclosed: its timer must not outlive it
 
     def begin_metered(self, own_ms: float, wall_ms: float) -> float:
         """A metered call starts now, with ``own_ms`` of its own code and ``wall_ms`` in all;
@@ -326,12 +427,15 @@ class CallDeadline:
         return call
 
     def rearm(self) -> None:
-        """In a metered call, set the epoch deadline to the guest time left (host functions
-        run outside it; before re-entering the guest, e.g. its allocator, it must be re-armed).
+        """In a metered call, set the deadline to the guest time left (host functions run
+        outside it; before re-entering the guest, e.g. its allocator, it must be re-armed).
         Otherwise nothing: the call's one wall-clock deadline stands."""
         if self.metered:
             left_ms = (self._budget_s - self._guest_s) * 1000.0
-            self.store.set_epoch_deadline(self.clock.ticks(left_ms) if left_ms > 0 else 1)
+            if self.clock.native:
+                self._arm_native(max(left_ms, 0.0))
+            else:
+                self.store.set_epoch_deadline(self.clock.ticks(left_ms) if left_ms > 0 else 1)
             self._armed = -1
 
     def _ticks_of(self, ticks: int) -> ctypes.c_uint64:

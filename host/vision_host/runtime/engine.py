@@ -73,8 +73,9 @@ class SandboxLimits:
             calls is not counted), and the wall-clock cap still bounds the whole call.
         call_hard_timeout_ms: wall-clock cap on one ``process`` call, host functions included,
             in ms; None (the default): the larger of 1000 and ``call_timeout_ms``. Enforced by
-            the epoch deadline in the processor's code (which stops it between the cap and
-            1.25 × the cap, plus a 5 ms tick: the armed deadline is reused across calls) and, when
+            the epoch deadline in the processor's code (which stops it at the cap with the native
+            clock, else between the cap and 1.25 × the cap, plus a 5 ms tick: the thread clock's
+            armed deadline is reused across calls) and, when
             the processor's own code has a budget, checked whenever it calls the host (a single
             host function that blocks is not interrupted; the call stops once it returns).
         init_timeout_ms: deadline for instantiation and ``_initialize``.

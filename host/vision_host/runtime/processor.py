@@ -25,7 +25,7 @@ from wasmtime import _func as _wasmtime_func
 
 from . import accessors as _accessors
 from .abi import AbiError, GuestMemory
-from .deadline import WASMTIME_HOLDING_GIL, CallDeadline, CallTimeout
+from .deadline import WASMTIME_HOLDING_GIL, CallDeadline, CallTimeout, DeadlineExpired
 from .fetch import FetchClient, FetchError
 from .frame_ring import FrameRing
 from .handles import HandleTable
@@ -52,8 +52,8 @@ SLOW_CALL_MS = 100.0
 # what the bindings' checked conversions do per call.
 #
 # The call releases Python's interpreter lock (ctypes' default) unless the processor is quick:
-# its last call took under QUICK_CALL_US and the epoch clock is native (it ticks without the
-# lock, so a runaway is still stopped at its deadline). Taking the lock back after a call of a
+# its last call took under QUICK_CALL_US and the deadline clock is native (its timers fire
+# without the lock, so a runaway is still stopped at its deadline). Taking the lock back after a call of a
 # few µs waits for whichever thread took it meanwhile: with four streams on two cores that cost
 # a sixth of the frames (603 against 719 frames/s). A quick processor that turns into a runaway
 # holds the lock (other Python threads wait) until its deadline stops it, once: its next call
@@ -235,7 +235,7 @@ class Processor:
         store.set_wasi(wasi)
         linker = wasmtime.Linker(runtime.engine)
         linker.define_wasi()
-        store.set_epoch_deadline(runtime.clock.ticks(runtime.limits.init_timeout_ms))
+        deadline.arm(runtime.limits.init_timeout_ms, runtime.limits.init_timeout_ms)   # start-up's
         served = _accessors.served_imports(module, HOST_FUNCTIONS) if runtime.wasm_accessors else {}
         if served:
             try:
@@ -272,7 +272,8 @@ class Processor:
         except ProcessorLoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - any trap during start-up
-            raise ProcessorLoadError(f"processor {name} ({path}) failed while starting: {_describe(exc)}") from None
+            why = _describe(DeadlineExpired() if deadline.expired else exc)
+            raise ProcessorLoadError(f"processor {name} ({path}) failed while starting: {why}") from None
         #: The instance's exports; a function called through them from outside :meth:`process`
         #: (tests, tools) writes back what the processor wrote through the in-wasm accessors
         #: when it returns, as every return from the processor's code to the host does.
@@ -364,7 +365,7 @@ class Processor:
             out_handle = raw[0].i32 & 0xFFFF_FFFF
             result = mats.get(out_handle)
         except Exception as exc:  # noqa: BLE001 - traps, timeouts and ABI errors alike
-            exc = host_exception(exc)
+            exc = DeadlineExpired() if deadline.expired else host_exception(exc)
             mats.discard(handle)
             mats.drop_from(handle + 1)   # mats created by the failed call
             mats.release_closed()
@@ -428,8 +429,9 @@ class Processor:
                       "without it", self.name, self._consecutive, why)
 
     def close(self) -> None:
-        """Cancel the processor's HTTP requests."""
+        """Cancel the processor's HTTP requests and delete its deadline's timer."""
         self.ctx.fetch.close()
+        self.deadline.close()
 
 
 def _maybe(exports, name: str):
@@ -446,15 +448,14 @@ def _describe(exc: BaseException, own_code_ms: float | None = None, wall_ms: flo
         return f"ABI violation: {exc}"
     if isinstance(exc, CallTimeout):
         return str(exc)
+    if isinstance(exc, DeadlineExpired):
+        if own_code_ms:
+            return (f"call exceeded its {own_code_ms:g} ms deadline (time in the processor's own code) "
+                    f"and was interrupted")
+        if wall_ms:
+            return f"call exceeded its {wall_ms:g} ms deadline (host functions included) and was interrupted"
+        return "call exceeded its deadline and was interrupted"
     if isinstance(exc, wasmtime.Trap):
-        code = exc.trap_code
-        if code == wasmtime.TrapCode.INTERRUPT:
-            if own_code_ms:
-                return (f"call exceeded its {own_code_ms:g} ms deadline (time in the processor's own code) "
-                        f"and was interrupted")
-            if wall_ms:
-                return f"call exceeded its {wall_ms:g} ms deadline (host functions included) and was interrupted"
-            return "call exceeded its deadline and was interrupted"
         return f"trapped ({_trap_cause(str(exc))})"
     if isinstance(exc, wasmtime.ExitTrap):
         return f"called proc_exit({exc.code})"
