@@ -246,8 +246,9 @@ COUNT_DOWN = """(module (func (export "f") (param $n i32) (result i32)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native epoch clock needs POSIX timers")
 def test_a_native_deadline_fires_only_for_its_own_call_and_no_clock_ticks_meanwhile():
     """Native deadlines are one-shot timers: the epoch stays where it is while calls end in
-    time (no thread of the C library is started for ticks), and one call's expiry, which moves
-    the engine's shared epoch, does not stop another store's call whose time is not up."""
+    time (no thread of the C library is started for ticks), one call's expiry, which moves
+    the engine's shared epoch, does not stop another store's call whose time is not up, and a
+    timer set for an earlier, shorter deadline does not stop a later call before its own."""
     from vision_host.runtime import deadline
     config = wasmtime.Config()
     config.epoch_interruption = True
@@ -281,6 +282,12 @@ def test_a_native_deadline_fires_only_for_its_own_call_and_no_clock_ticks_meanwh
         stopped += 1
     t.join()
     assert results == [7] and not deadlines[1].expired and stopped > 1
+    deadlines[0].arm(50, 50)
+    deadlines[0].arm(300, 300)        # the timer set for 50 ms fires first: set on, not obeyed
+    started = time.perf_counter()
+    with pytest.raises(wasmtime.WasmtimeError, match="reached its deadline"):
+        funcs[0](stores[0], 2_000_000_000)
+    assert time.perf_counter() - started >= 0.3 - 0.001 and deadlines[0].expired
     clock.close()
 
 

@@ -10,12 +10,13 @@ processor's deadline for each call and holds that callback; its calls end in
 
 Where the C library has POSIX timers (Linux), the clock is native: each :class:`CallDeadline`
 owns a one-shot ``timer_create`` timer with ``SIGEV_THREAD`` notification (POSIX.1-2008,
-``timer_create(2)``), set for each call to the call's deadline, whose expiry has the C library
+``timer_create(2)``), set to fire by each call's deadline, whose expiry has the C library
 call ``wasmtime_engine_increment_epoch(engine)`` on a thread of its own, without Python's
 global interpreter lock. The store's deadline is the next epoch; since the epoch is the
 engine's, another call's expiry may reach it first, and the callback then lets the call go on
-until its own time is up. A call that ends in time costs one ``timer_settime`` and nothing
-else: no clock ticks while calls end in time (a ticking timer would start a thread of the C
+until its own time is up. A timer set for an earlier call that fires before a later call's
+time is set on from the callback, so while calls end in time a processor's timer is set about
+once per deadline span, and nothing ticks (a ticking timer would start a thread of the C
 library for every tick, 200 a second, which cost a few points of the frame rate of four
 streams on two cores). A quick processor's calls can hold the interpreter lock (see
 :mod:`.processor`): with four streams on two cores, releasing and taking it back around each
@@ -206,22 +207,19 @@ class EpochClock:
             call may hold it); the epoch only advances when one fires.
         epoch: with the thread, ticks so far as the clock counts them (the engine's count is
             this or one more); native, 0 (not counted).
+        closed: :meth:`close` was called: no deadline armed from now on fires.
     """
 
     def __init__(self, engine: wasmtime.Engine):
         self.engine = engine
         self.epoch = 0
         self._stop = threading.Event()
+        self.closed = False
         self.native = _native_timers_available()
         self._thread: threading.Thread | None = None
         if not self.native:
             self._start()
         _CLOCKS.add(self)
-
-    @property
-    def closed(self) -> bool:
-        """:meth:`close` was called: no deadline armed from now on fires."""
-        return self._stop.is_set()
 
     def _start(self) -> None:
         """Tick from a Python thread (where there are no native timers, or in a forked child,
@@ -249,6 +247,7 @@ class EpochClock:
 
     def close(self) -> None:
         """Stop (deadlines armed from now on never fire). Idempotent."""
+        self.closed = True
         self._stop.set()
         _CLOCKS.discard(self)
         if self._thread is not None:
@@ -295,16 +294,17 @@ class CallDeadline:
         self._wall = (0.0, 0)          # (wall-clock deadline in ms, its epoch ticks), cached
         self._ticks: dict[int, ctypes.c_uint64] = {}
         # Native: the timer (made at the first call), and when the armed call's time is up
-        # (time.perf_counter(), s; the timer expires at or after it).
+        # (time.perf_counter(), s).
         self._timer: ctypes.c_void_p | None = None
+        self._expiry = 0.0             # when the timer set last expires (time.perf_counter(), s)
         self._due = math.inf
         self._specs: dict[float, ctypes._Pointer] = {}
         mine = weakref.ref(self)
 
         def on_deadline(_context, _data, delta, kind):
             me = mine()
-            if me is not None and me.clock.native and time.perf_counter() < me._due:
-                delta[0] = 1           # another call's timer moved the epoch: go on to the next one
+            if me is not None and me._fired():
+                delta[0] = 1           # not this call's time yet: go on to the next epoch
                 kind[0] = _CONTINUE
                 return 0
             if me is not None:
@@ -321,8 +321,8 @@ class CallDeadline:
         :meth:`.engine.SandboxLimits.deadlines_ms` gives them); True when the call is metered
         (``own_ms < wall_ms``: then call :meth:`begin_metered` right before it).
 
-        Native, the store's deadline is the next epoch and the timer is set to the call's
-        time (one ``timer_settime``): the call is stopped when its time is up, not before.
+        Native, the store's deadline is the next epoch and the timer fires by the call's time
+        (see :meth:`_arm_native`): the call is stopped when its time is up, not before.
         With the thread's clock and one wall-clock deadline, the armed epoch deadline is reused
         while it falls in [deadline, deadline + a quarter of it] from now, and re-armed
         otherwise (about four times per deadline span): a call is never interrupted before its
@@ -346,20 +346,32 @@ class CallDeadline:
         return False
 
     def _arm_native(self, ms: float) -> None:
-        """Stop the guest's code ``ms`` ms from now (at least 1 µs: a zero time unsets a timer)."""
-        self._due = time.perf_counter() + ms / 1000.0     # read first: the timer expires at or after it
+        """Stop the guest's code ``ms`` ms from now. The timer is set only when the one set for
+        an earlier call would fire later than this call's deadline, or has fired: while calls
+        end in time it is set about once per deadline span, and when it fires early for the
+        call under way, :meth:`_fired` sets it on to the call's own time."""
+        now = time.perf_counter()
+        due = self._due = now + ms / 1000.0
         _set_epoch_deadline(self._context, self._ticks_of(1))
-        if self.clock.closed:
+        if self.clock.closed or now < self._expiry <= due:
             return
-        timer = self._timer
-        if timer is None:
-            timer = self._timer = _native_timer(self.clock.engine)
-            if timer is None:               # refused (a limit of the C library): tick from a thread
+        if self._timer is None:
+            self._timer = _native_timer(self.clock.engine)
+            if self._timer is None:          # refused (a limit of the C library): tick from a thread
                 self.clock.use_thread()
                 self._armed = -1
                 _set_epoch_deadline(self._context, self._ticks_of(self.clock.ticks(ms)))
                 return
-            _LIVE_TIMERS[id(self)] = (timer, self.clock.engine)
+            _LIVE_TIMERS[id(self)] = (self._timer, self.clock.engine)
+        self._set_timer(ms, now)
+
+    def _set_timer(self, ms: float, now: float) -> None:
+        """Set the timer to expire ``ms`` ms after ``now`` (time.perf_counter(), read before;
+        at least 1 µs: a zero time unsets a timer).
+
+        Raises:
+            OSError: the C library refused (an invalid timer).
+        """
         spec = self._specs.get(ms)
         if spec is None:
             if len(self._specs) > 64:
@@ -367,12 +379,30 @@ class CallDeadline:
             ns = max(1000, round(ms * 1e6)) if math.isfinite(ms) else 10 ** 15
             spec = self._specs[ms] = ctypes.pointer(_ITimerSpec(_TimeSpec(0, 0),
                                                                 _TimeSpec(ns // _NS_PER_S, ns % _NS_PER_S)))
-        if _timer_settime()(timer, 0, spec, None) != 0:
+        if _timer_settime()(self._timer, 0, spec, None) != 0:
             raise OSError(ctypes.get_errno(), "timer_settime failed for a call deadline")
+        self._expiry = now + ms / 1000.0
+
+    def _fired(self) -> bool:
+        """The epoch reached the store's deadline (a timer fired, this one or another
+        processor's): True when the call under way may go on (its time is not up; the timer is
+        set on to it if it was this one that fired)."""
+        if not self.clock.native:
+            return False
+        now = time.perf_counter()
+        if now >= self._due:
+            return False
+        if self._expiry <= now and self._timer is not None:
+            try:
+                self._set_timer((self._due - now) * 1000.0, now)
+            except OSError:
+                return False                 # no timer would stop it: stop it now
+        return True
 
     def close(self) -> None:
         """Delete the native timer (a later call makes another). Idempotent."""
         self._timer = None
+        self._expiry = 0.0
         _delete_timer(id(self))
 
     def __del__(self) -> None:
