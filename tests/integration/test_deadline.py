@@ -291,6 +291,20 @@ def test_a_native_deadline_fires_only_for_its_own_call_and_no_clock_ticks_meanwh
     clock.close()
 
 
+def test_a_refused_native_timer_falls_back_to_the_thread_clock_and_still_stops_a_runaway(runtime_factory,
+                                                                                      real_frame, monkeypatch):
+    """Where ``timer_create`` refuses (a limit of the C library), the clock ticks from a Python
+    thread from then on, and the call that asked is still stopped at its deadline."""
+    from vision_host.runtime import deadline
+    monkeypatch.setattr(deadline, "_native_timer", lambda engine: None)
+    rt = runtime_factory(limits=SandboxLimits(call_timeout_ms=200, call_hard_timeout_ms=200))
+    p = rt.load_bytes(LOOP_FOREVER, "runaway")        # its start-up's deadline asks first
+    assert not rt.clock.native and rt.clock._thread is not None and rt.clock._thread.is_alive()
+    p.process(real_frame)
+    assert p.stats.errors == 1
+    assert p.last_error == "call exceeded its 200 ms deadline (host functions included) and was interrupted"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native epoch clock needs POSIX timers")
 def test_a_call_deadline_dropped_unclosed_deletes_its_timer_and_its_engine_outlives_the_last_expiry():
     import gc
