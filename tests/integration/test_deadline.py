@@ -259,13 +259,13 @@ def test_a_native_deadline_fires_only_for_its_own_call_and_no_clock_ticks_meanwh
     stores = [wasmtime.Store(engine) for _ in range(2)]
     deadlines = [deadline.CallDeadline(clock, s) for s in stores]
     funcs = [wasmtime.Instance(s, module, []).exports(s)["f"] for s in stores]
-    for _ in range(100):                                  # calls that end in time move no epoch
-        deadlines[0].arm(1000, 1000)
-        assert funcs[0](stores[0], 1000) == 7
-    probe = wasmtime.Store(engine)
-    probe.set_epoch_deadline(1)                           # reached by the first expiry
+    probe = wasmtime.Store(engine)                        # no callback: any epoch move traps it
     spin = wasmtime.Instance(probe, module, []).exports(probe)["f"]
-    assert spin(probe, 1000) == 7, "the epoch moved although no call ran out of time"
+    probe.set_epoch_deadline(1)                           # from here, one move of the epoch is seen
+    for _ in range(100):                                  # tens of ms of calls that end in time
+        deadlines[0].arm(60_000, 60_000)
+        assert funcs[0](stores[0], 1_000_000) == 7
+    assert spin(probe, 1000) == 7, "the epoch moved although no call ran out of time"   # a 5 ms tick would trap
     results = []
 
     def long_call():

@@ -259,6 +259,7 @@ _DEADLINE_CALLBACK = _ffi._wasmtime_store_epoch_deadline_callback.argtypes[1]
 _NO_FINALIZER = _ffi._wasmtime_store_epoch_deadline_callback.argtypes[3]()
 _CONTINUE = 0           # wasmtime_update_deadline_kind_t: WASMTIME_UPDATE_DEADLINE_CONTINUE
 _NS_PER_S = 1_000_000_000
+_NEXT_EPOCH = ctypes.c_uint64(1)      # a native call's store deadline: the epoch's next move
 
 
 class CallDeadline:
@@ -352,7 +353,7 @@ class CallDeadline:
         call under way, :meth:`_fired` sets it on to the call's own time."""
         now = time.perf_counter()
         due = self._due = now + ms / 1000.0
-        _set_epoch_deadline(self._context, self._ticks_of(1))
+        _set_epoch_deadline(self._context, _NEXT_EPOCH)
         if self.clock.closed or now < self._expiry <= due:
             return
         if self._timer is None:
