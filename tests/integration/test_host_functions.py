@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
 import struct
 import subprocess
+import sys
+import threading
 import time
 
 import cv2
@@ -290,3 +293,47 @@ def test_caption_layers_are_their_definitions(fg, scale):
         want_add[rows, cols] = np.clip(np.rint(grey * alpha * keep / 255 + add), 0, 255).astype(np.uint8)
         assert np.abs(fused_keep.astype(int) - want_keep).max() == 0
         assert np.abs(fused_add.astype(int) - want_add).max() <= 1      # float32 rounding in OpenCV
+
+
+def _other_thread_ran_during(copy) -> bool:
+    """Whether a thread waiting for Python's interpreter lock ran while ``copy()`` did: the
+    switch interval is set past the test, so only a C call that releases the lock lets it in."""
+    steps = [0]
+    stop = threading.Event()
+
+    def waiter():
+        while not stop.is_set():
+            steps[0] += 1
+            time.sleep(0)       # hands the lock back; then waits to take it again
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    t = threading.Thread(target=waiter)
+    try:
+        t.start()
+        while steps[0] < 3:
+            time.sleep(0)
+        before = steps[0]
+        copy()
+        return steps[0] != before
+    finally:
+        stop.set()
+        sys.setswitchinterval(previous)
+        t.join()
+
+
+def test_guest_memory_copies_keep_the_interpreter_lock(driver):
+    """Guest-memory reads and writes are copies of bytes to KiB inside a host function: they keep
+    the lock, as pure Python copies do. A copy that released it would, with several streams,
+    wait each time for whichever thread took the lock meanwhile."""
+    d = driver([(LOG, "info")])
+    n = 32 << 20
+    ptr = d.mem.size
+    d.mem._memory.grow(d.store, n // 65536)
+    data = bytes(n)
+    scratch = ctypes.create_string_buffer(n)
+    # the control: ctypes.memmove releases the lock for its copy of some milliseconds (on a
+    # loaded machine the waiting thread may get no core during one copy; it does during some)
+    assert any(_other_thread_ran_during(lambda: ctypes.memmove(scratch, data, n)) for _ in range(100))
+    assert not _other_thread_ran_during(lambda: d.mem.write(ptr, data))
+    assert not _other_thread_ran_during(lambda: d.mem.read(ptr, n))

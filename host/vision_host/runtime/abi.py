@@ -22,15 +22,28 @@ import ctypes
 import wasmtime
 from wasmtime import _bindings as _ffi
 
-__all__ = ["AbiError", "GuestMemory"]
+__all__ = ["WASMTIME_HOLDING_GIL", "AbiError", "GuestMemory"]
 
 #: First arena block for malloc-convention guests (bytes); later blocks at least double.
 ARENA_BLOCK = 16 * 1024
 
+#: wasmtime's shared library as a ctypes.PyDLL: its functions are called holding Python's
+#: interpreter lock (for C calls that never block, or wasm calls that are known to be quick).
+#: A call that releases the lock (ctypes' default) must take it back afterwards; with several
+#: streams on a busy machine another thread has usually taken it meanwhile, and the call then
+#: waits for it: a thread switch for a call of nanoseconds.
+WASMTIME_HOLDING_GIL = ctypes.PyDLL(_ffi.dll._name, handle=_ffi.dll._handle)
+
 # wasmtime_memory_data_size as a bare function pointer, called with prepared arguments (a third
-# of the cost of the bindings' checked call; it runs on every guest-memory access).
-_data_size = _ffi.dll["wasmtime_memory_data_size"]
+# of the cost of the bindings' checked call; it runs on every guest-memory access), keeping the
+# interpreter lock (it reads one number).
+_data_size = WASMTIME_HOLDING_GIL["wasmtime_memory_data_size"]
 _data_size.restype = ctypes.c_size_t
+# C's memmove keeping the interpreter lock, as ``ctypes.string_at`` (the reads) does:
+# ``ctypes.memmove`` releases it, and a host function's writes into guest memory are a few
+# bytes (a result, a pointer and length) to a few KiB (a reply's text).
+_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    ctypes._memmove_addr)
 
 
 class AbiError(Exception):
@@ -106,7 +119,7 @@ class GuestMemory:
                 data = (ctypes.c_char * n).from_buffer(data)
             elif isinstance(data, memoryview):
                 data = bytes(data)
-            ctypes.memmove(self._check(ptr, n), data, n)
+            _memmove(self._check(ptr, n), data, n)
 
     def alloc(self, size: int, align: int = 1) -> int:
         """Allocate ``size`` bytes in the guest with its own allocator; returns the address."""

@@ -47,13 +47,11 @@ import weakref
 import wasmtime
 from wasmtime import _bindings as _ffi
 
+from .abi import WASMTIME_HOLDING_GIL
+
 #: Seconds between two ticks of a Python thread's clock: the resolution of deadlines where
 #: the clock is not native (a native deadline fires at its time).
 EPOCH_TICK_S = 0.005
-
-#: wasmtime's shared library as a ctypes.PyDLL: its functions are called holding Python's
-#: interpreter lock (for C calls that never block, or wasm calls that are known to be quick).
-WASMTIME_HOLDING_GIL = ctypes.PyDLL(_ffi.dll._name, handle=_ffi.dll._handle)
 
 # wasmtime's C call, through a fresh function pointer without argtypes: the store's context
 # and the ticks are passed as prepared ctypes objects (cheaper than the bindings' checks);

@@ -24,8 +24,8 @@ from wasmtime import _bindings as _ffi
 from wasmtime import _func as _wasmtime_func
 
 from . import accessors as _accessors
-from .abi import AbiError, GuestMemory
-from .deadline import WASMTIME_HOLDING_GIL, CallDeadline, CallTimeout, DeadlineExpired
+from .abi import WASMTIME_HOLDING_GIL, AbiError, GuestMemory
+from .deadline import CallDeadline, CallTimeout, DeadlineExpired
 from .fetch import FetchClient, FetchError
 from .frame_ring import FrameRing
 from .handles import HandleTable
