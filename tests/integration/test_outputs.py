@@ -436,6 +436,40 @@ def test_write_rejects_non_bgr_frames(mjpeg):
         MjpegOutput(":0").write(np.zeros((2, 2, 3), np.uint8))
 
 
+class _CountingCondition(threading.Condition):
+    """A condition that counts the returns from wait() (the encoder thread's wake-ups)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wakeups = 0
+
+    def wait(self, timeout=None):
+        woke = super().wait(timeout)
+        self.wakeups += 1
+        return woke
+
+
+def test_frames_with_nobody_watching_do_not_wake_the_encoder(frames):
+    """With no viewer and no snapshot waiting, write() keeps the newest frame and leaves the
+    encoder asleep (a wake-up a frame would be two thread switches for nothing); a viewer
+    that connects gets the newest frame at once."""
+    out = MjpegOutput(":0")
+    cond = out._channels[0].cond = _CountingCondition()
+    try:
+        out.open(640, 360, 29.83)
+        assert wait_until(lambda: out._channels[0].encoder_thread.is_alive())
+        for f in frames:
+            out.write(f)
+        assert cond.wakeups == 0 and out.frames_encoded == 0
+        viewer = StreamClient(out.url + "stream")
+        viewer.start()
+        assert wait_until(lambda: len(viewer.images) >= 1), "a viewer that connects must get the newest frame"
+        assert mad(viewer.images[0], frames[-1]) < 4.0
+        assert cond.wakeups >= 1
+    finally:
+        out.close()
+
+
 @pytest.mark.slow
 def test_write_cost_microseconds(mjpeg, frames, capsys):
     """write() costs about one frame copy, with or without a viewer (numbers printed with -s)."""

@@ -156,7 +156,8 @@ class _MjpegChannel:
             self.back, self.pending = self.pending, back
             self.frame_seq += 1
             self.frames_written += 1
-            self.cond.notify_all()
+            if self.clients or self.snapshot_waiters:   # else the encoder sleeps on: nobody to encode for
+                self.cond.notify_all()
 
     def stop(self, finished: bool) -> None:
         """End the encoder and this channel's client streams; join the encoder thread."""
