@@ -303,7 +303,13 @@ def _as_int(v, lo: int, hi: int) -> int:
 
 def _put(a: np.ndarray, i: int, v) -> None:
     limits = _INT_LIMITS.get(a.dtype)
-    a.flat[i] = v if limits is None else _as_int(v, *limits)
+    if limits is not None:
+        a.flat[i] = _as_int(v, *limits)
+    elif a.dtype.itemsize < 8:
+        with np.errstate(over="ignore"):    # too large for float16/float32: ±inf, as OpenCV's saturate_cast
+            a.flat[i] = v
+    else:
+        a.flat[i] = v
 
 
 def _values(a: np.ndarray, dtype) -> np.ndarray:
