@@ -446,7 +446,7 @@ class Viewer:
     async def snapshot_png(self, request: Request, index: int) -> Response:
         """``/snapshot/N.png``: stream ``index``'s newest frame as PNG, encoded off the event loop
         (503 before the first frame, while :data:`_MAX_PNG_PENDING` are being encoded, or once closed)."""
-        frame = self.mjpeg.latest_frame(index)
+        frame = await asyncio.to_thread(self.mjpeg.latest_frame, index)   # may wait for the next frame
         if frame is None:
             return json_response(503, {"error": "no frame has been written yet"})
         with self._lock:

@@ -470,6 +470,66 @@ def test_frames_with_nobody_watching_do_not_wake_the_encoder(frames):
         out.close()
 
 
+def _numbered(k: int) -> np.ndarray:
+    """Frame number ``k`` (0–254): every pixel is k."""
+    return np.full((360, 640, 3), k, np.uint8)
+
+
+def test_frames_nobody_wants_are_not_copied_and_an_ask_gets_a_fresh_one():
+    """While nobody watches or asks, write() copies nothing (a source reuses its buffer, so the
+    channel notes the frame only). An ask (latest_frame) then waits for the frame loop's next
+    frame, which is copied, and frames are kept for a while after it."""
+    out = MjpegOutput(":0")
+    stop = threading.Event()
+    asked_at = []
+
+    def camera():
+        buffer = np.empty((360, 640, 3), np.uint8)      # one buffer, as a source reuses it
+        for k in range(255):
+            if stop.is_set():
+                return
+            buffer[:] = k
+            out.write(buffer)
+            time.sleep(0.004)                           # a camera's pace
+
+    try:
+        out.open(640, 360, 29.83)
+        writer = threading.Thread(target=camera)
+        writer.start()
+        assert wait_until(lambda: out.frames_written >= 20)
+        assert out.frames_kept == 0
+        asked_at.append(out.frames_written)
+        frame = out.latest_frame(0)
+        assert frame is not None and frame.shape == (360, 640, 3)
+        assert len(np.unique(frame)) == 1, "a torn frame: the copy raced the next write"
+        assert int(frame[0, 0, 0]) >= asked_at[0], "the ask must get a frame written after it"
+        kept = out.frames_kept
+        assert wait_until(lambda: out.frames_kept >= kept + 5), "frames are kept for a while after an ask"
+    finally:
+        stop.set()
+        writer.join()
+        out.close()
+
+
+def test_an_idle_stream_and_a_closed_one_give_their_last_frame():
+    """When no frame comes (the stream is idle), an ask gets the last frame written as it is;
+    a stream that stopped keeps its last frame."""
+    out = MjpegOutput(":0", stream_names=["a", "b"])
+    a, b = out.stream(0), out.stream(1)
+    try:
+        a.open(640, 360, 30)
+        b.open(640, 360, 30)
+        for k in range(5):
+            a.write(_numbered(k))
+            b.write(_numbered(100 + k))
+        assert out.latest_frame(0)[0, 0, 0] == 4
+        b.close()
+        assert b.frames_kept == 1, "a stream that stops keeps its last frame"
+        assert out.latest_frame(1)[0, 0, 0] == 104
+    finally:
+        out.close()
+
+
 @pytest.mark.slow
 def test_write_cost_microseconds(mjpeg, frames, capsys):
     """write() costs about one frame copy, with or without a viewer (numbers printed with -s)."""

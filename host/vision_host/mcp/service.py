@@ -226,7 +226,7 @@ class McpService:
         return pipeline
 
     async def _output_frame(self, stream):
-        frame = self.viewer.mjpeg.latest_frame(stream.index)
+        frame = await asyncio.to_thread(self.viewer.mjpeg.latest_frame, stream.index)  # may wait for a frame
         if frame is None:
             raise _mcp_error(INTERNAL_ERROR, f"stream {stream.index} ({stream.name}) has no frame yet: try again "
                                              f"in a moment")

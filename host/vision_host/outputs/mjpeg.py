@@ -8,11 +8,13 @@ The HTTP side (routes, access rules, the server thread) is :mod:`vision_host.web
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import html
 import logging
 import socket
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -26,6 +28,12 @@ log = logging.getLogger("vision_host.outputs")
 _DEFAULT_MJPEG_PORT = 8080
 _BOUNDARY = "frame"  # the same as webapp.BOUNDARY, which is not imported here: it loads Starlette
 _SNAPSHOT_TIMEOUT_S = 5.0
+#: After a snapshot or a frame is asked for, every frame is kept (copied) for this long (s),
+#: so the next asks are answered at once.
+_KEEP_AFTER_ASK_S = 10.0
+#: How long (s) an ask waits for the frame loop's next frame before taking the newest frame as
+#: it lies (the stream is then idle: ended, paused between frames, or between reconnections).
+_FRESH_WAIT_S = 0.5
 
 
 def parse_listen_address(destination: str | None) -> tuple[str, int]:
@@ -108,6 +116,13 @@ class _MjpegChannel:
     thread, ``pending`` is handed between them under ``cond``. The encoder
     encodes only while a client of this channel or a snapshot waits.
 
+    A frame is copied (kept) only while someone may want it: a viewer, a snapshot, or for
+    :data:`_KEEP_AFTER_ASK_S` after an ask (:meth:`latest_frame`, :meth:`snapshot_async`).
+    Otherwise ``write()`` only notes the frame it was given (``newest``, not a copy: the
+    source reuses that buffer for its next frame), and an ask waits for the next frame, which
+    is then copied, or, after :data:`_FRESH_WAIT_S` without one (the stream is idle), copies
+    ``newest`` as it lies (:meth:`_keep_newest`). A stream that stops keeps its last frame.
+
     The HTTP side runs on the server's event loop: :meth:`parts` (one per viewer) and
     :meth:`snapshot_async` wait on an :class:`asyncio.Event` that the encoder thread sets
     through ``loop.call_soon_threadsafe`` after each JPEG (and :meth:`stop` after the end).
@@ -129,8 +144,12 @@ class _MjpegChannel:
         self.jpeg: bytes | None = None
         self.jpeg_seq = 0  # frame sequence number that `jpeg` shows
         self.snapshot_waiters = 0
+        self.frame_waiters = 0  # latest_frame() calls waiting for the next frame
         self.clients = 0
+        self.keep_until = 0.0  # time.monotonic() until which every frame is kept
+        self.newest: np.ndarray | None = None  # the frame last written when it was not kept
         self.frames_written = 0
+        self.frames_kept = 0
         self.frames_encoded = 0
         self.encoder_thread: threading.Thread | None = None
         self.loop = None  # the HTTP server's event loop, once a client came
@@ -148,20 +167,46 @@ class _MjpegChannel:
         self.encoder_thread.start()
 
     def write(self, frame: np.ndarray) -> None:
+        if not (self.clients or self.snapshot_waiters or self.frame_waiters) and time.monotonic() >= self.keep_until:
+            with self.cond:             # nobody wants it: noted, not copied
+                self.newest = frame
+                self.frames_written += 1
+            return
         back = self.back
         if back is None or back.shape != frame.shape:
             back = self.back = np.empty_like(frame)
         np.copyto(back, frame)
         with self.cond:
             self.back, self.pending = self.pending, back
+            self.newest = None
             self.frame_seq += 1
             self.frames_written += 1
-            if self.clients or self.snapshot_waiters:   # else the encoder sleeps on: nobody to encode for
+            self.frames_kept += 1
+            if self.clients or self.snapshot_waiters or self.frame_waiters:   # else the encoder sleeps on
                 self.cond.notify_all()
+
+    def _keep_newest(self) -> None:
+        """Copy the frame last written, not kept, into ``pending`` (under ``cond``): for an ask
+        that no new frame answered in :data:`_FRESH_WAIT_S`, and when the stream stops."""
+        newest, self.newest = self.newest, None
+        if newest is None:
+            return
+        pending = self.pending
+        if pending is None or pending.shape != newest.shape:
+            pending = self.pending = np.empty_like(newest)
+        np.copyto(pending, newest)
+        self.frame_seq += 1
+        self.frames_kept += 1
+        self.cond.notify_all()
+
+    def _asked(self) -> None:
+        """Someone asked for the newest frame (under ``cond``): keep frames for a while."""
+        self.keep_until = time.monotonic() + _KEEP_AFTER_ASK_S
 
     def stop(self, finished: bool) -> None:
         """End the encoder and this channel's client streams; join the encoder thread."""
         with self.cond:
+            self._keep_newest()     # the frame loop has stopped writing: its last frame is kept
             self.stopping = True
             self.finished = self.finished or finished
             self.cond.notify_all()
@@ -219,10 +264,20 @@ class _MjpegChannel:
         return self._changed
 
     def latest_frame(self) -> np.ndarray | None:
-        """A copy of the newest frame written (H×W×3 uint8 BGR), None before the first."""
+        """A copy of the newest frame written (H×W×3 uint8 BGR), None before the first. Blocks
+        up to :data:`_FRESH_WAIT_S` when the newest frame was not kept (call it off the event
+        loop)."""
         with self.cond:
-            if self.frame_seq == 0:
+            if self.frame_seq == 0 and self.newest is None:
                 return None
+            self._asked()
+            if self.newest is not None and not self.stopping:
+                self.frame_waiters += 1
+                try:
+                    self.cond.wait_for(lambda: self.newest is None or self.stopping, _FRESH_WAIT_S)
+                finally:
+                    self.frame_waiters -= 1
+                self._keep_newest()
             newest = self.work if self.work_seq == self.frame_seq else self.pending
             return newest.copy()    # the encoder only reads `work`
 
@@ -233,25 +288,30 @@ class _MjpegChannel:
 
         self.loop = asyncio.get_running_loop()
         with self.cond:
-            if self.frame_seq == 0:
+            if self.frame_seq == 0 and self.newest is None:
                 return None
-            target = self.frame_seq
+            self._asked()
+            target = self.frame_seq + (self.newest is not None)   # a frame not kept: the next one
             if self.jpeg_seq >= target or self.stopping:
                 return self.jpeg
             self.snapshot_waiters += 1
             self.cond.notify_all()
         try:
-            deadline = self.loop.time() + _SNAPSHOT_TIMEOUT_S
+            now = self.loop.time()
+            deadline, fresh_by = now + _SNAPSHOT_TIMEOUT_S, now + _FRESH_WAIT_S
             while True:
                 changed = self._changed_event()
                 with self.cond:
                     if self.jpeg_seq >= target or self.stopping:
                         return self.jpeg
-                remaining = deadline - self.loop.time()
-                if remaining <= 0:
+                    if fresh_by is not None and self.loop.time() >= fresh_by:
+                        self._keep_newest()      # no new frame came: the stream is idle
+                        fresh_by = None
+                remaining = min(deadline, fresh_by or deadline) - self.loop.time()
+                if self.loop.time() >= deadline:
                     return self.jpeg
                 try:
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    await asyncio.wait_for(changed.wait(), max(remaining, 0.0))
                 except asyncio.TimeoutError:
                     pass
         finally:
@@ -269,14 +329,22 @@ class _MjpegChannel:
             self.cond.notify_all()  # the encoder may have a frame waiting for a viewer
         try:
             sent_seq = 0
+            fresh_by = self.loop.time() + _FRESH_WAIT_S   # then an idle stream's last frame is kept
             while True:
                 changed = self._changed_event()
                 with self.cond:
                     if self.stopping:
                         return
+                    if fresh_by is not None and (self.newest is None or self.loop.time() >= fresh_by):
+                        self._keep_newest()
+                        fresh_by = None
                     jpeg, seq = self.jpeg, self.jpeg_seq
                 if jpeg is None or seq == sent_seq:
-                    await changed.wait()
+                    if fresh_by is None:
+                        await changed.wait()
+                    else:
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(changed.wait(), max(fresh_by - self.loop.time(), 0.0))
                     continue
                 yield b"".join((_PART_HEAD, b"Content-Length: %d\r\n\r\n" % len(jpeg), jpeg, b"\r\n"))
                 sent_seq = seq   # the send above returned: uvicorn's flow control waited for a slow viewer
@@ -294,7 +362,7 @@ class MjpegStreamOutput(Output):
     Same life cycle and costs as :class:`MjpegOutput`, for the channel
     ``index`` only: :meth:`open` sizes this channel's buffers, starts its
     encoder thread and starts the shared HTTP server if it is not running yet;
-    :meth:`write` copies an H×W×3 uint8 BGR frame into this channel (never
+    :meth:`write` takes an H×W×3 uint8 BGR frame, copied while someone watches or asks (never
     blocks on the network or on encoding); :meth:`close` marks only this
     channel finished (its viewers' streams end, ``/stream/N`` answers 410,
     its last JPEG stays available at ``/snapshot/N.jpg``) while the server
@@ -304,7 +372,7 @@ class MjpegStreamOutput(Output):
         index: the stream number N in ``/stream/N``.
         name: the caption shown on the page.
         url: ``http://host:port/stream/N``.
-        frames_written, frames_encoded, clients: as in :class:`MjpegOutput`, for this stream.
+        frames_written, frames_kept, frames_encoded, clients: as in :class:`MjpegOutput`, for this stream.
     """
 
     live_view = True
@@ -328,6 +396,10 @@ class MjpegStreamOutput(Output):
     @property
     def frames_encoded(self) -> int:
         return self._channel.frames_encoded
+
+    @property
+    def frames_kept(self) -> int:
+        return self._channel.frames_kept
 
     @property
     def clients(self) -> int:
@@ -403,7 +475,9 @@ class MjpegOutput(Output):
     :attr:`limits` (see :class:`.webserver.ServerLimits`).
 
     Cost to the pipeline: ``write()`` copies the frame into a buffer owned by
-    its stream (≈10–60 µs for 640×360) and notifies; it never touches the
+    its stream (≈10–60 µs for 640×360, 0.6 ms for 1920×1080) while a client watches, a snapshot
+    waits or for 10 s after a frame was asked for, and otherwise only notes it (an ask then
+    waits for the next frame, up to 0.5 s); it never touches the
     network and never encodes. Each stream has one encoder thread that
     JPEG-encodes only its newest frame and only while at least one client of
     that stream is connected or a snapshot of it is waiting, so frames are
@@ -430,6 +504,7 @@ class MjpegOutput(Output):
         url: ``http://host:port/`` (after :meth:`start`/:meth:`open`).
         stream_names: the captions, one per stream.
         frames_written: frames given to :meth:`write` (stream 0).
+        frames_kept: frames of them copied for viewers, snapshots and asks (stream 0).
         frames_encoded: JPEGs produced for stream 0.
         clients: stream-0 clients currently connected.
         limits, allowed_hosts: as given; read by :meth:`start` (which sets ``limits`` to the
@@ -491,6 +566,10 @@ class MjpegOutput(Output):
         return self._channels[0].frames_encoded
 
     @property
+    def frames_kept(self) -> int:
+        return self._channels[0].frames_kept
+
+    @property
     def clients(self) -> int:
         return self._channels[0].clients
 
@@ -499,7 +578,9 @@ class MjpegOutput(Output):
         return f"MJPEG at {self.url}"
 
     def latest_frame(self, index: int) -> np.ndarray | None:
-        """A copy of stream ``index``'s newest frame (H×W×3 uint8 BGR), None before the first."""
+        """A copy of stream ``index``'s newest frame (H×W×3 uint8 BGR), None before the first.
+        Blocks up to 0.5 s while the stream's frames are not being kept (nobody watched or
+        asked lately): call it off the server's event loop."""
         return self._channels[index].latest_frame()
 
     def stream(self, index: int) -> MjpegStreamOutput:
