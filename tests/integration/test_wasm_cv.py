@@ -213,6 +213,18 @@ def test_float_and_int_access_with_conversion(guest):
     assert mat(g, u)[0, 0] == 255
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_float_too_large_for_a_float16_mat_becomes_infinity_quietly(guest):
+    """As OpenCV's saturate_cast<float16_t>: ±inf, and no NumPy overflow warning (the host's
+    own accessors serve float16 mats)."""
+    g = guest()
+    h = m(g, "new-with-size", 1, 3, 7)                        # CV_16F
+    m(g, "set-float-at", h, 0, 0, 70000.0)
+    m(g, "set-float-at", h, 0, 1, -1e30)
+    m(g, "set-int-at", h, 0, 2, 2**31 - 1)
+    assert mat(g, h).tolist() == [[np.inf, -np.inf, np.inf]]
+
+
 def test_scalar_arithmetic_matches_opencv_mat_operators(guest, real_frame):
     g = guest()
     frame = real_frame.copy()
