@@ -297,7 +297,6 @@ class CallDeadline:
         self._timer: ctypes.c_void_p | None = None
         self._expiry = 0.0             # when the timer set last expires (time.perf_counter(), s)
         self._due = math.inf
-        self._specs: dict[float, ctypes._Pointer] = {}
         mine = weakref.ref(self)
 
         def on_deadline(_context, _data, delta, kind):
@@ -371,14 +370,9 @@ class CallDeadline:
         Raises:
             OSError: the C library refused (an invalid timer).
         """
-        spec = self._specs.get(ms)
-        if spec is None:
-            if len(self._specs) > 64:
-                self._specs.clear()
-            ns = max(1000, round(ms * 1e6)) if math.isfinite(ms) else 10 ** 15
-            spec = self._specs[ms] = ctypes.pointer(_ITimerSpec(_TimeSpec(0, 0),
-                                                                _TimeSpec(ns // _NS_PER_S, ns % _NS_PER_S)))
-        if _timer_settime()(self._timer, 0, spec, None) != 0:
+        ns = max(1000, round(ms * 1e6)) if math.isfinite(ms) else 10 ** 15
+        spec = _ITimerSpec(_TimeSpec(0, 0), _TimeSpec(ns // _NS_PER_S, ns % _NS_PER_S))
+        if _timer_settime()(self._timer, 0, ctypes.byref(spec), None) != 0:
             raise OSError(ctypes.get_errno(), "timer_settime failed for a call deadline")
         self._expiry = now + ms / 1000.0
 
