@@ -283,7 +283,8 @@ class _MjpegChannel:
 
     async def snapshot_async(self) -> bytes | None:
         """Newest frame as JPEG, encoding it if needed (waits up to 5 s on the loop, never
-        blocking it); None before the first frame."""
+        blocking it; a frame that was not kept is the next one written, or after 0.5 s an idle
+        stream's last one); None before the first frame."""
         import asyncio
 
         self.loop = asyncio.get_running_loop()
@@ -307,13 +308,11 @@ class _MjpegChannel:
                     if fresh_by is not None and self.loop.time() >= fresh_by:
                         self._keep_newest()      # no new frame came: the stream is idle
                         fresh_by = None
-                remaining = min(deadline, fresh_by or deadline) - self.loop.time()
-                if self.loop.time() >= deadline:
+                now = self.loop.time()
+                if now >= deadline:
                     return self.jpeg
-                try:
-                    await asyncio.wait_for(changed.wait(), max(remaining, 0.0))
-                except asyncio.TimeoutError:
-                    pass
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(deadline, fresh_by or deadline) - now)
         finally:
             with self.cond:
                 self.snapshot_waiters -= 1
@@ -425,7 +424,9 @@ class MjpegStreamOutput(Output):
         channel.open(width, height)
 
     def write(self, frame: np.ndarray) -> None:
-        """Copy ``frame`` (H×W×3 uint8 BGR) into this stream's buffer and wake its encoder.
+        """Give this stream ``frame`` (H×W×3 uint8 BGR): copied into its buffer while a viewer
+        watches, a snapshot waits or for 10 s after an ask (the encoder is then woken), else only
+        noted (the caller may reuse ``frame`` at once either way; see :class:`MjpegOutput`).
 
         Raises:
             ValueError: not an H×W×3 uint8 array.
@@ -700,10 +701,10 @@ class MjpegOutput(Output):
         return OutputError(f"cannot listen on {where} ({e.strerror or e}): pick another with -d :{suggestion}")
 
     def write(self, frame: np.ndarray) -> None:
-        """Copy ``frame`` (H×W×3 uint8 BGR) into stream 0's buffer and wake its encoder.
+        """Give stream 0 ``frame`` (H×W×3 uint8 BGR), as :meth:`MjpegStreamOutput.write` does.
 
-        Never blocks on the network or on JPEG encoding; costs one frame copy
-        plus a lock round trip.
+        Never blocks on the network or on JPEG encoding; costs one frame copy plus a lock
+        round trip while someone watches or asked lately, else the lock round trip only.
 
         Raises:
             ValueError: not an H×W×3 uint8 array.
